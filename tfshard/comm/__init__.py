@@ -1,0 +1,61 @@
+"""Communicators: one interface, one file per backend.
+
+Nothing outside this package imports a backend module directly; use `create`.
+"""
+
+import os
+
+from tfshard.comm.base import Communicator
+
+BACKENDS = ("horovod", "local", "multiworker")
+
+
+def detect_backend(environ=None):
+    """Names the backend the environment asks for.
+
+    `horovodrun` exports HOROVOD_RANK (Gloo) or OMPI_COMM_WORLD_RANK (MPI);
+    a `TF_CONFIG` means a tf.distribute multi-worker job; otherwise "local".
+
+    Returns:
+        One of "horovod", "multiworker", "local".
+    """
+    env = os.environ if environ is None else environ
+    if "HOROVOD_RANK" in env or "HOROVOD_GLOO_RENDEZVOUS_ADDR" in env:
+        return "horovod"
+    if "TF_CONFIG" in env:
+        return "multiworker"
+    return "local"
+
+
+def create(backend=None):
+    """Creates the communicator for `backend` (detected when None).
+
+    Args:
+        backend: "horovod", "local", "multiworker", or None to detect.
+
+    Returns:
+        A `Communicator`.
+
+    Raises:
+        ValueError: for an unknown backend name.
+        NotImplementedError: for "multiworker", which lands with the
+            tf.distribute backend.
+    """
+    backend = backend or detect_backend()
+    if backend == "horovod":
+        from tfshard.comm.horovod import HorovodCommunicator
+
+        return HorovodCommunicator()
+    if backend == "local":
+        from tfshard.comm.local import LocalCommunicator
+
+        return LocalCommunicator()
+    if backend == "multiworker":
+        raise NotImplementedError(
+            "The tf.distribute multi-worker backend is not implemented yet: "
+            "unset TF_CONFIG, or launch with horovodrun (./horovodrun.sh -np N ...)."
+        )
+    raise ValueError(f"Unknown backend {backend!r}; expected one of {BACKENDS}.")
+
+
+__all__ = ["Communicator", "create", "detect_backend", "BACKENDS"]

@@ -1,0 +1,96 @@
+"""The communicator interface every backend implements.
+
+Collectives are named by their math, as in Megatron: `allreduce_sum` is the
+reduction a row-parallel layer needs after its partial matmul, `allgather` the
+concatenation a column-parallel layer needs when the next consumer wants the
+whole output.
+"""
+
+import abc
+
+import numpy as np
+
+
+class Communicator(abc.ABC):
+    """A group of ranks that run the same sharded computation.
+
+    All methods taking tensors must work eagerly and inside `tf.function`.
+    Every rank must call the same collectives in the same order with tensors
+    of the same dtype (and, except on the gather axis, the same shape).
+    """
+
+    #: Short backend name, e.g. "horovod", "local".
+    backend = "abstract"
+
+    @property
+    @abc.abstractmethod
+    def rank(self):
+        """This process's rank within the group (0-based)."""
+
+    @property
+    @abc.abstractmethod
+    def size(self):
+        """Number of ranks in the group."""
+
+    @abc.abstractmethod
+    def allreduce_sum(self, x, name=None):
+        """Element-wise sum of `x` over all ranks.
+
+        Args:
+            x: a tensor, same shape and dtype on every rank.
+            name: optional op name (must be identical on all ranks).
+
+        Returns:
+            The sum, on every rank.
+        """
+
+    @abc.abstractmethod
+    def allgather(self, x, axis=0, name=None):
+        """Concatenates every rank's `x` along `axis`, in rank order.
+
+        Sizes along `axis` may differ per rank; every other dimension must
+        agree.
+
+        Args:
+            x: a tensor.
+            axis: the axis to concatenate on (negative values count from the end).
+            name: optional op name (must be identical on all ranks).
+
+        Returns:
+            The concatenation, on every rank.
+        """
+
+    @abc.abstractmethod
+    def broadcast(self, x, root=0, name=None):
+        """Returns rank `root`'s `x` on every rank."""
+
+    @abc.abstractmethod
+    def barrier(self):
+        """Blocks until every rank has reached this point."""
+
+    def allgather_numpy(self, array):
+        """Gathers a small numpy array from every rank (eager, host side).
+
+        Args:
+            array: a numpy array with the same shape and dtype on every rank.
+
+        Returns:
+            A numpy array of shape `(size,) + array.shape`, row `r` from rank `r`.
+        """
+        import tensorflow as tf
+
+        array = np.asarray(array)
+        gathered = self.allgather(tf.constant(array[None]), axis=0)
+        return np.asarray(gathered)
+
+    def __repr__(self):
+        return f"<{type(self).__name__} rank={self.rank} size={self.size}>"
+
+
+def normalize_axis(axis, ndim, what="tensor"):
+    """Turns a possibly negative axis into a positive one, or raises ValueError."""
+    if ndim is None:
+        raise ValueError(f"allgather needs a {what} of known rank; got unknown rank.")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for a {what} of rank {ndim}.")
+    return axis % ndim

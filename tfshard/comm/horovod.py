@@ -1,0 +1,84 @@
+"""Horovod (Gloo) communicator: core ops only, never Horovod's Keras wrappers.
+
+Horovod's Keras wrappers are broken on Keras 3 (see shared/horovod.md); its core
+TensorFlow ops work eagerly and inside `tf.function`. Two facts shape this file:
+`hvd.allreduce` averages by default (we always pass `op=hvd.Sum`), and
+`hvd.allgather` concatenates on axis 0 only (other axes are moved to the front).
+"""
+
+import os
+
+import tensorflow as tf
+
+from tfshard.comm.base import Communicator, normalize_axis
+
+# Local-run defaults that keep a stuck collective from hanging forever and keep
+# per-collective latency low. Users override them through the environment.
+HOROVOD_ENV_DEFAULTS = {
+    "HOROVOD_CYCLE_TIME": "0.1",
+    "HOROVOD_STALL_CHECK_TIME_SECONDS": "30",
+    "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "120",
+    "HOROVOD_GLOO_TIMEOUT_SECONDS": "120",
+}
+
+
+class HorovodCommunicator(Communicator):
+    """All Horovod ranks (or one Horovod process set) as a communicator.
+
+    Args:
+        process_set: optional `hvd.ProcessSet`; the global set when None.
+    """
+
+    backend = "horovod"
+
+    def __init__(self, process_set=None):
+        for key, value in HOROVOD_ENV_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        import horovod.tensorflow as hvd
+
+        self._hvd = hvd
+        if not hvd.is_initialized():
+            hvd.init()
+        self._process_set = process_set if process_set is not None else hvd.global_process_set
+        self._rank = self._process_set.rank()
+        self._size = self._process_set.size()
+
+    @property
+    def rank(self):
+        return self._rank
+
+    @property
+    def size(self):
+        return self._size
+
+    @property
+    def world_rank(self):
+        """This process's rank among all Horovod processes."""
+        return self._hvd.rank()
+
+    def allreduce_sum(self, x, name=None):
+        return self._hvd.allreduce(
+            x, op=self._hvd.Sum, name=name, process_set=self._process_set
+        )
+
+    def allgather(self, x, axis=0, name=None):
+        x = tf.convert_to_tensor(x)
+        axis = normalize_axis(axis, x.shape.rank)
+        if axis == 0:
+            return self._hvd.allgather(x, name=name, process_set=self._process_set)
+        perm = [axis] + [i for i in range(x.shape.rank) if i != axis]
+        inverse = [0] * len(perm)
+        for i, p in enumerate(perm):
+            inverse[p] = i
+        gathered = self._hvd.allgather(
+            tf.transpose(x, perm), name=name, process_set=self._process_set
+        )
+        return tf.transpose(gathered, inverse)
+
+    def broadcast(self, x, root=0, name=None):
+        return self._hvd.broadcast(
+            x, root_rank=root, name=name, process_set=self._process_set
+        )
+
+    def barrier(self):
+        self._hvd.barrier(process_set=self._process_set)

@@ -1,0 +1,188 @@
+"""Column- and row-parallel `keras.layers.Dense` (Megatron's ColumnParallelLinear
+and RowParallelLinear)."""
+
+import keras
+from keras import ops
+
+from tfshard.layers.base import (
+    ShardSpec,
+    add_local_weight,
+    check_convertible,
+    rebuild_in_place,
+)
+
+
+class _ParallelDenseBase(keras.layers.Dense):
+    """Shared plumbing of the two parallel Dense layers.
+
+    Args:
+        units: the *full* (unsharded) output width.
+        shard: the `ShardSpec` of this rank.
+        comm: the `Communicator`.
+        **kwargs: the `keras.layers.Dense` arguments.
+    """
+
+    _tfshard_sharded = True
+
+    def __init__(self, units, shard=None, comm=None, **kwargs):
+        super().__init__(units, **kwargs)
+        self._shard_spec = shard
+        self._comm = comm
+
+    @property
+    def shard_spec(self):
+        return self._shard_spec
+
+    def get_config(self):
+        config = super().get_config()
+        spec = self._shard_spec
+        config["shard"] = None if spec is None else {
+            "rule": spec.rule, "axis": spec.axis, "ranges": [list(r) for r in spec.ranges],
+            "rank": spec.rank, "gather_output": spec.gather_output,
+            "input_is_parallel": spec.input_is_parallel, "full_shape": list(spec.full_shape),
+        }
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        shard = config.pop("shard", None)
+        if shard is not None:
+            shard = ShardSpec(**{**shard, "ranges": tuple(tuple(r) for r in shard["ranges"]),
+                                 "full_shape": tuple(shard["full_shape"])})
+        return cls(shard=shard, **config)
+
+    def enable_lora(self, *args, **kwargs):
+        raise NotImplementedError(f"{self.path}: LoRA on a sharded Dense is not supported.")
+
+    def quantize(self, *args, **kwargs):
+        raise NotImplementedError(f"{self.path}: quantize the model before sharding it.")
+
+
+class ColumnParallelDense(_ParallelDenseBase):
+    """A Dense whose kernel `[in, out]` is split on its output axis.
+
+    This rank computes `x @ W[:, start:stop] + b[start:stop]`, then the
+    activation (the planner pairs only element-wise ones). The output stays local -- the input of
+    a following row-parallel layer -- unless `shard.gather_output` is set,
+    in which case it is all-gathered to the full width.
+
+    Call args:
+        inputs: `(..., in)` tensor, the same on every rank.
+
+    Returns:
+        `(..., stop - start)` or, when gathering, `(..., units)`.
+    """
+
+    def build(self, input_shape):
+        spec = self._shard_spec
+        kernel_shape = (input_shape[-1], spec.local_size)
+        self._kernel = self.add_weight(
+            name="kernel", shape=kernel_shape, initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer, constraint=self.kernel_constraint,
+        )
+        self.bias = self.add_weight(
+            name="bias", shape=(spec.local_size,), initializer=self.bias_initializer,
+            regularizer=self.bias_regularizer, constraint=self.bias_constraint,
+        ) if self.use_bias else None
+        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_shape[-1]})
+        self.built = True
+
+    def call(self, inputs, training=None):
+        x = ops.matmul(inputs, self._kernel)
+        if self.bias is not None:
+            x = ops.add(x, self.bias)
+        if self._shard_spec.gather_output:
+            x = self._comm.allgather(x, axis=-1)
+        # After the gather: a non-element-wise activation (softmax) needs the
+        # full width.
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        width = self.units if self._shard_spec.gather_output else self._shard_spec.local_size
+        return tuple(input_shape[:-1]) + (width,)
+
+
+class RowParallelDense(_ParallelDenseBase):
+    """A Dense whose kernel `[in, out]` is split on its input axis.
+
+    This rank computes the partial product `x[..., start:stop] @ W[start:stop]`;
+    the partials are all-reduced (summed) and the bias is added once, after
+    the reduction, then the activation.
+
+    Call args:
+        inputs: `(..., stop - start)` when `shard.input_is_parallel`, else the
+            full `(..., in)` input, which this rank slices.
+
+    Returns:
+        `(..., units)`, identical on every rank.
+    """
+
+    def build(self, input_shape):
+        spec = self._shard_spec
+        self._kernel = self.add_weight(
+            name="kernel", shape=(spec.local_size, self.units),
+            initializer=self.kernel_initializer, regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+        )
+        self.bias = self.add_weight(
+            name="bias", shape=(self.units,), initializer=self.bias_initializer,
+            regularizer=self.bias_regularizer, constraint=self.bias_constraint,
+        ) if self.use_bias else None
+        width = spec.local_size if spec.input_is_parallel else spec.full_size
+        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: width})
+        self.built = True
+
+    def call(self, inputs, training=None):
+        spec = self._shard_spec
+        if not spec.input_is_parallel:
+            inputs = inputs[..., spec.start:spec.stop]
+        x = self._comm.allreduce_sum(ops.matmul(inputs, self._kernel))
+        if self.bias is not None:
+            x = ops.add(x, self.bias)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+
+def shard_dense(layer, spec, comm, path=""):
+    """Converts a built `keras.layers.Dense` in place to its parallel form.
+
+    Args:
+        layer: a built Dense.
+        spec: `ShardSpec` with rule "column" (axis 1) or "row" (axis 0).
+        comm: the `Communicator`.
+        path: layer path for error messages.
+
+    Returns:
+        The converted layer (the same object).
+
+    Raises:
+        ValueError: wrong rule or axis, or a layer that cannot be converted.
+    """
+    check_convertible(layer, keras.layers.Dense, path)
+    expected_axis = {"column": 1, "row": 0}.get(spec.rule)
+    if expected_axis is None or spec.axis != expected_axis:
+        raise ValueError(
+            f"Dense {path!r}: rule {spec.rule!r} on axis {spec.axis} is not a Dense cut; "
+            "use 'column' (axis 1), 'row' (axis 0) or 'replicate'."
+        )
+    sharded_base = ColumnParallelDense if spec.rule == "column" else RowParallelDense
+
+    def build_local(lyr, full):
+        kernel = full["_kernel"]
+        lyr._kernel = add_local_weight(lyr, "kernel", spec.take(kernel))
+        bias = full.get("bias")
+        if bias is not None:
+            bias = spec.take(bias, axis=0) if spec.rule == "column" else bias
+            lyr.bias = add_local_weight(lyr, "bias", bias)
+        else:
+            lyr.bias = None
+        in_width = kernel.shape[0]
+        if spec.rule == "row":
+            in_width = spec.local_size if spec.input_is_parallel else in_width
+        lyr.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: in_width})
+
+    return rebuild_in_place(layer, sharded_base, spec, comm, build_local)

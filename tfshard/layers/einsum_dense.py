@@ -1,0 +1,178 @@
+"""Column- and row-parallel `keras.layers.EinsumDense`.
+
+The cut is chosen on a kernel axis, named by its equation letter:
+
+- column: a kernel axis that is not contracted (it appears in the output), e.g.
+  the heads axis of a q/k/v projection `"abc,cde->abde"` (kernel
+  `[hidden, heads, head_dim]`) or of Gemma's `"btd,ndh->btnh"`. The output is
+  local on that axis.
+- row: a contracted kernel axis, e.g. the heads axis of an attention output
+  projection `"abcd,cde->abe"`; partial products are all-reduced and the bias
+  is added once, after the reduction.
+"""
+
+import keras
+from keras import ops
+
+from tfshard.layers.base import (
+    ShardSpec,
+    add_local_weight,
+    check_convertible,
+    rebuild_in_place,
+)
+
+
+def parse_equation(equation):
+    """Splits an EinsumDense equation into (input, kernel, output) letter strings.
+
+    Ellipses are kept as "." so positions counted from the end stay right.
+
+    Raises:
+        ValueError: the equation is not of the form "in,kernel->out".
+    """
+    try:
+        lhs, out = equation.replace(" ", "").split("->")
+        inp, ker = lhs.split(",")
+    except ValueError:
+        raise ValueError(f"Cannot parse EinsumDense equation {equation!r}.") from None
+    return inp.replace("...", "."), ker, out.replace("...", ".")
+
+
+def einsum_axes(equation):
+    """Classifies the kernel axes of an EinsumDense equation.
+
+    Returns:
+        `(free, contracted)`: kernel axis indices whose letter reaches the output
+        (free) and those summed over with the input (contracted), in kernel order.
+    """
+    inp, ker, out = parse_equation(equation)
+    free = [i for i, c in enumerate(ker) if c in out and c not in inp]
+    contracted = [i for i, c in enumerate(ker) if c in inp and c not in out]
+    return free, contracted
+
+
+class ParallelEinsumDense(keras.layers.EinsumDense):
+    """An EinsumDense holding one rank's slice of its kernel along one axis.
+
+    Args:
+        equation, output_shape, **kwargs: the `keras.layers.EinsumDense`
+            arguments, with `output_shape` the *full* output shape.
+        shard: the `ShardSpec`; `shard.axis` is the kernel axis cut.
+        comm: the `Communicator`.
+
+    Call args:
+        inputs: column: the full input. Row: the input holding only this rank's
+            slice of the contracted axis when `shard.input_is_parallel`, else
+            the full input (sliced here).
+
+    Returns:
+        Column: the output, local on the cut axis (gathered if
+        `shard.gather_output`). Row: the full output, identical on every rank.
+    """
+
+    _tfshard_sharded = True
+
+    def __init__(self, equation, output_shape, shard=None, comm=None, **kwargs):
+        super().__init__(equation, output_shape, **kwargs)
+        self._shard_spec = shard
+        self._comm = comm
+
+    @property
+    def shard_spec(self):
+        return self._shard_spec
+
+    def _letters(self):
+        inp, ker, out = parse_equation(self.equation)
+        char = ker[self._shard_spec.axis]
+        return inp, ker, out, char
+
+    def build(self, input_shape):
+        raise NotImplementedError(
+            "ParallelEinsumDense is created by tfshard.shard() from a built EinsumDense."
+        )
+
+    def call(self, inputs, training=None):
+        spec = self._shard_spec
+        inp, _, out, char = self._letters()
+        if spec.rule == "row" and not spec.input_is_parallel:
+            axis = inp.index(char) - len(inp)
+            index = [slice(None)] * len(inputs.shape)
+            index[axis] = slice(spec.start, spec.stop)
+            inputs = inputs[tuple(index)]
+        x = ops.einsum(self.equation, inputs, self._kernel)
+        if spec.rule == "row":
+            x = self._comm.allreduce_sum(x)
+        if self.bias is not None:
+            x = ops.add(x, self.bias)
+        if spec.rule == "column" and spec.gather_output:
+            x = self._comm.allgather(x, axis=out.index(char) - len(out))
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        shape = list(super().compute_output_shape(input_shape))
+        spec = self._shard_spec
+        if spec.rule == "column" and not spec.gather_output:
+            _, _, out, char = self._letters()
+            shape[out.index(char) - len(out)] = spec.local_size
+        return tuple(shape)
+
+    def get_config(self):
+        config = super().get_config()
+        spec = self._shard_spec
+        config["shard"] = None if spec is None else {
+            "rule": spec.rule, "axis": spec.axis, "ranges": [list(r) for r in spec.ranges],
+            "rank": spec.rank, "gather_output": spec.gather_output,
+            "input_is_parallel": spec.input_is_parallel, "full_shape": list(spec.full_shape),
+        }
+        return config
+
+    def enable_lora(self, *args, **kwargs):
+        raise NotImplementedError(f"{self.path}: LoRA on a sharded EinsumDense is not supported.")
+
+    def quantize(self, *args, **kwargs):
+        raise NotImplementedError(f"{self.path}: quantize the model before sharding it.")
+
+
+def shard_einsum_dense(layer, spec, comm, path=""):
+    """Converts a built `keras.layers.EinsumDense` in place to its parallel form.
+
+    Args:
+        layer: a built EinsumDense.
+        spec: `ShardSpec`; rule "column" needs a free kernel axis, "row" a
+            contracted one.
+        comm: the `Communicator`.
+        path: layer path for error messages.
+
+    Returns:
+        The converted layer (the same object).
+
+    Raises:
+        ValueError: the axis does not fit the rule.
+    """
+    check_convertible(layer, keras.layers.EinsumDense, path)
+    free, contracted = einsum_axes(layer.equation)
+    allowed = free if spec.rule == "column" else contracted if spec.rule == "row" else []
+    if spec.axis not in allowed:
+        raise ValueError(
+            f"EinsumDense {path!r} ({layer.equation!r}, kernel {tuple(layer._kernel.shape)}): "
+            f"rule {spec.rule!r} cannot cut kernel axis {spec.axis}; "
+            f"column may cut axes {free}, row axes {contracted}."
+        )
+    _, ker, out = parse_equation(layer.equation)
+    char = ker[spec.axis]
+    bias_axes = layer.bias_axes or ""
+
+    def build_local(lyr, full):
+        lyr._kernel = add_local_weight(lyr, "kernel", spec.take(full["_kernel"]))
+        bias = full.get("bias")
+        if bias is not None:
+            if spec.rule == "column" and char in bias_axes:
+                first = min(out.index(c) for c in bias_axes)
+                bias = spec.take(bias, axis=out[first:].index(char))
+            lyr.bias = add_local_weight(lyr, "bias", bias)
+        else:
+            lyr.bias = None
+
+    return rebuild_in_place(layer, ParallelEinsumDense, spec, comm, build_local)

@@ -1,0 +1,195 @@
+"""Vocab-parallel `keras.layers.Embedding` and `keras.layers.ReversibleEmbedding`
+(keras-hub's `ReversibleEmbedding` is a subclass of the latter).
+
+Lookup: the table `[vocab, dim]` is split on its vocab axis; a rank looks up
+the ids it owns, zeros the rest, and the partial lookups are all-reduced
+(exactly one rank contributes each row, so the sum is exact).
+
+Reverse (tied logits): a rank computes the logits of its own vocab slice and
+the slices are all-gathered to the exact original vocab size, in rank order.
+"""
+
+import keras
+import tensorflow as tf
+from keras import ops
+from keras.src.backend import set_keras_mask
+
+from tfshard.layers.base import add_local_weight, check_convertible, rebuild_in_place
+
+
+def _check_ids(layer, ids):
+    """Trace-time and run-time checks on token ids, before any collective.
+
+    Raises:
+        ValueError: (at trace time) ids of a non-numeric dtype.
+        tf.errors.InvalidArgumentError: (at run time) an id outside
+            `[0, vocab)` or a float id with a fractional part; the message names
+            the layer, the vocab size and the rank. `ShardedModel.predict`
+            re-raises it as a ValueError.
+    """
+    spec = layer._shard_spec
+    where = f"layer {layer.path!r} on rank {spec.rank}"
+    ids = tf.convert_to_tensor(ids)
+    if not (ids.dtype.is_integer or ids.dtype.is_floating):
+        raise ValueError(
+            f"Token ids fed to {where} must be integers; got dtype {ids.dtype.name} "
+            f"with shape {ids.shape}."
+        )
+    checks = []
+    if ids.dtype.is_floating:
+        checks.append(tf.debugging.assert_equal(
+            ids, tf.round(ids),
+            message=f"Token ids fed to {where} are floats with a fractional part "
+                    f"(shape {ids.shape}); pass integer ids.",
+        ))
+    vocab = spec.full_size
+    checks.append(tf.debugging.assert_greater_equal(
+        ids, tf.cast(0, ids.dtype),
+        message=f"Token ids fed to {where} (shape {ids.shape}) must be >= 0.",
+    ))
+    checks.append(tf.debugging.assert_less(
+        ids, tf.cast(vocab, ids.dtype),
+        message=f"Token ids fed to {where} (shape {ids.shape}) must be < the vocabulary "
+                f"size {vocab}.",
+    ))
+    with tf.control_dependencies(checks):
+        return tf.identity(ops.cast(ids, "int32"))
+
+
+class VocabParallelEmbedding(keras.layers.Embedding):
+    """An Embedding holding the rows `[start, stop)` of its table.
+
+    Args:
+        input_dim: the *full* vocab size.
+        output_dim, **kwargs: the `keras.layers.Embedding` arguments.
+        shard: the `ShardSpec` (rule "vocab", axis 0).
+        comm: the `Communicator`.
+
+    Call args:
+        inputs: integer ids, the same on every rank.
+
+    Returns:
+        `inputs.shape + (output_dim,)`, identical on every rank.
+    """
+
+    _tfshard_sharded = True
+
+    def __init__(self, input_dim, output_dim, shard=None, comm=None, **kwargs):
+        super().__init__(input_dim, output_dim, **kwargs)
+        self._shard_spec = shard
+        self._comm = comm
+
+    @property
+    def shard_spec(self):
+        return self._shard_spec
+
+    def build(self, input_shape=None):
+        self._embeddings = self.add_weight(
+            name="embeddings", shape=(self._shard_spec.local_size, self.output_dim),
+            initializer=self.embeddings_initializer, regularizer=self.embeddings_regularizer,
+            constraint=self.embeddings_constraint, trainable=True,
+        )
+        self.built = True
+
+    def _vocab_lookup(self, inputs):
+        spec = self._shard_spec
+        ids = _check_ids(self, inputs)
+        owned = ops.logical_and(ops.greater_equal(ids, spec.start), ops.less(ids, spec.stop))
+        local_ids = ops.where(owned, ids - spec.start, ops.zeros_like(ids))
+        rows = ops.take(self._embeddings, local_ids, axis=0)
+        rows = ops.multiply(rows, ops.cast(ops.expand_dims(owned, -1), rows.dtype))
+        rows = self._comm.allreduce_sum(rows)
+        return ops.cast(rows, self.compute_dtype)
+
+    def call(self, inputs):
+        return self._vocab_lookup(inputs)
+
+    def enable_lora(self, *args, **kwargs):
+        raise NotImplementedError(f"{self.path}: LoRA on a sharded embedding is not supported.")
+
+    def quantize(self, *args, **kwargs):
+        raise NotImplementedError(f"{self.path}: quantize the model before sharding it.")
+
+
+class VocabParallelReversibleEmbedding(VocabParallelEmbedding, keras.layers.ReversibleEmbedding):
+    """A ReversibleEmbedding with its table (and reverse table) split on vocab.
+
+    `reverse=False` is the vocab-parallel lookup. `reverse=True` computes the
+    logits of this rank's vocab slice and all-gathers them to the full,
+    original vocab size (uneven slices allowed; no padding ever reaches the
+    output).
+    """
+
+    def __init__(self, input_dim, output_dim, shard=None, comm=None, **kwargs):
+        keras.layers.ReversibleEmbedding.__init__(self, input_dim, output_dim, **kwargs)
+        self._shard_spec = shard
+        self._comm = comm
+
+    def build(self, input_shape=None):
+        VocabParallelEmbedding.build(self, input_shape)
+        if not self.tie_weights:
+            self.reverse_embeddings = self.add_weight(
+                name="reverse_embeddings",
+                shape=(self.output_dim, self._shard_spec.local_size),
+                initializer=self.embeddings_initializer, trainable=True,
+            )
+
+    def call(self, inputs, reverse=False):
+        if not reverse:
+            result = self._vocab_lookup(inputs)
+            if self.mask_zero:
+                set_keras_mask(result, ops.not_equal(inputs, 0))
+            return result
+        # Logits of the local slice, computed transposed ([V_local, M]) so the
+        # gather concatenates on axis 0 and one transpose restores [M, V].
+        table = self._embeddings if self.tie_weights else ops.transpose(self.reverse_embeddings)
+        x = inputs
+        if self.reverse_dtype is not None:
+            x = ops.cast(x, self.reverse_dtype)
+            table = ops.cast(table, self.reverse_dtype)
+        lead_shape = tf.shape(x)[:-1]
+        x2d = tf.reshape(x, [-1, x.shape[-1]])
+        local_t = tf.matmul(table, x2d, transpose_b=True)
+        logits_t = self._comm.allgather(local_t, axis=0)
+        logits = tf.reshape(
+            tf.transpose(logits_t), tf.concat([lead_shape, [self.input_dim]], axis=0)
+        )
+        if self.logit_soft_cap is not None:
+            cap = self.logit_soft_cap
+            logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
+        return logits
+
+
+def shard_embedding(layer, spec, comm, path=""):
+    """Converts a built Embedding / ReversibleEmbedding in place to vocab-parallel.
+
+    Args:
+        layer: a built `keras.layers.Embedding` (or subclass).
+        spec: `ShardSpec` with rule "vocab", axis 0.
+        comm: the `Communicator`.
+        path: layer path for error messages.
+
+    Returns:
+        The converted layer (the same object).
+
+    Raises:
+        ValueError: a rule other than vocab, or a layer that cannot be converted.
+    """
+    reversible = isinstance(layer, keras.layers.ReversibleEmbedding)
+    base = keras.layers.ReversibleEmbedding if reversible else keras.layers.Embedding
+    check_convertible(layer, base, path)
+    if spec.rule != "vocab" or spec.axis != 0:
+        raise ValueError(
+            f"Embedding {path!r}: only the 'vocab' rule (axis 0) or 'replicate' apply; "
+            f"got {spec.rule!r} on axis {spec.axis}."
+        )
+    sharded_base = VocabParallelReversibleEmbedding if reversible else VocabParallelEmbedding
+
+    def build_local(lyr, full):
+        lyr._embeddings = add_local_weight(lyr, "embeddings", spec.take(full["_embeddings"]))
+        if reversible and not lyr.tie_weights:
+            lyr.reverse_embeddings = add_local_weight(
+                lyr, "reverse_embeddings", spec.take(full["reverse_embeddings"], axis=1)
+            )
+
+    return rebuild_in_place(layer, sharded_base, spec, comm, build_local)

@@ -1,0 +1,60 @@
+"""`tfshard.init()`: the process's place among the ranks."""
+
+import dataclasses
+
+from tfshard import comm as comm_lib
+
+_WORLD = None
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """The ranks this process computes with.
+
+    Attributes:
+        comm: the `Communicator` of all ranks.
+        backend: "horovod", "local" or "multiworker".
+    """
+
+    comm: object
+    backend: str
+
+    @property
+    def rank(self):
+        return self.comm.rank
+
+    @property
+    def size(self):
+        return self.comm.size
+
+    def __repr__(self):
+        return f"<World backend={self.backend} rank={self.rank} size={self.size}>"
+
+
+def init(backend=None):
+    """Joins the ranks of this job (idempotent).
+
+    The backend comes from the environment: under `horovodrun` it is
+    "horovod", with a `TF_CONFIG` "multiworker", otherwise "local" (one rank).
+
+    Args:
+        backend: force a backend: "horovod", "local" or "multiworker".
+
+    Returns:
+        The `World`.
+
+    Raises:
+        ValueError: unknown backend, or a different backend than the one
+            already initialised in this process.
+    """
+    global _WORLD
+    wanted = backend or comm_lib.detect_backend()
+    if _WORLD is not None:
+        if _WORLD.backend != wanted:
+            raise ValueError(
+                f"tfshard is already initialised with backend {_WORLD.backend!r}; "
+                f"cannot switch to {wanted!r} in the same process."
+            )
+        return _WORLD
+    _WORLD = World(comm=comm_lib.create(wanted), backend=wanted)
+    return _WORLD
