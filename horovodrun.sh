@@ -42,8 +42,11 @@ extra=(--gloo)
 [ $have_nic -eq 1 ] || extra+=(--network-interface lo)
 [ $have_timeout -eq 1 ] || extra+=(--gloo-timeout-seconds "${TFSHARD_GLOO_TIMEOUT:-120}")
 [ $have_cycle -eq 1 ] || extra+=(--cycle-time-ms 0.1)
-[ $have_stall -eq 1 ] || extra+=(--stall-check-warning-time-seconds 30 \
-                                 --stall-check-shutdown-time-seconds "${TFSHARD_STALL_SHUTDOWN:-120}")
+# Horovod ignores a shutdown time below the warning time: keep warning <= shutdown.
+stall=${TFSHARD_STALL_SHUTDOWN:-120}
+warn=$(( stall / 2 < 30 ? stall / 2 : 30 )); [ "$warn" -ge 1 ] || warn=1
+[ $have_stall -eq 1 ] || extra+=(--stall-check-warning-time-seconds "$warn" \
+                                 --stall-check-shutdown-time-seconds "$stall")
 export HOROVOD_GLOO_IFACE=${HOROVOD_GLOO_IFACE:-lo}
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 exec horovodrun "${extra[@]}" "$@"

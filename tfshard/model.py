@@ -120,6 +120,7 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
                          full_shape=e.full_shape, path=e.path)
         shard_layer(layers[e.path], spec, comm, e.path)
     parents = {n.path: n.layer for n in _walk(model)}
+    parents.setdefault(model.name, model)  # attention owned by the root model itself
     for counts in plan.attention:
         _set_head_counts(parents[counts.path], counts, comm.rank)
     _reset_compiled_functions(model)
@@ -176,7 +177,7 @@ class ShardedModel(keras.Model):
         consistency.agree(
             self.world.comm,
             {f"input {name!r}": consistency.array_digest(a) for name, a, _ in items},
-            where,
+            f"{self.name}.{what}",
         )
 
     def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None, **kwargs):

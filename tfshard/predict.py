@@ -132,6 +132,7 @@ def validate_arrays(items, where):
 def invalid_argument_to_value_error(err, where):
     """Turns an in-graph check failure into a ValueError with the check's own message."""
     lines = [ln.strip() for ln in str(err.message if hasattr(err, "message") else err).splitlines()]
-    ours = [ln for ln in lines if "Token ids" in ln or "tfshard" in ln]
+    ours = [ln for ln in lines if ln.startswith("Token ids") or " Token ids " in ln]
     text = ours[0] if ours else lines[0]
+    text = text[text.index("Token ids"):] if "Token ids" in text else text
     return ValueError(f"{where}: {text}")

@@ -1,0 +1,37 @@
+"""Ranks that fail on purpose, to show a launch fails rather than hangs.
+
+    horovodrun -np 2 python tests/workers/faults.py die    # rank 1 dies before a collective
+    horovodrun -np 2 python tests/workers/faults.py stall  # rank 1 never joins a collective
+    horovodrun -np 2 python tests/workers/faults.py mismatch  # ranks call different collectives
+"""
+
+import os
+import sys
+import time
+
+import tensorflow as tf
+
+import tfshard
+
+mode = sys.argv[1]
+world = tfshard.init()
+comm = world.comm
+comm.allreduce_sum(tf.ones([4]))  # everyone is up
+if world.rank == 1:
+    if mode == "die":
+        print("rank 1 dying", flush=True)
+        os._exit(3)
+    if mode == "stall":
+        print("rank 1 stalling", flush=True)
+        time.sleep(3600)
+if mode == "mismatch":
+    # Inside tf.function Horovod matches collectives by op name (eager ops are
+    # matched by order), so differently named graphs are a true mismatch.
+    @tf.function
+    def step(x):
+        return comm.allreduce_sum(x, name=f"only_on_rank_{world.rank}")
+
+    out = step(tf.ones([4]))
+else:
+    out = comm.allreduce_sum(tf.ones([4]))
+print(f"rank {world.rank} finished: {out.numpy()}", flush=True)

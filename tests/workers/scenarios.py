@@ -1,0 +1,234 @@
+"""Runs a suite of sharding scenarios on every rank; each rank writes JSON.
+
+    horovodrun -np N python tests/workers/scenarios.py --suite equivalence --out DIR
+
+The pytest side (tests/test_*.py) launches this under a wall-clock timeout and
+asserts on the numbers each rank recorded: a case that raised records the
+error instead, so one broken case does not hide the others.
+"""
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras  # noqa: E402
+
+import models  # noqa: E402
+import tfshard  # noqa: E402
+
+
+def leaves(out):
+    """Flattens a predict output into {name: array}, keeping dict keys."""
+    if isinstance(out, dict):
+        return {k: np.asarray(v) for k, v in sorted(out.items())}
+    if isinstance(out, (list, tuple)):
+        return {str(i): np.asarray(v) for i, v in enumerate(out)}
+    return {"output": np.asarray(out)}
+
+
+def compare(ref, out):
+    """Per-output figures: shapes, dtypes, max |diff|, tolerance, argmax equality."""
+    r, o = leaves(ref), leaves(out)
+    result = {"keys_ref": sorted(r), "keys_out": sorted(o), "outputs": {}}
+    for k in r:
+        if k not in o:
+            continue
+        a, b = r[k], o[k]
+        entry = {"shape_ref": list(a.shape), "shape_out": list(b.shape),
+                 "dtype_ref": str(a.dtype), "dtype_out": str(b.dtype)}
+        if a.shape == b.shape:
+            diff = float(np.max(np.abs(a.astype("float64") - b.astype("float64")))) if a.size else 0.0
+            entry.update(
+                max_diff=diff,
+                max_ref=float(np.max(np.abs(a))) if a.size else 0.0,
+                tol=1e-5 * (1 + (float(np.max(np.abs(a))) if a.size else 0.0)),
+                argmax_equal=bool(np.array_equal(np.argmax(a, -1), np.argmax(b, -1)))
+                if a.ndim >= 2 and a.shape[-1] > 1 else True,
+                bitwise=bool(np.array_equal(a, b)),
+            )
+        result["outputs"][k] = entry
+    return result
+
+
+def slices_held(sharded):
+    """For every cut layer: the local shape of its main weight vs the plan."""
+    layers = {}
+    for layer in sharded.inner._flatten_layers(include_self=False):
+        if getattr(layer, "path", None):
+            layers[layer.path] = layer
+    held = {}
+    for e in sharded.plan.sharded:
+        layer = layers[e.path]
+        var = layer.__dict__.get("_kernel", None)
+        var = layer.__dict__.get("_embeddings") if var is None else var
+        held[e.path] = {"local": list(var.shape), "planned": list(e.local_shape(sharded.rank)),
+                        "full": list(e.full_shape)}
+    return held
+
+
+def param_bytes(model):
+    return int(sum(np.asarray(v).nbytes for v in model.weights))
+
+
+def run_equivalence(world, results):
+    for name, builder in models.EQUIVALENCE.items():
+        def case(builder=builder):
+            model, x = builder()
+            ref = model.predict(x, batch_size=2, verbose=0)
+            sharded = tfshard.shard(model)
+            out = sharded.predict(x, batch_size=2, verbose=0)
+            res = compare(ref, out)
+            res["cut"] = len(sharded.plan.sharded)
+            res["layers"] = len(sharded.plan.entries)
+            res["slices"] = slices_held(sharded)
+            # A second call reuses the traced function and must agree too.
+            res["call_matches_predict"] = bool(np.allclose(
+                leaves(sharded(x))[sorted(leaves(out))[0]] if not isinstance(out, dict)
+                else np.asarray(sharded(x)[sorted(out)[0]]),
+                leaves(out)[sorted(leaves(out))[0]], rtol=1e-5, atol=1e-5))
+            return res
+        results[name] = guarded(case)
+
+
+def run_bitwise(world, results):
+    for name, (builder, rules) in models.BITWISE.items():
+        def case(builder=builder, rules=rules):
+            model, x = builder()
+            ref = model.predict(x, batch_size=2, verbose=0)
+            sharded = tfshard.shard(model, plan=tfshard.Plan.from_rules(rules))
+            out = sharded.predict(x, batch_size=2, verbose=0)
+            res = compare(ref, out)
+            res["cut"] = len(sharded.plan.sharded)
+            res["rules"] = len(rules)
+            return res
+        results[f"bitwise_{name}"] = guarded(case)
+
+
+def run_memory(world, results):
+    def case():
+        model, x = models.gpt2()
+        before = param_bytes(model)
+        plan = tfshard.Plan.auto(model, world.size)
+        sharded_full = sum(e.full_bytes for e in plan.sharded)
+        sharded = tfshard.shard(model)
+        after = param_bytes(sharded.inner)
+        return {"before": before, "after": after, "sharded_full": sharded_full,
+                "replicated": before - sharded_full,
+                "local_sharded": after - (before - sharded_full),
+                "plan_local_bytes": sharded.plan.local_bytes()}
+    results["memory"] = guarded(case)
+
+
+def run_errors(world, results):
+    rank, size = world.rank, world.size
+
+    def gpt2_sharded():
+        model, x = models.gpt2()
+        return tfshard.shard(model), x
+
+    def bad(x_fn):
+        def case():
+            sharded, x = gpt2_sharded()
+            sharded.predict(x_fn(x), batch_size=2, verbose=0)
+            return {"no_error": True}
+        return case
+
+    def with_id(value):
+        def f(x):
+            x = dict(x)
+            x["token_ids"] = x["token_ids"].copy()
+            x["token_ids"][1, 3] = value
+            return x
+        return f
+
+    results["err_id_too_large"] = guarded(bad(with_id(50257)), expect_error=True)
+    results["err_id_negative"] = guarded(bad(with_id(-1)), expect_error=True)
+    results["err_float_ids"] = guarded(
+        bad(lambda x: {**x, "token_ids": x["token_ids"].astype("float32") + 0.5}), expect_error=True)
+    results["err_wrong_rank"] = guarded(
+        bad(lambda x: {**x, "token_ids": x["token_ids"][..., None]}), expect_error=True)
+    results["err_empty_batch"] = guarded(
+        bad(lambda x: {k: v[:0] for k, v in x.items()}), expect_error=True)
+    results["err_dict_keys"] = guarded(
+        bad(lambda x: {"token_ids": x["token_ids"], "mask": x["padding_mask"]}), expect_error=True)
+
+    def too_many_ranks():
+        keras.utils.set_random_seed(30)
+        inp = keras.Input((4,))
+        out = keras.layers.Dense(size - 1, name="narrow")(keras.layers.Dense(6, name="wide")(inp))
+        model = keras.Model(inp, out)
+        tfshard.shard(model, plan={".*narrow": "column"})
+        return {"no_error": True}
+    results["err_n_larger_than_dim"] = guarded(too_many_ranks, expect_error=True)
+
+    def disagree():
+        import keras_hub
+
+        keras.utils.set_random_seed(31)
+        hidden = 16 if rank == 0 else 24  # rank 0 builds a different model
+        model = keras_hub.models.GPT2Backbone(
+            vocabulary_size=101, num_layers=1, num_heads=4, hidden_dim=hidden,
+            intermediate_dim=32, max_sequence_length=16)
+        tfshard.shard(model)
+        return {"no_error": True}
+    results["err_ranks_disagree"] = guarded(disagree, expect_error=True)
+
+    def different_inputs():
+        model, x = models.gpt2()
+        sharded = tfshard.shard(model)
+        x = dict(x)
+        x["token_ids"] = x["token_ids"] + rank  # every rank feeds other ids
+        sharded.predict(x, verbose=0)
+        return {"no_error": True}
+    results["err_inputs_disagree"] = guarded(different_inputs, expect_error=True)
+
+    # The world still works after all the errors above.
+    results["after_errors"] = guarded(lambda: compare(*_roundtrip(models.mlp)))
+
+
+def _roundtrip(builder):
+    model, x = builder()
+    ref = model.predict(x, verbose=0)
+    return ref, tfshard.shard(model).predict(x, verbose=0)
+
+
+def guarded(fn, expect_error=False):
+    try:
+        res = fn()
+        res["ok"] = True
+        return res
+    except Exception as e:  # noqa: BLE001 - recorded for the pytest side
+        return {"ok": False, "error_type": type(e).__name__, "message": str(e),
+                "traceback": "" if expect_error else traceback.format_exc()}
+
+
+SUITES = {
+    "equivalence": [run_equivalence],
+    "checks": [run_bitwise, run_memory, run_errors],
+}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--suite", required=True, choices=sorted(SUITES))
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    world = tfshard.init()
+    results = {"rank": world.rank, "size": world.size, "backend": world.backend, "cases": {}}
+    path = os.path.join(args.out, f"rank{world.rank}.json")
+    for fn in SUITES[args.suite]:
+        fn(world, results["cases"])
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(path + ".tmp", path)
+    print(f"rank {world.rank}: {len(results['cases'])} cases written to {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
