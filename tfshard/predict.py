@@ -130,9 +130,17 @@ def validate_arrays(items, where):
 
 
 def invalid_argument_to_value_error(err, where):
-    """Turns an in-graph check failure into a ValueError with the check's own message."""
-    lines = [ln.strip() for ln in str(err.message if hasattr(err, "message") else err).splitlines()]
-    ours = [ln for ln in lines if ln.startswith("Token ids") or " Token ids " in ln]
-    text = ours[0] if ours else lines[0]
-    text = text[text.index("Token ids"):] if "Token ids" in text else text
-    return ValueError(f"{where}: {text}")
+    """Turns an in-graph check failure into a ValueError with the check's own message.
+
+    TensorFlow reports a failed `tf.debugging` assertion as
+    "Graph execution error: … assertion failed: [<our message>] [Condition …]";
+    the message between the brackets is what the user needs.
+    """
+    text = str(getattr(err, "message", err))
+    start = text.find("Token ids")
+    if start >= 0:
+        end = min([i for i in (text.find("]", start), text.find("\n", start)) if i >= 0]
+                  or [len(text)])
+        return ValueError(f"{where}: {text[start:end].strip()}".replace("\\'", "'"))
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), text)
+    return ValueError(f"{where}: {first}")

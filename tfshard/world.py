@@ -1,6 +1,7 @@
 """`tfshard.init()`: the process's place among the ranks."""
 
 import dataclasses
+import os
 
 from tfshard import comm as comm_lib
 
@@ -56,5 +57,25 @@ def init(backend=None):
                 f"cannot switch to {wanted!r} in the same process."
             )
         return _WORLD
+    _budget_threads()
     _WORLD = World(comm=comm_lib.create(wanted), backend=wanted)
     return _WORLD
+
+
+def _budget_threads():
+    """Gives each of the ranks on this host its share of the cores.
+
+    Only possible before TensorFlow creates its context; later it is left as is.
+    An explicit TFSHARD_THREADS wins.
+    """
+    local = int(os.environ.get("HOROVOD_LOCAL_SIZE", os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1)))
+    threads = int(os.environ.get("TFSHARD_THREADS", 0)) or max(1, (os.cpu_count() or 1) // local)
+    if local <= 1 and "TFSHARD_THREADS" not in os.environ:
+        return
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        pass  # TensorFlow already initialised: keep its settings.

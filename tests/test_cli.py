@@ -1,0 +1,40 @@
+"""The README's main job (tfshard predict under horovodrun), on a small config."""
+
+import sys
+
+import numpy as np
+
+from conftest import ROOT, launch
+
+
+def test_predict_cli_under_horovodrun_matches_and_writes_output(tmp_path):
+    out_file = tmp_path / "logits.npy"
+    code, out, secs = launch(
+        2, ["-m", "tfshard", "predict", "gpt2-tiny", "--rows", "3", "--seq-len", "16",
+            "--batch-size", "2", "--output", out_file], timeout=300)
+    assert code == 0, out[-4000:]
+    assert "MATCH" in out and "MISMATCH" not in out
+    assert "global output (3, 16, 50257)" in out
+    logits = np.load(out_file)
+    assert logits.shape == (3, 16, 50257) and np.isfinite(logits).all()
+
+
+def test_inspect_cli_prints_the_plan_in_one_process():
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-m", "tfshard", "inspect", "llama-tiny",
+                          "--tensor-parallel", "3", "--all-ranks"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rank in range(3):
+        assert f"rank {rank} of 3" in res.stdout
+    assert "attention 8q/2kv heads" in res.stdout and "vocab" in res.stdout
+
+
+def test_unknown_model_is_a_clear_error():
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-m", "tfshard", "inspect", "gpt5"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 2
+    assert "Unknown model 'gpt5'" in res.stderr and "gpt2" in res.stderr

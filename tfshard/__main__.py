@@ -1,0 +1,3 @@
+from tfshard.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""The `tfshard` command line.
+
+    tfshard predict SOURCE [--rows N] [--seq-len S] [--batch-size B] [--output FILE.npy]
+    tfshard inspect SOURCE [--tensor-parallel N]
+
+Run `predict` under ./horovodrun.sh -np N; `inspect` needs one process only.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+
+def _inputs(input_names, vocab, rows, seq_len, seed, path=None):
+    import numpy as np
+
+    if path:
+        data = np.load(path)
+        if hasattr(data, "files"):
+            return {k: data[k] for k in data.files}
+        ids = data
+    else:
+        ids = np.random.default_rng(seed).integers(0, vocab, (rows, seq_len)).astype("int32")
+    x = {}
+    for name in input_names:
+        if name == "token_ids":
+            x[name] = ids.astype("int32")
+        elif name == "padding_mask":
+            x[name] = np.ones_like(ids, dtype="int32")
+        elif name == "segment_ids":
+            x[name] = np.zeros_like(ids, dtype="int32")
+        else:
+            raise ValueError(f"Do not know how to make input {name!r}; pass --input FILE.npz.")
+    return x
+
+
+def _first(out):
+    return next(iter(out.values())) if isinstance(out, dict) else out
+
+
+def _save_atomic(path, array):
+    import numpy as np
+
+    tmp = f"{path}.tmp-{os.getpid()}.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def cmd_predict(args):
+    import numpy as np
+
+    import tfshard
+    from tfshard import models
+
+    world = tfshard.init()
+    say = print if world.rank == 0 else (lambda *a, **k: None)
+    say(f"[tfshard] {world.backend} world of {world.size} rank(s); building {args.source}")
+    model, vocab, input_names = models.build(args.source, seed=args.seed)
+    x = _inputs(input_names, vocab, args.rows, args.seq_len, args.seed + 1, args.input)
+
+    ref = ref_secs = None
+    if not args.no_compare and world.rank == 0:
+        model.predict(x, batch_size=args.batch_size, verbose=0)  # trace + warm up
+        t0 = time.perf_counter()
+        ref = model.predict(x, batch_size=args.batch_size, verbose=0)
+        ref_secs = time.perf_counter() - t0
+
+    sharded = tfshard.shard(model, tensor_parallel=args.tensor_parallel)
+    say(sharded.plan.summary().splitlines()[-1])
+    sharded.predict(x, batch_size=args.batch_size, verbose=0)  # trace + warm up
+    t0 = time.perf_counter()
+    out = sharded.predict(x, batch_size=args.batch_size, verbose=args.verbose)
+    secs = time.perf_counter() - t0
+
+    logits = np.asarray(_first(out))
+    rows = logits.shape[0]
+    tokens = rows * (logits.shape[1] if logits.ndim > 2 else 1)
+    say(f"[tfshard] global output {tuple(logits.shape)} {logits.dtype} on every rank")
+    if logits.ndim >= 2:
+        say(f"[tfshard] argmax of the last position, first rows: "
+            f"{np.argmax(logits.reshape(rows, -1, logits.shape[-1])[:4, -1], -1).tolist()}")
+    say(f"[tfshard] sharded predict: {secs:.3f} s for {tokens} tokens "
+        f"({tokens / secs:.0f} tokens/s, TP={world.size})")
+    if ref is not None:
+        r = np.asarray(_first(ref))
+        diff = float(np.max(np.abs(r - logits)))
+        tol = 1e-5 * (1 + float(np.max(np.abs(r))))
+        same = bool(np.array_equal(np.argmax(r, -1), np.argmax(logits, -1)))
+        say(f"[tfshard] vs unsharded model.predict ({ref_secs:.3f} s, "
+            f"{ref_secs / secs:.2f}x the sharded time): max|diff| {diff:.3g} "
+            f"(tolerance {tol:.3g}), argmax identical: {same} -> "
+            f"{'MATCH' if diff <= tol and same else 'MISMATCH'}")
+        if not (diff <= tol and same):
+            return 1
+    if args.output and world.rank == 0:
+        _save_atomic(args.output, logits)
+        say(f"[tfshard] wrote {args.output}")
+    return 0
+
+
+def cmd_inspect(args):
+    from tfshard import models
+    from tfshard.plan import Plan
+
+    model, _, _ = models.build(args.source, seed=args.seed)
+    plan = Plan.auto(model, args.tensor_parallel)
+    for rank in range(args.tensor_parallel) if args.all_ranks else [0]:
+        print(plan.summary(rank=rank))
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="tfshard", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="sharded inference; run under ./horovodrun.sh -np N")
+    p.add_argument("source", help="a built-in model name (gpt2, gpt2-tiny, llama-tiny, bert-tiny)")
+    p.add_argument("--input", help=".npy of token ids, or .npz of named inputs")
+    p.add_argument("--output", help="write the global output here (rank 0, atomically)")
+    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--tensor-parallel", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", default=0)
+    p.add_argument("--no-compare", action="store_true",
+                   help="skip the unsharded reference run on rank 0")
+    p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("inspect", help="print the plan (one process, no launch)")
+    p.add_argument("source")
+    p.add_argument("--tensor-parallel", type=int, default=2)
+    p.add_argument("--all-ranks", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_inspect)
+    return parser
+
+
+def main(argv=None):
+    """Entry point of the `tfshard` console script.
+
+    Returns:
+        The process exit code.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ValueError as e:
+        print(f"tfshard: error: {e}", file=sys.stderr)
+        return 2
