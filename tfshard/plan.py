@@ -45,7 +45,7 @@ _PASSTHROUGH_LAYERS = (
 _ELEMENTWISE_ACTIVATIONS = {
     "linear", "relu", "relu6", "gelu", "silu", "swish", "tanh", "sigmoid", "elu", "selu",
     "softplus", "softsign", "exponential", "leaky_relu", "hard_sigmoid", "hard_silu",
-    "hard_swish", "mish", "celu", "glu_free", "squareplus", "sparse_plus", "tanh_shrink",
+    "hard_swish", "mish", "celu", "squareplus", "sparse_plus", "tanh_shrink",
     "soft_shrink", "hard_shrink", "hard_tanh", "threshold", "log_sigmoid",
 }
 
@@ -529,10 +529,9 @@ class Plan:
 
         rules = self._auto_rules(targets, attention, pairs, size) if self.rules is None \
             else self._match_rules(targets)
-        explicit = self.rules is not None
 
         resolved = Plan(self.rules, self.min_vocab_rows, self.min_gather_params)
-        entries, heads, notes = {}, [], {}
+        entries, heads = {}, []
         gathered = {p for p, r in rules.items() if r == "column:gather"}
         rules = {p: ("column" if r == "column:gather" else r) for p, r in rules.items()}
 
@@ -623,10 +622,8 @@ class Plan:
             if full_bytes is None:
                 raise ValueError(f"Layer {p!r} is already sharded; shard a fresh model.")
             if e is None:
-                note = notes.get(p, "")
                 out.append(PlanEntry(p, kind_of(layer), "replicate", full_shape=shape,
-                                     full_bytes=full_bytes,
-                                     local_bytes=(full_bytes,) * size, note=note))
+                                     full_bytes=full_bytes, local_bytes=(full_bytes,) * size))
                 continue
             local = tuple(_local_bytes(layer, e, r) for r in range(size))
             out.append(PlanEntry(p, kind_of(layer), e["rule"], e["axis"], tuple(e["ranges"]),
@@ -638,7 +635,6 @@ class Plan:
         resolved.size = size
         resolved.rank = rank
         resolved.total_bytes = _var_bytes(model.weights)
-        resolved._explicit = explicit
         return resolved
 
     def _match_rules(self, targets):

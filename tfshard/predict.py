@@ -10,11 +10,6 @@ import tensorflow as tf
 import keras
 
 
-def _is_array_like(x):
-    return isinstance(x, (np.ndarray, tf.Tensor, list, tuple)) and not isinstance(x, str) \
-        or np.isscalar(x)
-
-
 def model_input_specs(model):
     """The model's symbolic inputs as `{name: KerasTensor}` plus their structure, or None."""
     try:

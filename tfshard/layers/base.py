@@ -82,6 +82,19 @@ class ShardSpec:
         shape[self.axis] = self.local_size
         return tuple(shape)
 
+    def to_config(self):
+        """A JSON-able dict of this spec."""
+        return {"rule": self.rule, "axis": self.axis, "ranges": [list(r) for r in self.ranges],
+                "rank": self.rank, "gather_output": self.gather_output,
+                "input_is_parallel": self.input_is_parallel,
+                "full_shape": list(self.full_shape), "path": self.path}
+
+    @classmethod
+    def from_config(cls, config):
+        """The inverse of `to_config`."""
+        return cls(**{**config, "ranges": tuple(tuple(r) for r in config["ranges"]),
+                      "full_shape": tuple(config["full_shape"])})
+
     def take(self, array, axis=None):
         """This rank's slice of `array` along `axis` (default: `self.axis`)."""
         axis = self.axis if axis is None else axis
@@ -108,6 +121,45 @@ def even_ranges(total, size):
         ranges.append((start, stop))
         start = stop
     return tuple(ranges)
+
+
+class ShardedLayerMixin:
+    """What every sharded layer class shares: its spec, its config, its refusals.
+
+    Put it first among the bases (`class X(ShardedLayerMixin, keras.layers.Dense)`).
+    """
+
+    _tfshard_sharded = True
+
+    @property
+    def shard_spec(self):
+        """This rank's `ShardSpec`."""
+        return self._shard_spec
+
+    def get_config(self):
+        config = super().get_config()
+        spec = getattr(self, "_shard_spec", None)
+        config["shard"] = None if spec is None else spec.to_config()
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        shard = config.pop("shard", None)
+        layer = super().from_config(config)
+        layer._shard_spec = None if shard is None else ShardSpec.from_config(shard)
+        layer._comm = None
+        return layer
+
+    def enable_lora(self, *args, **kwargs):
+        raise NotImplementedError(
+            f"Layer {self.path!r} is sharded; enable LoRA (and merge it) before sharding."
+        )
+
+    def quantize(self, *args, **kwargs):
+        raise NotImplementedError(
+            f"Layer {self.path!r} is sharded; quantize the model before sharding it."
+        )
 
 
 _MIXED_CLASSES = {}
@@ -195,6 +247,9 @@ def rebuild_in_place(layer, sharded_base, spec, comm, build_local):
             if layer.__dict__[n] is not None:
                 delattr(layer, n)
         layer.__class__ = sharded_class(sharded_base, type(layer))
+        # Keras binds a `quantize` wrapper of the *original* class onto each
+        # instance at construction; it would bypass the sharded class.
+        layer.__dict__.pop("quantize", None)
         layer._shard_spec = spec
         layer._comm = comm
         build_local(layer, full_values)

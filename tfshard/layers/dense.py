@@ -5,14 +5,14 @@ import keras
 from keras import ops
 
 from tfshard.layers.base import (
-    ShardSpec,
+    ShardedLayerMixin,
     add_local_weight,
     check_convertible,
     rebuild_in_place,
 )
 
 
-class _ParallelDenseBase(keras.layers.Dense):
+class _ParallelDenseBase(ShardedLayerMixin, keras.layers.Dense):
     """Shared plumbing of the two parallel Dense layers.
 
     Args:
@@ -22,41 +22,10 @@ class _ParallelDenseBase(keras.layers.Dense):
         **kwargs: the `keras.layers.Dense` arguments.
     """
 
-    _tfshard_sharded = True
-
     def __init__(self, units, shard=None, comm=None, **kwargs):
         super().__init__(units, **kwargs)
         self._shard_spec = shard
         self._comm = comm
-
-    @property
-    def shard_spec(self):
-        return self._shard_spec
-
-    def get_config(self):
-        config = super().get_config()
-        spec = self._shard_spec
-        config["shard"] = None if spec is None else {
-            "rule": spec.rule, "axis": spec.axis, "ranges": [list(r) for r in spec.ranges],
-            "rank": spec.rank, "gather_output": spec.gather_output,
-            "input_is_parallel": spec.input_is_parallel, "full_shape": list(spec.full_shape),
-        }
-        return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        shard = config.pop("shard", None)
-        if shard is not None:
-            shard = ShardSpec(**{**shard, "ranges": tuple(tuple(r) for r in shard["ranges"]),
-                                 "full_shape": tuple(shard["full_shape"])})
-        return cls(shard=shard, **config)
-
-    def enable_lora(self, *args, **kwargs):
-        raise NotImplementedError(f"{self.path}: LoRA on a sharded Dense is not supported.")
-
-    def quantize(self, *args, **kwargs):
-        raise NotImplementedError(f"{self.path}: quantize the model before sharding it.")
 
 
 class ColumnParallelDense(_ParallelDenseBase):

@@ -15,7 +15,7 @@ import keras
 from keras import ops
 
 from tfshard.layers.base import (
-    ShardSpec,
+    ShardedLayerMixin,
     add_local_weight,
     check_convertible,
     rebuild_in_place,
@@ -51,7 +51,7 @@ def einsum_axes(equation):
     return free, contracted
 
 
-class ParallelEinsumDense(keras.layers.EinsumDense):
+class ParallelEinsumDense(ShardedLayerMixin, keras.layers.EinsumDense):
     """An EinsumDense holding one rank's slice of its kernel along one axis.
 
     Args:
@@ -70,16 +70,10 @@ class ParallelEinsumDense(keras.layers.EinsumDense):
         `shard.gather_output`). Row: the full output, identical on every rank.
     """
 
-    _tfshard_sharded = True
-
     def __init__(self, equation, output_shape, shard=None, comm=None, **kwargs):
         super().__init__(equation, output_shape, **kwargs)
         self._shard_spec = shard
         self._comm = comm
-
-    @property
-    def shard_spec(self):
-        return self._shard_spec
 
     def _letters(self):
         inp, ker, out = parse_equation(self.equation)
@@ -117,22 +111,6 @@ class ParallelEinsumDense(keras.layers.EinsumDense):
             _, _, out, char = self._letters()
             shape[out.index(char) - len(out)] = spec.local_size
         return tuple(shape)
-
-    def get_config(self):
-        config = super().get_config()
-        spec = self._shard_spec
-        config["shard"] = None if spec is None else {
-            "rule": spec.rule, "axis": spec.axis, "ranges": [list(r) for r in spec.ranges],
-            "rank": spec.rank, "gather_output": spec.gather_output,
-            "input_is_parallel": spec.input_is_parallel, "full_shape": list(spec.full_shape),
-        }
-        return config
-
-    def enable_lora(self, *args, **kwargs):
-        raise NotImplementedError(f"{self.path}: LoRA on a sharded EinsumDense is not supported.")
-
-    def quantize(self, *args, **kwargs):
-        raise NotImplementedError(f"{self.path}: quantize the model before sharding it.")
 
 
 def shard_einsum_dense(layer, spec, comm, path=""):

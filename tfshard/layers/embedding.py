@@ -14,7 +14,12 @@ import tensorflow as tf
 from keras import ops
 from keras.src.backend import set_keras_mask
 
-from tfshard.layers.base import add_local_weight, check_convertible, rebuild_in_place
+from tfshard.layers.base import (
+    ShardedLayerMixin,
+    add_local_weight,
+    check_convertible,
+    rebuild_in_place,
+)
 
 
 def _check_ids(layer, ids):
@@ -56,7 +61,7 @@ def _check_ids(layer, ids):
         return tf.identity(ops.cast(ids, "int32"))
 
 
-class VocabParallelEmbedding(keras.layers.Embedding):
+class VocabParallelEmbedding(ShardedLayerMixin, keras.layers.Embedding):
     """An Embedding holding the rows `[start, stop)` of its table.
 
     Args:
@@ -72,16 +77,10 @@ class VocabParallelEmbedding(keras.layers.Embedding):
         `inputs.shape + (output_dim,)`, identical on every rank.
     """
 
-    _tfshard_sharded = True
-
     def __init__(self, input_dim, output_dim, shard=None, comm=None, **kwargs):
         super().__init__(input_dim, output_dim, **kwargs)
         self._shard_spec = shard
         self._comm = comm
-
-    @property
-    def shard_spec(self):
-        return self._shard_spec
 
     def build(self, input_shape=None):
         self._embeddings = self.add_weight(
@@ -103,12 +102,6 @@ class VocabParallelEmbedding(keras.layers.Embedding):
 
     def call(self, inputs):
         return self._vocab_lookup(inputs)
-
-    def enable_lora(self, *args, **kwargs):
-        raise NotImplementedError(f"{self.path}: LoRA on a sharded embedding is not supported.")
-
-    def quantize(self, *args, **kwargs):
-        raise NotImplementedError(f"{self.path}: quantize the model before sharding it.")
 
 
 class VocabParallelReversibleEmbedding(VocabParallelEmbedding, keras.layers.ReversibleEmbedding):

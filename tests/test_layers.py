@@ -1,0 +1,96 @@
+"""Layer math in one process: with the identity communicator, each rank's column
+output is its slice of the reference and row / vocab partials sum to it."""
+
+import keras
+import numpy as np
+import pytest
+
+from tfshard.comm.local import LocalCommunicator
+from tfshard.layers import ShardSpec, even_ranges, shard_layer
+
+COMM = LocalCommunicator()
+X = np.random.default_rng(0).normal(size=(3, 5, 12)).astype("float32")
+
+
+def _fresh(make, x):
+    keras.utils.set_random_seed(0)
+    layer = make()
+    ref = np.asarray(layer(x))
+    return layer, ref
+
+
+def _spec(rule, axis, total, rank, size=2, **kw):
+    return ShardSpec(rule=rule, axis=axis, ranges=even_ranges(total, size), rank=rank,
+                     full_shape=kw.pop("full_shape"), path="t", **kw)
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_column_dense_slices_and_row_dense_partials_sum(size):
+    make = lambda: keras.layers.Dense(10, activation="relu")  # noqa: E731
+    parts = []
+    for rank in range(size):
+        layer, ref = _fresh(make, X)
+        path_before = [v.path for v in layer.weights]
+        shard_layer(layer, _spec("column", 1, 10, rank, size, full_shape=(12, 10)), COMM)
+        assert [v.path for v in layer.weights] == path_before
+        a, b = even_ranges(10, size)[rank]
+        np.testing.assert_allclose(np.asarray(layer(X)), ref[..., a:b], rtol=1e-6, atol=1e-6)
+        assert tuple(layer.kernel.shape) == (12, b - a)
+
+        layer, ref = _fresh(lambda: keras.layers.Dense(7), X)
+        bias = np.asarray(layer.bias)
+        shard_layer(layer, _spec("row", 0, 12, rank, size, full_shape=(12, 7)), COMM)
+        parts.append(np.asarray(layer(X)) - bias)  # identity "all-reduce", then bias
+    np.testing.assert_allclose(sum(parts) + bias, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_einsum_heads_column_and_row():
+    make_q = lambda: keras.layers.EinsumDense("abc,cde->abde", (None, 4, 3), bias_axes="de")  # noqa: E731
+    make_o = lambda: keras.layers.EinsumDense("abde,dec->abc", (None, 6), bias_axes="c")  # noqa: E731
+    h = np.random.default_rng(1).normal(size=(3, 5, 4, 3)).astype("float32")
+    parts = []
+    for rank in range(2):
+        layer, ref = _fresh(make_q, X)
+        shard_layer(layer, _spec("column", 1, 4, rank, full_shape=(12, 4, 3)), COMM)
+        a, b = even_ranges(4, 2)[rank]
+        np.testing.assert_allclose(np.asarray(layer(X)), ref[:, :, a:b], rtol=1e-6, atol=1e-6)
+        assert tuple(layer.bias.shape) == (b - a, 3)
+
+        layer, ref_o = _fresh(make_o, h)
+        bias = np.asarray(layer.bias)
+        shard_layer(layer, _spec("row", 0, 4, rank, full_shape=(4, 3, 6)), COMM)  # slices its input
+        parts.append(np.asarray(layer(h)) - bias)
+    np.testing.assert_allclose(sum(parts) + bias, ref_o, rtol=1e-5, atol=1e-5)
+
+
+def test_vocab_embedding_partials_sum_and_ids_are_checked():
+    ids = np.array([[0, 5, 9, 3]], "int32")
+    parts = []
+    for rank in range(2):
+        layer, ref = _fresh(lambda: keras.layers.Embedding(10, 4), ids)
+        shard_layer(layer, _spec("vocab", 0, 10, rank, full_shape=(10, 4)), COMM)
+        parts.append(np.asarray(layer(ids)))
+    np.testing.assert_array_equal(sum(parts), ref)
+    with pytest.raises(Exception, match="must be < the vocabulary size 10"):
+        layer(np.array([[10]], "int32"))
+
+
+def test_spec_config_round_trip_and_refusals():
+    layer, _ = _fresh(lambda: keras.layers.Dense(4), X)
+    spec = _spec("column", 1, 4, 1, full_shape=(12, 4), gather_output=True)
+    shard_layer(layer, spec, COMM)
+    assert ShardSpec.from_config(layer.get_config()["shard"]) == spec
+    with pytest.raises(NotImplementedError, match="quantize the model before"):
+        layer.quantize("int8")
+    with pytest.raises(ValueError, match="every rank needs a non-empty slice"):
+        ShardSpec(rule="column", axis=1, ranges=((0, 0), (0, 4)), rank=0)
+
+
+def test_layer_overriding_call_is_refused():
+    class Odd(keras.layers.Dense):
+        def call(self, x):
+            return super().call(x) * 2
+
+    layer, _ = _fresh(lambda: Odd(4), X)
+    with pytest.raises(TypeError, match="overrides call"):
+        shard_layer(layer, _spec("column", 1, 4, 0, full_shape=(12, 4)), COMM, "odd")
