@@ -6,10 +6,7 @@ import models
 from conftest import case_on_all_ranks
 
 
-@pytest.mark.parametrize("np_", [2, 3])
-@pytest.mark.parametrize("name", list(models.EQUIVALENCE))
-def test_sharded_predict_matches_unsharded(suite_runs, np_, name):
-    ranks = suite_runs("equivalence", np_)
+def _check_equivalence(ranks, name, np_):
     for rank, rec in enumerate(case_on_all_ranks(ranks, name)):
         assert rec["ok"], f"rank {rank}: {rec.get('error_type')}: {rec.get('message')}\n{rec.get('traceback')}"
         assert rec["keys_out"] == rec["keys_ref"], f"rank {rank}: output structure differs"
@@ -25,6 +22,17 @@ def test_sharded_predict_matches_unsharded(suite_runs, np_, name):
         for path, s in rec["slices"].items():
             assert s["local"] == s["planned"], f"{path} on rank {rank}: holds {s['local']}, plan says {s['planned']}"
             assert s["local"] != s["full"], f"{path} on rank {rank} still holds the full kernel {s['full']}"
+
+
+@pytest.mark.parametrize("np_", [2, 3])
+@pytest.mark.parametrize("name", list(models.EQUIVALENCE))
+def test_sharded_predict_matches_unsharded(suite_runs, np_, name):
+    _check_equivalence(suite_runs("equivalence", np_), name, np_)
+
+
+def test_gpt2_odd_vocab_on_four_ranks(suite_runs):
+    # 50257 = 4 * 12564 + 1: rank 0 holds one row more; heads 4 -> one per rank.
+    _check_equivalence(suite_runs("gpt2", 4), "gpt2", 4)
 
 
 @pytest.mark.parametrize("np_", [2, 3])

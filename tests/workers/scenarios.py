@@ -76,8 +76,10 @@ def param_bytes(model):
     return int(sum(np.asarray(v).nbytes for v in model.weights))
 
 
-def run_equivalence(world, results):
+def run_equivalence(world, results, only=None):
     for name, builder in models.EQUIVALENCE.items():
+        if only and name not in only:
+            continue
         def case(builder=builder):
             model, x = builder()
             ref = model.predict(x, batch_size=2, verbose=0)
@@ -210,6 +212,7 @@ def guarded(fn, expect_error=False):
 
 SUITES = {
     "equivalence": [run_equivalence],
+    "gpt2": [lambda world, results: run_equivalence(world, results, only={"gpt2"})],
     "checks": [run_bitwise, run_memory, run_errors],
 }
 
