@@ -62,11 +62,18 @@ class SuiteRuns:
                 ranks.append(json.loads(path.read_text()) if path.exists() else None)
             self._cache[key] = (code, output, secs, ranks)
         code, output, secs, ranks = self._cache[key]
+        self.last_output = output
         if code is None:
             pytest.fail(f"{suite} at {np_} ranks timed out after {LAUNCH_TIMEOUT} s:\n{output[-4000:]}")
         if code != 0 or any(r is None for r in ranks):
             pytest.fail(f"{suite} at {np_} ranks exited {code}:\n{output[-4000:]}")
         return ranks
+
+
+    def output(self, suite, np_):
+        """The combined, rank-tagged output of a suite's launch."""
+        self(suite, np_)
+        return self._cache[(suite, np_)][1]
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,15 @@
 """`tfshard.shard(model)` and the `ShardedModel` it returns."""
 
+import itertools
+import time
+
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tfshard import consistency
 from tfshard import predict as predict_lib
+from tfshard.schedule import Scheduler, validate as validate_schedule
 from tfshard.layers import ShardSpec, shard_layer
 from tfshard.plan import Plan, _walk, kind_of
 from tfshard.world import init
@@ -66,17 +71,20 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
         plan: "auto", a `tfshard.Plan`, or a `{regex: rule}` dict.
         world: the `World` from `tfshard.init()` (initialised when None).
         strategy: a tf.distribute strategy (not available yet).
-        tensor_parallel: the tensor-parallel degree; None or the world size
-            (data-parallel groups are not available yet).
+        tensor_parallel: ranks per tensor-parallel group; the world splits into
+            `world.size // tensor_parallel` data-parallel groups of consecutive
+            ranks (Horovod process sets), which share the rows in `predict`.
+            None: one group of all ranks.
 
     Returns:
         A `ShardedModel` wrapping the converted model.
 
     Raises:
         ValueError: the ranks disagree on the model or plan, the model is not
-            built, or a rule cannot apply (the message names the layer, its
-            shape, the rank and the sizes that would work).
-        NotImplementedError: `strategy` or a `tensor_parallel` below the world size.
+            built, `tensor_parallel` does not divide the world size, or a rule
+            cannot apply (the message names the layer, its shape, the rank and
+            the sizes that would work).
+        NotImplementedError: `strategy`.
     """
     if strategy is not None:
         raise NotImplementedError(
@@ -84,13 +92,14 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
             "yet; launch with ./horovodrun.sh -np N instead."
         )
     world = world or init()
-    comm = world.comm
-    if tensor_parallel not in (None, comm.size):
-        raise NotImplementedError(
-            f"tensor_parallel={tensor_parallel} with {comm.size} ranks needs data-parallel "
-            f"groups, which are not available yet; use tensor_parallel=None (all "
-            f"{comm.size} ranks in one tensor-parallel group)."
+    if tensor_parallel is not None and (not isinstance(tensor_parallel, int) or tensor_parallel < 1
+                                        or world.size % tensor_parallel):
+        raise ValueError(
+            f"tensor_parallel={tensor_parallel!r} does not divide the {world.size} ranks of this "
+            f"job (rank {world.rank}); values that work: "
+            f"{[d for d in range(1, world.size + 1) if world.size % d == 0]} (None = {world.size})."
         )
+    comm, group = world.comm.split(tensor_parallel or world.size)
     if isinstance(model, ShardedModel):
         raise ValueError(f"Model {model.name!r} is already sharded.")
     if not isinstance(model, keras.layers.Layer) or not model.built:
@@ -99,9 +108,10 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
             f"(built={getattr(model, 'built', None)}). Call it on an input first."
         )
     consistency.agree(
-        comm,
+        world.comm,
         {"model structure": consistency.digest(consistency.model_structure(model)),
-         "model class": consistency.digest(type(model).__qualname__)},
+         "model class": consistency.digest(type(model).__qualname__),
+         "tensor_parallel": consistency.digest(comm.size)},
         "tfshard.shard()",
     )
     if plan is None or (isinstance(plan, str) and plan == "auto"):
@@ -111,7 +121,7 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
     elif not isinstance(plan, Plan):
         raise ValueError(f"plan must be 'auto', a dict of rules or a tfshard.Plan; got {plan!r}.")
     plan = plan.resolve(model, comm.size, comm.rank)
-    consistency.agree(comm, {"plan": consistency.digest(plan.to_dict())}, "tfshard.shard()")
+    consistency.agree(world.comm, {"plan": consistency.digest(plan.to_dict())}, "tfshard.shard()")
 
     layers = {n.path: n.layer for n in _walk(model) if kind_of(n.layer)}
     for e in plan.sharded:
@@ -124,28 +134,36 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
     for counts in plan.attention:
         _set_head_counts(parents[counts.path], counts, comm.rank)
     _reset_compiled_functions(model)
-    return ShardedModel(model, plan, world)
+    return ShardedModel(model, plan, world, comm, group)
 
 
 class ShardedModel(keras.Model):
     """A Keras model whose big kernels live in slices across ranks.
 
     Calls, `predict` and `predict_on_batch` have the Keras contract and give
-    every rank the global output the unsharded model would give.
+    every rank the global output the unsharded model would give. With several
+    data-parallel groups, `predict` shares the batches among the groups.
 
     Args:
         model: the converted (sharded in place) Keras model.
         plan: the resolved `Plan`.
         world: the `World`.
+        tp_comm: the `Communicator` of this rank's tensor-parallel group.
+        group: the index of this rank's data-parallel group.
     """
 
-    def __init__(self, model, plan, world, **kwargs):
+    def __init__(self, model, plan, world, tp_comm=None, group=0, **kwargs):
         super().__init__(name=kwargs.pop("name", f"sharded_{model.name}"), **kwargs)
         self.inner = model
         self.plan = plan
         self.world = world
+        self.tp_comm = tp_comm or world.comm
+        self.group = group
+        self.groups = world.size // self.tp_comm.size
+        self.last_schedule = None
         self.built = True
         self._jit_compile = False
+        self._predict_step = None
 
     @property
     def rank(self):
@@ -155,66 +173,118 @@ class ShardedModel(keras.Model):
     def size(self):
         return self.world.size
 
+    @property
+    def tensor_parallel(self):
+        return self.tp_comm.size
+
     def call(self, inputs, *args, **kwargs):
         return self.inner(inputs, *args, **kwargs)
 
     def _where(self, what):
         return f"{self.name}.{what} (rank {self.rank} of {self.size})"
 
-    def _check_inputs(self, x, what):
-        """Validates numpy-like inputs and agrees on their digest across ranks."""
-        where = self._where(what)
-        if isinstance(x, (tf.data.Dataset, keras.utils.PyDataset)) or callable(
-                getattr(x, "__next__", None)):
-            raise NotImplementedError(
-                f"{where}: datasets and generators are not supported yet; pass numpy arrays "
-                "(or a dict / list of them)."
-            )
-        if x is None:
-            raise ValueError(f"{where}: x is None.")
-        items = predict_lib.flatten_inputs(x, predict_lib.model_input_specs(self.inner), where)
-        predict_lib.validate_arrays(items, where)
-        consistency.agree(
-            self.world.comm,
-            {f"input {name!r}": consistency.array_digest(a) for name, a, _ in items},
-            f"{self.name}.{what}",
-        )
+    def _step(self, batch, where):
+        """One forward pass of a batch on this rank's group; numpy out."""
+        preprocessor = getattr(self.inner, "preprocessor", None)
+        if preprocessor is not None:
+            batch = predict_lib._unpack(preprocessor(batch))
+        if self._predict_step is None:
+            self._predict_step = tf.function(
+                lambda b: self.inner(b, training=False), reduce_retracing=True)
+        batch = keras.tree.map_structure(tf.convert_to_tensor, batch)
+        try:
+            out = self._predict_step(batch)
+        except tf.errors.InvalidArgumentError as err:
+            raise predict_lib.invalid_argument_to_value_error(err, where) from None
+        return keras.tree.map_structure(lambda t: np.asarray(t), out)
 
-    def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None, **kwargs):
+    def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None,
+                schedule="even", weights=None, gather="all"):
         """`keras.Model.predict`, sharded: the same arguments and output structure.
 
         Args:
-            x: numpy array, or a list / dict of them, as the model takes.
-            batch_size: rows per batch (default 32).
-            verbose: "auto", 0, 1 or 2; progress is shown on rank 0 only.
-            steps, callbacks: as in `keras.Model.predict`.
+            x: numpy array(s) (array, list or dict as the model takes), a
+                `tf.data.Dataset`, a `keras.utils.PyDataset` or a generator
+                yielding batches (`x` or `(x, y[, sample_weight])`).
+            batch_size: rows per batch for array input (default 32).
+            verbose: "auto", 0, 1 or 2; a progress bar on world rank 0 only.
+            steps: stop after this many batches.
+            callbacks: Keras callbacks; `on_predict_batch_*` get the global
+                batch index, on the ranks that compute that batch.
+            schedule: "even", "weighted" or "adaptive": how batches are shared
+                among data-parallel groups (see `tfshard.schedule`).
+            weights: with "weighted": one positive weight per group.
+            gather: "all" (every rank gets the result) or "rank0" (only world
+                rank 0 does; others get None, saving memory).
 
         Returns:
-            The global output, on every rank, with the structure, dtype and row
-            order of `model.predict`.
+            The global output, with the structure, dtype and row order of
+            `model.predict` (None off rank 0 with `gather="rank0"`).
+            `self.last_schedule` then describes each group's share and
+            measured throughput.
 
         Raises:
             ValueError: bad input (keys, rank, shape, dtype, empty, token ids
-                out of range), or ranks given different inputs; raised on
-                every rank, before any collective.
+                out of range), a bad schedule or weights, or ranks given
+                different inputs; raised on every rank, before any collective
+                that could mismatch.
         """
-        self._check_inputs(x, "predict")
-        if self.rank != 0:
-            verbose = 0
-        try:
-            return self.inner.predict(x, batch_size=batch_size, verbose=verbose, steps=steps,
-                                      callbacks=callbacks, **kwargs)
-        except tf.errors.InvalidArgumentError as err:
-            raise predict_lib.invalid_argument_to_value_error(err, self._where("predict")) from None
+        where = self._where("predict")
+        world = self.world.comm
+        if gather not in ("all", "rank0"):
+            raise ValueError(f"{where}: gather must be 'all' or 'rank0'; got {gather!r}.")
+        validate_schedule(schedule, weights, self.groups)
+        source, total, items = predict_lib.batch_source(
+            x, batch_size, steps, predict_lib.model_input_specs(self.inner), where)
+        if items is not None:
+            consistency.agree(world, {f"input {n!r}": consistency.array_digest(a)
+                                      for n, a, _ in items}, f"{self.name}.predict")
+        scheduler = Scheduler(schedule, self.groups, weights, total)
+        cbs = keras.callbacks.CallbackList(callbacks, model=self)
+        show = verbose not in (0, "0") and self.rank == 0
+        bar = keras.utils.Progbar(total, verbose=2 if verbose in (2, "2") else 1) if show else None
+        cbs.on_predict_begin()
+        done, seen = [], 0
+        while True:
+            batch_round = list(itertools.islice(source, scheduler.round_size()))
+            if items is None:  # streamed input: agree on every round, the last (empty) one too
+                consistency.agree(world, {"batches": consistency.digest(
+                    [predict_lib.batch_digest(i, b) for i, b in batch_round])},
+                    f"{self.name}.predict")
+            if not batch_round:
+                break
+            assignment = scheduler.assign(len(batch_round))
+            n_batches = n_rows = 0
+            t0 = time.perf_counter()
+            for (index, batch), g in zip(batch_round, assignment):
+                if g != self.group:
+                    continue
+                cbs.on_predict_batch_begin(index)
+                out = self._step(batch, where)
+                done.append((index, out))
+                n_batches += 1
+                n_rows += predict_lib._rows(batch)
+                cbs.on_predict_batch_end(index, {"outputs": out})
+                if bar is not None:
+                    seen += 1
+                    bar.update(seen)
+            seconds = time.perf_counter() - t0
+            table = world.allgather_numpy(np.array([n_batches, n_rows, seconds], np.float64))
+            leaders = [g * self.tensor_parallel for g in range(self.groups)]
+            scheduler.observe([(int(table[r, 0]), int(table[r, 1]), float(table[r, 2]))
+                               for r in leaders])
+        cbs.on_predict_end()
+        self.last_schedule = scheduler.report()
+        return predict_lib.gather_outputs(world, self.tp_comm.rank == 0, done, where, gather)
 
     def predict_on_batch(self, x):
-        """`keras.Model.predict_on_batch`, sharded (see `predict`)."""
-        self._check_inputs(x, "predict_on_batch")
-        try:
-            return self.inner.predict_on_batch(x)
-        except tf.errors.InvalidArgumentError as err:
-            raise predict_lib.invalid_argument_to_value_error(
-                err, self._where("predict_on_batch")) from None
+        """`keras.Model.predict_on_batch`, sharded (every group computes the batch)."""
+        where = self._where("predict_on_batch")
+        items = predict_lib.flatten_inputs(x, predict_lib.model_input_specs(self.inner), where)
+        predict_lib.validate_arrays(items, where)
+        consistency.agree(self.world.comm, {f"input {n!r}": consistency.array_digest(a)
+                                            for n, a, _ in items}, f"{self.name}.predict_on_batch")
+        return self._step(keras.tree.map_structure(np.asarray, x), where)
 
     def save(self, *args, **kwargs):
         raise NotImplementedError(

@@ -5,9 +5,11 @@ on first), so a bad input raises the same ValueError on every rank instead of
 leaving some ranks waiting in a collective.
 """
 
+import math
+
+import keras
 import numpy as np
 import tensorflow as tf
-import keras
 
 
 def model_input_specs(model):
@@ -139,3 +141,164 @@ def invalid_argument_to_value_error(err, where):
         return ValueError(f"{where}: {text[start:end].strip()}".replace("\\'", "'"))
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), text)
     return ValueError(f"{where}: {first}")
+
+
+# --------------------------------------------------------------------------- #
+# The predict loop: batches → groups → global result in input order
+# --------------------------------------------------------------------------- #
+
+
+def _is_stream(x):
+    return isinstance(x, (tf.data.Dataset, keras.utils.PyDataset)) or (
+        callable(getattr(x, "__next__", None)) and not isinstance(x, (np.ndarray, dict, list, tuple)))
+
+
+def _to_numpy(batch):
+    return keras.tree.map_structure(lambda t: np.asarray(t), batch)
+
+
+def _unpack(batch):
+    x, _, _ = keras.utils.unpack_x_y_sample_weight(batch) if isinstance(batch, tuple) else (batch, None, None)
+    return x
+
+
+def batch_source(x, batch_size, steps, struct, where):
+    """Yields `(index, batch)` from any input `keras.Model.predict` accepts.
+
+    Args:
+        x: numpy array(s) (array, list, dict), a `tf.data.Dataset`, a
+            `keras.utils.PyDataset` or a Python generator / iterator.
+        batch_size: rows per batch for array input (default 32); must be None
+            for batched sources, as in Keras.
+        steps: stop after this many batches (None: all).
+        struct: the model's input structure (for array input checks), or None.
+        where: text naming the call and the rank.
+
+    Returns:
+        `(iterator, total_batches or None, items)`; `items` is the validated
+        flat input list for array input (None for streams).
+
+    Raises:
+        ValueError: bad array input (see `validate_arrays`), a batch_size with
+            a batched source, or a non-positive batch_size / steps.
+    """
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"{where}: batch_size must be a positive int; got {batch_size!r}.")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"{where}: steps must be a positive int; got {steps!r}.")
+    if _is_stream(x):
+        if batch_size is not None:
+            raise ValueError(
+                f"{where}: do not pass batch_size with a {type(x).__name__}; it yields batches "
+                "already (as in keras.Model.predict)."
+            )
+        if isinstance(x, keras.utils.PyDataset):
+            n = len(x) if steps is None else min(steps, len(x))
+            return ((i, _unpack(x[i])) for i in range(n)), n, None
+        if isinstance(x, tf.data.Dataset):
+            card = int(x.cardinality())
+            total = card if card >= 0 else None
+            if steps is not None:
+                total = steps if total is None else min(total, steps)
+            it = iter(x)
+        else:
+            total, it = steps, x
+
+        def gen():
+            for i, b in enumerate(it):
+                if steps is not None and i >= steps:
+                    return
+                yield i, _to_numpy(_unpack(b))
+        return gen(), total, None
+    if x is None:
+        raise ValueError(f"{where}: x is None.")
+    items = flatten_inputs(x, struct, where)
+    validate_arrays(items, where)
+    bs = batch_size or 32
+    rows = items[0][1].shape[0]
+    n = math.ceil(rows / bs)
+    if steps is not None:
+        n = min(n, steps)
+    arrays = keras.tree.map_structure(np.asarray, x)
+
+    def gen():
+        for i in range(n):
+            yield i, keras.tree.map_structure(lambda a: a[i * bs:(i + 1) * bs], arrays)
+    return gen(), n, items
+
+
+def _rows(batch):
+    return int(np.shape(keras.tree.flatten(batch)[0])[0])
+
+
+def batch_digest(index, batch):
+    from tfshard import consistency
+
+    leaves = keras.tree.flatten(batch)
+    return consistency.digest([index] + [consistency.array_digest(np.asarray(a)) for a in leaves])
+
+
+def _template(out):
+    """A JSON-able copy of an output structure with leaf positions as leaves."""
+    counter = iter(range(1 << 30))
+    return keras.tree.map_structure(lambda _: next(counter), out)
+
+
+def gather_outputs(world, is_leader, done, where, gather="all"):
+    """Reassembles every group's outputs in input order.
+
+    Args:
+        world: the world `Communicator`.
+        is_leader: whether this rank contributes its group's outputs (tensor
+            rank 0 of its group).
+        done: this rank's `[(batch_index, output structure of numpy arrays)]`.
+        where: text for messages.
+        gather: "all" (every rank gets the result) or "rank0".
+
+    Returns:
+        The output structure with all batches concatenated in index order
+        (None on ranks other than 0 when `gather="rank0"`).
+
+    Raises:
+        ValueError: no rank computed any batch.
+    """
+    mine = sorted(done, key=lambda t: t[0]) if is_leader else []
+    first = done[0][1] if done else None
+    metas = world.allgather_object({
+        "batches": [i for i, _ in mine],
+        "rows": [_rows(o) for _, o in mine],
+        "spec": None if first is None else [
+            (list(np.shape(a)[1:]), np.asarray(a).dtype.str) for a in keras.tree.flatten(first)],
+        "template": None if first is None else _template(first),
+    })
+    ref = next((m for m in metas if m["spec"] is not None), None)
+    if ref is None:
+        raise ValueError(f"{where}: no batch was computed (empty input?).")
+    order = [(b, r) for m in metas for b, r in zip(m["batches"], m["rows"])]
+    starts, pos = {}, 0
+    for b, r in sorted(order):
+        starts[b] = pos
+        pos += r
+    perm = np.concatenate([np.arange(starts[b], starts[b] + r) for b, r in order]) \
+        if order else np.zeros(0, np.int64)
+    results = []
+    for k, (trailing, dtype) in enumerate(ref["spec"]):
+        dtype = np.dtype(dtype)
+        if mine:
+            local = np.concatenate([np.asarray(keras.tree.flatten(o)[k]) for _, o in mine], axis=0)
+        else:
+            local = np.zeros([0] + trailing, dtype=dtype)
+        wire = local.astype(np.uint8) if dtype == np.bool_ else local
+        if gather == "rank0":
+            got = world.gather_to_root(wire)
+        else:
+            got = np.asarray(world.allgather(tf.constant(wire), axis=0))
+        if got is None:
+            continue
+        out = np.empty((pos,) + tuple(trailing), dtype=dtype)
+        out[perm] = got.astype(dtype)
+        results.append(out)
+    if gather == "rank0" and world.rank != 0:
+        return None
+    return keras.tree.pack_sequence_as(ref["template"], results) \
+        if not isinstance(ref["template"], int) else results[0]

@@ -194,6 +194,125 @@ def run_errors(world, results):
     results["after_errors"] = guarded(lambda: compare(*_roundtrip(models.mlp)))
 
 
+def _as_dataset(x, batch):
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices(x).batch(batch)
+
+
+def _as_generator(x, batch):
+    rows = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+    for i in range(0, rows, batch):
+        yield keras.tree.map_structure(lambda a: a[i:i + batch], x)
+
+
+class _PyData(keras.utils.PyDataset):
+    def __init__(self, x, batch):
+        super().__init__()
+        self.x, self.batch = x, batch
+        self.rows = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+    def __len__(self):
+        return -(-self.rows // self.batch)
+
+    def __getitem__(self, i):
+        return keras.tree.map_structure(lambda a: a[i * self.batch:(i + 1) * self.batch], self.x)
+
+
+def _more_rows(x, rows):
+    """Tiles a test input to `rows` rows (row count divides neither batch nor groups)."""
+    return keras.tree.map_structure(lambda a: np.concatenate([a] * (-(-rows // len(a))))[:rows], x)
+
+
+def run_dp(world, results, tp=2):
+    """Under -np 4 with tensor_parallel=2: two groups of two."""
+    rank = world.rank
+    for name in ("mlp", "sequential_embedding", "bert", "gpt2", "llama"):
+        def case(name=name):
+            model, x = models.EQUIVALENCE[name]()
+            x = _more_rows(x, 23)
+            ref = model.predict(x, batch_size=2, verbose=0)
+            sharded = tfshard.shard(model, tensor_parallel=tp)
+            res = {"groups": sharded.groups, "tensor_parallel": sharded.tensor_parallel,
+                   "group": sharded.group, "runs": {}}
+            runs = {
+                "numpy_even": lambda: sharded.predict(x, batch_size=2, verbose=0),
+                "numpy_weighted": lambda: sharded.predict(x, batch_size=2, verbose=0,
+                                                          schedule="weighted", weights=[3, 1]),
+                "numpy_adaptive": lambda: sharded.predict(x, batch_size=2, verbose=0,
+                                                          schedule="adaptive"),
+                "dataset": lambda: sharded.predict(_as_dataset(x, 3), verbose=0),
+                "generator_adaptive": lambda: sharded.predict(_as_generator(x, 4), verbose=0,
+                                                              schedule="adaptive"),
+                "pydataset_weighted": lambda: sharded.predict(_PyData(x, 5), verbose=0,
+                                                              schedule="weighted", weights=[1, 2]),
+                "steps": lambda: sharded.predict(x, batch_size=4, steps=3, verbose=0),
+            }
+            for run_name, fn in runs.items():
+                out = fn()
+                want = ref if run_name != "steps" else keras.tree.map_structure(lambda a: a[:12], ref)
+                res["runs"][run_name] = {**compare(want, out), "schedule": sharded.last_schedule}
+            out0 = sharded.predict(x, batch_size=2, verbose=0, gather="rank0")
+            res["rank0_gets_none_elsewhere"] = (out0 is None) == (rank != 0)
+            if rank == 0:
+                res["runs"]["gather_rank0"] = compare(ref, out0)
+            res["runs"]["predict_on_batch"] = compare(
+                keras.tree.map_structure(lambda a: a[:3], ref),
+                sharded.predict_on_batch(keras.tree.map_structure(lambda a: a[:3], x)))
+            return res
+        results[f"dp_{name}"] = guarded(case)
+
+    def slow_group():
+        import time as _time
+
+        model, x = models.mlp()
+        x = _more_rows(x, 96)
+        sharded = tfshard.shard(model, tensor_parallel=tp)
+
+        class Slow(keras.callbacks.Callback):
+            def on_predict_batch_end(self, batch, logs=None):
+                if sharded.group == 1:
+                    _time.sleep(0.05)
+        out = {}
+        for sched in ("even", "adaptive"):
+            t0 = _time.perf_counter()
+            sharded.predict(x, batch_size=2, verbose=0, schedule=sched, callbacks=[Slow()])
+            out[sched] = {**sharded.last_schedule, "wall": _time.perf_counter() - t0}
+        return out
+    results["dp_slow_group"] = guarded(slow_group)
+
+    def verbose_run():
+        model, x = models.mlp()
+        sharded = tfshard.shard(model, tensor_parallel=tp)
+        print(f"PROGRESS-START rank {rank}", flush=True)
+        sharded.predict(_more_rows(x, 40), batch_size=2, verbose=1)
+        print(f"PROGRESS-END rank {rank}", flush=True)
+        return {}
+    results["dp_verbose"] = guarded(verbose_run)
+
+    def bad(fn):
+        def case():
+            fn()
+            return {"no_error": True}
+        return guarded(case, expect_error=True)
+
+    def sharded_mlp():
+        model, x = models.mlp()
+        return tfshard.shard(model, tensor_parallel=tp), x
+
+    results["dp_err_tp_not_dividing"] = bad(lambda: tfshard.shard(models.mlp()[0], tensor_parallel=3))
+    results["dp_err_weights_length"] = bad(
+        lambda: (lambda s, x: s.predict(x, schedule="weighted", weights=[1, 2, 3]))(*sharded_mlp()))
+    results["dp_err_weights_nonpositive"] = bad(
+        lambda: (lambda s, x: s.predict(x, schedule="weighted", weights=[1, 0]))(*sharded_mlp()))
+    results["dp_err_unknown_schedule"] = bad(
+        lambda: (lambda s, x: s.predict(x, schedule="fastest"))(*sharded_mlp()))
+    results["dp_err_empty"] = bad(lambda: (lambda s, x: s.predict(x[:0]))(*sharded_mlp()))
+    results["dp_err_batch_size_with_dataset"] = bad(
+        lambda: (lambda s, x: s.predict(_as_dataset(x, 2), batch_size=2))(*sharded_mlp()))
+    results["dp_after_errors"] = guarded(lambda: compare(*_roundtrip(models.mlp)))
+
+
 def _roundtrip(builder):
     model, x = builder()
     ref = model.predict(x, verbose=0)
@@ -213,6 +332,7 @@ def guarded(fn, expect_error=False):
 SUITES = {
     "equivalence": [run_equivalence],
     "gpt2": [lambda world, results: run_equivalence(world, results, only={"gpt2"})],
+    "dp": [run_dp],
     "checks": [run_bitwise, run_memory, run_errors],
 }
 

@@ -7,6 +7,7 @@ whole output.
 """
 
 import abc
+import json
 
 import numpy as np
 
@@ -82,6 +83,62 @@ class Communicator(abc.ABC):
         array = np.asarray(array)
         gathered = self.allgather(tf.constant(array[None]), axis=0)
         return np.asarray(gathered)
+
+    def allgather_object(self, obj):
+        """Gathers one JSON-able object from every rank (eager, host side).
+
+        Returns:
+            A list with rank `r`'s object at index `r`.
+        """
+        if self.size == 1:
+            return [obj]
+        blob = np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
+        lengths = self.allgather_numpy(np.array(len(blob), np.int64))
+        import tensorflow as tf
+
+        data = np.asarray(self.allgather(tf.constant(blob), axis=0)).tobytes()
+        out, start = [], 0
+        for n in lengths:
+            out.append(json.loads(data[start:start + int(n)].decode()))
+            start += int(n)
+        return out
+
+    def gather_to_root(self, array):
+        """Concatenates every rank's rows (axis 0) on rank 0 only (eager).
+
+        Returns:
+            The concatenation on rank 0, None elsewhere. The default all-gathers
+            and drops the result off rank 0; backends override it to save memory.
+        """
+        import tensorflow as tf
+
+        out = np.asarray(self.allgather(tf.constant(array), axis=0))
+        return out if self.rank == 0 else None
+
+    def split(self, group_size):
+        """Splits the ranks into consecutive groups of `group_size`.
+
+        Every rank must call this with the same `group_size`. Group `g` holds
+        ranks `[g * group_size, (g + 1) * group_size)`.
+
+        Returns:
+            `(group, index)`: a `Communicator` over this rank's group, and the
+            group's index.
+
+        Raises:
+            ValueError: `group_size` does not divide `size`.
+        """
+        if group_size < 1 or self.size % group_size:
+            raise ValueError(
+                f"group size {group_size} does not divide {self.size} ranks; "
+                f"sizes that work: {[d for d in range(1, self.size + 1) if self.size % d == 0]}."
+            )
+        if group_size == self.size:
+            return self, 0
+        return self._split(group_size), self.rank // group_size
+
+    def _split(self, group_size):
+        raise NotImplementedError(f"{type(self).__name__} cannot form sub-groups.")
 
     def __repr__(self):
         return f"<{type(self).__name__} rank={self.rank} size={self.size}>"

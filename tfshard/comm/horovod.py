@@ -19,6 +19,9 @@ HOROVOD_ENV_DEFAULTS = {
     "HOROVOD_STALL_CHECK_TIME_SECONDS": "30",
     "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "120",
     "HOROVOD_GLOO_TIMEOUT_SECONDS": "120",
+    # Sub-groups (tensor-parallel groups inside a data-parallel world) are
+    # Horovod process sets added after init.
+    "HOROVOD_DYNAMIC_PROCESS_SETS": "1",
 }
 
 
@@ -42,6 +45,8 @@ class HorovodCommunicator(Communicator):
         self._process_set = process_set if process_set is not None else hvd.global_process_set
         self._rank = self._process_set.rank()
         self._size = self._process_set.size()
+        self._global_ranks = list(self._process_set.ranks or range(hvd.size()))
+        self._subgroups = {}
 
     @property
     def rank(self):
@@ -76,9 +81,32 @@ class HorovodCommunicator(Communicator):
         return tf.transpose(gathered, inverse)
 
     def broadcast(self, x, root=0, name=None):
+        # Horovod names the root by its global rank, even inside a process set.
         return self._hvd.broadcast(
-            x, root_rank=root, name=name, process_set=self._process_set
+            x, root_rank=self._global_ranks[root], name=name, process_set=self._process_set
         )
+
+    def gather_to_root(self, array):
+        # An all-to-all in which every rank sends all its rows to rank 0 and
+        # nothing elsewhere: only rank 0 ever holds the whole result.
+        import numpy as np
+
+        splits = tf.constant([np.shape(array)[0]] + [0] * (self._size - 1), tf.int32)
+        out = self._hvd.alltoall(tf.constant(array), splits=splits, process_set=self._process_set)
+        if isinstance(out, tuple):
+            out = out[0]
+        return np.asarray(out) if self._rank == 0 else None
+
+    def _split(self, group_size):
+        if group_size not in self._subgroups:
+            mine = None
+            for start in range(0, self._size, group_size):
+                ranks = self._global_ranks[start:start + group_size]
+                ps = self._hvd.add_process_set(ranks)  # collective: every rank adds every set
+                if self._hvd.rank() in ranks:
+                    mine = ps
+            self._subgroups[group_size] = HorovodCommunicator(process_set=mine)
+        return self._subgroups[group_size]
 
     def barrier(self):
         self._hvd.barrier(process_set=self._process_set)
