@@ -41,7 +41,7 @@ extra=(--gloo)
 [ $have_hosts -eq 1 ] || extra+=(-H "localhost:$np")
 [ $have_nic -eq 1 ] || extra+=(--network-interface lo)
 [ $have_timeout -eq 1 ] || extra+=(--gloo-timeout-seconds "${TFSHARD_GLOO_TIMEOUT:-120}")
-[ $have_cycle -eq 1 ] || extra+=(--cycle-time-ms 0.1)
+[ $have_cycle -eq 1 ] || extra+=(--cycle-time-ms "${TFSHARD_CYCLE_TIME_MS:-0.1}")
 # Horovod ignores a shutdown time below the warning time: keep warning <= shutdown.
 stall=${TFSHARD_STALL_SHUTDOWN:-120}
 warn=$(( stall / 2 < 30 ? stall / 2 : 30 )); [ "$warn" -ge 1 ] || warn=1

@@ -36,6 +36,20 @@ def mlp():
     return model, np.random.default_rng(2).normal(size=(ROWS, 12)).astype("float32")
 
 
+def two_inputs_two_outputs():
+    """Functional model taking a list of two inputs and returning a list of two outputs."""
+    keras.utils.set_random_seed(19)
+    a = keras.Input((6,), name="a")
+    b = keras.Input((SEQ,), dtype="int32", name="b")
+    h = keras.layers.Concatenate()([
+        a, keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(97, 6)(b))])
+    h = keras.layers.Dense(28, activation="relu")(h)
+    h = keras.layers.Dense(12)(h)
+    model = keras.Model([a, b], [keras.layers.Dense(3, name="o1")(h), keras.layers.Dense(2, name="o2")(h)])
+    rng = np.random.default_rng(5)
+    return model, [rng.normal(size=(ROWS, 6)).astype("float32"), _ids(97)]
+
+
 def sequential_embedding():
     """Sequential: Embedding (vocab-parallel) → pooling → Dense pair → head."""
     keras.utils.set_random_seed(11)
@@ -159,6 +173,7 @@ def gemma():
 # rest are families the planner was not written against.
 EQUIVALENCE = {
     "mlp": mlp,
+    "two_inputs_two_outputs": two_inputs_two_outputs,
     "sequential_embedding": sequential_embedding,
     "nested_subclassed": nested_subclassed,
     "gpt2": gpt2,

@@ -5,7 +5,7 @@ import pytest
 from conftest import case_on_all_ranks
 
 NP, TP = 4, 2
-MODELS = ["mlp", "sequential_embedding", "bert", "gpt2", "llama"]
+MODELS = ["mlp", "two_inputs_two_outputs", "sequential_embedding", "bert", "gpt2", "llama"]
 RUNS = ["numpy_even", "numpy_weighted", "numpy_adaptive", "dataset", "generator_adaptive",
         "pydataset_weighted", "steps", "predict_on_batch"]
 

@@ -242,7 +242,10 @@ class ShardedModel(keras.Model):
         scheduler = Scheduler(schedule, self.groups, weights, total)
         cbs = keras.callbacks.CallbackList(callbacks, model=self)
         show = verbose not in (0, "0") and self.rank == 0
-        bar = keras.utils.Progbar(total, verbose=2 if verbose in (2, "2") else 1) if show else None
+        # Rank 0 counts its own group's batches; with several groups their number
+        # is only known as the schedule unfolds.
+        target = total if self.groups == 1 else None
+        bar = keras.utils.Progbar(target, verbose=2 if verbose in (2, "2") else 1) if show else None
         cbs.on_predict_begin()
         done, seen = [], 0
         while True:

@@ -197,11 +197,16 @@ def run_errors(world, results):
 def _as_dataset(x, batch):
     import tensorflow as tf
 
-    return tf.data.Dataset.from_tensor_slices(x).batch(batch)
+    # As in Keras, a dataset element that is a tuple is (x, y, ...): wrap list inputs.
+    return tf.data.Dataset.from_tensor_slices((tuple(x),) if isinstance(x, list) else x).batch(batch)
+
+
+def _nrows(x):
+    return len(keras.tree.flatten(x)[0])
 
 
 def _as_generator(x, batch):
-    rows = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+    rows = _nrows(x)
     for i in range(0, rows, batch):
         yield keras.tree.map_structure(lambda a: a[i:i + batch], x)
 
@@ -210,7 +215,7 @@ class _PyData(keras.utils.PyDataset):
     def __init__(self, x, batch):
         super().__init__()
         self.x, self.batch = x, batch
-        self.rows = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+        self.rows = _nrows(x)
 
     def __len__(self):
         return -(-self.rows // self.batch)
@@ -227,7 +232,7 @@ def _more_rows(x, rows):
 def run_dp(world, results, tp=2):
     """Under -np 4 with tensor_parallel=2: two groups of two."""
     rank = world.rank
-    for name in ("mlp", "sequential_embedding", "bert", "gpt2", "llama"):
+    for name in ("mlp", "two_inputs_two_outputs", "sequential_embedding", "bert", "gpt2", "llama"):
         def case(name=name):
             model, x = models.EQUIVALENCE[name]()
             x = _more_rows(x, 23)
