@@ -187,7 +187,7 @@ class ShardedModel(keras.Model):
         """One forward pass of a batch on this rank's group; numpy out."""
         preprocessor = getattr(self.inner, "preprocessor", None)
         if preprocessor is not None:
-            batch = predict_lib._unpack(preprocessor(batch))
+            batch = predict_lib.unpack_x(preprocessor(batch))
         if self._predict_step is None:
             self._predict_step = tf.function(
                 lambda b: self.inner(b, training=False), reduce_retracing=True)
@@ -266,7 +266,7 @@ class ShardedModel(keras.Model):
                 out = self._step(batch, where)
                 done.append((index, out))
                 n_batches += 1
-                n_rows += predict_lib._rows(batch)
+                n_rows += predict_lib.rows_of(batch)
                 cbs.on_predict_batch_end(index, {"outputs": out})
                 if bar is not None:
                     seen += 1

@@ -157,7 +157,8 @@ def _to_numpy(batch):
     return keras.tree.map_structure(lambda t: np.asarray(t), batch)
 
 
-def _unpack(batch):
+def unpack_x(batch):
+    """The `x` of a batch given as `x` or as a tuple `(x, y[, sample_weight])`."""
     x, _, _ = keras.utils.unpack_x_y_sample_weight(batch) if isinstance(batch, tuple) else (batch, None, None)
     return x
 
@@ -194,7 +195,7 @@ def batch_source(x, batch_size, steps, struct, where):
             )
         if isinstance(x, keras.utils.PyDataset):
             n = len(x) if steps is None else min(steps, len(x))
-            return ((i, _unpack(x[i])) for i in range(n)), n, None
+            return ((i, unpack_x(x[i])) for i in range(n)), n, None
         if isinstance(x, tf.data.Dataset):
             card = int(x.cardinality())
             total = card if card >= 0 else None
@@ -208,7 +209,7 @@ def batch_source(x, batch_size, steps, struct, where):
             for i, b in enumerate(it):
                 if steps is not None and i >= steps:
                     return
-                yield i, _to_numpy(_unpack(b))
+                yield i, _to_numpy(unpack_x(b))
         return gen(), total, None
     if x is None:
         raise ValueError(f"{where}: x is None.")
@@ -227,7 +228,8 @@ def batch_source(x, batch_size, steps, struct, where):
     return gen(), n, items
 
 
-def _rows(batch):
+def rows_of(batch):
+    """Rows (leading dimension) of a batch structure."""
     return int(np.shape(keras.tree.flatten(batch)[0])[0])
 
 
@@ -266,7 +268,7 @@ def gather_outputs(world, is_leader, done, where, gather="all"):
     first = done[0][1] if done else None
     metas = world.allgather_object({
         "batches": [i for i, _ in mine],
-        "rows": [_rows(o) for _, o in mine],
+        "rows": [rows_of(o) for _, o in mine],
         "spec": None if first is None else [
             (list(np.shape(a)[1:]), np.asarray(a).dtype.str) for a in keras.tree.flatten(first)],
         "template": None if first is None else _template(first),
