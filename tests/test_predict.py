@@ -73,6 +73,8 @@ ERRORS = {
     "dp_err_unknown_schedule": ["fastest", "even", "adaptive"],
     "dp_err_empty": ["empty", "(0, 12)"],
     "dp_err_batch_size_with_dataset": ["batch_size", "yields batches"],
+    # Only group 1 (ranks 2, 3) computes the bad batch; every rank must still raise.
+    "dp_err_bad_id_in_one_group": ["batch 10", "Token ids", "50257", "rank 2"],
 }
 
 

@@ -258,12 +258,19 @@ class ShardedModel(keras.Model):
                 break
             assignment = scheduler.assign(len(batch_round))
             n_batches = n_rows = 0
+            failure = None
             t0 = time.perf_counter()
             for (index, batch), g in zip(batch_round, assignment):
                 if g != self.group:
                     continue
                 cbs.on_predict_batch_begin(index)
-                out = self._step(batch, where)
+                try:
+                    out = self._step(batch, where)
+                except ValueError as err:
+                    # Only this group computes the batch: report through the
+                    # round's all-gather so every rank raises, none waits.
+                    failure = f"batch {index}: {err}"
+                    break
                 done.append((index, out))
                 n_batches += 1
                 n_rows += predict_lib.rows_of(batch)
@@ -272,7 +279,12 @@ class ShardedModel(keras.Model):
                     seen += 1
                     bar.update(seen)
             seconds = time.perf_counter() - t0
-            table = world.allgather_numpy(np.array([n_batches, n_rows, seconds], np.float64))
+            table = world.allgather_numpy(
+                np.array([n_batches, n_rows, seconds, failure is not None], np.float64))
+            if table[:, 3].any():
+                messages = world.allgather_object(failure)
+                bad = next(r for r, m in enumerate(messages) if m)
+                raise ValueError(f"{where}: rank {bad} failed on {messages[bad]}")
             leaders = [g * self.tensor_parallel for g in range(self.groups)]
             scheduler.observe([(int(table[r, 0]), int(table[r, 1]), float(table[r, 2]))
                                for r in leaders])

@@ -315,6 +315,13 @@ def run_dp(world, results, tp=2):
     results["dp_err_empty"] = bad(lambda: (lambda s, x: s.predict(x[:0]))(*sharded_mlp()))
     results["dp_err_batch_size_with_dataset"] = bad(
         lambda: (lambda s, x: s.predict(_as_dataset(x, 2), batch_size=2))(*sharded_mlp()))
+    def bad_id_in_one_group():
+        model, x = models.gpt2()
+        x = _more_rows(x, 23)
+        x["token_ids"] = x["token_ids"].copy()
+        x["token_ids"][21, 3] = 50257  # batch 10 of 12: computed by group 1 only
+        tfshard.shard(model, tensor_parallel=tp).predict(x, batch_size=2, verbose=0)
+    results["dp_err_bad_id_in_one_group"] = bad(bad_id_in_one_group)
     results["dp_after_errors"] = guarded(lambda: compare(*_roundtrip(models.mlp)))
 
 
