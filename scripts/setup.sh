@@ -40,7 +40,13 @@ PY="$PY" bash "$ROOT/scripts/build_horovod.sh"
 # 5. tfshard itself, editable, without touching the pinned stack.
 "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
 
-"$VENV/bin/horovodrun" --check-build | tee /dev/stderr | grep -q '\[X\] TensorFlow' \
-  || { echo "[setup] horovod was built without TensorFlow support" >&2; exit 1; }
+# Capture first: `grep -q` in a pipeline exits at the first match and, under
+# pipefail, the writer's SIGPIPE would fail the check at random.
+check=$("$VENV/bin/horovodrun" --check-build 2>&1) || true
+echo "$check"
+for want in TensorFlow Gloo; do
+  grep -Eq "\[X\] +$want" <<<"$check" \
+    || { echo "[setup] horovod was built without $want support" >&2; exit 1; }
+done
 echo "$KEY" > "$STAMP"
 echo "[setup] done in $(( $(date +%s) - t0 )) s"
