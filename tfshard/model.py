@@ -11,7 +11,7 @@ from tfshard import consistency
 from tfshard import predict as predict_lib
 from tfshard.schedule import Scheduler, validate as validate_schedule
 from tfshard.layers import ShardSpec, shard_layer
-from tfshard.plan import Plan, _walk, kind_of
+from tfshard.plan import Plan, _walk
 from tfshard.world import init
 
 
@@ -99,7 +99,6 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
             f"job (rank {world.rank}); values that work: "
             f"{[d for d in range(1, world.size + 1) if world.size % d == 0]} (None = {world.size})."
         )
-    comm, group = world.comm.split(tensor_parallel or world.size)
     if isinstance(model, ShardedModel):
         raise ValueError(f"Model {model.name!r} is already sharded.")
     if not isinstance(model, keras.layers.Layer) or not model.built:
@@ -107,6 +106,7 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
             f"tfshard.shard needs a built Keras model; got {type(model).__name__} "
             f"(built={getattr(model, 'built', None)}). Call it on an input first."
         )
+    comm, group = world.comm.split(tensor_parallel or world.size)
     consistency.agree(
         world.comm,
         {"model structure": consistency.digest(consistency.model_structure(model)),
@@ -123,16 +123,15 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
     plan = plan.resolve(model, comm.size, comm.rank)
     consistency.agree(world.comm, {"plan": consistency.digest(plan.to_dict())}, "tfshard.shard()")
 
-    layers = {n.path: n.layer for n in _walk(model) if kind_of(n.layer)}
+    by_path = {n.path: n.layer for n in _walk(model)}
     for e in plan.sharded:
         spec = ShardSpec(rule=e.rule, axis=e.axis, ranges=e.ranges, rank=comm.rank,
                          gather_output=e.gather_output, input_is_parallel=e.input_is_parallel,
                          full_shape=e.full_shape, path=e.path)
-        shard_layer(layers[e.path], spec, comm, e.path)
-    parents = {n.path: n.layer for n in _walk(model)}
-    parents.setdefault(model.name, model)  # attention owned by the root model itself
+        shard_layer(by_path[e.path], spec, comm, e.path)
+    by_path.setdefault(model.name, model)  # attention owned by the root model itself
     for counts in plan.attention:
-        _set_head_counts(parents[counts.path], counts, comm.rank)
+        _set_head_counts(by_path[counts.path], counts, comm.rank)
     _reset_compiled_functions(model)
     return ShardedModel(model, plan, world, comm, group)
 
@@ -183,6 +182,11 @@ class ShardedModel(keras.Model):
     def _where(self, what):
         return f"{self.name}.{what} (rank {self.rank} of {self.size})"
 
+    def _agree_on_inputs(self, items, what):
+        """All ranks check they were given the same arrays (see `consistency.agree`)."""
+        consistency.agree(self.world.comm, {f"input {n!r}": consistency.array_digest(a)
+                                            for n, a, _ in items}, f"{self.name}.{what}")
+
     def _step(self, batch, where):
         """One forward pass of a batch on this rank's group; numpy out."""
         preprocessor = getattr(self.inner, "preprocessor", None)
@@ -196,7 +200,7 @@ class ShardedModel(keras.Model):
             out = self._predict_step(batch)
         except tf.errors.InvalidArgumentError as err:
             raise predict_lib.invalid_argument_to_value_error(err, where) from None
-        return keras.tree.map_structure(lambda t: np.asarray(t), out)
+        return predict_lib.to_numpy(out)
 
     def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None,
                 schedule="even", weights=None, gather="all"):
@@ -237,8 +241,7 @@ class ShardedModel(keras.Model):
         source, total, items = predict_lib.batch_source(
             x, batch_size, steps, predict_lib.model_input_specs(self.inner), where)
         if items is not None:
-            consistency.agree(world, {f"input {n!r}": consistency.array_digest(a)
-                                      for n, a, _ in items}, f"{self.name}.predict")
+            self._agree_on_inputs(items, "predict")
         scheduler = Scheduler(schedule, self.groups, weights, total)
         cbs = keras.callbacks.CallbackList(callbacks, model=self)
         show = verbose not in (0, "0") and self.rank == 0
@@ -295,11 +298,9 @@ class ShardedModel(keras.Model):
     def predict_on_batch(self, x):
         """`keras.Model.predict_on_batch`, sharded (every group computes the batch)."""
         where = self._where("predict_on_batch")
-        items = predict_lib.flatten_inputs(x, predict_lib.model_input_specs(self.inner), where)
-        predict_lib.validate_arrays(items, where)
-        consistency.agree(self.world.comm, {f"input {n!r}": consistency.array_digest(a)
-                                            for n, a, _ in items}, f"{self.name}.predict_on_batch")
-        return self._step(keras.tree.map_structure(np.asarray, x), where)
+        self._agree_on_inputs(predict_lib.check_arrays(
+            x, predict_lib.model_input_specs(self.inner), where), "predict_on_batch")
+        return self._step(predict_lib.to_numpy(x), where)
 
     def save(self, *args, **kwargs):
         raise NotImplementedError(

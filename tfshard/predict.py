@@ -153,8 +153,25 @@ def _is_stream(x):
         callable(getattr(x, "__next__", None)) and not isinstance(x, (np.ndarray, dict, list, tuple)))
 
 
-def _to_numpy(batch):
-    return keras.tree.map_structure(lambda t: np.asarray(t), batch)
+def to_numpy(batch):
+    """A structure of tensors or arrays as the same structure of numpy arrays."""
+    return keras.tree.map_structure(np.asarray, batch)
+
+
+def check_arrays(x, struct, where):
+    """Flattens array input against the model's inputs and validates it.
+
+    Returns:
+        The `flatten_inputs` items.
+
+    Raises:
+        ValueError: see `flatten_inputs` and `validate_arrays`.
+    """
+    if x is None:
+        raise ValueError(f"{where}: x is None.")
+    items = flatten_inputs(x, struct, where)
+    validate_arrays(items, where)
+    return items
 
 
 def unpack_x(batch):
@@ -209,18 +226,15 @@ def batch_source(x, batch_size, steps, struct, where):
             for i, b in enumerate(it):
                 if steps is not None and i >= steps:
                     return
-                yield i, _to_numpy(unpack_x(b))
+                yield i, to_numpy(unpack_x(b))
         return gen(), total, None
-    if x is None:
-        raise ValueError(f"{where}: x is None.")
-    items = flatten_inputs(x, struct, where)
-    validate_arrays(items, where)
+    items = check_arrays(x, struct, where)
     bs = batch_size or 32
     rows = items[0][1].shape[0]
     n = math.ceil(rows / bs)
     if steps is not None:
         n = min(n, steps)
-    arrays = keras.tree.map_structure(np.asarray, x)
+    arrays = to_numpy(x)
 
     def gen():
         for i in range(n):
