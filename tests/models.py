@@ -8,6 +8,8 @@ real thing: GPT-2 keeps its odd vocabulary of 50257, Llama keeps GQA.
 import keras
 import numpy as np
 
+from tfshard.models import from_config
+
 SEQ = 8
 ROWS = 5  # rows in a test input: divides neither the batch size nor 2 or 3
 
@@ -105,23 +107,15 @@ def nested_subclassed():
 
 def gpt2():
     """GPT-2 CausalLM (tied logits, vocab 50257), tiny otherwise."""
-    import keras_hub
-
-    keras.utils.set_random_seed(13)
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=50257, num_layers=2, num_heads=4, hidden_dim=16,
-        intermediate_dim=32, max_sequence_length=32)
-    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None), _lm_inputs(50257)
+    return from_config("GPT2Backbone", "GPT2CausalLM", seed=13, vocabulary_size=50257,
+                       num_layers=2, num_heads=4, hidden_dim=16, intermediate_dim=32,
+                       max_sequence_length=32), _lm_inputs(50257)
 
 
 def bert():
     """BERT backbone: dict inputs, dict outputs (sequence + pooled)."""
-    import keras_hub
-
-    keras.utils.set_random_seed(14)
-    model = keras_hub.models.BertBackbone(
-        vocabulary_size=211, num_layers=2, num_heads=4, hidden_dim=24,
-        intermediate_dim=48, max_sequence_length=32)
+    model = from_config("BertBackbone", seed=14, vocabulary_size=211, num_layers=2,
+                        num_heads=4, hidden_dim=24, intermediate_dim=48, max_sequence_length=32)
     x = _lm_inputs(211)
     x["segment_ids"] = np.zeros_like(x["token_ids"])
     x["segment_ids"][:, SEQ // 2:] = 1
@@ -130,43 +124,27 @@ def bert():
 
 def llama():
     """Llama CausalLM with GQA: 6 query heads, 2 K/V heads (3 ranks replicate K/V)."""
-    import keras_hub
-
-    keras.utils.set_random_seed(15)
-    backbone = keras_hub.models.LlamaBackbone(
-        vocabulary_size=257, num_layers=2, num_query_heads=6, num_key_value_heads=2,
-        hidden_dim=24, intermediate_dim=40)
-    return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None), _lm_inputs(257)
+    return from_config("LlamaBackbone", "LlamaCausalLM", seed=15, vocabulary_size=257,
+                       num_layers=2, num_query_heads=6, num_key_value_heads=2, hidden_dim=24,
+                       intermediate_dim=40), _lm_inputs(257)
 
 
 def mistral():
-    import keras_hub
-
-    keras.utils.set_random_seed(16)
-    backbone = keras_hub.models.MistralBackbone(
-        vocabulary_size=199, num_layers=2, num_query_heads=4, num_key_value_heads=2,
-        hidden_dim=16, intermediate_dim=36, sliding_window=4)
-    return keras_hub.models.MistralCausalLM(backbone=backbone, preprocessor=None), _lm_inputs(199)
+    return from_config("MistralBackbone", "MistralCausalLM", seed=16, vocabulary_size=199,
+                       num_layers=2, num_query_heads=4, num_key_value_heads=2, hidden_dim=16,
+                       intermediate_dim=36, sliding_window=4), _lm_inputs(199)
 
 
 def opt():
-    import keras_hub
-
-    keras.utils.set_random_seed(17)
-    backbone = keras_hub.models.OPTBackbone(
-        vocabulary_size=233, num_layers=2, num_heads=4, hidden_dim=16,
-        intermediate_dim=32, max_sequence_length=32)
-    return keras_hub.models.OPTCausalLM(backbone=backbone, preprocessor=None), _lm_inputs(233)
+    return from_config("OPTBackbone", "OPTCausalLM", seed=17, vocabulary_size=233, num_layers=2,
+                       num_heads=4, hidden_dim=16, intermediate_dim=32,
+                       max_sequence_length=32), _lm_inputs(233)
 
 
 def gemma():
-    import keras_hub
-
-    keras.utils.set_random_seed(18)
-    backbone = keras_hub.models.GemmaBackbone(
-        vocabulary_size=181, num_layers=2, num_query_heads=4, num_key_value_heads=2,
-        hidden_dim=16, intermediate_dim=64, head_dim=8)
-    return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None), _lm_inputs(181)
+    return from_config("GemmaBackbone", "GemmaCausalLM", seed=18, vocabulary_size=181,
+                       num_layers=2, num_query_heads=4, num_key_value_heads=2, hidden_dim=16,
+                       intermediate_dim=64, head_dim=8), _lm_inputs(181)
 
 
 # Models the equivalence tests run; the first six are the issue's matrix, the

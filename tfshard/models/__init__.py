@@ -40,11 +40,28 @@ def build(name, seed=0):
     """
     if name not in _CONFIGS:
         raise ValueError(f"Unknown model {name!r}; built-in models: {', '.join(NAMES)}.")
+    backbone_cls, task_cls, config = _CONFIGS[name]
+    model = from_config(backbone_cls, task_cls, seed=seed, **config)
+    return model, config["vocabulary_size"], [t.name for t in keras.tree.flatten(model.inputs)]
+
+
+def from_config(backbone_cls, task_cls=None, seed=0, **config):
+    """A keras-hub backbone (and task around it) from its config, seeded weights.
+
+    Args:
+        backbone_cls: name in `keras_hub.models`, e.g. "GPT2Backbone".
+        task_cls: e.g. "GPT2CausalLM" (built with no preprocessor), or None
+            for the bare backbone.
+        seed: the weight seed (must be the same on every rank).
+        **config: the backbone's constructor arguments.
+
+    Returns:
+        The model.
+    """
     import keras_hub
 
-    backbone_cls, task_cls, config = _CONFIGS[name]
     keras.utils.set_random_seed(seed)
     backbone = getattr(keras_hub.models, backbone_cls)(**config)
-    model = backbone if task_cls is None else getattr(keras_hub.models, task_cls)(
-        backbone=backbone, preprocessor=None)
-    return model, config["vocabulary_size"], [t.name for t in keras.tree.flatten(model.inputs)]
+    if task_cls is None:
+        return backbone
+    return getattr(keras_hub.models, task_cls)(backbone=backbone, preprocessor=None)
