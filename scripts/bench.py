@@ -13,6 +13,15 @@ Suite `predict`: the same, over several batches, for the layouts unsharded,
 TP=2 (2 ranks), DP=2 (2 ranks, tensor_parallel=1) and DP=2 x TP=2 (4 ranks).
 
     .venv/bin/python scripts/bench.py predict --model gpt2 --rows 32
+
+Suite `load`: peak-memory rise while loading (VmHWM after the load minus the
+RSS after imports, the high-water mark reset at that baseline), for a GPT-2
+(124M config) `.keras` checkpoint and for SmolLM2 (GGUF): unsharded
+(`keras.saving.load_model` for the `.keras`; `tfshard.load` in one process for
+both) and `tfshard.load` at TP=2 and TP=4 (the worst rank). Ratios are
+against the unsharded `tfshard.load` of the same run.
+
+    .venv/bin/python scripts/bench.py load --np 2 4
 """
 
 import argparse
@@ -57,6 +66,91 @@ def _measure(args, sharded):
         print("RESULT " + json.dumps(result), flush=True)
 
 
+def _rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _hwm_mib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _load_child(args):
+    """One process (or rank): memory rise of one load."""
+    import keras
+    import keras_hub  # noqa: F401  (imports belong to the baseline)
+
+    import tfshard
+
+    world = tfshard.init() if args.mode == "sharded" else None
+    if world is not None:
+        world.comm.barrier()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current RSS
+    base = _rss_mib()
+    t0 = time.perf_counter()
+    if args.mode == "keras":
+        model = keras.saving.load_model(args.source)
+        held = sum(v.numpy().nbytes for v in model.weights)
+    else:
+        model = tfshard.load(args.source, world=world)
+        held = sum(v.numpy().nbytes for v in model.inner.weights)
+    seconds = time.perf_counter() - t0
+    result = {"rise_mib": _hwm_mib() - base, "after_mib": _rss_mib() - base,
+              "baseline_mib": base, "seconds": seconds, "weights_mib": held / 2**20}
+    if world is not None:
+        rows = world.comm.allgather_object(result)
+        if world.rank != 0:
+            return
+        worst = max(rows, key=lambda r: r["rise_mib"])
+        result = {**worst, "per_rank_rise_mib": [r["rise_mib"] for r in rows],
+                  "seconds": max(r["seconds"] for r in rows), "ranks": world.size}
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def _gpt2_checkpoint():
+    """A GPT-2 (124M config, seeded random weights) .keras file, made once."""
+    path = ROOT / "bench-results" / "cache" / "gpt2-124m.keras"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        code = ("import sys; from tfshard import models; m, _, _ = models.build('gpt2'); "
+                f"m.save({str(path) + '.tmp.keras'!r})")
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+        os.replace(str(path) + ".tmp.keras", path)
+    return str(path)
+
+
+def suite_load(args):
+    me = [sys.executable, str(Path(__file__).resolve())]
+    report = {}
+    for label, source in (("gpt2-124m.keras", _gpt2_checkpoint()), ("smollm2 (GGUF)", "smollm2")):
+        child = ["_load", "--source", source]
+        rows = []
+        if source.endswith(".keras"):
+            rows.append(("keras.saving.load_model", _run(me + child + ["--mode", "keras"], args.timeout)))
+        rows.append(("tfshard.load, 1 process", _run(me + child + ["--mode", "unsharded"], args.timeout)))
+        for n in args.np:
+            rows.append((f"tfshard.load TP={n}", _run([str(ROOT / "horovodrun.sh"), "-np", str(n)]
+                                                      + me + child + ["--mode", "sharded"],
+                                                      args.timeout)))
+        base = rows[-1 - len(args.np)][1]["rise_mib"]
+        print(f"\nload: {label}; peak RSS rise over the post-import baseline (worst rank)")
+        print(f"{'run':<26} {'rise MiB':>9} {'vs 1 proc':>10} {'held MiB':>9} {'weights MiB':>12} {'s':>7}")
+        for name, r in rows:
+            print(f"{name:<26} {r['rise_mib']:>9.0f} {r['rise_mib'] / base:>9.2f}x "
+                  f"{r['after_mib']:>9.0f} {r['weights_mib']:>12.0f} {r['seconds']:>7.1f}")
+        report[label] = dict(rows)
+    out = ROOT / "bench-results"
+    out.mkdir(exist_ok=True)
+    path = out / f"load-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"args": vars(args), "runs": report}, indent=1, default=str))
+    print(f"wrote {path.relative_to(ROOT)}")
+
+
 def _run(cmd, timeout):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
@@ -95,6 +189,12 @@ def suite_forward(args, layouts=None):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="suite", required=True)
+    p = sub.add_parser("load")
+    p.add_argument("--np", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--timeout", type=int, default=1800)
+    p = sub.add_parser("_load")
+    p.add_argument("--source", required=True)
+    p.add_argument("--mode", choices=["keras", "unsharded", "sharded"], required=True)
     for name in ("forward", "predict", "_child"):
         p = sub.add_parser(name)
         p.add_argument("--model", default="gpt2")
@@ -109,7 +209,11 @@ def main():
             p.add_argument("--mode", choices=["sharded", "unsharded"], required=True)
             p.add_argument("--tp", type=int, default=0)
     args = parser.parse_args()
-    if args.suite == "_child":
+    if args.suite == "load":
+        suite_load(args)
+    elif args.suite == "_load":
+        _load_child(args)
+    elif args.suite == "_child":
         _measure(args, sharded=args.mode == "sharded")
     elif args.suite == "predict":
         suite_forward(args, [("TP=2", 2, 2), ("DP=2", 2, 1), ("DP2xTP2", 4, 2)])

@@ -8,6 +8,7 @@
 
 __version__ = "0.1.0"
 
+from tfshard.checkpoint import CheckpointError, load
 from tfshard.model import ShardedModel, shard
 from tfshard.plan import Plan, PlanEntry
 from tfshard.world import World, init

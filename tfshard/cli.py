@@ -48,15 +48,32 @@ def _save_atomic(path, array):
 
 
 def cmd_predict(args):
+    import keras
     import numpy as np
 
     import tfshard
+    from tfshard import comm as comm_lib
     from tfshard import models
 
     world = tfshard.init()
     say = print if world.rank == 0 else (lambda *a, **k: None)
-    say(f"[tfshard] {world.backend} world of {world.size} rank(s); building {args.source}")
-    model, vocab, input_names = models.build(args.source, seed=args.seed)
+    sharded = None
+    if args.source in models.NAMES:
+        say(f"[tfshard] {world.backend} world of {world.size} rank(s); building {args.source}")
+        model, vocab, input_names = models.build(args.source, seed=args.seed)
+    else:
+        # Real weights: each rank loads only its slices; the reference is the
+        # same file loaded whole in this process.
+        say(f"[tfshard] {world.backend} world of {world.size} rank(s); loading {args.source} "
+            "sharded")
+        t0 = time.perf_counter()
+        sharded = tfshard.load(args.source, tensor_parallel=args.tensor_parallel)
+        say(f"[tfshard] loaded in {time.perf_counter() - t0:.1f} s")
+        model = None if args.no_compare else tfshard.load(
+            args.source, world=tfshard.World(comm_lib.create("local"), "local")).inner
+        backbone = getattr(sharded.inner, "backbone", sharded.inner)
+        vocab = backbone.vocabulary_size
+        input_names = [t.name for t in keras.tree.flatten(sharded.inner.inputs)]
     x = _inputs(input_names, vocab, args.rows, args.seq_len, args.seed + 1, args.input)
 
     ref = ref_secs = None
@@ -68,7 +85,8 @@ def cmd_predict(args):
         ref = model.predict(x, batch_size=args.batch_size, verbose=0)
         ref_secs = time.perf_counter() - t0
 
-    sharded = tfshard.shard(model, tensor_parallel=args.tensor_parallel)
+    if sharded is None:
+        sharded = tfshard.shard(model, tensor_parallel=args.tensor_parallel)
     say(sharded.plan.summary().splitlines()[-1])
     sharded.predict(x, batch_size=args.batch_size, verbose=0)  # trace + warm up
     t0 = time.perf_counter()
@@ -117,7 +135,8 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("predict", help="sharded inference; run under ./horovodrun.sh -np N")
-    p.add_argument("source", help="a built-in model name (gpt2, gpt2-tiny, llama-tiny, bert-tiny)")
+    p.add_argument("source", help="a built-in random-weight model (gpt2, gpt2-tiny, llama-tiny, "
+                   "bert-tiny), a real one (smollm2, minilm), or a file/folder tfshard.load reads")
     p.add_argument("--input", help=".npy of token ids, or .npz of named inputs")
     p.add_argument("--output", help="write the global output here (rank 0, atomically)")
     p.add_argument("--rows", type=int, default=8)

@@ -106,6 +106,7 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
             f"tfshard.shard needs a built Keras model; got {type(model).__name__} "
             f"(built={getattr(model, 'built', None)}). Call it on an input first."
         )
+    source_config, config_error = _serialize(model)
     comm, group = world.comm.split(tensor_parallel or world.size)
     consistency.agree(
         world.comm,
@@ -133,7 +134,57 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
     for counts in plan.attention:
         _set_head_counts(by_path[counts.path], counts, comm.rank)
     _reset_compiled_functions(model)
-    return ShardedModel(model, plan, world, comm, group)
+    sharded = ShardedModel(model, plan, world, comm, group)
+    object.__setattr__(sharded, "source_config", source_config)
+    object.__setattr__(sharded, "source_config_error", config_error)
+    return sharded
+
+
+def _serialize(model):
+    """The unsharded model's Keras config (for saving), or None and why not."""
+    try:
+        config = keras.saving.serialize_keras_object(model)
+    except Exception as e:  # a custom layer without get_config, ...
+        return None, f"{type(e).__name__}: {e}"
+    _restore_missing_arguments(config, model)
+    return config, None
+
+
+# Constructor arguments some keras-hub 0.32 backbones keep as attributes but
+# leave out of get_config() (LlamaBackbone drops tie_word_embeddings, so a
+# saved tied model reloads untied with a reverse table the file lacks).
+_DROPPED_ARGUMENTS = ("tie_word_embeddings",)
+
+
+def _restore_missing_arguments(config, model):
+    layers = [model] + [n.layer for n in _walk(model)]
+    for layer in layers:
+        missing = [a for a in _DROPPED_ARGUMENTS if hasattr(layer, a)]
+        if not missing:
+            continue
+        try:
+            own = layer.get_config()
+        except Exception:  # noqa: BLE001 - nothing to restore
+            continue
+        missing = [a for a in missing if a not in own]
+        if not missing:
+            continue
+        for entry in _config_entries(config):
+            if entry.get("class_name") == type(layer).__name__ and \
+                    entry.get("config", {}).get("name") == layer.name:
+                for a in missing:
+                    entry["config"][a] = getattr(layer, a)
+
+
+def _config_entries(tree):
+    if isinstance(tree, dict):
+        if "class_name" in tree and isinstance(tree.get("config"), dict):
+            yield tree
+        for value in tree.values():
+            yield from _config_entries(value)
+    elif isinstance(tree, list):
+        for value in tree:
+            yield from _config_entries(value)
 
 
 class ShardedModel(keras.Model):
@@ -160,6 +211,9 @@ class ShardedModel(keras.Model):
         self.group = group
         self.groups = world.size // self.tp_comm.size
         self.last_schedule = None
+        object.__setattr__(self, "source_config", None)
+        object.__setattr__(self, "source_config_error", "the model was not sharded by tfshard.shard")
+        object.__setattr__(self, "source", None)
         self.built = True
         self._jit_compile = False
         self._predict_step = None
@@ -302,14 +356,42 @@ class ShardedModel(keras.Model):
             x, predict_lib.model_input_specs(self.inner), where), "predict_on_batch")
         return self._step(predict_lib.to_numpy(x), where)
 
-    def save(self, *args, **kwargs):
-        raise NotImplementedError(
-            "Saving a ShardedModel is not available yet: Keras would write local slices "
-            "under the full model's config. Save the model before sharding it."
-        )
+    def save(self, filepath, gather=False, overwrite=True, **kwargs):
+        """Saves the sharded model. Every rank must call it.
 
-    def save_weights(self, *args, **kwargs):
-        raise NotImplementedError(
-            "save_weights on a ShardedModel is not available yet (it would write only "
-            "this rank's slices). Save the weights before sharding."
-        )
+        Args:
+            filepath: a folder for a sharded checkpoint (one HDF5 file per
+                tensor-parallel rank + `tfshard.json`), or, with
+                `gather=True`, a `.keras` file.
+            gather: gather the slices and write an ordinary `.keras` file
+                that plain `keras.saving.load_model` reads (world rank 0
+                writes it).
+            overwrite: replace an existing `filepath`.
+
+        Returns:
+            The absolute path written.
+
+        Raises:
+            ValueError: on every rank, when any rank fails to write (nothing
+                is left at `filepath` then), or the model has no config.
+        """
+        if kwargs:
+            raise TypeError(f"ShardedModel.save got unexpected arguments {sorted(kwargs)}.")
+        from tfshard import checkpoint
+
+        return checkpoint.save(self, filepath, gather=gather, overwrite=overwrite)
+
+    def save_weights(self, filepath, overwrite=True, **kwargs):
+        """Saves the weights: a sharded checkpoint folder, like `save`."""
+        return self.save(filepath, gather=str(filepath).endswith(".keras"), overwrite=overwrite)
+
+    def load_weights(self, filepath, **kwargs):
+        """Loads full weights (`.weights.h5` / `.keras`) or a tfshard checkpoint
+        into this sharded model, each rank reading only its slices.
+
+        Raises:
+            ValueError: on every rank, when any rank cannot read its part.
+        """
+        from tfshard import checkpoint
+
+        checkpoint.load_into(self, filepath)

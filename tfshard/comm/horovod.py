@@ -109,4 +109,7 @@ class HorovodCommunicator(Communicator):
         return self._subgroups[group_size]
 
     def barrier(self):
-        self._hvd.barrier(process_set=self._process_set)
+        # horovod.tensorflow 0.28 has no barrier op: a one-element allreduce
+        # returns only once every rank of the set has joined.
+        self._hvd.allreduce(tf.zeros([1]), op=self._hvd.Sum, process_set=self._process_set,
+                            name=None)

@@ -96,11 +96,57 @@ class ShardSpec:
                       "full_shape": tuple(config["full_shape"])})
 
     def take(self, array, axis=None):
-        """This rank's slice of `array` along `axis` (default: `self.axis`)."""
+        """This rank's slice of `array` along `axis` (default: `self.axis`).
+
+        `array` may be a numpy array or any lazy view with `shape` and numpy
+        indexing (an h5py dataset, a `Placeholder`): only the slice is read.
+        """
         axis = self.axis if axis is None else axis
-        index = [slice(None)] * np.ndim(array)
-        index[axis] = slice(self.start, self.stop)
-        return np.asarray(array)[tuple(index)]
+        return read_slice(array, axis, self.start, self.stop)
+
+
+def read_slice(array, axis, start, stop):
+    """`array[..., start:stop, ...]` on `axis`, reading only that slice.
+
+    Args:
+        array: a numpy array or a lazy view (`shape` + numpy-style indexing).
+        axis: the axis to cut, or None for the whole array.
+        start, stop: the range on `axis`.
+
+    Returns:
+        A numpy array.
+    """
+    if axis is None:
+        return np.asarray(array[()] if not isinstance(array, np.ndarray) else array)
+    index = [slice(None)] * len(array.shape)
+    index[axis] = slice(start, stop)
+    return np.asarray(array[tuple(index)])
+
+
+class Placeholder:
+    """A lazy all-zeros array: the value of a variable created without memory.
+
+    Layers built inside `keras.StatelessScope(initialize_variables=False)`
+    hold uninitialised variables; converting them reads this instead, so a
+    rank allocates only its slice (filled from a checkpoint afterwards).
+    """
+
+    def __init__(self, shape, dtype):
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+
+    def __getitem__(self, index):
+        index = index if isinstance(index, tuple) else (index,)
+        shape = [len(range(n)[i]) if isinstance(i, slice) else n
+                 for n, i in zip(self.shape, index + (slice(None),) * (len(self.shape) - len(index)))]
+        return np.zeros(shape, self.dtype)
+
+
+def full_value(variable):
+    """The full value of a Keras variable, or a `Placeholder` if uninitialised."""
+    if getattr(variable, "_value", True) is None:
+        return Placeholder(variable.shape, variable.dtype)
+    return np.asarray(variable)
 
 
 def even_ranges(total, size):
@@ -151,6 +197,81 @@ class ShardedLayerMixin:
         layer._comm = None
         return layer
 
+    def _saved_entries(self):
+        entries = getattr(self, "_tfshard_saved", None)
+        if entries is None:
+            raise ValueError(
+                f"Layer {self.path!r} is a sharded layer that was not made by "
+                "tfshard.shard()/tfshard.load(); it has no record of its full shapes."
+            )
+        return entries
+
+    def load_own_variables(self, store):
+        """Loads this rank's slices from a store holding the *full* weights.
+
+        The store is the one Keras passes for this layer while loading a
+        checkpoint of the unsharded model (same keys "0", "1", ... in Keras's
+        serialization order). When the store offers `view(key)` (tfshard's
+        slice-reading stores), only this rank's slice is read from disk.
+
+        Args:
+            store: a Keras weights-store entry.
+
+        Raises:
+            ValueError: the number of weights, a full shape or a dtype differs
+                from this layer's (the message names the layer and the key).
+        """
+        entries = self._saved_entries()
+        keys = sorted(store.keys(), key=int) if store is not None else []
+        source = getattr(store, "describe", lambda: "the checkpoint")()
+        if len(keys) != len(entries):
+            raise ValueError(
+                f"Layer {self.path!r} expects {len(entries)} weights "
+                f"({', '.join(v.name for v, _, _ in entries)}) but {source} has "
+                f"{len(keys)} for it; the checkpoint does not match the model."
+            )
+        spec = self._shard_spec
+        for i, (var, axis, full_shape) in enumerate(entries):
+            src = store.view(str(i)) if hasattr(store, "view") else store[str(i)]
+            if tuple(src.shape) != tuple(full_shape):
+                raise ValueError(
+                    f"Layer {self.path!r}, weight {var.name!r} (key {i}): {source} holds "
+                    f"shape {tuple(src.shape)}, the model needs {tuple(full_shape)} "
+                    f"(rank {spec.rank} would read [{spec.start}:{spec.stop}] on axis {axis})."
+                )
+            kind = np.dtype(src.dtype).kind
+            if kind not in "fiu" and str(src.dtype) != "bfloat16":
+                raise ValueError(
+                    f"Layer {self.path!r}, weight {var.name!r}: {source} holds dtype "
+                    f"{src.dtype}, not a number type the model ({var.dtype}) can take."
+                )
+            value = read_slice(src, axis, spec.start, spec.stop) if axis is not None \
+                else np.asarray(src if isinstance(src, np.ndarray) else src[()])
+            var.assign(np.asarray(value, dtype=var.dtype))
+
+    def save_own_variables(self, store):
+        """Writes this rank's slices through a tfshard store.
+
+        Plain Keras stores would receive one slice as if it were the whole
+        weight, so they are refused.
+
+        Raises:
+            ValueError: `store` is not a tfshard store.
+        """
+        write = getattr(store, "write_shard", None)
+        if write is None:
+            raise ValueError(
+                f"Layer {self.path!r} is sharded (rank {self._shard_spec.rank} holds "
+                f"[{self._shard_spec.start}:{self._shard_spec.stop}] of axis "
+                f"{self._shard_spec.axis}); Keras's save would write one slice as the whole "
+                "weight. Use sharded.save(path) for a sharded checkpoint or "
+                "sharded.save(path, gather=True) for a .keras file plain Keras loads."
+            )
+        spec = self._shard_spec
+        for i, (var, axis, full_shape) in enumerate(self._saved_entries()):
+            write(str(i), np.asarray(var), axis=axis, ranges=spec.ranges, rank=spec.rank,
+                  full_shape=full_shape, comm=self._comm, name=f"{self.path}/{var.name}")
+
     def enable_lora(self, *args, **kwargs):
         raise NotImplementedError(
             f"Layer {self.path!r} is sharded; enable LoRA (and merge it) before sharding."
@@ -169,20 +290,19 @@ def sharded_class(sharded_base, original_cls):
     """The class a converted layer gets: the sharded base mixed with the original.
 
     Keeping the original class in the MRO keeps `isinstance` checks of the
-    surrounding code (e.g. keras-hub's `ReversibleEmbedding`) true.
+    surrounding code (e.g. keras-hub's `ReversibleEmbedding`) true, and
+    keeping its `__name__` keeps Keras's checkpoint paths (which name
+    layers in lists by their class) those of the unsharded model, so a
+    sharded layer reads and writes the same entries.
     """
-    if issubclass(original_cls, sharded_base):
+    if getattr(original_cls, "_tfshard_sharded", False):
         return original_cls
     key = (sharded_base, original_cls)
     if key not in _MIXED_CLASSES:
-        if original_cls in sharded_base.__mro__:
-            _MIXED_CLASSES[key] = sharded_base
-        else:
-            _MIXED_CLASSES[key] = type(
-                f"{sharded_base.__name__}[{original_cls.__name__}]",
-                (sharded_base, original_cls),
-                {"__module__": sharded_base.__module__},
-            )
+        bases = (sharded_base,) if original_cls in sharded_base.__mro__ else (sharded_base, original_cls)
+        cls = type(original_cls.__name__, bases, {"__module__": sharded_base.__module__})
+        cls.__qualname__ = f"{sharded_base.__name__}[{original_cls.__name__}]"
+        _MIXED_CLASSES[key] = cls
     return _MIXED_CLASSES[key]
 
 
@@ -238,13 +358,14 @@ def rebuild_in_place(layer, sharded_base, spec, comm, build_local):
     """
     names = [n for n in ("_kernel", "bias", "_embeddings", "embeddings", "reverse_embeddings")
              if n in layer.__dict__]
-    full_values = {n: np.asarray(layer.__dict__[n]) for n in names
+    full_values = {n: full_value(layer.__dict__[n]) for n in names
                    if layer.__dict__[n] is not None}
     was_locked = layer._tracker.locked
     layer._tracker.unlock()
     try:
         for n in names:
             if layer.__dict__[n] is not None:
+                layer.__dict__[n]._tfshard_dropped = True
                 delattr(layer, n)
         layer.__class__ = sharded_class(sharded_base, type(layer))
         # Keras binds a `quantize` wrapper of the *original* class onto each
@@ -252,6 +373,7 @@ def rebuild_in_place(layer, sharded_base, spec, comm, build_local):
         layer.__dict__.pop("quantize", None)
         layer._shard_spec = spec
         layer._comm = comm
+        layer._tfshard_saved = []
         build_local(layer, full_values)
     finally:
         if was_locked:
@@ -259,14 +381,30 @@ def rebuild_in_place(layer, sharded_base, spec, comm, build_local):
     return layer
 
 
-def add_local_weight(layer, name, value, trainable=True):
-    """Adds a weight initialised to `value` (a numpy array) to a built layer."""
-    var = layer.add_weight(
-        name=name,
-        shape=tuple(value.shape),
-        initializer="zeros",
-        dtype=layer.variable_dtype,
-        trainable=trainable,
-    )
-    var.assign(value.astype(var.dtype))
+def add_local_weight(layer, name, full, axis=None, trainable=True):
+    """Adds this rank's slice of `full` as a weight of a layer being converted.
+
+    The weight is also recorded, in Keras's serialization order, with its full
+    shape and cut axis, so the layer can load its slice from (and save it to)
+    a checkpoint of the unsharded model.
+
+    Args:
+        layer: the layer being converted (its `_shard_spec` set).
+        name: the weight name ("kernel", "bias", ...).
+        full: the full value: a numpy array or a lazy view (only the slice is
+            read).
+        axis: the axis of `full` cut with the layer's ranges; None keeps it whole.
+        trainable: passed to `add_weight`.
+
+    Returns:
+        The new variable.
+    """
+    spec = layer._shard_spec
+    value = read_slice(full, axis, spec.start, spec.stop) if axis is not None else None
+    shape = value.shape if value is not None else tuple(full.shape)
+    var = layer.add_weight(name=name, shape=shape, initializer="zeros",
+                           dtype=layer.variable_dtype, trainable=trainable)
+    if not isinstance(full, Placeholder):
+        var.assign((value if value is not None else np.asarray(full)).astype(var.dtype))
+    layer._tfshard_saved.append((var, axis, tuple(full.shape)))
     return var

@@ -142,13 +142,10 @@ def shard_dense(layer, spec, comm, path=""):
 
     def build_local(lyr, full):
         kernel = full["_kernel"]
-        lyr._kernel = add_local_weight(lyr, "kernel", spec.take(kernel))
+        lyr._kernel = add_local_weight(lyr, "kernel", kernel, axis=spec.axis)
         bias = full.get("bias")
-        if bias is not None:
-            bias = spec.take(bias, axis=0) if spec.rule == "column" else bias
-            lyr.bias = add_local_weight(lyr, "bias", bias)
-        else:
-            lyr.bias = None
+        lyr.bias = None if bias is None else add_local_weight(
+            lyr, "bias", bias, axis=0 if spec.rule == "column" else None)
         in_width = kernel.shape[0]
         if spec.rule == "row":
             in_width = spec.local_size if spec.input_is_parallel else in_width

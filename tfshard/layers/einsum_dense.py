@@ -143,14 +143,12 @@ def shard_einsum_dense(layer, spec, comm, path=""):
     bias_axes = layer.bias_axes or ""
 
     def build_local(lyr, full):
-        lyr._kernel = add_local_weight(lyr, "kernel", spec.take(full["_kernel"]))
+        lyr._kernel = add_local_weight(lyr, "kernel", full["_kernel"], axis=spec.axis)
         bias = full.get("bias")
-        if bias is not None:
-            if spec.rule == "column" and char in bias_axes:
-                first = min(out.index(c) for c in bias_axes)
-                bias = spec.take(bias, axis=out[first:].index(char))
-            lyr.bias = add_local_weight(lyr, "bias", bias)
-        else:
-            lyr.bias = None
+        bias_axis = None
+        if spec.rule == "column" and char in bias_axes:
+            first = min(out.index(c) for c in bias_axes)
+            bias_axis = out[first:].index(char)
+        lyr.bias = None if bias is None else add_local_weight(lyr, "bias", bias, axis=bias_axis)
 
     return rebuild_in_place(layer, ParallelEinsumDense, spec, comm, build_local)

@@ -179,10 +179,10 @@ def shard_embedding(layer, spec, comm, path=""):
     sharded_base = VocabParallelReversibleEmbedding if reversible else VocabParallelEmbedding
 
     def build_local(lyr, full):
-        lyr._embeddings = add_local_weight(lyr, "embeddings", spec.take(full["_embeddings"]))
+        lyr._embeddings = add_local_weight(lyr, "embeddings", full["_embeddings"], axis=0)
         if reversible and not lyr.tie_weights:
             lyr.reverse_embeddings = add_local_weight(
-                lyr, "reverse_embeddings", spec.take(full["reverse_embeddings"], axis=1)
+                lyr, "reverse_embeddings", full["reverse_embeddings"], axis=1
             )
 
     return rebuild_in_place(layer, sharded_base, spec, comm, build_local)

@@ -1,0 +1,135 @@
+"""tfshard.load / ShardedModel.save under horovodrun: real weights, formats,
+resharding N -> M, and broken files (tests/workers/checkpoints.py)."""
+
+import json
+
+import pytest
+
+from conftest import LAUNCH_TIMEOUT, ROOT, launch
+
+WORKER = ROOT / "tests" / "workers" / "checkpoints.py"
+
+
+class CheckpointRuns:
+    """Runs each (suite, np) once per session; launches share one folder."""
+
+    def __init__(self, tmp_path_factory):
+        self._tmp = tmp_path_factory
+        self.shared = tmp_path_factory.mktemp("shared")
+        self._cache = {}
+
+    def __call__(self, suite, np_):
+        key = (suite, np_)
+        if key not in self._cache:
+            out = self._tmp.mktemp(f"{suite}-np{np_}")
+            code, output, _ = launch(np_, [WORKER, "--suite", suite, "--out", out,
+                                           "--shared", self.shared])
+            ranks = [json.loads((out / f"rank{r}.json").read_text())
+                     if (out / f"rank{r}.json").exists() else None for r in range(np_)]
+            self._cache[key] = (code, output, ranks)
+        code, output, ranks = self._cache[key]
+        if code is None:
+            pytest.fail(f"{suite} at {np_} ranks timed out after {LAUNCH_TIMEOUT} s:\n{output[-4000:]}")
+        if code != 0 or any(r is None for r in ranks):
+            pytest.fail(f"{suite} at {np_} ranks exited {code}:\n{output[-4000:]}")
+        return ranks
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return CheckpointRuns(tmp_path_factory)
+
+
+def _records(ranks, name):
+    recs = [r["cases"][name] for r in ranks]
+    for rank, rec in enumerate(recs):
+        assert rec["ok"], f"{name} on rank {rank}: {rec.get('error_type')}: {rec.get('message')}\n{rec.get('traceback')}"
+    return recs
+
+
+def _assert_equal_outputs(ranks, name, sliced=True):
+    for rank, rec in enumerate(_records(ranks, name)):
+        assert rec["keys_out"] == rec["keys_ref"]
+        for key, o in rec["outputs"].items():
+            where = f"{name} output {key!r} on rank {rank} of {len(ranks)}"
+            assert o["shape_out"] == o["shape_ref"] and o["dtype_out"] == o["dtype_ref"], where
+            assert o["max_diff"] <= o["tol"], f"{where}: max|diff| {o['max_diff']:.3g} > tol {o['tol']:.3g}"
+            assert o["argmax_equal"], f"{where}: argmax differs"
+        if sliced and len(ranks) > 1:
+            assert rec["cut"] >= 2, f"{name}: only {rec['cut']} layers cut"
+            assert rec["local_matches_plan"], f"{name} on rank {rank}: local shapes differ from the plan"
+            assert rec["full_kernels_held"] == [], f"{name} on rank {rank} holds full kernels {rec['full_kernels_held']}"
+
+
+@pytest.mark.parametrize("np_", [2, 3])
+@pytest.mark.parametrize("name", ["minilm", "smollm2"])
+def test_real_weights_load_sharded(runs, np_, name):
+    """MiniLM (safetensors via keras-hub's converter) and SmolLM2 (GGUF) equal
+    the unsharded model from the same files."""
+    ranks = runs("real", np_)
+    _assert_equal_outputs(ranks, name)
+    local = [r["cases"][name]["local_bytes"] for r in ranks]
+    full = {"minilm": 22_713_216 * 4, "smollm2": 134_515_008 * 4}[name]
+    # Each rank holds its share of the sharded weights (plus the small replicated ones).
+    assert max(local) < full / np_ * 1.25 + 2**20, (name, local, full)
+
+
+def test_save_at_three_reload_at_two_and_one(runs):
+    saved = _records(runs("save", 3), "save")
+    assert saved[0]["files"] == [f"rank-0000{r}-of-00003.h5" for r in range(3)]
+    assert saved[0]["leftovers"] == [], "temporary folders left behind"
+    _assert_equal_outputs(runs("save", 3), "save_gpt2")
+    for m in (2, 1):
+        ranks = runs("reload", m)
+        _assert_equal_outputs(ranks, "reload_smollm2")
+        _assert_equal_outputs(ranks, "reload_gpt2")
+        _assert_equal_outputs(ranks, "gathered_gpt2_tfshard")
+        # save(gather=True) wrote ordinary .keras files.
+        _assert_equal_outputs(ranks, "gathered_smollm2_plain_keras", sliced=False)
+        _assert_equal_outputs(ranks, "gathered_gpt2_plain_keras", sliced=False)
+
+
+def test_keras_and_weights_h5_of_gpt2_config(runs):
+    ranks = runs("formats", 2)
+    _assert_equal_outputs(ranks, "keras_file")
+    _assert_equal_outputs(ranks, "weights_h5")
+    _assert_equal_outputs(ranks, "load_weights", sliced=False)
+    for rec in _records(ranks, "load_weights"):
+        assert rec["differed_before"] > 1e-3, "the model loaded into already had the weights"
+    for rank, rec in enumerate(r["cases"]["plain_keras_save_refused"] for r in ranks):
+        assert not rec["ok"] and "sharded.save" in rec["message"], (rank, rec)
+
+
+ERRORS = {
+    # case: (what the message must contain, exception types allowed)
+    "truncated_keras": ("cut.keras", "truncated or corrupt"),
+    "corrupt_keras": ("flipped.keras", "CRC-32"),
+    "truncated_weights_h5": ("cut.weights.h5", "truncated or corrupt"),
+    "shape_mismatch": ("good.weights.h5", "shape"),
+    "missing_tensor": ("good.weights.h5", "transformer_layer_2"),
+    "truncated_gguf": ("cut.gguf", "truncated or corrupt"),
+    "truncated_safetensors": ("model.safetensors", "truncated or corrupt"),
+    "safe_mode": ("lambda.keras", "safe_mode"),
+    "missing_file": ("nope.keras", "no such file"),
+    "ckpt-newer": ("tfshard.json", "newer"),
+    "ckpt-missing": ("rank-00001-of-00002.h5", "missing"),
+    "ckpt-truncated": ("rank-00001-of-00002.h5", "truncated"),
+    "ckpt-flipped": ("rank-00001-of-00002.h5", "checksum"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_broken_files_fail_on_every_rank(runs, case):
+    ranks = runs("errors", 2)
+    must = ERRORS[case]
+    for rank, r in enumerate(ranks):
+        rec = r["cases"][case]
+        assert not rec["ok"], f"{case}: rank {rank} loaded a broken file"
+        assert rec["error_type"] in ("CheckpointError", "ValueError", "GGUFError"), (case, rank, rec)
+        for text in must:
+            assert text.lower() in rec["message"].lower(), f"{case} on rank {rank}: {rec['message']}"
+
+
+def test_loading_still_works_after_errors(runs):
+    for rec in _records(runs("errors", 2), "after_errors"):
+        assert rec["cut"] >= 2

@@ -1,0 +1,361 @@
+"""Loading and saving scenarios run on every rank; each rank writes JSON.
+
+    horovodrun -np N python tests/workers/checkpoints.py --suite real --out DIR --shared DIR
+
+`--shared` is a folder every rank sees (checkpoints written by one launch are
+read by the next). References are computed on every rank with plain Keras /
+keras-hub / an independent GGUF mapping, never with tfshard's loaders.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import keras  # noqa: E402
+
+import tfshard  # noqa: E402
+from scenarios import compare, guarded, slices_held  # noqa: E402
+
+
+def _held(sharded):
+    """Every cut layer's local weights against their full shapes."""
+    held = slices_held(sharded)
+    full_kernels = [p for p, s in held.items() if s["local"] == s["full"]]
+    return {"cut": len(held), "full_kernels_held": full_kernels,
+            "local_matches_plan": all(s["local"] == s["planned"] for s in held.values())}
+
+
+# ---------------------------------------------------------------- references
+
+def minilm_inputs():
+    rng = np.random.default_rng(0)
+    return {"token_ids": rng.integers(0, 30522, (5, 24)).astype("int32"),
+            "segment_ids": np.zeros((5, 24), "int32"),
+            "padding_mask": (np.arange(24)[None] < np.array([[24], [20], [9], [24], [1]])).astype("int32")}
+
+
+def smollm2_inputs():
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 49152, (3, 12)).astype("int32")
+    ids[0, :5] = [504, 3575, 282, 4649, 314]  # "The capital of France is"
+    return {"token_ids": ids, "padding_mask": np.ones((3, 12), "int32")}
+
+
+def minilm_reference():
+    import keras_hub
+
+    from tfshard.models import real
+
+    model = keras_hub.models.BertBackbone.from_preset(real.path_of("minilm"))
+    return model.predict(minilm_inputs(), verbose=0)
+
+
+def smollm2_reference():
+    """SmolLM2 built unsharded, weights dequantised whole (no tfshard loader code)."""
+    import gguf
+
+    from tfshard.models import gguf_llama, real
+
+    reader = gguf.GGUFReader(real.path_of("smollm2"))
+    reader.tfshard_path = "smollm2"
+    model = gguf_llama.build_causal_lm(reader)
+    t = {x.name: x for x in reader.tensors}
+
+    def w(name):
+        x = t[name]
+        return gguf.quants.dequantize(x.data, x.tensor_type).reshape(tuple(reversed(x.shape.tolist())))
+
+    def unperm(a, n):
+        return a.reshape(n, a.shape[0] // n // 2, 2, a.shape[1]).swapaxes(1, 2).reshape(a.shape)
+
+    bb = model.backbone
+    hidden, nq, nkv = 576, 9, 3
+    bb.token_embedding.embeddings.assign(w("token_embd.weight"))
+    for i, layer in enumerate(bb.transformer_layers):
+        att, b = layer._self_attention_layer, f"blk.{i}."
+        layer._self_attention_layernorm.scale.assign(w(b + "attn_norm.weight"))
+        layer._feedforward_layernorm.scale.assign(w(b + "ffn_norm.weight"))
+        att._query_dense.kernel.assign(unperm(w(b + "attn_q.weight"), nq).T.reshape(hidden, nq, 64))
+        att._key_dense.kernel.assign(unperm(w(b + "attn_k.weight"), nkv).T.reshape(hidden, nkv, 64))
+        att._value_dense.kernel.assign(w(b + "attn_v.weight").T.reshape(hidden, nkv, 64))
+        att._output_dense.kernel.assign(w(b + "attn_output.weight").T.reshape(nq, 64, hidden))
+        layer._feedforward_gate_dense.kernel.assign(w(b + "ffn_gate.weight").T)
+        layer._feedforward_intermediate_dense.kernel.assign(w(b + "ffn_up.weight").T)
+        layer._feedforward_output_dense.kernel.assign(w(b + "ffn_down.weight").T)
+    bb.layer_norm.scale.assign(w("output_norm.weight"))
+    return model.predict(smollm2_inputs(), verbose=0)
+
+
+def gpt2_builder():
+    from tfshard.models import from_config
+
+    return from_config("GPT2Backbone", "GPT2CausalLM", seed=7, vocabulary_size=1003, num_layers=2,
+                       num_heads=6, hidden_dim=48, intermediate_dim=96, max_sequence_length=32)
+
+
+def gpt2_inputs():
+    rng = np.random.default_rng(2)
+    return {"token_ids": rng.integers(0, 1003, (7, 10)).astype("int32"),
+            "padding_mask": np.ones((7, 10), "int32")}
+
+
+# ---------------------------------------------------------------- suites
+
+def run_real(world, results, shared):
+    """tfshard.load of the real models equals plain keras-hub / an independent mapping."""
+    def case(name, reference, inputs):
+        ref = reference()
+        sharded = tfshard.load(name)
+        res = compare(ref, sharded.predict(inputs(), verbose=0))
+        res.update(_held(sharded))
+        res["local_bytes"] = int(sum(np.asarray(v).nbytes for v in sharded.inner.weights))
+        return res
+    results["minilm"] = guarded(lambda: case("minilm", minilm_reference, minilm_inputs))
+    results["smollm2"] = guarded(lambda: case("smollm2", smollm2_reference, smollm2_inputs))
+
+
+def run_save(world, results, shared):
+    """At N ranks: load SmolLM2, save sharded and gathered; rank 0 keeps the reference output."""
+    def case():
+        sharded = tfshard.load("smollm2")
+        out = sharded.predict(smollm2_inputs(), verbose=0)
+        sharded.save(os.path.join(shared, "smollm2-ckpt"))
+        sharded.save(os.path.join(shared, "smollm2.keras"), gather=True)
+        if world.rank == 0:
+            np.save(os.path.join(shared, "smollm2-out.npy"), out)
+        world.comm.barrier()
+        index = json.load(open(os.path.join(shared, "smollm2-ckpt", "tfshard.json")))
+        return {"files": index["files"], "tensor_parallel": index["tensor_parallel"],
+                "leftovers": sorted(f for f in os.listdir(shared) if ".tmp-" in f)}
+    results["save"] = guarded(case)
+    # The GPT-2 config too: sharded save and gathered .keras.
+    def gpt2():
+        model = gpt2_builder()
+        ref = model.predict(gpt2_inputs(), verbose=0)
+        sharded = tfshard.shard(model)
+        sharded.save(os.path.join(shared, "gpt2-ckpt"))
+        sharded.save(os.path.join(shared, "gpt2.keras"), gather=True)
+        if world.rank == 0:
+            np.save(os.path.join(shared, "gpt2-out.npy"), ref)
+        world.comm.barrier()
+        return compare(ref, sharded.predict(gpt2_inputs(), verbose=0))
+    results["save_gpt2"] = guarded(gpt2)
+
+
+def run_reload(world, results, shared):
+    """At M ranks: the checkpoint written at N gives the same outputs."""
+    def case(ckpt, ref_file, inputs):
+        sharded = tfshard.load(os.path.join(shared, ckpt))
+        res = compare(np.load(os.path.join(shared, ref_file)), sharded.predict(inputs(), verbose=0))
+        res.update(_held(sharded) if world.size > 1 else {})
+        return res
+    results["reload_smollm2"] = guarded(lambda: case("smollm2-ckpt", "smollm2-out.npy", smollm2_inputs))
+    results["reload_gpt2"] = guarded(lambda: case("gpt2-ckpt", "gpt2-out.npy", gpt2_inputs))
+
+    def plain_keras(name, ref_file, inputs):
+        # The gathered file is an ordinary .keras: plain Keras loads it.
+        import keras_hub  # noqa: F401
+
+        model = keras.saving.load_model(os.path.join(shared, name))
+        return compare(np.load(os.path.join(shared, ref_file)), model.predict(inputs(), verbose=0))
+    results["gathered_smollm2_plain_keras"] = guarded(
+        lambda: plain_keras("smollm2.keras", "smollm2-out.npy", smollm2_inputs))
+    results["gathered_gpt2_plain_keras"] = guarded(
+        lambda: plain_keras("gpt2.keras", "gpt2-out.npy", gpt2_inputs))
+    results["gathered_gpt2_tfshard"] = guarded(
+        lambda: case("gpt2.keras", "gpt2-out.npy", gpt2_inputs))
+
+
+def run_formats(world, results, shared):
+    """Plain-Keras .keras and .weights.h5 of a GPT-2 config load sharded."""
+    mine = os.path.join(shared, f"formats-rank{world.rank}")
+    os.makedirs(mine, exist_ok=True)
+    model = gpt2_builder()
+    ref = model.predict(gpt2_inputs(), verbose=0)
+    model.save(os.path.join(mine, "gpt2.keras"))
+    model.save_weights(os.path.join(mine, "gpt2.weights.h5"))
+    del model
+
+    def from_keras():
+        sharded = tfshard.load(os.path.join(mine, "gpt2.keras"))
+        res = compare(ref, sharded.predict(gpt2_inputs(), verbose=0))
+        res.update(_held(sharded))
+        return res
+
+    def from_weights():
+        sharded = tfshard.load(os.path.join(mine, "gpt2.weights.h5"), model=gpt2_builder)
+        res = compare(ref, sharded.predict(gpt2_inputs(), verbose=0))
+        res.update(_held(sharded))
+        return res
+
+    def load_weights_into_sharded():
+        other = gpt2_builder.__wrapped__() if hasattr(gpt2_builder, "__wrapped__") else None
+        from tfshard.models import from_config
+
+        other = from_config("GPT2Backbone", "GPT2CausalLM", seed=99, vocabulary_size=1003,
+                            num_layers=2, num_heads=6, hidden_dim=48, intermediate_dim=96,
+                            max_sequence_length=32)
+        sharded = tfshard.shard(other)
+        before = compare(ref, sharded.predict(gpt2_inputs(), verbose=0))
+        sharded.load_weights(os.path.join(mine, "gpt2.weights.h5"))
+        res = compare(ref, sharded.predict(gpt2_inputs(), verbose=0))
+        res["differed_before"] = before["outputs"]["output"]["max_diff"]
+        return res
+
+    results["keras_file"] = guarded(from_keras)
+    results["weights_h5"] = guarded(from_weights)
+    results["load_weights"] = guarded(load_weights_into_sharded)
+
+    def plain_save_refused():
+        sharded = tfshard.load(os.path.join(mine, "gpt2.keras"))
+        sharded.inner.save(os.path.join(mine, "refused.keras"))
+        return {}
+    results["plain_keras_save_refused"] = guarded(plain_save_refused, expect_error=True)
+
+
+def _truncate(src, dst, keep=0.5):
+    data = open(src, "rb").read()
+    with open(dst, "wb") as f:
+        f.write(data[:int(len(data) * keep)])
+
+
+def _flip(path, offset_fraction):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(int(size * offset_fraction))
+        b = f.read(1)
+        f.seek(int(size * offset_fraction))
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def run_errors(world, results, shared):
+    """Broken files fail on every rank with the file and tensor named; nothing hangs."""
+    from tfshard.models import real
+
+    work = os.path.join(shared, f"errors-rank{world.rank}")
+    os.makedirs(work, exist_ok=True)
+    model = gpt2_builder()
+    model.save(os.path.join(work, "good.keras"))
+    model.save_weights(os.path.join(work, "good.weights.h5"))
+    _truncate(os.path.join(work, "good.keras"), os.path.join(work, "cut.keras"))
+    _truncate(os.path.join(work, "good.weights.h5"), os.path.join(work, "cut.weights.h5"))
+    shutil.copy(os.path.join(work, "good.keras"), os.path.join(work, "flipped.keras"))
+    _flip(os.path.join(work, "flipped.keras"), 0.6)
+    _truncate(real.path_of("smollm2"), os.path.join(work, "cut.gguf"), keep=0.3)
+    hf = os.path.join(work, "minilm-cut")
+    shutil.copytree(real.path_of("minilm"), hf, dirs_exist_ok=True)
+    _truncate(os.path.join(real.path_of("minilm"), "model.safetensors"),
+              os.path.join(hf, "model.safetensors"))
+
+    def wrong_shape_model():
+        from tfshard.models import from_config
+
+        return from_config("GPT2Backbone", "GPT2CausalLM", seed=7, vocabulary_size=1003,
+                           num_layers=2, num_heads=6, hidden_dim=48, intermediate_dim=120,
+                           max_sequence_length=32)
+
+    def more_layers_model():
+        from tfshard.models import from_config
+
+        return from_config("GPT2Backbone", "GPT2CausalLM", seed=7, vocabulary_size=1003,
+                           num_layers=3, num_heads=6, hidden_dim=48, intermediate_dim=96,
+                           max_sequence_length=32)
+
+    lam = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+                            keras.layers.Lambda(lambda t: t * 2.0)])
+    lam.save(os.path.join(work, "lambda.keras"))
+
+    cases = {
+        "truncated_keras": lambda: tfshard.load(os.path.join(work, "cut.keras")),
+        "corrupt_keras": lambda: tfshard.load(os.path.join(work, "flipped.keras")),
+        "truncated_weights_h5": lambda: tfshard.load(os.path.join(work, "cut.weights.h5"),
+                                                     model=gpt2_builder),
+        "shape_mismatch": lambda: tfshard.load(os.path.join(work, "good.weights.h5"),
+                                               model=wrong_shape_model),
+        "missing_tensor": lambda: tfshard.load(os.path.join(work, "good.weights.h5"),
+                                               model=more_layers_model),
+        "truncated_gguf": lambda: tfshard.load(os.path.join(work, "cut.gguf")),
+        "truncated_safetensors": lambda: tfshard.load(hf),
+        "safe_mode": lambda: tfshard.load(os.path.join(work, "lambda.keras")),
+        "missing_file": lambda: tfshard.load(os.path.join(work, "nope.keras")),
+    }
+    # A sharded checkpoint, then broken copies of it.
+    world.comm.barrier()
+    ckpt = os.path.join(shared, "errors-ckpt")
+    tfshard.shard(gpt2_builder()).save(ckpt)
+    if world.rank == 0:
+        for name in ("ckpt-newer", "ckpt-missing", "ckpt-truncated", "ckpt-flipped"):
+            shutil.copytree(ckpt, os.path.join(shared, name), dirs_exist_ok=True)
+        idx = json.load(open(os.path.join(ckpt, "tfshard.json")))
+        idx["version"] = 99
+        json.dump(idx, open(os.path.join(shared, "ckpt-newer", "tfshard.json"), "w"))
+        last = idx["files"][-1]
+        os.remove(os.path.join(shared, "ckpt-missing", last))
+        p = os.path.join(shared, "ckpt-truncated", last)
+        _truncate(p, p + ".x", keep=0.5)
+        os.replace(p + ".x", p)
+        _flip_dataset(os.path.join(shared, "ckpt-flipped", last))
+    world.comm.barrier()
+    for name in ("ckpt-newer", "ckpt-missing", "ckpt-truncated", "ckpt-flipped"):
+        cases[name] = (lambda n: lambda: tfshard.load(os.path.join(shared, n)))(name)
+    for name, fn in cases.items():
+        def run(fn=fn):
+            fn()
+            return {}
+        results[name] = guarded(run, expect_error=True)
+    # Still usable afterwards: a good load on every rank.
+    results["after_errors"] = guarded(
+        lambda: {"cut": _held(tfshard.load(os.path.join(work, "good.keras")))["cut"]})
+
+
+def _flip_dataset(path):
+    """Flips one byte inside the largest dataset's stored data (not the metadata)."""
+    import h5py
+
+    best = None
+    with h5py.File(path, "r") as f:
+        def visit(name, obj):
+            nonlocal best
+            if isinstance(obj, h5py.Dataset) and obj.chunks:
+                size = obj.id.get_storage_size()
+                if best is None or size > best[1]:
+                    info = obj.id.get_chunk_info(0)
+                    best = (info.byte_offset, size)
+        f.visititems(visit)
+    with open(path, "r+b") as f:
+        f.seek(best[0] + 10)
+        b = f.read(1)
+        f.seek(best[0] + 10)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+SUITES = {"real": run_real, "save": run_save, "reload": run_reload, "formats": run_formats,
+          "errors": run_errors}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--suite", required=True, choices=sorted(SUITES))
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--shared", required=True)
+    args = parser.parse_args()
+    world = tfshard.init()
+    os.makedirs(args.shared, exist_ok=True)
+    results = {"rank": world.rank, "size": world.size, "cases": {}}
+    SUITES[args.suite](world, results["cases"], args.shared)
+    path = os.path.join(args.out, f"rank{world.rank}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"rank {world.rank}: {len(results['cases'])} cases written to {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

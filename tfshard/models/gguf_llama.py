@@ -1,0 +1,171 @@
+"""GGUF (llama.cpp) files of the Llama architecture as keras-hub `LlamaCausalLM`.
+
+The tensors stay memory-mapped (`gguf.GGUFReader`); each Keras variable gets a
+lazy `MappedView` of its GGUF tensor, so a rank dequantises only the rows
+(and quantisation blocks) of its own slice. The mapping (see
+../shared/models.md): q/k rows are put back from llama.cpp's RoPE order
+(`unpermute`), kernels are transposed and split into heads; norms copy.
+"""
+
+import numpy as np
+
+from tfshard import sources
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be read or is not a Llama model."""
+
+
+def open_gguf(path):
+    """Opens a GGUF file (memory-mapped) and checks it is a Llama model.
+
+    Raises:
+        GGUFError: unreadable, truncated, or another architecture.
+    """
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:
+        raise GGUFError(f"{path}: not a readable GGUF file (truncated or corrupt?): "
+                        f"{type(e).__name__}: {e}") from e
+    reader.tfshard_path = path
+    arch = field(reader, "general.architecture")
+    if arch != "llama":
+        raise GGUFError(f"{path}: architecture {arch!r}; tfshard maps GGUF files of the "
+                        "'llama' architecture (Llama, SmolLM, Mistral-style).")
+    return reader
+
+
+def field(reader, key, default=None):
+    """A metadata value of the GGUF file (None/default when absent)."""
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def _tensors(reader):
+    return {t.name: t for t in reader.tensors}
+
+
+def config(reader):
+    """The `LlamaBackbone` arguments from the GGUF metadata."""
+    def need(key):
+        value = field(reader, key)
+        if value is None:
+            raise GGUFError(f"{reader.tfshard_path}: metadata {key!r} is missing.")
+        return value
+
+    tensors = _tensors(reader)
+    vocab = field(reader, "llama.vocab_size") or len(need("tokenizer.ggml.tokens"))
+    return dict(
+        vocabulary_size=int(vocab),
+        num_layers=int(need("llama.block_count")),
+        num_query_heads=int(need("llama.attention.head_count")),
+        num_key_value_heads=int(field(reader, "llama.attention.head_count_kv")
+                                or need("llama.attention.head_count")),
+        hidden_dim=int(need("llama.embedding_length")),
+        intermediate_dim=int(need("llama.feed_forward_length")),
+        rope_max_wavelength=float(field(reader, "llama.rope.freq_base", 10000.0)),
+        layer_norm_epsilon=float(field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-6)),
+        tie_word_embeddings="output.weight" not in tensors,
+    )
+
+
+def build_causal_lm(reader):
+    """A `LlamaCausalLM` (no preprocessor) with the file's configuration.
+
+    Its weights are whatever the variables' initialisers give; call it inside
+    `tfshard.checkpoint.deferred_variables()` to give them no memory.
+    """
+    import keras_hub
+
+    backbone = keras_hub.models.LlamaBackbone(**config(reader))
+    return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
+
+
+def unpermute(w, heads):
+    """Undoes llama.cpp's per-head RoPE row order of a q/k weight `[heads*head_dim, in]`."""
+    return np.reshape(np.swapaxes(np.reshape(w, (heads, w.shape[0] // heads // 2, 2, w.shape[1])),
+                                  1, 2), w.shape)
+
+
+def views(reader, model, path=""):
+    """Lazy views of the file's tensors, keyed by the model's variable paths.
+
+    Args:
+        reader: from `open_gguf`.
+        model: the `LlamaCausalLM` (or `LlamaBackbone`) from `build_causal_lm`,
+            not yet sharded (full shapes).
+        path: the file path, for messages.
+
+    Returns:
+        `{variable path: MappedView}`.
+
+    Raises:
+        GGUFError: a tensor the model needs is missing.
+    """
+    backbone = getattr(model, "backbone", model)
+    tensors = _tensors(reader)
+    cfg = config(reader)
+    hidden, n_q, n_kv = cfg["hidden_dim"], cfg["num_query_heads"], cfg["num_key_value_heads"]
+    head_dim = hidden // n_q
+    out = {}
+
+    def add(variable, name, transform=lambda w: w):
+        if name not in tensors:
+            raise GGUFError(f"{path}: tensor {name!r} (for {variable.path!r}) is missing.")
+        out[variable.path] = sources.MappedView(sources.GGUFView(tensors[name], source=path),
+                                                transform, name=variable.path)
+
+    embedding = backbone.token_embedding
+    add(embedding.embeddings, "token_embd.weight")
+    if not cfg["tie_word_embeddings"]:
+        add(embedding.reverse_embeddings, "output.weight", np.transpose)
+    for i, layer in enumerate(backbone.transformer_layers):
+        att = layer._self_attention_layer
+        blk = f"blk.{i}."
+        add(layer._self_attention_layernorm.scale, blk + "attn_norm.weight")
+        add(layer._feedforward_layernorm.scale, blk + "ffn_norm.weight")
+        add(att._query_dense.kernel, blk + "attn_q.weight",
+            lambda w: np.reshape(np.transpose(unpermute(w, n_q)), (hidden, n_q, head_dim)))
+        add(att._key_dense.kernel, blk + "attn_k.weight",
+            lambda w: np.reshape(np.transpose(unpermute(w, n_kv)), (hidden, n_kv, head_dim)))
+        add(att._value_dense.kernel, blk + "attn_v.weight",
+            lambda w: np.reshape(np.transpose(w), (hidden, n_kv, head_dim)))
+        add(att._output_dense.kernel, blk + "attn_output.weight",
+            lambda w: np.reshape(np.transpose(w), (n_q, head_dim, hidden)))
+        add(layer._feedforward_gate_dense.kernel, blk + "ffn_gate.weight", np.transpose)
+        add(layer._feedforward_intermediate_dense.kernel, blk + "ffn_up.weight", np.transpose)
+        add(layer._feedforward_output_dense.kernel, blk + "ffn_down.weight", np.transpose)
+    add(backbone.layer_norm.scale, "output_norm.weight")
+    return out
+
+
+def tokenizer(reader):
+    """The byte-level BPE tokenizer stored in the GGUF metadata.
+
+    Returns:
+        A `keras_hub.tokenizers.BytePairTokenizer` with the file's vocabulary
+        and merges; control tokens (`<|im_start|>`, ...) are kept whole.
+
+    Raises:
+        GGUFError: the file holds another tokenizer model.
+    """
+    import keras_hub
+
+    model = field(reader, "tokenizer.ggml.model")
+    if model != "gpt2":
+        raise GGUFError(f"{reader.tfshard_path}: tokenizer model {model!r}; tfshard builds "
+                        "byte-level BPE ('gpt2') tokenizers.")
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    merges = field(reader, "tokenizer.ggml.merges")
+    types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    special = [t for t, kind in zip(tokens, types) if kind == 3]
+    tok = keras_hub.tokenizers.BytePairTokenizer(
+        vocabulary={t: i for i, t in enumerate(tokens)}, merges=list(merges),
+        unsplittable_tokens=special)
+    tok.bos_token_id = field(reader, "tokenizer.ggml.bos_token_id")
+    tok.eos_token_id = field(reader, "tokenizer.ggml.eos_token_id")
+    return tok
