@@ -1,4 +1,4 @@
-"""The README's main job (tfshard predict under horovodrun), on a small config."""
+"""The README's main job (tfshard predict smollm2 under horovodrun) and the CLI."""
 
 import sys
 
@@ -17,6 +17,15 @@ def test_predict_cli_under_horovodrun_matches_and_writes_output(tmp_path):
     assert "global output (3, 16, 50257)" in out
     logits = np.load(out_file)
     assert logits.shape == (3, 16, 50257) and np.isfinite(logits).all()
+
+
+def test_readme_main_job_real_smollm2_prompt():
+    # Exactly the README's main job: real weights, loaded sharded over 2 ranks.
+    code, out, secs = launch(2, ["-m", "tfshard", "predict", "smollm2", "--prompt",
+                                 "The capital of France is"], timeout=600)
+    assert code == 0, out[-4000:]
+    assert "MATCH" in out and "MISMATCH" not in out, out[-3000:]
+    assert "next token after the prompt: ' Paris'" in out, out[-3000:]
 
 
 def test_inspect_cli_prints_the_plan_in_one_process():

@@ -354,6 +354,10 @@ class _Source:
     def close(self):
         pass
 
+    def tokenizer(self):
+        """The tokenizer the file carries, if tfshard can build it (else None)."""
+        return None
+
 
 def _deserialize(config, safe_mode, custom_objects, label):
     config = dict(config)
@@ -632,6 +636,11 @@ class _GGUFSource(_ViewsSource):
 
         self.views = gguf_llama.views(self.gguf, model, self.path)
 
+    def tokenizer(self):
+        from tfshard.models import gguf_llama
+
+        return gguf_llama.tokenizer(self.gguf)
+
 
 class _ShardedCheckpoint(_Source):
     def __init__(self, path, safe_mode, custom_objects):
@@ -797,7 +806,8 @@ def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None
     finally:
         src.close()
     _agree_on_failure(world.comm, error, f"tfshard.load({source!r})")
-    sharded.source = src.label
+    object.__setattr__(sharded, "source", src.label)
+    object.__setattr__(sharded, "tokenizer", src.tokenizer())
     return sharded
 
 

@@ -74,7 +74,15 @@ def cmd_predict(args):
         backbone = getattr(sharded.inner, "backbone", sharded.inner)
         vocab = backbone.vocabulary_size
         input_names = [t.name for t in keras.tree.flatten(sharded.inner.inputs)]
-    x = _inputs(input_names, vocab, args.rows, args.seq_len, args.seed + 1, args.input)
+    if args.prompt is not None:
+        if sharded is None or sharded.tokenizer is None:
+            raise SystemExit(f"--prompt needs a source that carries its tokenizer (smollm2, a .gguf "
+                             f"file); {args.source!r} does not.")
+        ids = np.asarray(sharded.tokenizer(args.prompt), dtype="int32")[None]
+        x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+        say(f"[tfshard] prompt {args.prompt!r} -> {ids.shape[1]} tokens")
+    else:
+        x = _inputs(input_names, vocab, args.rows, args.seq_len, args.seed + 1, args.input)
 
     ref = ref_secs = None
     if not args.no_compare:
@@ -97,7 +105,12 @@ def cmd_predict(args):
     rows = logits.shape[0]
     tokens = rows * (logits.shape[1] if logits.ndim > 2 else 1)
     say(f"[tfshard] global output {tuple(logits.shape)} {logits.dtype} on every rank")
-    if logits.ndim >= 2:
+    if args.prompt is not None:
+        last = logits[0, -1]
+        top = np.argsort(-last)[:5]
+        words = [repr(sharded.tokenizer.detokenize([int(t)])) for t in top]
+        say(f"[tfshard] next token after the prompt: {words[0]} (top 5: {', '.join(words)})")
+    elif logits.ndim >= 2:
         say(f"[tfshard] argmax of the last position, first rows: "
             f"{np.argmax(logits.reshape(rows, -1, logits.shape[-1])[:4, -1], -1).tolist()}")
     say(f"[tfshard] sharded predict: {secs:.3f} s for {tokens} tokens "
@@ -138,6 +151,7 @@ def build_parser():
     p.add_argument("source", help="a built-in random-weight model (gpt2, gpt2-tiny, llama-tiny, "
                    "bert-tiny), a real one (smollm2, minilm), or a file/folder tfshard.load reads")
     p.add_argument("--input", help=".npy of token ids, or .npz of named inputs")
+    p.add_argument("--prompt", help="text to feed (sources with a tokenizer: smollm2, .gguf)")
     p.add_argument("--output", help="write the global output here (rank 0, atomically)")
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)

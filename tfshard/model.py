@@ -214,6 +214,7 @@ class ShardedModel(keras.Model):
         object.__setattr__(self, "source_config", None)
         object.__setattr__(self, "source_config_error", "the model was not sharded by tfshard.shard")
         object.__setattr__(self, "source", None)
+        object.__setattr__(self, "tokenizer", None)
         self.built = True
         self._jit_compile = False
         self._predict_step = None
