@@ -1,5 +1,6 @@
 """`tfshard.shard(model)` and the `ShardedModel` it returns."""
 
+import gc
 import itertools
 import time
 
@@ -134,6 +135,7 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
     for counts in plan.attention:
         _set_head_counts(by_path[counts.path], counts, comm.rank)
     _reset_compiled_functions(model)
+    gc.collect()  # release the full kernels the conversion dropped
     sharded = ShardedModel(model, plan, world, comm, group)
     object.__setattr__(sharded, "source_config", source_config)
     object.__setattr__(sharded, "source_config_error", config_error)

@@ -11,6 +11,7 @@ kernel is released.
 
 import dataclasses
 
+import keras
 import numpy as np
 
 RULES = ("column", "row", "vocab", "replicate")
@@ -364,9 +365,14 @@ def rebuild_in_place(layer, sharded_base, spec, comm, build_local):
     layer._tracker.unlock()
     try:
         for n in names:
-            if layer.__dict__[n] is not None:
-                layer.__dict__[n]._tfshard_dropped = True
-                delattr(layer, n)
+            var = layer.__dict__[n]
+            if var is not None:
+                var._tfshard_dropped = True
+                # Keras's Layer.__delattr__ runs gc.collect() per variable (~1 s
+                # each in a big model); untrack and delete as it does, and let
+                # shard() collect once at the end.
+                layer._untrack_variable(var)
+                super(keras.layers.Layer, layer).__delattr__(n)
         layer.__class__ = sharded_class(sharded_base, type(layer))
         # Keras binds a `quantize` wrapper of the *original* class onto each
         # instance at construction; it would bypass the sharded class.
