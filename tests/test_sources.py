@@ -64,11 +64,12 @@ def test_mapped_view_falls_back_to_whole_reads_for_other_ops():
 def test_gguf_view_dequantises_only_the_asked_rows_and_blocks():
     import gguf
 
-    reader = gguf.GGUFReader(real.path_of("smollm2"))
+    path = real.path_of("smollm2")
+    reader = gguf.GGUFReader(path)
     tensors = {t.name: t for t in reader.tensors}
     for name in ("blk.0.ffn_down.weight", "token_embd.weight", "blk.0.attn_norm.weight"):
         t = tensors[name]
-        view = sources.GGUFView(t)
+        view = sources.GGUFView(t, path)
         whole = gguf.quants.dequantize(t.data, t.tensor_type).reshape(view.shape)
         assert np.array_equal(view[()], whole), name
         if len(view.shape) == 2:

@@ -41,7 +41,7 @@ from keras.src.backend.common.variables import Variable as _KerasVariable
 from keras.src.saving import saving_lib
 
 from tfshard import sources
-from tfshard.layers.base import read_slice
+from tfshard.layers.base import assign_slice
 from tfshard.model import ShardedModel, shard
 from tfshard.plan import _walk
 from tfshard.world import init
@@ -508,8 +508,7 @@ def fill_from_views(model, views, label):
                 raise CheckpointError(
                     f"{label}: tensor {view.name!r} for {var.path!r} has shape "
                     f"{tuple(view.shape)}, the model needs {tuple(full_shape)}.")
-            value = read_slice(view, axis, spec.start, spec.stop) if axis is not None else view[()]
-            var.assign(np.asarray(value, dtype=var.dtype))
+            assign_slice(var, view, axis, spec.start, spec.stop)
             done.add(id(var))
     for var in model.weights:
         if id(var) in done:

@@ -16,6 +16,7 @@ reads only the requested slice from disk. The sharded layers' loaders call
 """
 
 import logging
+import os
 
 import numpy as np
 
@@ -103,41 +104,68 @@ class SafetensorsView(TensorView):
 
 
 class GGUFView(TensorView):
-    """One tensor of a `gguf.GGUFReader`, in numpy axis order (GGUF's reversed)."""
+    """One tensor of a `gguf.GGUFReader`, in numpy axis order (GGUF's reversed).
 
-    def __init__(self, tensor, source=""):
+    Rows are read with `os.pread` (not through the reader's memory map, whose
+    touched pages would count in the process's resident memory), a bounded
+    number at a time, and only the quantisation blocks covering the asked
+    columns are dequantised.
+
+    Args:
+        tensor: a `gguf.ReaderTensor` (1-D or 2-D).
+        path: the GGUF file.
+        source: label for messages.
+    """
+
+    def __init__(self, tensor, path, source=""):
         import gguf
 
         self.tensor = tensor
+        self.path = path
         self.qtype = tensor.tensor_type
         self.shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+        if len(self.shape) > 2:
+            raise ValueError(f"{path}: tensor {tensor.name!r} has {len(self.shape)} axes; "
+                             "tfshard reads 1-D and 2-D GGUF tensors.")
         self.dtype = np.dtype("float32")
         self.name = tensor.name
-        self.source = source
-        self._float = self.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+        self.source = source or path
+        self._plain = {gguf.GGMLQuantizationType.F32: np.float32,
+                       gguf.GGMLQuantizationType.F16: np.float16}.get(self.qtype)
+        self._rows = self.shape[0] if len(self.shape) == 2 else 1
+        self._row_bytes = int(tensor.n_bytes) // self._rows
+        self._offset = int(tensor.data_offset)
+
+    def _raw_rows(self, fd, r0, r1):
+        n = (r1 - r0) * self._row_bytes
+        buf = os.pread(fd, n, self._offset + r0 * self._row_bytes)
+        if len(buf) != n:
+            raise ValueError(f"{self.path}: tensor {self.name!r} ends past the end of the file "
+                             "(truncated file).")
+        return np.frombuffer(buf, np.uint8).reshape(r1 - r0, self._row_bytes)
 
     def read(self, index):
         import gguf
 
-        data = self.tensor.data
-        if self._float:
-            return np.asarray(data.reshape(self.shape)[index], dtype=np.float32)
-        block, type_size = gguf.GGML_QUANT_SIZES[self.qtype]
+        rows = index[0] if len(self.shape) == 2 else slice(0, 1)
         cols = index[-1]
-        rows = data.reshape(int(np.prod(self.shape[:-1])), -1)
-        lead = index[:-1]
-        if lead:
-            rows = data.reshape(self.shape[:-1] + (-1,))[lead]
-            rows = rows.reshape(-1, rows.shape[-1])
+        out = np.empty((rows.stop - rows.start, cols.stop - cols.start), np.float32)
+        if self._plain is not None:
+            block, type_size = 1, np.dtype(self._plain).itemsize
+        else:
+            block, type_size = gguf.GGML_QUANT_SIZES[self.qtype]
         b0, b1 = cols.start // block, -(-cols.stop // block)
-        out = np.empty((rows.shape[0], cols.stop - cols.start), np.float32)
-        # Dequantise a bounded number of rows at a time: the library's
-        # temporaries stay small next to the output.
-        step = max(1, (1 << 22) // max(1, (b1 - b0) * block))
-        for r in range(0, rows.shape[0], step):
-            raw = np.ascontiguousarray(rows[r:r + step, b0 * type_size:b1 * type_size])
-            values = gguf.quants.dequantize(raw, self.qtype)
-            out[r:r + step] = values[:, cols.start - b0 * block:cols.stop - b0 * block]
+        step = max(1, (1 << 20) // max(1, (b1 - b0) * block))
+        with open(self.path, "rb") as f:
+            for r in range(rows.start, rows.stop, step):
+                raw = self._raw_rows(f.fileno(), r, min(rows.stop, r + step))
+                raw = np.ascontiguousarray(raw[:, b0 * type_size:b1 * type_size])
+                if self._plain is not None:
+                    values = raw.view(self._plain)
+                else:
+                    values = gguf.quants.dequantize(raw, self.qtype)
+                out[r - rows.start:r - rows.start + len(raw)] = \
+                    values[:, cols.start - b0 * block:cols.stop - b0 * block]
         out_shape = tuple(len(range(n)[i]) for n, i in zip(self.shape, index))
         return out.reshape(out_shape)
 

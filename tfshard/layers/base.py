@@ -124,6 +124,40 @@ def read_slice(array, axis, start, stop):
     return np.asarray(array[tuple(index)])
 
 
+CHUNK_BYTES = 4 << 20
+
+
+def assign_slice(var, source, axis, start, stop):
+    """`var.assign(source[..., start:stop, ...])`, in pieces along `axis`.
+
+    A large slice is read and assigned a few MiB at a time (TensorFlow's
+    sliced assignment), so loading never holds a second copy of a whole
+    local weight next to the variable.
+
+    Args:
+        var: a Keras variable of the slice's shape.
+        source: a numpy array or a lazy view of the full weight.
+        axis: the cut axis of `source` (None: assign it whole).
+        start, stop: this rank's range on `axis`.
+    """
+    if axis is None:
+        var.assign(np.asarray(source if isinstance(source, np.ndarray) else source[()],
+                              dtype=var.dtype))
+        return
+    count = stop - start
+    row_bytes = int(np.prod(var.shape)) * np.dtype(var.dtype).itemsize // max(count, 1)
+    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    if step >= count:
+        var.assign(np.asarray(read_slice(source, axis, start, stop), dtype=var.dtype))
+        return
+    target = var.value  # the backend variable (tf.Variable)
+    for a in range(0, count, step):
+        b = min(count, a + step)
+        index = (slice(None),) * axis + (slice(a, b),)
+        target[index].assign(np.asarray(read_slice(source, axis, start + a, start + b),
+                                        dtype=var.dtype))
+
+
 class Placeholder:
     """A lazy all-zeros array: the value of a variable created without memory.
 
@@ -246,9 +280,7 @@ class ShardedLayerMixin:
                     f"Layer {self.path!r}, weight {var.name!r}: {source} holds dtype "
                     f"{src.dtype}, not a number type the model ({var.dtype}) can take."
                 )
-            value = read_slice(src, axis, spec.start, spec.stop) if axis is not None \
-                else np.asarray(src if isinstance(src, np.ndarray) else src[()])
-            var.assign(np.asarray(value, dtype=var.dtype))
+            assign_slice(var, src, axis, spec.start, spec.stop)
 
     def save_own_variables(self, store):
         """Writes this rank's slices through a tfshard store.

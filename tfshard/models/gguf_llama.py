@@ -16,64 +16,103 @@ class GGUFError(ValueError):
     """A GGUF file that cannot be read or is not a Llama model."""
 
 
+class GGUFFile:
+    """What tfshard needs of a GGUF file: metadata and tensor locations.
+
+    `gguf.GGUFReader` turns every metadata array (49k tokens, 49k merges)
+    into small numpy objects -- about 160 MiB for SmolLM2 -- so the reader is
+    dropped after this copy is taken; tensors are read later by offset.
+
+    Attributes:
+        path: the file.
+        meta: `{key: value}` of every metadata field.
+        tensors: `{name: gguf.ReaderTensor-like}` with `tensor_type`,
+            `shape` (GGUF order), `n_bytes`, `data_offset`.
+    """
+
+    def __init__(self, path, reader):
+        self.path = path
+        self.tfshard_path = path
+        self.meta = {k: f.contents() for k, f in reader.fields.items()}
+        self.tensors = {t.name: _TensorInfo(t) for t in reader.tensors}
+
+
+class _TensorInfo:
+    def __init__(self, t):
+        self.name, self.tensor_type = t.name, t.tensor_type
+        self.shape = np.array(t.shape)
+        self.n_bytes, self.data_offset = int(t.n_bytes), int(t.data_offset)
+
+
 def open_gguf(path):
-    """Opens a GGUF file (memory-mapped) and checks it is a Llama model.
+    """Reads a GGUF file's metadata and tensor table and checks it is a Llama model.
+
+    Returns:
+        A `GGUFFile`.
 
     Raises:
         GGUFError: unreadable, truncated, or another architecture.
     """
+    import gc
+
     import gguf
 
     try:
         reader = gguf.GGUFReader(path)
+        info = GGUFFile(path, reader)
     except Exception as e:
         raise GGUFError(f"{path}: not a readable GGUF file (truncated or corrupt?): "
                         f"{type(e).__name__}: {e}") from e
-    reader.tfshard_path = path
-    arch = field(reader, "general.architecture")
+    del reader
+    gc.collect()
+    end = max((t.data_offset + t.n_bytes for t in info.tensors.values()), default=0)
+    import os
+
+    if end > os.path.getsize(path):
+        raise GGUFError(f"{path}: tensors end at byte {end}, the file has "
+                        f"{os.path.getsize(path)} (truncated or corrupt?).")
+    arch = field(info, "general.architecture")
     if arch != "llama":
         raise GGUFError(f"{path}: architecture {arch!r}; tfshard maps GGUF files of the "
                         "'llama' architecture (Llama, SmolLM, Mistral-style).")
-    return reader
+    return info
 
 
-def field(reader, key, default=None):
-    """A metadata value of the GGUF file (None/default when absent)."""
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
+def field(info, key, default=None):
+    """A metadata value of the GGUF file (`default` when absent)."""
+    value = info.meta.get(key)
+    return default if value is None else value
 
 
-def _tensors(reader):
-    return {t.name: t for t in reader.tensors}
+def _tensors(info):
+    return info.tensors
 
 
-def config(reader):
+def config(gguf_file):
     """The `LlamaBackbone` arguments from the GGUF metadata."""
     def need(key):
-        value = field(reader, key)
+        value = field(gguf_file, key)
         if value is None:
-            raise GGUFError(f"{reader.tfshard_path}: metadata {key!r} is missing.")
+            raise GGUFError(f"{gguf_file.tfshard_path}: metadata {key!r} is missing.")
         return value
 
-    tensors = _tensors(reader)
-    vocab = field(reader, "llama.vocab_size") or len(need("tokenizer.ggml.tokens"))
+    tensors = _tensors(gguf_file)
+    vocab = field(gguf_file, "llama.vocab_size") or len(need("tokenizer.ggml.tokens"))
     return dict(
         vocabulary_size=int(vocab),
         num_layers=int(need("llama.block_count")),
         num_query_heads=int(need("llama.attention.head_count")),
-        num_key_value_heads=int(field(reader, "llama.attention.head_count_kv")
+        num_key_value_heads=int(field(gguf_file, "llama.attention.head_count_kv")
                                 or need("llama.attention.head_count")),
         hidden_dim=int(need("llama.embedding_length")),
         intermediate_dim=int(need("llama.feed_forward_length")),
-        rope_max_wavelength=float(field(reader, "llama.rope.freq_base", 10000.0)),
-        layer_norm_epsilon=float(field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_max_wavelength=float(field(gguf_file, "llama.rope.freq_base", 10000.0)),
+        layer_norm_epsilon=float(field(gguf_file, "llama.attention.layer_norm_rms_epsilon", 1e-6)),
         tie_word_embeddings="output.weight" not in tensors,
     )
 
 
-def build_causal_lm(reader):
+def build_causal_lm(gguf_file):
     """A `LlamaCausalLM` (no preprocessor) with the file's configuration.
 
     Its weights are whatever the variables' initialisers give; call it inside
@@ -81,7 +120,7 @@ def build_causal_lm(reader):
     """
     import keras_hub
 
-    backbone = keras_hub.models.LlamaBackbone(**config(reader))
+    backbone = keras_hub.models.LlamaBackbone(**config(gguf_file))
     return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
 
 
@@ -91,11 +130,11 @@ def unpermute(w, heads):
                                   1, 2), w.shape)
 
 
-def views(reader, model, path=""):
+def views(gguf_file, model, path=""):
     """Lazy views of the file's tensors, keyed by the model's variable paths.
 
     Args:
-        reader: from `open_gguf`.
+        gguf_file: from `open_gguf`.
         model: the `LlamaCausalLM` (or `LlamaBackbone`) from `build_causal_lm`,
             not yet sharded (full shapes).
         path: the file path, for messages.
@@ -107,8 +146,8 @@ def views(reader, model, path=""):
         GGUFError: a tensor the model needs is missing.
     """
     backbone = getattr(model, "backbone", model)
-    tensors = _tensors(reader)
-    cfg = config(reader)
+    tensors = _tensors(gguf_file)
+    cfg = config(gguf_file)
     hidden, n_q, n_kv = cfg["hidden_dim"], cfg["num_query_heads"], cfg["num_key_value_heads"]
     head_dim = hidden // n_q
     out = {}
@@ -116,7 +155,7 @@ def views(reader, model, path=""):
     def add(variable, name, transform=lambda w: w):
         if name not in tensors:
             raise GGUFError(f"{path}: tensor {name!r} (for {variable.path!r}) is missing.")
-        out[variable.path] = sources.MappedView(sources.GGUFView(tensors[name], source=path),
+        out[variable.path] = sources.MappedView(sources.GGUFView(tensors[name], gguf_file.tfshard_path, source=path),
                                                 transform, name=variable.path)
 
     embedding = backbone.token_embedding
@@ -143,7 +182,7 @@ def views(reader, model, path=""):
     return out
 
 
-def tokenizer(reader):
+def tokenizer(gguf_file):
     """The byte-level BPE tokenizer stored in the GGUF metadata.
 
     Returns:
@@ -155,17 +194,17 @@ def tokenizer(reader):
     """
     import keras_hub
 
-    model = field(reader, "tokenizer.ggml.model")
+    model = field(gguf_file, "tokenizer.ggml.model")
     if model != "gpt2":
-        raise GGUFError(f"{reader.tfshard_path}: tokenizer model {model!r}; tfshard builds "
+        raise GGUFError(f"{gguf_file.tfshard_path}: tokenizer model {model!r}; tfshard builds "
                         "byte-level BPE ('gpt2') tokenizers.")
-    tokens = field(reader, "tokenizer.ggml.tokens")
-    merges = field(reader, "tokenizer.ggml.merges")
-    types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    tokens = field(gguf_file, "tokenizer.ggml.tokens")
+    merges = field(gguf_file, "tokenizer.ggml.merges")
+    types = field(gguf_file, "tokenizer.ggml.token_type") or [1] * len(tokens)
     special = [t for t, kind in zip(tokens, types) if kind == 3]
     tok = keras_hub.tokenizers.BytePairTokenizer(
         vocabulary={t: i for i, t in enumerate(tokens)}, merges=list(merges),
         unsplittable_tokens=special)
-    tok.bos_token_id = field(reader, "tokenizer.ggml.bos_token_id")
-    tok.eos_token_id = field(reader, "tokenizer.ggml.eos_token_id")
+    tok.bos_token_id = field(gguf_file, "tokenizer.ggml.bos_token_id")
+    tok.eos_token_id = field(gguf_file, "tokenizer.ggml.eos_token_id")
     return tok
