@@ -96,9 +96,10 @@ def test_save_at_three_reload_at_two_and_one(runs):
         _assert_equal_outputs(ranks, "gathered_gpt2_plain_keras", sliced=False)
 
 
-def test_keras_and_weights_h5_of_gpt2_config(runs):
+def test_keras_weights_h5_and_keras_hub_preset_of_gpt2_config(runs):
     ranks = runs(2)
     _assert_equal_outputs(ranks, "keras_file")
+    _assert_equal_outputs(ranks, "keras_hub_preset")
     _assert_equal_outputs(ranks, "weights_h5")
     _assert_equal_outputs(ranks, "load_weights", sliced=False)
     for rec in _records(ranks, "load_weights"):

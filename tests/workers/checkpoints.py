@@ -219,7 +219,18 @@ def run_formats(world, results, shared):
         res["differed_before"] = before["outputs"]["output"]["max_diff"]
         return res
 
+    def from_keras_hub_preset():
+        # A keras-hub preset directory in Keras format (save_to_preset).
+        backbone = gpt2_builder().backbone
+        ref_bb = backbone.predict(gpt2_inputs(), verbose=0)
+        backbone.save_to_preset(os.path.join(mine, "preset"))
+        sharded = tfshard.load(os.path.join(mine, "preset"))
+        res = compare(ref_bb, sharded.predict(gpt2_inputs(), verbose=0))
+        res.update(_held(sharded))
+        return res
+
     results["keras_file"] = guarded(from_keras)
+    results["keras_hub_preset"] = guarded(from_keras_hub_preset)
     results["weights_h5"] = guarded(from_weights)
     results["load_weights"] = guarded(load_weights_into_sharded)
 
