@@ -13,4 +13,4 @@ from tfshard.model import ShardedModel, shard
 from tfshard.plan import Plan, PlanEntry
 from tfshard.world import World, init
 
-__all__ = ["init", "shard", "Plan", "PlanEntry", "ShardedModel", "World", "__version__"]
+__all__ = ["init", "shard", "load", "CheckpointError", "Plan", "PlanEntry", "ShardedModel", "World", "__version__"]

@@ -25,7 +25,6 @@ gathers the slices and writes an ordinary `.keras` file.
 import contextlib
 import datetime
 import json
-import logging
 import os
 import shutil
 import struct
@@ -45,8 +44,6 @@ from tfshard.layers.base import assign_slice
 from tfshard.model import ShardedModel, shard
 from tfshard.plan import _walk
 from tfshard.world import init
-
-log = logging.getLogger("tfshard")
 
 FORMAT = "tfshard-checkpoint"
 VERSION = 1

@@ -206,7 +206,6 @@ def run_formats(world, results, shared):
         return res
 
     def load_weights_into_sharded():
-        other = gpt2_builder.__wrapped__() if hasattr(gpt2_builder, "__wrapped__") else None
         from tfshard.models import from_config
 
         other = from_config("GPT2Backbone", "GPT2CausalLM", seed=99, vocabulary_size=1003,
