@@ -42,6 +42,29 @@ def launch(np_, argv, timeout=LAUNCH_TIMEOUT, env=None):
     return code, out, time.monotonic() - start
 
 
+def launch_ranks(np_, argv, out_dir, env=None):
+    """Launches a worker that writes `out_dir/rank{r}.json` on every rank.
+
+    Returns:
+        `(returncode, output, ranks)`: ranks[r] is rank r's record or None.
+    """
+    code, output, _ = launch(np_, argv, env=env)
+    ranks = []
+    for r in range(np_):
+        path = Path(out_dir) / f"rank{r}.json"
+        ranks.append(json.loads(path.read_text()) if path.exists() else None)
+    return code, output, ranks
+
+
+def require_clean_launch(what, np_, code, output, ranks):
+    """Fails the test when a launch timed out, exited non-zero or lost a rank's record."""
+    if code is None:
+        pytest.fail(f"{what} at {np_} ranks timed out after {LAUNCH_TIMEOUT} s:\n{output[-4000:]}")
+    if code != 0 or any(r is None for r in ranks):
+        pytest.fail(f"{what} at {np_} ranks exited {code}:\n{output[-4000:]}")
+    return ranks
+
+
 class SuiteRuns:
     """Runs each (suite, world size) once per session and caches the per-rank results."""
 
@@ -53,22 +76,12 @@ class SuiteRuns:
         key = (suite, np_)
         if key not in self._cache:
             out_dir = self._tmp.mktemp(f"{suite}-np{np_}")
-            code, output, secs = launch(
+            self._cache[key] = launch_ranks(
                 np_, [ROOT / "tests" / "workers" / "scenarios.py", "--suite", suite,
-                      "--out", out_dir])
-            ranks = []
-            for r in range(np_):
-                path = out_dir / f"rank{r}.json"
-                ranks.append(json.loads(path.read_text()) if path.exists() else None)
-            self._cache[key] = (code, output, secs, ranks)
-        code, output, secs, ranks = self._cache[key]
+                      "--out", out_dir], out_dir)
+        code, output, ranks = self._cache[key]
         self.last_output = output
-        if code is None:
-            pytest.fail(f"{suite} at {np_} ranks timed out after {LAUNCH_TIMEOUT} s:\n{output[-4000:]}")
-        if code != 0 or any(r is None for r in ranks):
-            pytest.fail(f"{suite} at {np_} ranks exited {code}:\n{output[-4000:]}")
-        return ranks
-
+        return require_clean_launch(suite, np_, code, output, ranks)
 
     def output(self, suite, np_):
         """The combined, rank-tagged output of a suite's launch."""

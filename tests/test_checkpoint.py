@@ -1,11 +1,9 @@
 """tfshard.load / ShardedModel.save under horovodrun: real weights, formats,
 resharding N -> M, and broken files (tests/workers/checkpoints.py)."""
 
-import json
-
 import pytest
 
-from conftest import LAUNCH_TIMEOUT, ROOT, launch
+from conftest import ROOT, launch_ranks, require_clean_launch
 
 WORKER = ROOT / "tests" / "workers" / "checkpoints.py"
 
@@ -22,23 +20,14 @@ class CheckpointRuns:
         """The per-rank records of the launch at `np_` ranks (3 runs first: it saves)."""
         if np_ != 3 and 3 not in self._cache:
             self(3)
-        key = np_
-        if key not in self._cache:
+        if np_ not in self._cache:
             out = self._tmp.mktemp(f"np{np_}")
             # A longer Horovod cycle: these launches are compute-bound with few
             # collectives, and 3 ranks share 2 cores.
-            code, output, _ = launch(np_, [WORKER, "--suite", f"np{np_}", "--out", out,
-                                           "--shared", self.shared],
-                                     env={"TFSHARD_CYCLE_TIME_MS": "2"})
-            ranks = [json.loads((out / f"rank{r}.json").read_text())
-                     if (out / f"rank{r}.json").exists() else None for r in range(np_)]
-            self._cache[key] = (code, output, ranks)
-        code, output, ranks = self._cache[key]
-        if code is None:
-            pytest.fail(f"checkpoints at {np_} ranks timed out after {LAUNCH_TIMEOUT} s:\n{output[-4000:]}")
-        if code != 0 or any(r is None for r in ranks):
-            pytest.fail(f"checkpoints at {np_} ranks exited {code}:\n{output[-4000:]}")
-        return ranks
+            self._cache[np_] = launch_ranks(
+                np_, [WORKER, "--suite", f"np{np_}", "--out", out, "--shared", self.shared],
+                out, env={"TFSHARD_CYCLE_TIME_MS": "2"})
+        return require_clean_launch("checkpoints", np_, *self._cache[np_])
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +98,7 @@ def test_keras_weights_h5_and_keras_hub_preset_of_gpt2_config(runs):
 
 
 ERRORS = {
-    # case: (what the message must contain, exception types allowed)
+    # case: texts the error message must contain on every rank
     "truncated_keras": ("cut.keras", "truncated or corrupt"),
     "corrupt_keras": ("flipped.keras", "CRC-32"),
     "truncated_weights_h5": ("cut.weights.h5", "truncated or corrupt"),

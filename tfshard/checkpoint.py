@@ -155,17 +155,18 @@ class _OffsetFile:
         self._f.close()
 
 
-class _SliceStore(saving_lib.H5IOStore):
-    """A Keras weights store (read mode) whose entries also give lazy views.
+class _Store(saving_lib.H5IOStore):
+    """Base of tfshard's Keras weights stores.
 
-    Keras's `_load_state` drives it; plain layers read whole arrays with
-    `store[key]`, sharded layers read their slice through `store.view(key)`.
+    Keras's `_load_state` / `_save_state` accept only `H5IOStore`s; this sets
+    the state `H5IOStore` methods use without its constructor (which opens a
+    file by path), and keeps a store truthy when it has no file of its own.
     """
 
-    def __init__(self, h5_file, label):
+    def _init_store(self, mode, h5_file=None, label=""):
+        self.mode = mode
         self.h5_file = h5_file
         self.label = label
-        self.mode = "r"
         self.archive = None
         self.io_file = None
         self._h5_entry_path = None
@@ -175,6 +176,17 @@ class _SliceStore(saving_lib.H5IOStore):
 
     def __bool__(self):
         return True
+
+
+class _SliceStore(_Store):
+    """A Keras weights store (read mode) whose entries also give lazy views.
+
+    Keras's `_load_state` drives it; plain layers read whole arrays with
+    `store[key]`, sharded layers read their slice through `store.view(key)`.
+    """
+
+    def __init__(self, h5_file, label):
+        self._init_store("r", h5_file, label)
 
     def view(self, key):
         if key not in self._h5_entry_group:
@@ -250,22 +262,15 @@ class _ShardedView(sources.TensorView):
         return np.concatenate(parts, axis=axis) if len(parts) > 1 else parts[0]
 
 
-class _ShardedStore(saving_lib.H5IOStore):
+class _ShardedStore(_Store):
     """A Keras weights store (read mode) over a sharded checkpoint folder."""
 
     def __init__(self, folder, index):
+        self._init_store("r", label=folder)
         self.folder, self.index = folder, index
-        self.label = folder
-        self.mode = "r"
-        self.archive = None
-        self.io_file = None
-        self.h5_file = None
         self._open = {}
         self._h5_entry_path = ""
         self._tensors = index["tensors"]
-
-    def __bool__(self):
-        return True
 
     def _file(self, rank):
         if rank not in self._open:
@@ -828,7 +833,7 @@ def load_into(sharded, source):
 # Saving
 
 
-class _WriteStore(saving_lib.H5IOStore):
+class _WriteStore(_Store):
     """A Keras weights store (write mode) that sharded layers write slices to.
 
     Args:
@@ -840,20 +845,10 @@ class _WriteStore(saving_lib.H5IOStore):
     """
 
     def __init__(self, path, gather, write_replicated):
-        self.mode = "w"
-        self.archive = None
-        self.io_file = None
+        self._init_store("w", h5py.File(path, "w") if path else None, label=path)
         self.path_or_io = path
-        self.h5_file = h5py.File(path, "w") if path else None
         self.gather, self.write_replicated = gather, write_replicated
         self.tensors = {}
-        self._h5_entry_path = None
-        self._h5_entry_group = {}
-        self._h5_entry_metadata = None
-        self._h5_entry_initialized = False
-
-    def __bool__(self):
-        return True
 
     def make(self, path, metadata=None):
         self._h5_entry_path = path

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import keras  # noqa: E402
 
 import tfshard  # noqa: E402
-from scenarios import compare, guarded, slices_held  # noqa: E402
+from scenarios import compare, guarded, slices_held, write_results  # noqa: E402
 
 
 def _held(sharded):
@@ -378,10 +378,7 @@ def main():
     results = {"rank": world.rank, "size": world.size, "cases": {}}
     for fn in SUITES[args.suite]:
         fn(world, results["cases"], args.shared)
-    path = os.path.join(args.out, f"rank{world.rank}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
+    path = write_results(results, args.out, world.rank)
     print(f"rank {world.rank}: {len(results['cases'])} cases written to {path}", flush=True)
 
 

@@ -349,6 +349,15 @@ SUITES = {
 }
 
 
+def write_results(results, out_dir, rank):
+    """Writes this rank's records to `out_dir/rank{rank}.json` atomically."""
+    path = os.path.join(out_dir, f"rank{rank}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--suite", required=True, choices=sorted(SUITES))
@@ -356,12 +365,9 @@ def main():
     args = parser.parse_args()
     world = tfshard.init()
     results = {"rank": world.rank, "size": world.size, "backend": world.backend, "cases": {}}
-    path = os.path.join(args.out, f"rank{world.rank}.json")
     for fn in SUITES[args.suite]:
         fn(world, results["cases"])
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(path + ".tmp", path)
+        path = write_results(results, args.out, world.rank)
     print(f"rank {world.rank}: {len(results['cases'])} cases written to {path}", flush=True)
 
 

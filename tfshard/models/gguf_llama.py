@@ -7,6 +7,9 @@ lazy `MappedView` of its GGUF tensor, so a rank dequantises only the rows
 (`unpermute`), kernels are transposed and split into heads; norms copy.
 """
 
+import gc
+import os
+
 import numpy as np
 
 from tfshard import sources
@@ -53,8 +56,6 @@ def open_gguf(path):
     Raises:
         GGUFError: unreadable, truncated, or another architecture.
     """
-    import gc
-
     import gguf
 
     try:
@@ -66,8 +67,6 @@ def open_gguf(path):
     del reader
     gc.collect()
     end = max((t.data_offset + t.n_bytes for t in info.tensors.values()), default=0)
-    import os
-
     if end > os.path.getsize(path):
         raise GGUFError(f"{path}: tensors end at byte {end}, the file has "
                         f"{os.path.getsize(path)} (truncated or corrupt?).")
