@@ -356,8 +356,9 @@ class _Source:
     def close(self):
         pass
 
-    def tokenizer(self):
-        """The tokenizer the file carries, if tfshard can build it (else None)."""
+    def preprocessor(self):
+        """A keras-hub CausalLM preprocessor around the tokenizer the file
+        carries, if tfshard can build one (else None)."""
         return None
 
 
@@ -637,10 +638,10 @@ class _GGUFSource(_ViewsSource):
 
         self.views = gguf_llama.views(self.gguf, model, self.path)
 
-    def tokenizer(self):
+    def preprocessor(self):
         from tfshard.models import gguf_llama
 
-        return gguf_llama.tokenizer(self.gguf)
+        return gguf_llama.preprocessor(self.gguf)
 
 
 class _ShardedCheckpoint(_Source):
@@ -808,7 +809,9 @@ def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None
         src.close()
     _agree_on_failure(world.comm, error, f"tfshard.load({source!r})")
     object.__setattr__(sharded, "source", src.label)
-    object.__setattr__(sharded, "tokenizer", src.tokenizer())
+    preprocessor = src.preprocessor()
+    object.__setattr__(sharded, "preprocessor", preprocessor)
+    object.__setattr__(sharded, "tokenizer", getattr(preprocessor, "tokenizer", None))
     return sharded
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfshard import consistency
+from tfshard import generation
 from tfshard import predict as predict_lib
 from tfshard.schedule import Scheduler, validate as validate_schedule
 from tfshard.layers import ShardSpec, shard_layer
@@ -134,6 +135,7 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
     by_path.setdefault(model.name, model)  # attention owned by the root model itself
     for counts in plan.attention:
         _set_head_counts(by_path[counts.path], counts, comm.rank)
+    generation.install_cache(model, plan, comm.rank)
     _reset_compiled_functions(model)
     gc.collect()  # release the full kernels the conversion dropped
     sharded = ShardedModel(model, plan, world, comm, group)
@@ -217,6 +219,7 @@ class ShardedModel(keras.Model):
         object.__setattr__(self, "source_config_error", "the model was not sharded by tfshard.shard")
         object.__setattr__(self, "source", None)
         object.__setattr__(self, "tokenizer", None)
+        object.__setattr__(self, "preprocessor", None)
         self.built = True
         self._jit_compile = False
         self._predict_step = None
@@ -358,6 +361,45 @@ class ShardedModel(keras.Model):
         self._agree_on_inputs(predict_lib.check_arrays(
             x, predict_lib.model_input_specs(self.inner), where), "predict_on_batch")
         return self._step(predict_lib.to_numpy(x), where)
+
+    def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False,
+                 sampler=None):
+        """keras-hub `CausalLM.generate`, sharded: the same contract and tokens.
+
+        Every rank of a tensor-parallel group runs keras-hub's generation loop
+        in lock step, its KV cache holding only its own K/V heads. With several
+        data-parallel groups the prompts are shared among them and the results
+        gathered back in order. Every rank must call it with the same inputs.
+
+        Args:
+            inputs: a string or list of strings (when the model has a
+                preprocessor, or the source carried a tokenizer, as `smollm2`
+                does), or a dict `{"token_ids", "padding_mask"}` of arrays
+                padded to the length to generate up to.
+            max_length: the length to generate up to (prompt included), for
+                string inputs; default: the preprocessor's sequence length.
+            stop_token_ids: "auto" (the tokenizer's end token), None (run to
+                `max_length`) or a tuple of token ids.
+            strip_prompt: return only the continuation.
+            sampler: optional keras-hub sampler or name ("greedy", "top_k",
+                ...); as `causal_lm.compile(sampler=...)`. Random samplers
+                draw from rank 0's seed state on every rank.
+
+        Returns:
+            As keras-hub: strings for string inputs (a string for a string),
+            else `{"token_ids", "padding_mask"}` numpy arrays; on every rank.
+
+        Raises:
+            ValueError: not a keras-hub CausalLM, strings without a tokenizer,
+                bad token ids or shapes, a length past the position
+                embeddings, ranks given different inputs, or a failure on any
+                rank (raised on every rank).
+            NotImplementedError: cut attention in a CausalLM whose cache
+                layout tfshard does not know.
+        """
+        return generation.generate(self, inputs, max_length=max_length,
+                                   stop_token_ids=stop_token_ids, strip_prompt=strip_prompt,
+                                   sampler=sampler)
 
     def save(self, filepath, gather=False, overwrite=True, **kwargs):
         """Saves the sharded model. Every rank must call it.

@@ -180,6 +180,7 @@ class _Attention:
     out: str         # path of the output projection
     heads_q: int
     heads_kv: int
+    head_dim: int
     axes: dict       # path -> kernel axis of heads
 
 
@@ -218,7 +219,7 @@ def _find_attention(nodes):
             parent_path=path_of_parent.get(id(parent), getattr(parent, "name", "")),
             q=[n.path for n, _, h, _ in ins if h == heads_q],
             kv=[n.path for n, _, h, _ in ins if h != heads_q],
-            out=out_node.path, heads_q=heads_q, heads_kv=heads_kv,
+            out=out_node.path, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
             axes={**{n.path: a for n, a, _, _ in ins}, out_node.path: out_axis},
         ))
     return blocks
@@ -408,8 +409,10 @@ class HeadCounts:
     heads_kv: int
     q_ranges: tuple
     kv_ranges: tuple
+    head_dim: int = 0
 
     def local(self, rank):
+        """`(query heads, K/V heads)` held by `rank`."""
         q = self.q_ranges[rank][1] - self.q_ranges[rank][0]
         kv = self.kv_ranges[rank][1] - self.kv_ranges[rank][0]
         return q, kv
@@ -557,7 +560,8 @@ class Plan:
                 entries[p] = dict(rule=rules[p], axis=blk.axes[p], ranges=r,
                                   input_is_parallel=(p == blk.out),
                                   note=f"attention {blk.heads_q}q/{blk.heads_kv}kv heads")
-            heads.append(HeadCounts(blk.parent_path, blk.heads_q, blk.heads_kv, q_r, kv_r))
+            heads.append(HeadCounts(blk.parent_path, blk.heads_q, blk.heads_kv, q_r, kv_r,
+                                    blk.head_dim))
             in_attention.update(members)
 
         # Column → row pairs.

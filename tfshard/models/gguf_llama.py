@@ -204,6 +204,49 @@ def tokenizer(gguf_file):
     tok = keras_hub.tokenizers.BytePairTokenizer(
         vocabulary={t: i for i, t in enumerate(tokens)}, merges=list(merges),
         unsplittable_tokens=special)
-    tok.bos_token_id = field(gguf_file, "tokenizer.ggml.bos_token_id")
-    tok.eos_token_id = field(gguf_file, "tokenizer.ggml.eos_token_id")
+    # keras-hub's packer and generate() read these (start/end/pad token + id).
+    # generate() prepends the start token whenever there is one, so there is
+    # none unless the file asks for it; and it stops as soon as a stop token
+    # appears past the prompt, so padding must not be the end token (SmolLM2
+    # pads with it): then the unknown token or id 0 pads instead.
+    eos = field(gguf_file, "tokenizer.ggml.eos_token_id")
+    if field(gguf_file, "tokenizer.ggml.add_bos_token"):
+        tok._add_special_token(tokens[int(field(gguf_file, "tokenizer.ggml.bos_token_id"))],
+                               "start_token")
+    else:
+        tok.start_token, tok.start_token_id = None, None
+    if eos is None:
+        raise GGUFError(f"{gguf_file.tfshard_path}: no tokenizer.ggml.eos_token_id; generation "
+                        "needs an end token.")
+    tok._add_special_token(tokens[int(eos)], "end_token")
+    pad = next(int(i) for i in (field(gguf_file, "tokenizer.ggml.padding_token_id"),
+                                field(gguf_file, "tokenizer.ggml.unknown_token_id"), 0, 1)
+               if i is not None and int(i) != int(eos))
+    tok._add_special_token(tokens[pad], "pad_token")
     return tok
+
+
+def preprocessor(gguf_file, sequence_length=1024):
+    """A keras-hub `CausalLMPreprocessor` around the file's tokenizer.
+
+    It adds the start token only when the file says to
+    (`tokenizer.ggml.add_bos_token`), never an end token: prompts tokenize as
+    llama.cpp tokenizes them. See `tokenizer` for the padding token.
+
+    Args:
+        gguf_file: from `open_gguf`.
+        sequence_length: the default length `generate()` runs up to (capped
+            by the model's context length).
+
+    Returns:
+        The preprocessor (its `tokenizer` is `tokenizer(gguf_file)`).
+    """
+    import keras_hub
+
+    context = field(gguf_file, "llama.context_length")
+    if context:
+        sequence_length = min(sequence_length, int(context))
+    tok = tokenizer(gguf_file)
+    return keras_hub.models.CausalLMPreprocessor(
+        tokenizer=tok, sequence_length=sequence_length,
+        add_start_token=tok.start_token_id is not None, add_end_token=False)

@@ -1,0 +1,285 @@
+"""Sharded generation: keras-hub `CausalLM.generate` with a KV cache cut by heads.
+
+keras-hub CausalLMs keep one cache tensor `[batch, layers, 2, length, K/V
+heads, head_dim]` sized from the backbone's full head counts. Under tensor
+parallelism a rank's attention layers project only its own K/V heads, so the
+cache must hold only those: `install_cache` gives the (already sharded) task a
+`_build_cache` sized for this rank's heads. Everything else is keras-hub's own
+generation loop, run on every rank of a tensor-parallel group in lock step:
+every rank sees the same gathered logits, so every rank picks the same token
+and stops on the same step. Random samplers draw from a seed state that
+`generate` makes equal on all ranks first.
+
+With several data-parallel groups, the prompts are shared among the groups
+(contiguous rows) and the continuations gathered back in input order.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from tfshard import consistency
+from tfshard import predict as predict_lib
+from tfshard.layers.base import even_ranges
+
+# keras-hub CausalLMs whose `_build_cache(token_ids)` allocates the canonical
+# `[batch, num_layers, 2, max_length, kv_heads, head_dim]` cache and seeds it
+# with `call_with_cache(token_ids, cache, 0)` (read in keras-hub 0.32).
+CANONICAL_CACHE = frozenset({
+    "GPT2CausalLM", "GPTNeoXCausalLM", "OPTCausalLM", "BloomCausalLM", "FalconCausalLM",
+    "LlamaCausalLM", "MistralCausalLM", "MixtralCausalLM", "Phi3CausalLM", "QwenCausalLM",
+    "QwenMoeCausalLM", "Qwen3CausalLM", "Qwen3MoeCausalLM", "GemmaCausalLM", "GptOssCausalLM",
+})
+
+
+def _canonical_owner(model):
+    """The keras-hub class in `CANONICAL_CACHE` whose `_build_cache` the model runs, or None."""
+    build = getattr(type(model), "_build_cache", None)
+    for cls in type(model).__mro__:
+        if "_build_cache" in vars(cls):
+            return cls.__name__ if cls.__name__ in CANONICAL_CACHE and \
+                vars(cls)["_build_cache"] is build else None
+    return None
+
+
+def cache_heads(model, plan, rank):
+    """This rank's `(K/V heads, head_dim)` in the KV cache, or None if unsharded.
+
+    Args:
+        model: the keras-hub CausalLM (sharded in place).
+        plan: its resolved `Plan`.
+        rank: the rank in the tensor-parallel group.
+
+    Returns:
+        `(kv_heads, head_dim)` when the plan cuts attention heads, else None.
+
+    Raises:
+        ValueError: some attention layers are cut and others not, or cut
+            differently (one cache tensor serves every layer), or their number
+            is not the backbone's layer count.
+    """
+    counts = plan.attention
+    if not counts:
+        return None
+    backbone = getattr(model, "backbone", model)
+    layers = getattr(backbone, "num_layers", None)
+    local = {(c.local(rank)[1], c.head_dim) for c in counts}
+    if len(local) != 1 or (layers is not None and len(counts) != layers):
+        raise ValueError(
+            f"{type(model).__name__} (rank {rank}): keras-hub keeps one KV cache tensor for all "
+            f"{layers} layers, but the plan cuts {len(counts)} attention layer(s) into "
+            f"{sorted(local)} (K/V heads, head_dim) on this rank. Cut every attention layer "
+            "alike (the auto plan does) or replicate them all."
+        )
+    return local.pop()
+
+
+def install_cache(model, plan, rank):
+    """Makes a sharded keras-hub CausalLM build a KV cache of this rank's heads.
+
+    A no-op for models without `_build_cache`/`call_with_cache` or whose
+    attention is not cut. For a CausalLM whose cache layout tfshard does not
+    know, `_build_cache` raises a clear NotImplementedError instead of a shape
+    error deep inside attention.
+
+    Args:
+        model: the task, already sharded in place by `shard()`.
+        plan: its resolved `Plan`.
+        rank: the rank in the tensor-parallel group.
+    """
+    if not (hasattr(model, "_build_cache") and hasattr(model, "call_with_cache")):
+        return
+    try:
+        heads = cache_heads(model, plan, rank)
+    except ValueError as e:
+        message = str(e)
+
+        def _build_cache(*args, **kwargs):
+            raise ValueError(message)
+    else:
+        if heads is None:
+            return
+        kv_heads, head_dim = heads
+        name = type(model).__name__
+        if _canonical_owner(model) is None:
+            def _build_cache(*args, **kwargs):
+                raise NotImplementedError(
+                    f"{name}.generate with attention cut across ranks: tfshard knows the KV "
+                    f"cache layout of {', '.join(sorted(CANONICAL_CACHE))}, not of {name}. "
+                    "Replicate the attention layers (plan rules) or use one rank."
+                )
+        else:
+            from keras import ops
+
+            def _build_cache(token_ids):
+                batch_size, max_length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
+                shape = [batch_size, model.backbone.num_layers, 2, max_length, kv_heads, head_dim]
+                cache = ops.zeros(shape, dtype=model.compute_dtype)
+                _, hidden_states, cache = model.call_with_cache(token_ids, cache, 0)
+                return hidden_states, cache
+
+    # An instance attribute shadows the class method; Keras must not track it.
+    object.__setattr__(model, "_build_cache", _build_cache)
+
+
+def _generate_function(model):
+    """keras-hub's compiled generate step, without XLA (Horovod ops do not run under XLA)."""
+    fn = getattr(model, "generate_function", None)
+    if fn is None or not getattr(fn, "_tfshard", False):
+        fn = tf.function(model.generate_step, jit_compile=False)
+        fn._tfshard = True
+        model.generate_function = fn
+    return fn
+
+
+def sync_sampler(sampler, comm):
+    """Sets every rank's sampler seed state to rank 0's, so random draws agree."""
+    for v in getattr(sampler, "variables", []):
+        state = comm.allgather_numpy(np.asarray(v.numpy()).astype(np.int64).reshape(-1))[0]
+        v.assign(state.reshape(v.shape).astype(v.dtype))
+
+
+def _rows(inputs):
+    """`(rows, is_scalar, kind)` of generate inputs: strings or a dict of arrays."""
+    if isinstance(inputs, (str, bytes)):
+        return 1, True, "strings"
+    if isinstance(inputs, tf.Tensor) and inputs.dtype == tf.string:
+        return (1, True, "strings") if inputs.shape.rank == 0 else \
+            (int(inputs.shape[0]), False, "strings")
+    if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(s, (str, bytes)) for s in inputs):
+        return len(inputs), False, "strings"
+    if isinstance(inputs, dict):
+        first = np.asarray(next(iter(inputs.values())))
+        return (first.shape[0] if first.ndim else 0), False, "ids"
+    return None, False, None
+
+
+def _take(inputs, kind, start, stop):
+    if kind == "strings":
+        if isinstance(inputs, tf.Tensor):
+            return inputs[start:stop]
+        return list(inputs[start:stop])
+    return {k: np.asarray(v)[start:stop] for k, v in inputs.items()}
+
+
+def _concat(parts, kind):
+    if kind == "strings":
+        return [s for p in parts for s in p]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def generate(sharded, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False,
+             sampler=None):
+    """`ShardedModel.generate` (see there)."""
+    model = sharded.inner
+    where = sharded._where("generate")
+    if not (hasattr(model, "generate_step") and hasattr(model, "call_with_cache")):
+        raise ValueError(
+            f"{where}: generate() needs a keras-hub CausalLM (GPT2CausalLM, LlamaCausalLM, ...); "
+            f"{type(model).__name__} has no generation loop. Use predict() for a forward pass."
+        )
+    rows, is_scalar, kind = _rows(inputs)
+    preprocessor = model.preprocessor or getattr(sharded, "preprocessor", None)
+    if kind is None:
+        raise ValueError(
+            f"{where}: inputs must be a string, a list of strings, or a dict "
+            "{'token_ids': int array [batch, length], 'padding_mask': bool array} (padded to "
+            f"the length to generate up to); got {type(inputs).__name__}."
+        )
+    if kind == "strings" and preprocessor is None:
+        raise ValueError(
+            f"{where}: string prompts need a tokenizer; {sharded.source or type(model).__name__} "
+            "has none attached. Pass token ids as {'token_ids', 'padding_mask'} arrays padded "
+            "to the length to generate up to, with stop_token_ids=None or a tuple of ids."
+        )
+    if kind == "ids":
+        items = predict_lib.check_arrays(
+            inputs, predict_lib.model_input_specs(model), where)
+        inputs = {name: array for name, array, _ in items}
+        _check_length(model, inputs["token_ids"].shape[1] if "token_ids" in inputs else None, where)
+    elif max_length is not None:
+        _check_length(model, max_length, where)
+    if stop_token_ids == "auto" and preprocessor is None:
+        raise ValueError(
+            f"{where}: stop_token_ids='auto' needs a tokenizer (its end token); pass None (run "
+            "to the padded length) or a tuple of token ids."
+        )
+    if sampler is not None:
+        model.compile(sampler=sampler)
+    world = sharded.world.comm
+    consistency.agree(world, {
+        "prompts": _inputs_digest(inputs, kind),
+        "arguments": consistency.digest([max_length, stop_token_ids, bool(strip_prompt)]),
+        "sampler": consistency.digest(type(model.sampler).__name__),
+    }, f"{sharded.name}.generate")
+    sync_sampler(model.sampler, world)
+    _generate_function(model)
+
+    start, stop = even_ranges(rows, sharded.groups)[sharded.group]
+    mine = inputs if sharded.groups == 1 else _take(inputs, kind, start, stop)
+    out, failure = None, None
+    if stop > start:
+        attached = model.preprocessor is None and kind == "strings"
+        if attached:  # the tokenizer tfshard built for the source (GGUF)
+            object.__setattr__(model, "_preprocessor", preprocessor)
+        try:
+            out = model.generate(mine, max_length=max_length, stop_token_ids=stop_token_ids,
+                                 strip_prompt=strip_prompt)
+        except tf.errors.InvalidArgumentError as err:
+            failure = str(predict_lib.invalid_argument_to_value_error(err, where))
+        except (ValueError, NotImplementedError) as err:
+            failure = f"{type(err).__name__}: {err}"
+        finally:
+            if attached:
+                object.__setattr__(model, "_preprocessor", None)
+    # Every rank reports (success, digest) so a failure in one group, or ranks
+    # of one group that diverged, raises everywhere instead of leaving a wait.
+    digest = consistency.digest(_describe(out)) if failure is None else 0
+    table = world.allgather_numpy(np.array([failure is not None, digest], np.int64))
+    if table[:, 0].any():
+        messages = world.allgather_object(failure)
+        bad = next(r for r, m in enumerate(messages) if m)
+        raise ValueError(f"{where}: rank {bad} failed: {messages[bad]}")
+    tp = sharded.tensor_parallel
+    for g in range(sharded.groups):
+        group_digests = table[g * tp:(g + 1) * tp, 1]
+        if (group_digests != group_digests[0]).any():
+            raise ValueError(
+                f"{where}: the ranks of tensor-parallel group {g} generated different tokens "
+                f"(digests {group_digests.tolist()}); their logits differed. This is a bug: "
+                "please report it with the model and inputs.")
+    if sharded.groups == 1:
+        return out
+    parts = world.allgather_object(out if sharded.tp_comm.rank == 0 else None)
+    parts = [p for g, p in enumerate(parts[::tp]) if p is not None]
+    if is_scalar:
+        return parts[0]
+    return _concat([p if not isinstance(p, np.ndarray) else list(p) for p in parts], kind)
+
+
+def _inputs_digest(inputs, kind):
+    if kind == "ids":
+        return consistency.digest([consistency.array_digest(a) for _, a in sorted(inputs.items())])
+    if isinstance(inputs, tf.Tensor):
+        inputs = inputs.numpy().tolist()
+    return consistency.digest([str(s) for s in ([inputs] if isinstance(inputs, (str, bytes))
+                                                 else inputs)])
+
+
+def _describe(out):
+    if isinstance(out, dict):
+        return {k: consistency.array_digest(np.asarray(v)) for k, v in out.items()}
+    if isinstance(out, (str, bytes)):
+        return str(out)
+    if out is None:
+        return None
+    return [str(s) for s in out]
+
+
+def _check_length(model, length, where):
+    backbone = getattr(model, "backbone", model)
+    limit = getattr(backbone, "max_sequence_length", None)
+    if length is not None and limit is not None and length > limit:
+        raise ValueError(
+            f"{where}: cannot generate up to length {length}: {type(backbone).__name__} has "
+            f"position embeddings for {limit} positions. Use max_length <= {limit}."
+        )
