@@ -1,9 +1,11 @@
 """The `tfshard` command line.
 
     tfshard predict SOURCE [--rows N] [--seq-len S] [--batch-size B] [--output FILE.npy]
+    tfshard generate SOURCE --prompt TEXT [--max-new-tokens N] [--sampler NAME]
     tfshard inspect SOURCE [--tensor-parallel N]
 
-Run `predict` under ./horovodrun.sh -np N; `inspect` needs one process only.
+Run `predict` and `generate` under ./horovodrun.sh -np N; `inspect` needs one
+process only.
 """
 
 import argparse
@@ -52,7 +54,6 @@ def cmd_predict(args):
     import numpy as np
 
     import tfshard
-    from tfshard import comm as comm_lib
     from tfshard import models
 
     world = tfshard.init()
@@ -64,13 +65,8 @@ def cmd_predict(args):
     else:
         # Real weights: each rank loads only its slices; the reference is the
         # same file loaded whole in this process.
-        say(f"[tfshard] {world.backend} world of {world.size} rank(s); loading {args.source} "
-            "sharded")
-        t0 = time.perf_counter()
-        sharded = tfshard.load(args.source, tensor_parallel=args.tensor_parallel)
-        say(f"[tfshard] loaded in {time.perf_counter() - t0:.1f} s")
-        model = None if args.no_compare else tfshard.load(
-            args.source, world=tfshard.World(comm_lib.create("local"), "local")).inner
+        sharded, reference = _load_both(args, world, say)
+        model = None if reference is None else reference.inner
         backbone = getattr(sharded.inner, "backbone", sharded.inner)
         vocab = backbone.vocabulary_size
         input_names = [t.name for t in keras.tree.flatten(sharded.inner.inputs)]
@@ -95,7 +91,7 @@ def cmd_predict(args):
 
     if sharded is None:
         sharded = tfshard.shard(model, tensor_parallel=args.tensor_parallel)
-    say(sharded.plan.summary().splitlines()[-1])
+        say(sharded.plan.summary().splitlines()[-1])
     sharded.predict(x, batch_size=args.batch_size, verbose=0)  # trace + warm up
     t0 = time.perf_counter()
     out = sharded.predict(x, batch_size=args.batch_size, verbose=args.verbose)
@@ -132,6 +128,77 @@ def cmd_predict(args):
     return 0
 
 
+def _load_both(args, world, say):
+    """The sharded model (each rank reads its slices) and, unless --no-compare,
+    the same source loaded whole in this process as the reference."""
+    import tfshard
+    from tfshard import comm as comm_lib
+
+    say(f"[tfshard] {world.backend} world of {world.size} rank(s); loading {args.source} sharded")
+    t0 = time.perf_counter()
+    sharded = tfshard.load(args.source, tensor_parallel=args.tensor_parallel)
+    say(f"[tfshard] loaded in {time.perf_counter() - t0:.1f} s; "
+        f"{sharded.plan.summary().splitlines()[-1].strip()}")
+    reference = None if args.no_compare else tfshard.load(
+        args.source, world=tfshard.World(comm_lib.create("local"), "local"))
+    return sharded, reference
+
+
+def cmd_generate(args):
+    import numpy as np
+
+    import tfshard
+
+    world = tfshard.init()
+    say = print if world.rank == 0 else (lambda *a, **k: None)
+    sharded, reference = _load_both(args, world, say)
+    preprocessor = sharded.inner.preprocessor or sharded.preprocessor
+    if preprocessor is None:
+        raise ValueError(f"{args.source!r} carries no tokenizer, so it cannot take a text "
+                         "prompt; use smollm2, a .gguf file, or a .keras CausalLM saved with "
+                         "its preprocessor.")
+    prompts = args.prompt
+    lengths = [_prompt_length(preprocessor, p) for p in prompts]
+    max_length = max(lengths) + args.max_new_tokens
+    kwargs = dict(max_length=max_length, strip_prompt=True, sampler=args.sampler)
+    sharded.generate(prompts, **kwargs)  # trace + warm up (also checks the ranks agree)
+    t0 = time.perf_counter()
+    out = sharded.generate(prompts, **kwargs)
+    secs = time.perf_counter() - t0
+    for prompt, text in zip(prompts, out):
+        say(f"[tfshard] {prompt!r} -> {_text(text)!r}")
+    say(f"[tfshard] sharded generate: {secs:.2f} s for up to {args.max_new_tokens} new tokens "
+        f"x {len(prompts)} prompt(s) (TP={sharded.tensor_parallel}, {sharded.groups} group(s))")
+    if reference is None:
+        return 0
+    reference.generate(prompts, **kwargs)
+    t0 = time.perf_counter()
+    ref = reference.generate(prompts, **kwargs)
+    ref_secs = time.perf_counter() - t0
+    same = [_text(a) == _text(b) for a, b in zip(ref, out)]
+    say(f"[tfshard] vs the unsharded model in one process ({ref_secs:.2f} s, "
+        f"sharded/unsharded time {secs / ref_secs:.2f}x): "
+        f"{'MATCH' if all(same) else 'MISMATCH'}")
+    if not all(same):
+        for a, b in zip(ref, out):
+            say(f"[tfshard]   unsharded {_text(a)!r} vs sharded {_text(b)!r}")
+        return 1
+    return 0
+
+
+def _prompt_length(preprocessor, prompt):
+    """Tokens `generate` sees for a prompt (start token included when added)."""
+    import numpy as np
+
+    room = len(preprocessor.tokenizer(prompt)) + 2
+    mask = preprocessor.generate_preprocess([prompt], sequence_length=room)["padding_mask"]
+    return int(np.asarray(mask).sum())
+
+
+def _text(s):
+    return s.decode("utf-8", "replace") if isinstance(s, bytes) else str(s)
+
+
 def cmd_inspect(args):
     from tfshard import models
     from tfshard.plan import Plan
@@ -162,6 +229,19 @@ def build_parser():
     p.add_argument("--no-compare", action="store_true",
                    help="skip the unsharded reference run")
     p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("generate", help="sharded text generation; run under ./horovodrun.sh -np N")
+    p.add_argument("source", help="a model with a tokenizer: smollm2, a .gguf file, or a .keras "
+                   "CausalLM saved with its preprocessor")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="text to continue (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--sampler", default="greedy",
+                   help="keras-hub sampler: greedy, top_k, top_p, ... (seeded from rank 0)")
+    p.add_argument("--tensor-parallel", type=int, default=None)
+    p.add_argument("--no-compare", action="store_true",
+                   help="skip the unsharded reference run")
+    p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("inspect", help="print the plan (one process, no launch)")
     p.add_argument("source")

@@ -138,6 +138,19 @@ def sync_sampler(sampler, comm):
         v.assign(state.reshape(v.shape).astype(v.dtype))
 
 
+def _same_sampler(model, sampler):
+    """Whether `sampler` (a name or a keras-hub sampler) is the model's current one."""
+    current = getattr(model, "sampler", None)
+    if current is None:
+        return False
+    if isinstance(sampler, str):
+        from keras_hub.samplers import get as get_sampler
+
+        wanted = get_sampler(sampler)
+        return type(wanted) is type(current) and wanted.get_config() == current.get_config()
+    return sampler is current
+
+
 def _rows(inputs):
     """`(rows, is_scalar, kind)` of generate inputs: strings or a dict of arrays."""
     if isinstance(inputs, (str, bytes)):
@@ -203,8 +216,8 @@ def generate(sharded, inputs, max_length=None, stop_token_ids="auto", strip_prom
             f"{where}: stop_token_ids='auto' needs a tokenizer (its end token); pass None (run "
             "to the padded length) or a tuple of token ids."
         )
-    if sampler is not None:
-        model.compile(sampler=sampler)
+    if sampler is not None and not _same_sampler(model, sampler):
+        model.compile(sampler=sampler)  # drops the traced generate function
     world = sharded.world.comm
     consistency.agree(world, {
         "prompts": _inputs_digest(inputs, kind),
