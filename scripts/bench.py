@@ -22,6 +22,17 @@ both) and `tfshard.load` at TP=2 and TP=4 (the worst rank). Ratios are
 against the unsharded `tfshard.load` of the same run.
 
     .venv/bin/python scripts/bench.py load --np 2 4
+
+Suite `generate`: greedy generation with keras-hub's loop and KV cache, for
+SmolLM2 (real weights) or a built-in model: per-token decode latency and
+prefill throughput, unsharded (one process, every core) and at TP=N under
+./horovodrun.sh (each `--cycle-times` value is a Horovod cycle time to try).
+Both are measured inside `generate()` itself: two prompts padded to the same
+length L, one leaving 1 token to generate and one leaving 1+K; keras-hub's
+prefill runs over all L positions either way, so the difference is exactly K
+decode steps, and prefill = the first time minus one step.
+
+    .venv/bin/python scripts/bench.py generate --np 2 3
 """
 
 import argparse
@@ -64,6 +75,77 @@ def _measure(args, sharded):
               "ranks": world.size if world else 1}
     if not world or world.rank == 0:
         print("RESULT " + json.dumps(result), flush=True)
+
+
+def _generate_child(args):
+    """One process (or rank): decode latency and prefill time of one model."""
+    import numpy as np
+
+    import tfshard
+    from tfshard import comm as comm_lib
+    from tfshard import models
+
+    if args.mode == "sharded":
+        world = tfshard.init()
+    else:
+        world = tfshard.World(comm_lib.create("local"), "local")
+    if args.source in models.NAMES:
+        model, vocab, _ = models.build(args.source, seed=0)
+        target = tfshard.shard(model, world=world)
+    else:
+        target = tfshard.load(args.source, world=world)
+        vocab = target.inner.backbone.vocabulary_size
+    length, new = args.length, args.new_tokens
+    ids = np.random.default_rng(1).integers(1, vocab, (args.batch, length)).astype("int32")
+
+    def prompt(n):
+        mask = np.zeros_like(ids, dtype=bool)
+        mask[:, :n] = True
+        return {"token_ids": np.where(mask, ids, 0).astype("int32"), "padding_mask": mask}
+
+    one, many = prompt(length - 1), prompt(length - 1 - new)
+    run = lambda x: target.generate(x, stop_token_ids=None, sampler="greedy")  # noqa: E731
+    run(one), run(many)  # trace + warm up both
+    t_one, t_many = [], []
+    for _ in range(args.repeats):
+        for x, times in ((one, t_one), (many, t_many)):
+            t0 = time.perf_counter()
+            run(x)
+            times.append(time.perf_counter() - t0)
+    a, b = statistics.median(t_one), statistics.median(t_many)
+    step = (b - a) / new
+    result = {"decode_ms": step * 1e3, "prefill_s": a - step, "generate_s": b,
+              "prefill_tokens": args.batch * length, "new_tokens": new + 1,
+              "all_one_s": t_one, "all_many_s": t_many, "ranks": world.size,
+              "param_bytes_per_rank": int(sum(np.asarray(v).nbytes for v in target.inner.weights))}
+    if world.rank == 0:
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+def suite_generate(args):
+    me = [sys.executable, str(Path(__file__).resolve())]
+    child = ["_generate", "--source", args.source, "--length", str(args.length),
+             "--new-tokens", str(args.new_tokens), "--batch", str(args.batch),
+             "--repeats", str(args.repeats)]
+    rows = [("unsharded", _run(me + child + ["--mode", "unsharded"], args.timeout))]
+    for cycle in args.cycle_times:
+        for n in args.np:
+            rows.append((f"TP={n} cycle {cycle} ms", _run(
+                [str(ROOT / "horovodrun.sh"), "-np", str(n)] + me + child + ["--mode", "sharded"],
+                args.timeout, env={"TFSHARD_CYCLE_TIME_MS": str(cycle)})))
+    base = rows[0][1]
+    print(f"\ngenerate: {args.source}, batch {args.batch}, length {args.length} (prefill over all "
+          f"of it), {args.new_tokens} decode steps timed, median of {args.repeats}, "
+          f"{os.cpu_count()} cores")
+    print(f"{'run':<22} {'decode ms/token':>16} {'vs unsharded':>13} {'prefill s':>10} "
+          f"{'prefill tok/s':>14} {'vs unsharded':>13} {'params/rank':>12}")
+    for name, r in rows:
+        tps = r["prefill_tokens"] / r["prefill_s"]
+        base_tps = base["prefill_tokens"] / base["prefill_s"]
+        print(f"{name:<22} {r['decode_ms']:>16.1f} {r['decode_ms'] / base['decode_ms']:>12.2f}x "
+              f"{r['prefill_s']:>10.3f} {tps:>14.0f} {tps / base_tps:>12.2f}x "
+              f"{r['param_bytes_per_rank'] / 2**20:>10.1f}MiB")
+    _write_report(f"generate-{Path(args.source).name}", args, dict(rows))
 
 
 def _rss_mib():
@@ -144,16 +226,21 @@ def suite_load(args):
             print(f"{name:<26} {r['rise_mib']:>9.0f} {r['rise_mib'] / base:>9.2f}x "
                   f"{r['after_mib']:>9.0f} {r['weights_mib']:>12.0f} {r['seconds']:>7.1f}")
         report[label] = dict(rows)
+    _write_report("load", args, report)
+
+
+def _write_report(stem, args, runs):
+    """Writes bench-results/STEM-TIMESTAMP.json with the arguments and the runs."""
     out = ROOT / "bench-results"
     out.mkdir(exist_ok=True)
-    path = out / f"load-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"args": vars(args), "runs": report}, indent=1, default=str))
+    path = out / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1, default=str))
     print(f"wrote {path.relative_to(ROOT)}")
 
 
-def _run(cmd, timeout):
+def _run(cmd, timeout, env=None):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
     for line in proc.stdout.splitlines():
         if "RESULT " in line:
             return json.loads(line.split("RESULT ", 1)[1])
@@ -179,11 +266,7 @@ def suite_forward(args, layouts=None):
         tps = r["tokens"] / r["seconds"]
         print(f"{name:<10} {r['seconds']:>10.3f} {tps:>10.0f} {tps / base:>12.2f}x "
               f"{r['param_bytes_per_rank'] / 2**20:>10.1f}MiB")
-    out = ROOT / "bench-results"
-    out.mkdir(exist_ok=True)
-    path = out / f"{args.suite}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"args": vars(args), "runs": dict(rows)}, indent=1, default=str))
-    print(f"wrote {path.relative_to(ROOT)}")
+    _write_report(f"{args.suite}-{args.model}", args, dict(rows))
 
 
 def main():
@@ -195,6 +278,19 @@ def main():
     p = sub.add_parser("_load")
     p.add_argument("--source", required=True)
     p.add_argument("--mode", choices=["keras", "unsharded", "sharded"], required=True)
+    for name in ("generate", "_generate"):
+        p = sub.add_parser(name)
+        p.add_argument("--source", default="smollm2")
+        p.add_argument("--length", type=int, default=64)
+        p.add_argument("--new-tokens", type=int, default=32)
+        p.add_argument("--batch", type=int, default=1)
+        p.add_argument("--repeats", type=int, default=3)
+        if name == "generate":
+            p.add_argument("--np", type=int, nargs="+", default=[2, 3])
+            p.add_argument("--cycle-times", type=float, nargs="+", default=[0.1])
+            p.add_argument("--timeout", type=int, default=1800)
+        else:
+            p.add_argument("--mode", choices=["sharded", "unsharded"], required=True)
     for name in ("forward", "predict", "_child"):
         p = sub.add_parser(name)
         p.add_argument("--model", default="gpt2")
@@ -211,6 +307,10 @@ def main():
     args = parser.parse_args()
     if args.suite == "load":
         suite_load(args)
+    elif args.suite == "generate":
+        suite_generate(args)
+    elif args.suite == "_generate":
+        _generate_child(args)
     elif args.suite == "_load":
         _load_child(args)
     elif args.suite == "_child":

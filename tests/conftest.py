@@ -102,3 +102,12 @@ def case_on_all_ranks(ranks, name):
         assert rec is not None, f"case {name} missing on rank {r['rank']}"
         records.append(rec)
     return records
+
+
+def records_ok(ranks, name):
+    """The per-rank records of one case; fails with the recorded error if any rank raised."""
+    recs = [r["cases"][name] for r in ranks]
+    for rank, rec in enumerate(recs):
+        assert rec["ok"], (f"{name} on rank {rank}: {rec.get('error_type')}: {rec.get('message')}"
+                           f"\n{rec.get('traceback')}")
+    return recs

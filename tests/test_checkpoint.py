@@ -3,7 +3,7 @@ resharding N -> M, and broken files (tests/workers/checkpoints.py)."""
 
 import pytest
 
-from conftest import ROOT, launch_ranks, require_clean_launch
+from conftest import records_ok, ROOT, launch_ranks, require_clean_launch
 
 WORKER = ROOT / "tests" / "workers" / "checkpoints.py"
 
@@ -35,15 +35,9 @@ def runs(tmp_path_factory):
     return CheckpointRuns(tmp_path_factory)
 
 
-def _records(ranks, name):
-    recs = [r["cases"][name] for r in ranks]
-    for rank, rec in enumerate(recs):
-        assert rec["ok"], f"{name} on rank {rank}: {rec.get('error_type')}: {rec.get('message')}\n{rec.get('traceback')}"
-    return recs
-
 
 def _assert_equal_outputs(ranks, name, sliced=True):
-    for rank, rec in enumerate(_records(ranks, name)):
+    for rank, rec in enumerate(records_ok(ranks, name)):
         assert rec["keys_out"] == rec["keys_ref"]
         for key, o in rec["outputs"].items():
             where = f"{name} output {key!r} on rank {rank} of {len(ranks)}"
@@ -71,7 +65,7 @@ def test_real_weights_load_sharded(runs, np_, name):
 
 def test_save_at_three_reload_at_two_and_one(runs):
     for name in ("save", "save_gpt2"):
-        saved = _records(runs(3), name)
+        saved = records_ok(runs(3), name)
         assert saved[0]["files"] == [f"rank-0000{r}-of-00003.h5" for r in range(3)]
         assert saved[0]["leftovers"] == [], "temporary folders left behind"
     _assert_equal_outputs(runs(3), "save_gpt2", sliced=False)
@@ -91,7 +85,7 @@ def test_keras_weights_h5_and_keras_hub_preset_of_gpt2_config(runs):
     _assert_equal_outputs(ranks, "keras_hub_preset")
     _assert_equal_outputs(ranks, "weights_h5")
     _assert_equal_outputs(ranks, "load_weights", sliced=False)
-    for rec in _records(ranks, "load_weights"):
+    for rec in records_ok(ranks, "load_weights"):
         assert rec["differed_before"] > 1e-3, "the model loaded into already had the weights"
     for rank, rec in enumerate(r["cases"]["plain_keras_save_refused"] for r in ranks):
         assert not rec["ok"] and "sharded.save" in rec["message"], (rank, rec)
@@ -128,5 +122,5 @@ def test_broken_files_fail_on_every_rank(runs, case):
 
 
 def test_loading_still_works_after_errors(runs):
-    for rec in _records(runs(2), "after_errors"):
+    for rec in records_ok(runs(2), "after_errors"):
         assert rec["cut"] >= 2

@@ -19,13 +19,23 @@ def test_predict_cli_under_horovodrun_matches_and_writes_output(tmp_path):
     assert logits.shape == (3, 16, 50257) and np.isfinite(logits).all()
 
 
-def test_readme_main_job_real_smollm2_prompt():
-    # Exactly the README's main job: real weights, loaded sharded over 2 ranks.
+def test_predict_cli_prompt_real_smollm2():
     code, out, secs = launch(2, ["-m", "tfshard", "predict", "smollm2", "--prompt",
-                                 "The capital of France is"], timeout=600)
+                                 "The capital of France is", "--no-compare"], timeout=600)
+    assert code == 0, out[-4000:]
+    assert "next token after the prompt: ' Paris'" in out, out[-3000:]
+
+
+def test_readme_main_job_generate_smollm2_on_three_ranks():
+    # Exactly the README's main job: real weights, sharded over 3 ranks, compared
+    # with the unsharded model generating in one process.
+    code, out, secs = launch(3, ["-m", "tfshard", "generate", "smollm2", "--prompt",
+                                 "The capital of France is"], timeout=900)
     assert code == 0, out[-4000:]
     assert "MATCH" in out and "MISMATCH" not in out, out[-3000:]
-    assert "next token after the prompt: ' Paris'" in out, out[-3000:]
+    assert "'The capital of France is' -> ' Paris" in out, out[-3000:]
+    # Printed once, by rank 0.
+    assert out.count("-> ' Paris") == 1, out[-3000:]
 
 
 def test_inspect_cli_prints_the_plan_in_one_process():

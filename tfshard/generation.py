@@ -209,6 +209,7 @@ def generate(sharded, inputs, max_length=None, stop_token_ids="auto", strip_prom
             inputs, predict_lib.model_input_specs(model), where)
         inputs = {name: array for name, array, _ in items}
         _check_length(model, inputs["token_ids"].shape[1] if "token_ids" in inputs else None, where)
+        _check_ids(model, inputs.get("token_ids"), where)
     elif max_length is not None:
         _check_length(model, max_length, where)
     if stop_token_ids == "auto" and preprocessor is None:
@@ -262,11 +263,33 @@ def generate(sharded, inputs, max_length=None, stop_token_ids="auto", strip_prom
                 "please report it with the model and inputs.")
     if sharded.groups == 1:
         return out
-    parts = world.allgather_object(out if sharded.tp_comm.rank == 0 else None)
-    parts = [p for g, p in enumerate(parts[::tp]) if p is not None]
+    parts = world.allgather_object(_to_wire(out) if sharded.tp_comm.rank == 0 else None)
+    parts = [_from_wire(p) for p in parts[::tp] if p is not None]
     if is_scalar:
         return parts[0]
-    return _concat([p if not isinstance(p, np.ndarray) else list(p) for p in parts], kind)
+    return _concat(parts, kind)
+
+
+def _to_wire(out):
+    """A group's result as JSON (strings, or token arrays with their dtypes)."""
+    if out is None:
+        return None
+    if isinstance(out, dict):
+        return {"arrays": {k: [np.asarray(v).tolist(), str(np.asarray(v).dtype)]
+                           for k, v in out.items()}}
+    if isinstance(out, (str, bytes)):
+        return {"scalar": _decode(out)}
+    return {"strings": [_decode(s) for s in out]}
+
+
+def _from_wire(part):
+    if "arrays" in part:
+        return {k: np.asarray(v, dtype=dtype) for k, (v, dtype) in part["arrays"].items()}
+    return part["scalar"] if "scalar" in part else part["strings"]
+
+
+def _decode(s):
+    return s.decode("utf-8", "replace") if isinstance(s, bytes) else str(s)
 
 
 def _inputs_digest(inputs, kind):
@@ -286,6 +309,23 @@ def _describe(out):
     if out is None:
         return None
     return [str(s) for s in out]
+
+
+def _check_ids(model, ids, where):
+    """Token ids in range, checked here: a failed in-graph check on one rank
+    could leave another inside the generation loop."""
+    backbone = getattr(model, "backbone", model)
+    vocab = getattr(backbone, "vocabulary_size", None)
+    if ids is None or vocab is None or ids.size == 0:
+        return
+    bad = np.argwhere((ids < 0) | (ids >= vocab))
+    if len(bad):
+        row, col = (int(i) for i in bad[0])
+        raise ValueError(
+            f"{where}: token id {int(ids[row, col])} at row {row}, position {col} is outside the "
+            f"vocabulary of {type(backbone).__name__}'s token_embedding (size {vocab}, shape "
+            f"{tuple(ids.shape)} given); ids must be in [0, {vocab}). {len(bad)} id(s) out of range."
+        )
 
 
 def _check_length(model, length, where):

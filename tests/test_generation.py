@@ -1,0 +1,111 @@
+"""Sharded generation under horovodrun (tests/workers/generation.py): greedy
+tokens equal the unsharded model's for keras-hub CausalLMs from config and for
+real SmolLM2 weights, each rank's KV cache holds only its heads, random
+samplers stay in step across ranks, and bad calls fail on every rank."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import records_ok, LAUNCH_TIMEOUT, ROOT, launch_ranks, require_clean_launch
+
+WORKER = ROOT / "tests" / "workers" / "generation.py"
+
+
+class GenerationRuns:
+    def __init__(self, tmp_path_factory):
+        self._tmp = tmp_path_factory
+        self._cache = {}
+        self._reference = None
+
+    def reference(self):
+        """SmolLM2's unsharded greedy tokens, computed once in one process."""
+        if self._reference is None:
+            out = self._tmp.mktemp("reference")
+            res = subprocess.run([sys.executable, str(WORKER), "--suite", "reference", "--out",
+                                  str(out)], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=LAUNCH_TIMEOUT)
+            assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+            self._reference = out
+        return self._reference
+
+    def __call__(self, np_):
+        if np_ not in self._cache:
+            ref = self.reference() if np_ in (2, 3) else self._tmp.mktemp("none")
+            out = self._tmp.mktemp(f"gen-np{np_}")
+            self._cache[np_] = launch_ranks(
+                np_, [WORKER, "--suite", f"np{np_}", "--out", out, "--reference", ref], out)
+        ranks = require_clean_launch("generation", np_, *self._cache[np_])
+        for r in ranks:
+            assert "suite_error" not in r, r["suite_error"]
+        return ranks
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return GenerationRuns(tmp_path_factory)
+
+
+
+def _assert_cache_sliced(recs, name):
+    kv = []
+    for rank, rec in enumerate(recs):
+        assert rec["cache_shape"] == rec["expected_cache_shape"], (name, rank, rec)
+        kv.append(rec["cache_shape"][4])
+    full = recs[0]["full_kv_heads"]
+    # Each rank holds only its K/V heads: a split (sums to the full count) or,
+    # with fewer K/V heads than ranks, one replicated head of its group.
+    assert all(k < full for k in kv) or full < len(recs) and all(k == 1 for k in kv) or \
+        full == 1, (name, kv, full)
+    if full >= len(recs):
+        assert sum(kv) == full, (name, kv, full)
+
+
+@pytest.mark.parametrize("np_,name", [(2, n) for n in ("gpt2", "llama", "mistral", "gemma", "opt")]
+                         + [(3, n) for n in ("gpt2", "llama", "gemma")])
+def test_greedy_tokens_equal_unsharded(runs, np_, name):
+    recs = records_ok(runs(np_), f"random_{name}")
+    for rank, rec in enumerate(recs):
+        assert rec["out"] == rec["ref"], f"{name} rank {rank} of {np_}: {rec['out']} != {rec['ref']}"
+        assert rec["mask_equal"] and rec["prompt_kept"], (name, rank)
+    _assert_cache_sliced(recs, name)
+
+
+@pytest.mark.parametrize("np_", [2, 3])
+def test_real_smollm2_continues_like_the_unsharded_model(runs, np_):
+    recs = records_ok(runs(np_), "smollm2")
+    for rank, rec in enumerate(recs):
+        assert rec["out"] == rec["ref"], f"rank {rank} of {np_}: tokens differ"
+        assert rec["text"] == rec["ref_text"], (rank, rec["text"], rec["ref_text"])
+        assert rec["text"].startswith(" Paris"), rec["text"]
+    _assert_cache_sliced(recs, "smollm2")
+
+
+def test_random_sampler_draws_alike_on_every_rank(runs):
+    recs = records_ok(runs(2), "sampler_top_k")
+    assert recs[0]["seed_states_differed"], "the test needs ranks that start from different seeds"
+    for rank, rec in enumerate(recs):
+        assert rec["out"] == recs[0]["out"], f"rank {rank} sampled other tokens than rank 0"
+        assert rec["out"] == rec["ref"], f"rank {rank}: not the unsharded draws with rank 0's seed"
+
+
+def test_data_parallel_groups_share_prompts(runs):
+    recs = records_ok(runs(4), "dp_llama")
+    assert sorted({r["group"] for r in recs}) == [0, 1] and recs[0]["groups"] == 2
+    for rank, rec in enumerate(recs):
+        assert rec["out"] == rec["ref"], f"rank {rank}: {rec['out']} != {rec['ref']}"
+
+
+@pytest.mark.parametrize("case,words", [
+    ("not_causal_lm", ["needs a keras-hub CausalLM", "BertBackbone"]),
+    ("strings_without_tokenizer", ["need a tokenizer", "token ids"]),
+    ("too_long", ["length 36", "32 positions", "max_length <= 32"]),
+    ("bad_token_id", ["token_embedding", "50262", "row 1, position 0", "[0, 50257)"]),
+    ("different_prompts", ["prompts differs on rank(s) [1]"]),
+])
+def test_bad_calls_fail_clearly_on_every_rank(runs, case, words):
+    for rank, rec in enumerate(runs(2)[i]["cases"][f"error_{case}"] for i in range(2)):
+        assert not rec["ok"] and rec["error_type"] == "ValueError", (case, rank, rec)
+        for w in words:
+            assert w in rec["message"], (case, rank, w, rec["message"])
