@@ -393,9 +393,8 @@ class ShardedModel(keras.Model):
             ValueError: not a keras-hub CausalLM, strings without a tokenizer,
                 bad token ids or shapes, a length past the position
                 embeddings, ranks given different inputs, or a failure on any
-                rank (raised on every rank).
-            NotImplementedError: cut attention in a CausalLM whose cache
-                layout tfshard does not know.
+                rank, e.g. cut attention in a CausalLM whose KV cache layout
+                tfshard does not know (raised on every rank).
         """
         return generation.generate(self, inputs, max_length=max_length,
                                    stop_token_ids=stop_token_ids, strip_prompt=strip_prompt,
