@@ -145,8 +145,6 @@ def _load_both(args, world, say):
 
 
 def cmd_generate(args):
-    import numpy as np
-
     import tfshard
 
     world = tfshard.init()

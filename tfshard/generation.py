@@ -209,7 +209,7 @@ def generate(sharded, inputs, max_length=None, stop_token_ids="auto", strip_prom
             inputs, predict_lib.model_input_specs(model), where)
         inputs = {name: array for name, array, _ in items}
         _check_length(model, inputs["token_ids"].shape[1] if "token_ids" in inputs else None, where)
-        _check_ids(model, inputs.get("token_ids"), where)
+        _check_token_ids(model, inputs.get("token_ids"), where)
     elif max_length is not None:
         _check_length(model, max_length, where)
     if stop_token_ids == "auto" and preprocessor is None:
@@ -311,7 +311,7 @@ def _describe(out):
     return [str(s) for s in out]
 
 
-def _check_ids(model, ids, where):
+def _check_token_ids(model, ids, where):
     """Token ids in range, checked here: a failed in-graph check on one rank
     could leave another inside the generation loop."""
     backbone = getattr(model, "backbone", model)
