@@ -25,7 +25,7 @@ import keras  # noqa: E402
 
 import models  # noqa: E402
 import tfshard  # noqa: E402
-from scenarios import guarded, write_results  # noqa: E402
+from scenarios import expect_error, guarded, write_results  # noqa: E402
 from tfshard import comm as comm_lib  # noqa: E402
 
 PROMPT = "The capital of France is"
@@ -136,12 +136,6 @@ def run_errors(world, results):
         model, _ = models.gpt2()
         return tfshard.shard(model), model.backbone.vocabulary_size
 
-    def bad(fn):
-        def case():
-            fn()
-            return {"raised": False}
-        return guarded(case, expect_error=True)
-
     def not_causal_lm():
         model, x = models.bert()
         tfshard.shard(model).generate(x, stop_token_ids=None)
@@ -171,7 +165,7 @@ def run_errors(world, results):
                      ("strings_without_tokenizer", strings_without_tokenizer),
                      ("too_long", too_long), ("bad_token_id", bad_token_id),
                      ("different_prompts", different_prompts)]:
-        results[f"error_{name}"] = bad(fn)
+        results[f"error_{name}"] = expect_error(fn)
 
 
 def reference(out_dir):

@@ -295,11 +295,7 @@ def run_dp(world, results, tp=2):
         return {}
     results["dp_verbose"] = guarded(verbose_run)
 
-    def bad(fn):
-        def case():
-            fn()
-            return {"no_error": True}
-        return guarded(case, expect_error=True)
+    bad = expect_error
 
     def sharded_mlp():
         model, x = models.mlp()
@@ -339,6 +335,14 @@ def guarded(fn, expect_error=False):
     except Exception as e:  # noqa: BLE001 - recorded for the pytest side
         return {"ok": False, "error_type": type(e).__name__, "message": str(e),
                 "traceback": "" if expect_error else traceback.format_exc()}
+
+
+def expect_error(fn):
+    """Runs `fn`, which should raise; the record says what it raised (ok=False)."""
+    def case():
+        fn()
+        return {"no_error": True}
+    return guarded(case, expect_error=True)
 
 
 SUITES = {
