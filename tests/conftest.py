@@ -21,13 +21,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 LAUNCH_TIMEOUT = int(os.environ.get("TFSHARD_TEST_LAUNCH_TIMEOUT", "900"))
 
 
-def launch(np_, argv, timeout=LAUNCH_TIMEOUT, env=None):
-    """Runs `./horovodrun.sh -np N python ARGV...`; kills the group on timeout.
+def launch(np_, argv, timeout=LAUNCH_TIMEOUT, env=None, launcher="horovod"):
+    """Runs `python ARGV...` on N ranks; kills the whole group on timeout.
+
+    Args:
+        launcher: "horovod" (`./horovodrun.sh -np N`), "tfshard" (`python -m
+            tfshard.launch -n N`, tf.distribute multi-worker) or "none" (one
+            process, e.g. a MirroredStrategy run; `np_` must be 1).
 
     Returns:
         `(returncode, output, seconds)`; returncode is None on timeout.
     """
-    cmd = [str(ROOT / "horovodrun.sh"), "-np", str(np_), sys.executable, *map(str, argv)]
+    argv = [str(a) for a in argv]
+    if launcher == "horovod":
+        cmd = [str(ROOT / "horovodrun.sh"), "-np", str(np_), sys.executable, *argv]
+    elif launcher == "tfshard":
+        cmd = [sys.executable, "-m", "tfshard.launch", "-n", str(np_), *argv]
+    else:
+        assert launcher == "none" and np_ == 1, (launcher, np_)
+        cmd = [sys.executable, *argv]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -42,13 +54,13 @@ def launch(np_, argv, timeout=LAUNCH_TIMEOUT, env=None):
     return code, out, time.monotonic() - start
 
 
-def launch_ranks(np_, argv, out_dir, env=None):
+def launch_ranks(np_, argv, out_dir, env=None, launcher="horovod"):
     """Launches a worker that writes `out_dir/rank{r}.json` on every rank.
 
     Returns:
         `(returncode, output, ranks)`: ranks[r] is rank r's record or None.
     """
-    code, output, _ = launch(np_, argv, env=env)
+    code, output, _ = launch(np_, argv, env=env, launcher=launcher)
     ranks = []
     for r in range(np_):
         path = Path(out_dir) / f"rank{r}.json"
@@ -72,21 +84,27 @@ class SuiteRuns:
         self._tmp = tmp_path_factory
         self._cache = {}
 
-    def __call__(self, suite, np_):
-        key = (suite, np_)
+    def __call__(self, suite, np_, launcher="horovod", mirrored=0, models=None):
+        """Rank records of `suite` at `np_` ranks (or one process of `mirrored` replicas).
+
+        `models`: a subset of the equivalence models to run (default: all).
+        """
+        key = (suite, np_, launcher, mirrored, tuple(models or ()))
         if key not in self._cache:
-            out_dir = self._tmp.mktemp(f"{suite}-np{np_}")
-            self._cache[key] = launch_ranks(
-                np_, [ROOT / "tests" / "workers" / "scenarios.py", "--suite", suite,
-                      "--out", out_dir], out_dir)
+            out_dir = self._tmp.mktemp(f"{suite}-np{np_}-{launcher}{mirrored or ''}")
+            argv = [ROOT / "tests" / "workers" / "scenarios.py", "--suite", suite,
+                    "--out", out_dir] + (["--mirrored", mirrored] if mirrored else []) + (
+                    ["--models", ",".join(models)] if models else [])
+            self._cache[key] = launch_ranks(np_, argv, out_dir, launcher=launcher)
         code, output, ranks = self._cache[key]
         self.last_output = output
-        return require_clean_launch(suite, np_, code, output, ranks)
+        what = f"{suite} ({launcher} launch{f', {mirrored} mirrored replicas' if mirrored else ''})"
+        return require_clean_launch(what, np_, code, output, ranks)
 
     def output(self, suite, np_):
         """The combined, rank-tagged output of a suite's launch."""
         self(suite, np_)
-        return self._cache[(suite, np_)][1]
+        return self._cache[(suite, np_, "horovod", 0, ())][1]
 
 
 @pytest.fixture(scope="session")

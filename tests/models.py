@@ -163,6 +163,10 @@ EQUIVALENCE = {
 }
 
 
+# The matrix: the six shapes of model every backend must handle.
+MATRIX = ["mlp", "sequential_embedding", "nested_subclassed", "gpt2", "bert", "llama"]
+
+
 # --------------------------------------------------------------------------- #
 # Integer-valued models for bitwise tests: every partial sum is an exact
 # integer in float32, so the sharded result must equal the reference bit for bit.

@@ -9,8 +9,9 @@
 __version__ = "0.1.0"
 
 from tfshard.checkpoint import CheckpointError, load
+from tfshard.devices import cpu_devices
 from tfshard.model import ShardedModel, shard
 from tfshard.plan import Plan, PlanEntry
 from tfshard.world import World, init
 
-__all__ = ["init", "shard", "load", "CheckpointError", "Plan", "PlanEntry", "ShardedModel", "World", "__version__"]
+__all__ = ["init", "shard", "cpu_devices", "load", "CheckpointError", "Plan", "PlanEntry", "ShardedModel", "World", "__version__"]

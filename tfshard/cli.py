@@ -3,8 +3,10 @@
     tfshard predict SOURCE [--rows N] [--seq-len S] [--batch-size B] [--output FILE.npy]
     tfshard generate SOURCE --prompt TEXT [--max-new-tokens N] [--sampler NAME]
     tfshard inspect SOURCE [--tensor-parallel N]
+    tfshard launch -n N SCRIPT|COMMAND [ARGS]
 
-Run `predict` and `generate` under ./horovodrun.sh -np N; `inspect` needs one
+Run `predict` and `generate` under ./horovodrun.sh -np N or under
+`tfshard launch -n N` (tf.distribute multi-worker); `inspect` needs one
 process only.
 """
 
@@ -244,6 +246,13 @@ def build_parser():
     p.add_argument("--all-ranks", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_inspect)
+
+    from tfshard import launch
+
+    p = sub.add_parser("launch", help="start N local workers of a tf.distribute multi-worker "
+                       "job (TF_CONFIG each), rank-prefixed output, all stopped if one fails")
+    launch.build_parser(p)
+    p.set_defaults(fn=lambda args: launch.main(args=args))
     return parser
 
 

@@ -1,5 +1,6 @@
 """`tfshard.shard(model)` and the `ShardedModel` it returns."""
 
+import collections
 import gc
 import itertools
 import time
@@ -8,13 +9,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfshard import comm as comm_lib
 from tfshard import consistency
+from tfshard import copying
 from tfshard import generation
 from tfshard import predict as predict_lib
 from tfshard.schedule import Scheduler, validate as validate_schedule
 from tfshard.layers import ShardSpec, shard_layer
 from tfshard.plan import Plan, _walk
-from tfshard.world import init
+from tfshard.world import World, init
 
 
 def _set_head_counts(parent, counts, rank):
@@ -59,6 +62,17 @@ def _reset_compiled_functions(model):
             layer._jit_compile = False
 
 
+Replica = collections.namedtuple("Replica", "model plan comm device")
+Replica.__doc__ = """One rank's sharded model in this process (several under MirroredStrategy).
+
+Attributes:
+    model: the converted Keras model holding this rank's slices.
+    plan: the `Plan` resolved for this rank.
+    comm: the rank's tensor-parallel `Communicator`.
+    device: the device its variables live on (None: TensorFlow's default).
+"""
+
+
 def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None):
     """Cuts a built Keras model's big kernels across the ranks of this job.
 
@@ -67,40 +81,39 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
     this rank's slice, and the full kernels are released. Every rank must call
     `shard` with the same model and plan.
 
+    Under a `tf.distribute.MirroredStrategy` every replica is a rank: the
+    model is copied once per further replica (`copy.deepcopy`, i.e. Keras
+    serialisation) and each copy is cut and placed on its replica's device,
+    so a device holds only its own slices. Under a
+    `MultiWorkerMirroredStrategy` (`tfshard launch`) each process is one rank,
+    as under horovodrun.
+
     Args:
         model: a built Keras 3 model (Sequential, functional, subclassed, or a
-            keras-hub backbone or task).
+            keras-hub backbone or task), built outside any `strategy.scope()`.
         plan: "auto", a `tfshard.Plan`, or a `{regex: rule}` dict.
         world: the `World` from `tfshard.init()` (initialised when None).
-        strategy: a tf.distribute strategy (not available yet).
+        strategy: a `tf.distribute.MirroredStrategy` or
+            `MultiWorkerMirroredStrategy`; None uses the world's (a
+            "multiworker" world has one).
         tensor_parallel: ranks per tensor-parallel group; the world splits into
             `world.size // tensor_parallel` data-parallel groups of consecutive
             ranks (Horovod process sets), which share the rows in `predict`.
-            None: one group of all ranks.
+            None: one group of all ranks (the only choice under a strategy).
 
     Returns:
-        A `ShardedModel` wrapping the converted model.
+        A `ShardedModel` wrapping the converted model(s).
 
     Raises:
         ValueError: the ranks disagree on the model or plan, the model is not
-            built, `tensor_parallel` does not divide the world size, or a rule
+            built, `tensor_parallel` does not divide the world size, a rule
             cannot apply (the message names the layer, its shape, the rank and
-            the sizes that would work).
-        NotImplementedError: `strategy`.
+            the sizes that would work), or the strategy is of another kind,
+            or the model cannot be copied per replica.
     """
-    if strategy is not None:
-        raise NotImplementedError(
-            "tfshard.shard(strategy=...) (MirroredStrategy / MultiWorker) is not available "
-            "yet; launch with ./horovodrun.sh -np N instead."
-        )
-    world = world or init()
-    if tensor_parallel is not None and (not isinstance(tensor_parallel, int) or tensor_parallel < 1
-                                        or world.size % tensor_parallel):
-        raise ValueError(
-            f"tensor_parallel={tensor_parallel!r} does not divide the {world.size} ranks of this "
-            f"job (rank {world.rank}); values that work: "
-            f"{[d for d in range(1, world.size + 1) if world.size % d == 0]} (None = {world.size})."
-        )
+    if strategy is None:
+        world = world or init()
+        strategy = world.strategy
     if isinstance(model, ShardedModel):
         raise ValueError(f"Model {model.name!r} is already sharded.")
     if not isinstance(model, keras.layers.Layer) or not model.built:
@@ -108,24 +121,50 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
             f"tfshard.shard needs a built Keras model; got {type(model).__name__} "
             f"(built={getattr(model, 'built', None)}). Call it on an input first."
         )
+    if strategy is not None:
+        return _shard_replicas(model, _as_plan(plan), strategy, world, tensor_parallel)
+    if tensor_parallel is not None and (not isinstance(tensor_parallel, int) or tensor_parallel < 1
+                                        or world.size % tensor_parallel):
+        raise ValueError(
+            f"tensor_parallel={tensor_parallel!r} does not divide the {world.size} ranks of this "
+            f"job (rank {world.rank}); values that work: "
+            f"{[d for d in range(1, world.size + 1) if world.size % d == 0]} (None = {world.size})."
+        )
+    plan = _as_plan(plan)
     source_config, config_error = _serialize(model)
     comm, group = world.comm.split(tensor_parallel or world.size)
+    _agree_on_model(world, model, comm.size)
+    plan = _convert(model, plan, comm, world)
+    sharded = ShardedModel(model, plan, world, comm, group)
+    object.__setattr__(sharded, "source_config", source_config)
+    object.__setattr__(sharded, "source_config_error", config_error)
+    return sharded
+
+
+def _as_plan(plan):
+    if plan is None or (isinstance(plan, str) and plan == "auto"):
+        return Plan.auto()
+    if isinstance(plan, dict):
+        return Plan.from_rules(plan)
+    if not isinstance(plan, Plan):
+        raise ValueError(f"plan must be 'auto', a dict of rules or a tfshard.Plan; got {plan!r}.")
+    return plan
+
+
+def _agree_on_model(world, model, tp_size):
     consistency.agree(
         world.comm,
         {"model structure": consistency.digest(consistency.model_structure(model)),
          "model class": consistency.digest(type(model).__qualname__),
-         "tensor_parallel": consistency.digest(comm.size)},
+         "tensor_parallel": consistency.digest(tp_size)},
         "tfshard.shard()",
     )
-    if plan is None or (isinstance(plan, str) and plan == "auto"):
-        plan = Plan.auto()
-    elif isinstance(plan, dict):
-        plan = Plan.from_rules(plan)
-    elif not isinstance(plan, Plan):
-        raise ValueError(f"plan must be 'auto', a dict of rules or a tfshard.Plan; got {plan!r}.")
+
+
+def _convert(model, plan, comm, world):
+    """Resolves `plan` for `comm`'s rank and cuts `model` in place; returns the resolved plan."""
     plan = plan.resolve(model, comm.size, comm.rank)
     consistency.agree(world.comm, {"plan": consistency.digest(plan.to_dict())}, "tfshard.shard()")
-
     by_path = {n.path: n.layer for n in _walk(model)}
     for e in plan.sharded:
         spec = ShardSpec(rule=e.rule, axis=e.axis, ranges=e.ranges, rank=comm.rank,
@@ -138,10 +177,75 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
     generation.install_cache(model, plan, comm.rank)
     _reset_compiled_functions(model)
     gc.collect()  # release the full kernels the conversion dropped
-    sharded = ShardedModel(model, plan, world, comm, group)
+    return plan
+
+
+def _shard_replicas(model, plan, strategy, world, tensor_parallel):
+    """`shard()` under a tf.distribute strategy: one converted model per local replica."""
+    comms = comm_lib.for_replicas(strategy)
+    size, kind = strategy.num_replicas_in_sync, comms[0].backend
+    where = f"tfshard.shard({model.name!r}, strategy={type(strategy).__name__})"
+    if tensor_parallel not in (None, size):
+        raise ValueError(
+            f"{where}: tensor_parallel={tensor_parallel!r}, but under tf.distribute all "
+            f"{size} replicas form one tensor-parallel group; pass tensor_parallel=None (or "
+            f"{size}). Data-parallel groups need horovodrun (tensor_parallel=k there)."
+        )
+    if tf.distribute.has_strategy():
+        raise ValueError(
+            f"{where} was called inside a strategy scope or strategy.run; call it outside: "
+            "tfshard places each replica's slices on its device itself.")
+    distributed = [v.path for v in model.weights
+                   if isinstance(getattr(v, "value", v), tf.distribute.DistributedValues)]
+    if distributed:
+        raise ValueError(
+            f"{where}: the model's variables were created under a strategy scope (e.g. "
+            f"{distributed[0]!r} is mirrored on every device). Build the model outside "
+            "strategy.scope(); tfshard puts each replica's slices on its own device.")
+    if world is None or world.strategy is not strategy:
+        world = World(comm=comms[0] if kind == "multiworker" else comm_lib.create("local"),
+                      backend=kind)
+    source_config, config_error = _serialize(model)
+    _agree_on_model(world, model, size)
+    devices = list(strategy.extended.worker_devices)
+    replicas = [None] * len(comms)
+    # The copies are made from the whole model, so it is cut last (as replica 0).
+    for i in reversed(range(len(comms))):
+        own = i == 0 and _placed_on(model, devices[0])
+        with tf.device(devices[i]):
+            replica_model = model if own else _copy(model, where, devices[i])
+            replicas[i] = Replica(replica_model, _convert(replica_model, plan, comms[i], world),
+                                  comms[i], devices[i])
+    sharded = ShardedModel(replicas[0].model, replicas[0].plan, world, comms[0],
+                           replicas=replicas, strategy=strategy)
     object.__setattr__(sharded, "source_config", source_config)
     object.__setattr__(sharded, "source_config_error", config_error)
     return sharded
+
+
+def _same_device(a, b):
+    a, b = tf.DeviceSpec.from_string(a or ""), tf.DeviceSpec.from_string(b or "")
+    for field in ("job", "replica", "task", "device_type", "device_index"):
+        x, y = getattr(a, field), getattr(b, field)
+        if x is not None and y is not None and x != y:
+            return False
+    return True
+
+
+def _placed_on(model, device):
+    return all(_same_device(getattr(v, "value", v).device, device) for v in model.weights)
+
+
+def _copy(model, where, device):
+    """A copy of `model` (weights included) whose variables live on `device`."""
+    try:
+        with tf.device(device):
+            return copying.copy_model(model)
+    except ValueError as err:
+        raise ValueError(
+            f"{where}: each replica needs its own copy of the model on {device}. {err} Use "
+            "horovodrun or tfshard launch (one process per rank), which need no copy."
+        ) from None
 
 
 def _serialize(model):
@@ -204,16 +308,23 @@ class ShardedModel(keras.Model):
         world: the `World`.
         tp_comm: the `Communicator` of this rank's tensor-parallel group.
         group: the index of this rank's data-parallel group.
+        replicas: under a tf.distribute strategy, one `Replica` per replica
+            in this process (the first is `model`).
+        strategy: the tf.distribute strategy, if any; calls then run through
+            `strategy.run`.
     """
 
-    def __init__(self, model, plan, world, tp_comm=None, group=0, **kwargs):
+    def __init__(self, model, plan, world, tp_comm=None, group=0, replicas=None, strategy=None,
+                 **kwargs):
         super().__init__(name=kwargs.pop("name", f"sharded_{model.name}"), **kwargs)
         self.inner = model
         self.plan = plan
         self.world = world
         self.tp_comm = tp_comm or world.comm
         self.group = group
-        self.groups = world.size // self.tp_comm.size
+        self.groups = max(1, world.size // self.tp_comm.size)
+        self.strategy = strategy
+        self.replicas = list(replicas or [Replica(model, plan, self.tp_comm, None)])
         self.last_schedule = None
         object.__setattr__(self, "source_config", None)
         object.__setattr__(self, "source_config_error", "the model was not sharded by tfshard.shard")
@@ -237,7 +348,34 @@ class ShardedModel(keras.Model):
         return self.tp_comm.size
 
     def call(self, inputs, *args, **kwargs):
-        return self.inner(inputs, *args, **kwargs)
+        if self.strategy is None:
+            return self.inner(inputs, *args, **kwargs)
+        ctx = tf.distribute.get_replica_context()
+        if ctx is not None and ctx.strategy is self.strategy:
+            return self._replica_model(ctx)(inputs, *args, **kwargs)
+        # Every replica computes the same global output; replica 0's is returned.
+        out = self.strategy.run(lambda x: self.call(x, *args, **kwargs), args=(inputs,))
+        return tf.nest.map_structure(
+            lambda v: self.strategy.experimental_local_results(v)[0], out)
+
+    def _replica_model(self, ctx):
+        """The converted model of the replica whose context `ctx` is."""
+        if len(self.replicas) == 1:
+            return self.replicas[0].model
+        replica_id = tf.get_static_value(ctx.replica_id_in_sync_group)
+        for replica in self.replicas:
+            if replica.comm.rank == replica_id:
+                return replica.model
+        raise ValueError(f"{self.name}: no replica {replica_id} in this process "
+                         f"(have {[r.comm.rank for r in self.replicas]}).")
+
+    def _refuse_strategy(self, what):
+        if self.strategy is not None:
+            raise NotImplementedError(
+                f"{self.name}.{what} is not available under tf.distribute yet "
+                f"({type(self.strategy).__name__}); shard under horovodrun "
+                "(./horovodrun.sh -np N) for it."
+            )
 
     def _where(self, what):
         return f"{self.name}.{what} (rank {self.rank} of {self.size})"
@@ -254,7 +392,7 @@ class ShardedModel(keras.Model):
             batch = predict_lib.unpack_x(preprocessor(batch))
         if self._predict_step is None:
             self._predict_step = tf.function(
-                lambda b: self.inner(b, training=False), reduce_retracing=True)
+                lambda b: self.call(b, training=False), reduce_retracing=True)
         batch = keras.tree.map_structure(tf.convert_to_tensor, batch)
         try:
             out = self._predict_step(batch)
@@ -396,6 +534,7 @@ class ShardedModel(keras.Model):
                 rank, e.g. cut attention in a CausalLM whose KV cache layout
                 tfshard does not know (raised on every rank).
         """
+        self._refuse_strategy("generate")
         return generation.generate(self, inputs, max_length=max_length,
                                    stop_token_ids=stop_token_ids, strip_prompt=strip_prompt,
                                    sampler=sampler)
@@ -421,6 +560,7 @@ class ShardedModel(keras.Model):
         """
         if kwargs:
             raise TypeError(f"ShardedModel.save got unexpected arguments {sorted(kwargs)}.")
+        self._refuse_strategy("save")
         from tfshard import checkpoint
 
         return checkpoint.save(self, filepath, gather=gather, overwrite=overwrite)
@@ -436,6 +576,7 @@ class ShardedModel(keras.Model):
         Raises:
             ValueError: on every rank, when any rank cannot read its part.
         """
+        self._refuse_strategy("load_weights")
         from tfshard import checkpoint
 
         checkpoint.load_into(self, filepath)

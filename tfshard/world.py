@@ -14,11 +14,16 @@ class World:
 
     Attributes:
         comm: the `Communicator` of all ranks.
-        backend: "horovod", "local" or "multiworker".
+        backend: "horovod", "local", "multiworker" or "mirrored".
     """
 
     comm: object
     backend: str
+
+    @property
+    def strategy(self):
+        """The tf.distribute strategy of a "multiworker" world, else None."""
+        return getattr(self.comm, "strategy", None)
 
     @property
     def rank(self):
@@ -36,7 +41,10 @@ def init(backend=None):
     """Joins the ranks of this job (idempotent).
 
     The backend comes from the environment: under `horovodrun` it is
-    "horovod", with a `TF_CONFIG` "multiworker", otherwise "local" (one rank).
+    "horovod", with a `TF_CONFIG` (`tfshard launch`) "multiworker" (a
+    `tf.distribute.MultiWorkerMirroredStrategy`, one replica per process, which
+    must be created before any tensor: call `init()` first), otherwise "local"
+    (one rank).
 
     Args:
         backend: force a backend: "horovod", "local" or "multiworker".
@@ -47,6 +55,7 @@ def init(backend=None):
     Raises:
         ValueError: unknown backend, or a different backend than the one
             already initialised in this process.
+        RuntimeError: "multiworker" after TensorFlow created its first tensor.
     """
     global _WORLD
     wanted = backend or comm_lib.detect_backend()
@@ -68,7 +77,8 @@ def _budget_threads():
     Only possible before TensorFlow creates its context; later it is left as is.
     An explicit TFSHARD_THREADS wins.
     """
-    local = int(os.environ.get("HOROVOD_LOCAL_SIZE", os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1)))
+    local = int(os.environ.get("HOROVOD_LOCAL_SIZE", os.environ.get(
+        "OMPI_COMM_WORLD_LOCAL_SIZE", os.environ.get("TFSHARD_LOCAL_SIZE", 1))))
     threads = int(os.environ.get("TFSHARD_THREADS", 0)) or max(1, (os.cpu_count() or 1) // local)
     if local <= 1 and "TFSHARD_THREADS" not in os.environ:
         return

@@ -3,9 +3,13 @@
     horovodrun -np 2 python tests/workers/faults.py die    # rank 1 dies before a collective
     horovodrun -np 2 python tests/workers/faults.py stall  # rank 1 never joins a collective
     horovodrun -np 2 python tests/workers/faults.py mismatch  # ranks call different collectives
+    tfshard launch -n 2 tests/workers/faults.py killed  # rank 1 is SIGKILLed mid-run
+
+The same worker runs under `tfshard launch` (tf.distribute multi-worker).
 """
 
 import os
+import signal
 import sys
 import time
 
@@ -21,6 +25,9 @@ if world.rank == 1:
     if mode == "die":
         print("rank 1 dying", flush=True)
         os._exit(3)
+    if mode == "killed":
+        print("rank 1 killing itself", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
     if mode == "stall":
         print("rank 1 stalling", flush=True)
         time.sleep(3600)
@@ -32,6 +39,10 @@ if mode == "mismatch":
         return comm.allreduce_sum(x, name=f"only_on_rank_{world.rank}")
 
     out = step(tf.ones([4]))
+elif mode == "killed":
+    for _ in range(600):  # rank 0 keeps computing with the dead rank's peer
+        out = comm.allreduce_sum(tf.ones([4]))
+        time.sleep(0.1)
 else:
     out = comm.allreduce_sum(tf.ones([4]))
 print(f"rank {world.rank} finished: {out.numpy()}", flush=True)

@@ -57,38 +57,60 @@ def compare(ref, out):
 
 
 def slices_held(sharded):
-    """For every cut layer: the local shape of its main weight vs the plan."""
-    layers = {}
-    for layer in sharded.inner._flatten_layers(include_self=False):
-        if getattr(layer, "path", None):
-            layers[layer.path] = layer
+    """For every cut layer of every local replica: its main weight's shape vs the plan.
+
+    Keys are layer paths; with several replicas in this process (MirroredStrategy)
+    they get the replica's rank appended ("path@rank").
+    """
     held = {}
-    for e in sharded.plan.sharded:
-        layer = layers[e.path]
-        var = layer.__dict__.get("_kernel", None)
-        var = layer.__dict__.get("_embeddings") if var is None else var
-        held[e.path] = {"local": list(var.shape), "planned": list(e.local_shape(sharded.rank)),
-                        "full": list(e.full_shape)}
+    for replica in sharded.replicas:
+        layers = {}
+        for layer in replica.model._flatten_layers(include_self=False):
+            if getattr(layer, "path", None):
+                layers[layer.path] = layer
+        for e in replica.plan.sharded:
+            layer = layers[e.path]
+            var = layer.__dict__.get("_kernel", None)
+            var = layer.__dict__.get("_embeddings") if var is None else var
+            key = e.path if len(sharded.replicas) == 1 else f"{e.path}@{replica.comm.rank}"
+            held[key] = {"local": list(var.shape),
+                         "planned": list(e.local_shape(replica.comm.rank)),
+                         "full": list(e.full_shape)}
     return held
+
+
+def placement(sharded):
+    """Per local replica: its device and the devices its variables live on."""
+    return {str(r.comm.rank): {"device": r.device, "variables": sorted(
+        {getattr(v, "value", v).device for v in r.model.weights})} for r in sharded.replicas}
 
 
 def param_bytes(model):
     return int(sum(np.asarray(v).nbytes for v in model.weights))
 
 
+# How the suites shard: plain `tfshard.shard` (horovodrun, tfshard launch), or
+# bound to a MirroredStrategy with `--mirrored N`.
+SHARD = tfshard.shard
+STRATEGY = None
+ONLY = None  # --models: the equivalence models to run (None: all)
+
+
 def run_equivalence(world, results, only=None):
+    only = only or ONLY
     for name, builder in models.EQUIVALENCE.items():
         if only and name not in only:
             continue
         def case(builder=builder):
             model, x = builder()
             ref = model.predict(x, batch_size=2, verbose=0)
-            sharded = tfshard.shard(model)
+            sharded = SHARD(model)
             out = sharded.predict(x, batch_size=2, verbose=0)
             res = compare(ref, out)
             res["cut"] = len(sharded.plan.sharded)
             res["layers"] = len(sharded.plan.entries)
             res["slices"] = slices_held(sharded)
+            res["placement"] = placement(sharded)
             # A second call reuses the traced function and must agree too.
             res["call_matches_predict"] = bool(np.allclose(
                 leaves(sharded(x))[sorted(leaves(out))[0]] if not isinstance(out, dict)
@@ -103,7 +125,7 @@ def run_bitwise(world, results):
         def case(builder=builder, rules=rules):
             model, x = builder()
             ref = model.predict(x, batch_size=2, verbose=0)
-            sharded = tfshard.shard(model, plan=tfshard.Plan.from_rules(rules))
+            sharded = SHARD(model, plan=tfshard.Plan.from_rules(rules))
             out = sharded.predict(x, batch_size=2, verbose=0)
             res = compare(ref, out)
             res["cut"] = len(sharded.plan.sharded)
@@ -324,7 +346,7 @@ def run_dp(world, results, tp=2):
 def _roundtrip(builder):
     model, x = builder()
     ref = model.predict(x, verbose=0)
-    return ref, tfshard.shard(model).predict(x, verbose=0)
+    return ref, SHARD(model).predict(x, verbose=0)
 
 
 def guarded(fn, expect_error=False):
@@ -345,11 +367,60 @@ def expect_error(fn):
     return guarded(case, expect_error=True)
 
 
+def run_strategy_errors(world, results):
+    """Errors under tf.distribute; the strategy-specific ones only with --mirrored."""
+    import tensorflow as tf
+
+    def bad_id():
+        model, x = models.gpt2()
+        x = dict(x)
+        x["token_ids"] = x["token_ids"].copy()
+        x["token_ids"][1, 3] = 50257
+        SHARD(model).predict(x, batch_size=2, verbose=0)
+    results["err_id_too_large"] = expect_error(bad_id)
+
+    def wrong_rank():
+        model, x = models.mlp()
+        SHARD(model).predict(x[..., None], verbose=0)
+    results["err_wrong_rank"] = expect_error(wrong_rank)
+
+    if world.backend == "multiworker":
+        def different_inputs():
+            model, x = models.mlp()
+            SHARD(model).predict(x + world.rank, verbose=0)
+        results["err_inputs_disagree"] = expect_error(different_inputs)
+    if STRATEGY is None:
+        return
+    results["err_tensor_parallel"] = expect_error(
+        lambda: SHARD(models.mlp()[0], tensor_parallel=1))
+
+    def inside_scope():
+        model, _ = models.mlp()
+        with STRATEGY.scope():
+            SHARD(model)
+    results["err_inside_scope"] = expect_error(inside_scope)
+
+    def built_in_scope():
+        with STRATEGY.scope():
+            model, _ = models.mlp()
+        SHARD(model)
+    results["err_built_in_scope"] = expect_error(built_in_scope)
+
+    results["err_other_strategy"] = expect_error(lambda: tfshard.shard(
+        models.mlp()[0], strategy=tf.distribute.OneDeviceStrategy("/cpu:0")))
+    results["err_cpu_devices_too_late"] = expect_error(
+        lambda: tfshard.cpu_devices(STRATEGY.num_replicas_in_sync + 1))
+    results["err_save_under_strategy"] = expect_error(
+        lambda: SHARD(models.mlp()[0]).save(os.path.join(os.getcwd(), "never-written")))
+    results["after_errors"] = guarded(lambda: compare(*_roundtrip(models.mlp)))
+
+
 SUITES = {
     "equivalence": [run_equivalence],
     "gpt2": [lambda world, results: run_equivalence(world, results, only={"gpt2"})],
     "dp": [run_dp],
     "checks": [run_bitwise, run_memory, run_errors],
+    "distribute": [run_equivalence, run_bitwise, run_strategy_errors],
 }
 
 
@@ -366,9 +437,25 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--suite", required=True, choices=sorted(SUITES))
     parser.add_argument("--out", required=True)
+    parser.add_argument("--models", default=None,
+                        help="comma-separated subset of models.EQUIVALENCE to run")
+    parser.add_argument("--mirrored", type=int, default=0,
+                        help="shard over a MirroredStrategy of this many logical CPU devices")
     args = parser.parse_args()
+    if args.mirrored:
+        global SHARD, STRATEGY
+        import functools
+
+        import tensorflow as tf
+
+        STRATEGY = tf.distribute.MirroredStrategy(tfshard.cpu_devices(args.mirrored))
+        SHARD = functools.partial(tfshard.shard, strategy=STRATEGY)
     world = tfshard.init()
-    results = {"rank": world.rank, "size": world.size, "backend": world.backend, "cases": {}}
+    results = {"rank": world.rank, "size": world.size, "backend": world.backend, "cases": {},
+               "replicas": args.mirrored or world.size}
+    if args.models:
+        global ONLY
+        ONLY = set(args.models.split(","))
     for fn in SUITES[args.suite]:
         fn(world, results["cases"])
         path = write_results(results, args.out, world.rank)

@@ -38,8 +38,7 @@ def create(backend=None):
 
     Raises:
         ValueError: for an unknown backend name.
-        NotImplementedError: for "multiworker", which lands with the
-            tf.distribute backend.
+        RuntimeError: "multiworker" after TensorFlow has initialised.
     """
     backend = backend or detect_backend()
     if backend == "horovod":
@@ -51,11 +50,33 @@ def create(backend=None):
 
         return LocalCommunicator()
     if backend == "multiworker":
-        raise NotImplementedError(
-            "The tf.distribute multi-worker backend is not implemented yet: "
-            "unset TF_CONFIG, or launch with horovodrun (./horovodrun.sh -np N ...)."
-        )
+        from tfshard.comm.distribute import ReplicaCommunicator
+
+        return ReplicaCommunicator.from_environment()
     raise ValueError(f"Unknown backend {backend!r}; expected one of {BACKENDS}.")
 
 
-__all__ = ["Communicator", "create", "detect_backend", "BACKENDS"]
+def for_replicas(strategy):
+    """Communicators for the replicas of `strategy` that run in this process.
+
+    Args:
+        strategy: a `tf.distribute.MirroredStrategy` (all replicas local) or
+            `MultiWorkerMirroredStrategy` (one replica per process).
+
+    Returns:
+        A list with one `Communicator` per local replica, in device order.
+
+    Raises:
+        ValueError: another kind of strategy, or a multi-worker process
+            with several replicas.
+    """
+    from tfshard.comm import distribute
+
+    kind = distribute.strategy_kind(strategy)
+    if kind == "multiworker":
+        return [distribute.ReplicaCommunicator(strategy, distribute.replica_rank(strategy))]
+    return [distribute.ReplicaCommunicator(strategy, i)
+            for i in range(len(strategy.extended.worker_devices))]
+
+
+__all__ = ["Communicator", "create", "detect_backend", "for_replicas", "BACKENDS"]

@@ -1,0 +1,176 @@
+"""The tf.distribute backend: MirroredStrategy replicas and `tfshard launch` workers.
+
+The same model matrix and tolerances as the Horovod tests (tests/models.py):
+under a MirroredStrategy of 2 and 3 logical CPU devices in one process, and
+as 2 MultiWorkerMirroredStrategy processes started by `tfshard launch`. The
+six-model matrix runs everywhere; the four further families (two-input,
+Mistral, OPT, Gemma) at 3 replicas only, where heads split unevenly, to keep
+the suite's time in bounds (they run on every Horovod world size).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import models
+from conftest import LAUNCH_TIMEOUT, ROOT, case_on_all_ranks, launch
+from test_equivalence import _check_equivalence
+
+FAULTS = ROOT / "tests" / "workers" / "faults.py"
+RUNS = [pytest.param("mirrored", 2, id="mirrored2"), pytest.param("mirrored", 3, id="mirrored3"),
+        pytest.param("multiworker", 2, id="multiworker2")]
+
+
+def _models(backend, n):
+    return list(models.EQUIVALENCE) if (backend, n) == ("mirrored", 3) else models.MATRIX
+
+
+def _ranks(suite_runs, backend, n):
+    if backend == "mirrored":
+        return suite_runs("distribute", 1, launcher="none", mirrored=n, models=_models(backend, n))
+    return suite_runs("distribute", n, launcher="tfshard", models=_models(backend, n))
+
+
+@pytest.mark.parametrize("backend,n", RUNS)
+@pytest.mark.parametrize("name", list(models.EQUIVALENCE))
+def test_sharded_predict_matches_unsharded(suite_runs, backend, n, name):
+    if name not in _models(backend, n):
+        pytest.skip(f"{name} runs at 3 mirrored replicas and under horovodrun")
+    ranks = _ranks(suite_runs, backend, n)
+    assert ranks[0]["backend"] == ("local" if backend == "mirrored" else "multiworker")
+    assert ranks[0]["replicas"] == n
+    _check_equivalence(ranks, name, n)
+    if backend == "mirrored":
+        # One slice set per replica, all in this one process.
+        held = case_on_all_ranks(ranks, name)[0]["slices"]
+        assert {k.rsplit("@", 1)[1] for k in held} == {str(r) for r in range(n)}
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_each_replica_holds_its_slices_on_its_own_device(suite_runs, n):
+    ranks = _ranks(suite_runs, "mirrored", n)
+    for name in _models("mirrored", n):
+        placement = case_on_all_ranks(ranks, name)[0]["placement"]
+        assert sorted(placement) == [str(r) for r in range(n)], name
+        devices = set()
+        for rank, p in placement.items():
+            assert p["device"].endswith(f"CPU:{rank}"), (name, rank, p)
+            assert p["variables"] == [p["device"]], (
+                f"{name}: replica {rank} has variables on {p['variables']}, not only {p['device']}")
+            devices.add(p["device"])
+        assert len(devices) == n, name
+
+
+@pytest.mark.parametrize("backend,n", RUNS)
+@pytest.mark.parametrize("name", ["dense", "einsum_dense", "embedding", "reversible_embedding"])
+def test_integer_models_are_bitwise_equal(suite_runs, backend, n, name):
+    for rank, rec in enumerate(case_on_all_ranks(_ranks(suite_runs, backend, n), f"bitwise_{name}")):
+        assert rec["ok"], f"rank {rank}: {rec.get('error_type')}: {rec.get('message')}"
+        assert rec["cut"] >= 1
+        for key, o in rec["outputs"].items():
+            assert o["bitwise"], f"{name} output {key} on rank {rank}: max|diff| {o['max_diff']}"
+
+
+EXPECTED_ERRORS = {
+    "err_id_too_large": ("ValueError", ["token_embedding", "50257", "(2, 8)"]),
+    "err_wrong_rank": ("ValueError", ["rank 3", "(5, 12, 1)", "expects rank 2"]),
+}
+MIRRORED_ERRORS = {
+    "err_tensor_parallel": ("ValueError", ["tensor_parallel=1", "tensor_parallel=None"]),
+    "err_inside_scope": ("ValueError", ["inside a strategy scope", "call it outside"]),
+    "err_built_in_scope": ("ValueError", ["mirrored on every device", "outside strategy.scope()"]),
+    "err_other_strategy": ("ValueError", ["OneDeviceStrategy", "MirroredStrategy"]),
+    "err_cpu_devices_too_late": ("RuntimeError", ["too late", "before creating any tensor"]),
+    "err_save_under_strategy": ("NotImplementedError", ["save", "horovodrun"]),
+}
+
+
+@pytest.mark.parametrize("backend,n", RUNS)
+def test_bad_calls_raise_clear_errors(suite_runs, backend, n):
+    ranks = _ranks(suite_runs, backend, n)
+    expected = dict(EXPECTED_ERRORS)
+    if backend == "mirrored":
+        expected.update(MIRRORED_ERRORS)
+    else:
+        expected["err_inputs_disagree"] = ("ValueError", ["differs on rank(s) [1]"])
+    for case, (error_type, words) in expected.items():
+        for rank, rec in enumerate(case_on_all_ranks(ranks, case)):
+            assert not rec["ok"] and rec.get("error_type") == error_type, (case, rank, rec)
+            for w in words:
+                assert w in rec["message"], f"{case} on rank {rank}: {w!r} not in {rec['message']!r}"
+    for rec in case_on_all_ranks(ranks, "after_errors") if backend == "mirrored" else []:
+        assert rec["ok"] and rec["outputs"]["output"]["max_diff"] <= rec["outputs"]["output"]["tol"]
+
+
+def _orphans(marker):
+    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    for pid in out:  # never leave them running, even when the test fails
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    return out
+
+
+def test_launcher_ends_the_job_when_a_worker_is_killed():
+    code, out, secs = launch(2, [FAULTS, "killed"], timeout=120, launcher="tfshard")
+    assert code is not None, f"hung for {secs:.0f} s:\n{out[-3000:]}"
+    assert code != 0, out[-3000:]
+    assert "rank 1 killing itself" in out
+    assert "[tfshard launch] rank 1 killed by SIGKILL; stopping the others" in out, out[-3000:]
+    assert "rank 0 finished" not in out
+    assert secs < 60, f"took {secs:.0f} s to end the job"
+    assert not _orphans("[t]ests/workers/faults.py")
+
+
+def test_stalled_worker_times_out_instead_of_hanging():
+    # Rank 1 never joins; rank 0's collective fails at the collective timeout,
+    # and the launcher then stops rank 1.
+    code, out, secs = launch(2, [FAULTS, "stall"], timeout=120, launcher="tfshard",
+                             env={"TFSHARD_COLLECTIVE_TIMEOUT_SECONDS": "10"})
+    assert code is not None and code != 0, out[-3000:]
+    assert "rank 0 exited with code" in out and "stopped rank(s) [1]" in out, out[-3000:]
+    assert "rank 0 finished" not in out
+    assert secs < 60
+    assert not _orphans("[t]ests/workers/faults.py")
+
+
+def test_launcher_prefixes_output_and_passes_tf_config(tmp_path):
+    script = tmp_path / "hello.py"
+    script.write_text("import json, os, sys\nc = json.loads(os.environ['TF_CONFIG'])\n"
+                      "print('task', c['task']['index'], 'of', len(c['cluster']['worker']), "
+                      "'args', sys.argv[1:])\n")
+    proc = subprocess.run([sys.executable, "-m", "tfshard.launch", "-n", "3", str(script), "a", "-b"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for i in range(3):
+        assert f"[{i}] task {i} of 3 args ['a', '-b']" in proc.stdout, proc.stdout
+
+
+def test_launcher_passes_on_a_failing_exit_code(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text("import os, sys, time\nif os.environ['TF_CONFIG'].endswith('1}}'):\n"
+                      "    sys.exit(7)\ntime.sleep(300)\n")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "tfshard.launch", "-n", "2", str(script)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 7, proc.stdout + proc.stderr
+    assert "rank 1 exited with code 7; stopping the others" in proc.stdout
+    assert "stopped rank(s) [0]" in proc.stdout
+    assert time.monotonic() - t0 < 60
+
+
+def test_init_under_tf_config_after_tensorflow_started_says_what_to_do():
+    code = ("import tensorflow as tf, tfshard\ntf.constant(1.0)\n"
+            "try:\n    tfshard.init()\nexcept RuntimeError as e:\n    print('RAISED', e)\n")
+    env = {**os.environ, "TF_CONFIG": json.dumps(
+        {"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 0}})}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT, env=env, cwd=ROOT)
+    assert "RAISED" in proc.stdout and "before creating any tensor" in proc.stdout, (
+        proc.stdout + proc.stderr[-2000:])

@@ -1,0 +1,166 @@
+"""tf.distribute communicator: collectives through the replica context.
+
+Under `MirroredStrategy` (several replicas in one process) and
+`MultiWorkerMirroredStrategy` (one replica per process), each replica is a
+rank. Inside `strategy.run` the collectives are the replica context's own
+`all_reduce` / `all_gather`, so they work eagerly and inside `tf.function`.
+
+Outside `strategy.run` (host-side checks and gathers in the runtime) a rank can
+only reach the others when it is the only replica of its process (the
+multi-worker case): the collective is then run through `strategy.run` on the
+spot. Several replicas in one process share the host and need no host-side
+collective; asking for one raises.
+"""
+
+import os
+
+import tensorflow as tf
+
+from tfshard.comm.base import Communicator, normalize_axis
+
+# A collective that a peer never joins fails after this long instead of
+# waiting forever (tf.distribute's CommunicationOptions.timeout_seconds).
+TIMEOUT_ENV = "TFSHARD_COLLECTIVE_TIMEOUT_SECONDS"
+DEFAULT_TIMEOUT_SECONDS = 120.0
+
+# Collective ops carry these dtypes; the host-side helpers send others widened.
+_WIRE_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64, tf.int32, tf.int64)
+
+
+def timeout_seconds():
+    """The collective timeout from TFSHARD_COLLECTIVE_TIMEOUT_SECONDS (default 120 s)."""
+    return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_SECONDS))
+
+
+def communication_options():
+    """`tf.distribute.experimental.CommunicationOptions` with tfshard's timeout."""
+    return tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_seconds())
+
+
+def strategy_kind(strategy):
+    """Names a supported strategy: "mirrored" or "multiworker".
+
+    Raises:
+        ValueError: any other strategy, naming the ones that work.
+    """
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "multiworker"
+    if isinstance(strategy, tf.distribute.MirroredStrategy):
+        return "mirrored"
+    raise ValueError(
+        f"tfshard shards over tf.distribute.MirroredStrategy or "
+        f"tf.distribute.MultiWorkerMirroredStrategy; got {type(strategy).__name__}. "
+        "For one device use no strategy; for TPUs or parameter servers there is no tfshard "
+        "backend."
+    )
+
+
+def multiworker_strategy():
+    """Creates the `MultiWorkerMirroredStrategy` a `TF_CONFIG` describes.
+
+    Must run before TensorFlow creates any tensor in this process (TF
+    configures its collective ops once, at start-up).
+
+    Returns:
+        The strategy, with tfshard's collective timeout.
+
+    Raises:
+        RuntimeError: TensorFlow was initialised before, with a clear message.
+    """
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=communication_options())
+    except (RuntimeError, ValueError) as err:
+        raise RuntimeError(
+            f"Could not join the multi-worker job that TF_CONFIG describes ({err}). Call "
+            "tfshard.init() first thing in the script, before creating any tensor, model or "
+            "strategy: TensorFlow sets up its collective ops once, at start-up."
+        ) from err
+
+
+def replica_rank(strategy):
+    """The global replica id of this process's only replica (multi-worker)."""
+    local = strategy.extended.worker_devices
+    if len(local) != 1:
+        raise ValueError(
+            f"tfshard's multi-worker backend needs one replica per process; this worker has "
+            f"{len(local)} devices {list(local)}. Start one process per device (tfshard launch "
+            "-n N) and hide the others, e.g. with CUDA_VISIBLE_DEVICES."
+        )
+    ids = strategy.run(lambda: tf.distribute.get_replica_context().replica_id_in_sync_group)
+    return int(strategy.experimental_local_results(ids)[0])
+
+
+class ReplicaCommunicator(Communicator):
+    """One replica of a tf.distribute strategy, as a rank.
+
+    Args:
+        strategy: a `MirroredStrategy` or `MultiWorkerMirroredStrategy`.
+        rank: this replica's id in sync group (`replica_id_in_sync_group`).
+    """
+
+    def __init__(self, strategy, rank):
+        self.backend = strategy_kind(strategy)
+        self.strategy = strategy
+        self._rank = int(rank)
+        self._size = strategy.num_replicas_in_sync
+        self._local = len(strategy.extended.worker_devices)
+        self._options = communication_options()
+
+    @classmethod
+    def from_environment(cls):
+        """The communicator of this process in the multi-worker job `TF_CONFIG` describes."""
+        strategy = multiworker_strategy()
+        return cls(strategy, replica_rank(strategy))
+
+    @property
+    def rank(self):
+        return self._rank
+
+    @property
+    def size(self):
+        return self._size
+
+    def _replica_context(self):
+        """This strategy's replica context, or None when outside `strategy.run`."""
+        ctx = tf.distribute.get_replica_context()
+        if ctx is not None and ctx.strategy is self.strategy:
+            return ctx
+        if self._local != 1:
+            raise RuntimeError(
+                f"Rank {self._rank} of {self._size}: a tf.distribute collective outside "
+                f"strategy.run with {self._local} replicas in this process. Call the sharded "
+                "model through ShardedModel (predict / __call__), which runs strategy.run."
+            )
+        return None
+
+    def _run(self, fn, x):
+        """Runs a collective `fn(ctx, x)` through `strategy.run` (host side)."""
+        x = tf.convert_to_tensor(x)
+        wire = x.dtype if x.dtype in _WIRE_DTYPES else (tf.int32 if x.dtype.is_integer
+                                                         or x.dtype == tf.bool else tf.float32)
+        out = self.strategy.run(
+            lambda v: fn(tf.distribute.get_replica_context(), v), args=(tf.cast(x, wire),))
+        return tf.cast(self.strategy.experimental_local_results(out)[0], x.dtype)
+
+    def allreduce_sum(self, x, name=None):
+        ctx = self._replica_context()
+        if ctx is None:
+            return self._run(lambda c, v: c.all_reduce("sum", v, options=self._options), x)
+        return ctx.all_reduce(tf.distribute.ReduceOp.SUM, x, options=self._options)
+
+    def allgather(self, x, axis=0, name=None):
+        x = tf.convert_to_tensor(x)
+        axis = normalize_axis(axis, x.shape.rank)
+        ctx = self._replica_context()
+        if ctx is None:
+            return self._run(lambda c, v: c.all_gather(v, axis, options=self._options), x)
+        return ctx.all_gather(x, axis, options=self._options)
+
+    def broadcast(self, x, root=0, name=None):
+        # Exact (no arithmetic on the values): gather one copy per rank, keep root's.
+        x = tf.convert_to_tensor(x)
+        return tf.gather(self.allgather(x[None], axis=0), root)
+
+    def barrier(self):
+        self.allreduce_sum(tf.zeros([1]))

@@ -1,0 +1,218 @@
+"""`tfshard launch`: N local processes of a tf.distribute multi-worker job.
+
+    tfshard launch -n 2 script.py [ARGS...]        # or: python -m tfshard.launch -n 2 ...
+    tfshard launch -n 2 tfshard predict gpt2-tiny  # any command
+
+Each process gets a `TF_CONFIG` naming all N workers on free loopback ports and
+its own index, so `tfshard.init()` joins a `MultiWorkerMirroredStrategy` with
+one replica per process. Output lines are prefixed with `[rank]`. When a
+process fails, the others are stopped (SIGTERM, then SIGKILL) and the launcher
+exits with the failed process's code; a wall-clock `--timeout` ends the whole
+job the same way (exit 124).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+# How long stopped ranks get between SIGTERM and SIGKILL.
+GRACE_SECONDS = 5.0
+
+
+def free_ports(n, host="127.0.0.1"):
+    """`n` distinct free TCP ports on `host` (held open together while chosen)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def tf_config(workers, index):
+    """The `TF_CONFIG` JSON for worker `index` of `workers` ("host:port" strings)."""
+    return json.dumps({"cluster": {"worker": list(workers)},
+                       "task": {"type": "worker", "index": index}})
+
+
+def command_for(script, args):
+    """The argv to run: `python SCRIPT ARGS` for a .py file, else the command itself."""
+    if script == "-m":
+        return [sys.executable, "-m", *args]
+    if script.endswith(".py") or (os.path.isfile(script) and not os.access(script, os.X_OK)):
+        return [sys.executable, script, *args]
+    # A console script of this environment (e.g. `tfshard`) even when its bin/ is not on PATH.
+    beside = os.path.join(os.path.dirname(sys.executable), script)
+    if shutil.which(script) is None and os.sep not in script and os.access(beside, os.X_OK):
+        return [beside, *args]
+    return [script, *args]
+
+
+class _Rank:
+    def __init__(self, index, proc):
+        self.index = index
+        self.proc = proc
+        self.reader = None
+
+
+def _pump(rank, out, lock):
+    """Copies a rank's output to ours, line by line, prefixed with its rank."""
+    for line in iter(rank.proc.stdout.readline, b""):
+        with lock:
+            out.write(f"[{rank.index}] ".encode() + line)
+            out.flush()
+    rank.proc.stdout.close()
+
+
+def _describe(code):
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _stop(ranks, say):
+    """SIGTERM every running rank's process group, SIGKILL what is left after the grace."""
+    alive = [r for r in ranks if r.proc.poll() is None]
+    for r in alive:
+        try:
+            os.killpg(r.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + GRACE_SECONDS
+    for r in alive:
+        try:
+            r.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for r in ranks:
+        # The group may hold children of a rank that itself already exited.
+        try:
+            os.killpg(r.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if r.proc.poll() is None:
+            r.proc.wait()
+    if alive:
+        say(f"stopped rank(s) {[r.index for r in alive]}")
+
+
+def run(n, argv, timeout=None, env=None, out=None):
+    """Runs `argv` as `n` workers of one multi-worker job and waits for them.
+
+    Args:
+        n: number of processes (>= 1).
+        argv: the command for every worker.
+        timeout: seconds before the whole job is stopped (None: no limit).
+        env: extra environment variables for every worker.
+        out: binary stream for the prefixed output (default: stdout).
+
+    Returns:
+        0 when every worker exited 0; else the first failure's exit code
+        (128 + signal for a killed worker, 124 on timeout).
+    """
+    out = out or sys.stdout.buffer
+    lock = threading.Lock()
+
+    def say(message):
+        with lock:
+            out.write(f"[tfshard launch] {message}\n".encode())
+            out.flush()
+
+    workers = [f"127.0.0.1:{p}" for p in free_ports(n)]
+    ranks = []
+    cores = os.cpu_count() or 1
+    for i in range(n):
+        worker_env = {**os.environ, **(env or {}), "TF_CONFIG": tf_config(workers, i),
+                      "TFSHARD_LOCAL_SIZE": str(n), "PYTHONUNBUFFERED": "1"}
+        worker_env.setdefault("TFSHARD_THREADS", str(max(1, cores // n)))
+        try:
+            proc = subprocess.Popen(argv, env=worker_env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        except OSError as err:
+            say(f"cannot start rank {i}: {err}")
+            _stop(ranks, say)
+            return 127
+        rank = _Rank(i, proc)
+        rank.reader = threading.Thread(target=_pump, args=(rank, out, lock), daemon=True)
+        rank.reader.start()
+        ranks.append(rank)
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    code = 0
+    interrupted = []
+    previous = {s: signal.signal(s, lambda signum, _: interrupted.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            codes = [r.proc.poll() for r in ranks]
+            failed = [r for r, c in zip(ranks, codes) if c not in (None, 0)]
+            if failed:
+                first = failed[0]
+                code = first.proc.returncode
+                code = 128 - code if code < 0 else code
+                say(f"rank {first.index} {_describe(first.proc.returncode)}; stopping the others")
+                break
+            if all(c == 0 for c in codes):
+                break
+            if interrupted:
+                say(f"got {signal.Signals(interrupted[0]).name}; stopping all ranks")
+                code = 128 + interrupted[0]
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                say(f"timed out after {timeout:g} s; stopping all ranks")
+                code = 124
+                break
+            time.sleep(0.1)
+    finally:
+        _stop(ranks, say)
+        for r in ranks:
+            r.reader.join(timeout=5)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return code
+
+
+def build_parser(parser=None):
+    parser = parser or argparse.ArgumentParser(
+        prog="tfshard launch", description=__doc__.split("\n")[0])
+    parser.add_argument("-n", "--num-processes", type=int, required=True,
+                        help="number of worker processes (ranks)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="stop the whole job after this many seconds (exit 124)")
+    parser.add_argument("script", help="a .py file, '-m module', or a command such as tfshard")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for every worker")
+    return parser
+
+
+def main(argv=None, args=None):
+    """Entry point of `tfshard launch` and `python -m tfshard.launch`.
+
+    Returns:
+        The exit code (see `run`).
+    """
+    args = args or build_parser().parse_args(argv)
+    if args.num_processes < 1:
+        print(f"tfshard launch: error: -n must be >= 1; got {args.num_processes}", file=sys.stderr)
+        return 2
+    return run(args.num_processes, command_for(args.script, args.args), timeout=args.timeout)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
