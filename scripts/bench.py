@@ -33,6 +33,17 @@ prefill runs over all L positions either way, so the difference is exactly K
 decode steps, and prefill = the first time minus one step.
 
     .venv/bin/python scripts/bench.py generate --np 2 3
+
+Suite `comm`: the cost of one collective on each backend (Horovod under
+./horovodrun.sh, MirroredStrategy replicas in one process, MultiWorker
+processes under `tfshard launch`): a chain of `--chain` all-reduces (or
+all-gathers) in one `tf.function` (inside `strategy.run` for tf.distribute),
+timed per collective, for a small [1, H] tensor and a [B*S, H] activation.
+`forward --backends horovod mirrored multiworker` times a whole forward pass
+on each backend next to the unsharded model.
+
+    .venv/bin/python scripts/bench.py comm --np 2
+    .venv/bin/python scripts/bench.py forward --model gpt2 --np 2 --backends horovod mirrored multiworker
 """
 
 import argparse
@@ -53,6 +64,12 @@ def _measure(args, sharded):
     import tfshard
     from tfshard import models
 
+    mirrored = getattr(args, "mode", None) == "mirrored"
+    strategy = None
+    if mirrored:
+        import tensorflow as tf
+
+        strategy = tf.distribute.MirroredStrategy(tfshard.cpu_devices(args.replicas))
     world = tfshard.init() if sharded else None
     model, vocab, names = models.build(args.model, seed=0)
     rng = np.random.default_rng(1)
@@ -62,7 +79,7 @@ def _measure(args, sharded):
     param_bytes = sum(np.asarray(v).nbytes for v in model.weights)
     target = model
     if sharded:
-        target = tfshard.shard(model, tensor_parallel=args.tp or None)
+        target = tfshard.shard(model, tensor_parallel=args.tp or None, strategy=strategy)
         param_bytes = sum(np.asarray(v).nbytes for v in target.inner.weights)
     target.predict(x, batch_size=args.batch_size, verbose=0)  # trace + warm up
     times = []
@@ -72,7 +89,7 @@ def _measure(args, sharded):
         times.append(time.perf_counter() - t0)
     result = {"seconds": statistics.median(times), "all_seconds": times,
               "tokens": args.rows * args.seq_len, "param_bytes_per_rank": int(param_bytes),
-              "ranks": world.size if world else 1}
+              "ranks": args.replicas if mirrored else world.size if world else 1}
     if not world or world.rank == 0:
         print("RESULT " + json.dumps(result), flush=True)
 
@@ -248,23 +265,114 @@ def _run(cmd, timeout, env=None):
                        f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
+BACKENDS = ("horovod", "mirrored", "multiworker")
+
+
+def _launch(backend, n, child):
+    """The command running `child` (a `python bench.py _...` argv) on n ranks of `backend`.
+
+    "mirrored" runs one process of n replicas (`--mode mirrored --replicas n`).
+    """
+    if backend == "horovod":
+        return [str(ROOT / "horovodrun.sh"), "-np", str(n)] + child
+    if backend == "multiworker":
+        return [sys.executable, "-m", "tfshard.launch", "-n", str(n)] + child
+    child = [a for a in child]
+    child[child.index("--mode") + 1] = "mirrored"
+    return child + ["--replicas", str(n)]
+
+
+def _comm_child(args):
+    """Times collectives on this backend: a chain of K in one tf.function, per collective."""
+    import numpy as np
+
+    import tfshard
+
+    strategy = None
+    if args.mode == "mirrored":
+        import tensorflow as tf
+
+        strategy = tf.distribute.MirroredStrategy(tfshard.cpu_devices(args.replicas))
+    import tensorflow as tf
+
+    from tfshard import comm as comm_lib
+
+    if strategy is None:
+        world = tfshard.init()
+        comm, strategy, rank = world.comm, world.strategy, world.rank
+    else:
+        comm, rank = comm_lib.for_replicas(strategy)[0], 0
+    size = comm.size
+
+    def chain(op):
+        def steps(x):
+            for _ in range(args.chain):
+                x = op(x)
+            return x
+        if strategy is None:
+            return tf.function(steps)
+        return tf.function(lambda x: strategy.experimental_local_results(
+            strategy.run(steps, args=(x,)))[0])
+
+    ops = {
+        "allreduce_sum": lambda x: comm.allreduce_sum(x) / size,
+        # Gather the last axis, keep this rank's share: the shape stays fixed.
+        "allgather": lambda x: comm.allgather(x, axis=-1)[..., : x.shape[-1]],
+    }
+    result = {"ranks": size, "chain": args.chain, "collectives": {}}
+    for label, shape in (("small", [1, args.hidden]),
+                         ("activation", [args.rows * args.seq_len, args.hidden])):
+        for name, op in ops.items():
+            fn = chain(op)
+            x = tf.ones(shape)
+            fn(x)  # trace + warm up
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                np.asarray(fn(x))
+                times.append((time.perf_counter() - t0) / args.chain)
+            result["collectives"][f"{name} {label} {shape}"] = {
+                "ms": 1e3 * statistics.median(times), "bytes": int(np.prod(shape)) * 4}
+    if rank == 0:
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+def suite_comm(args):
+    me = [sys.executable, str(Path(__file__).resolve()), "_comm", "--mode", "sharded",
+          "--hidden", str(args.hidden), "--rows", str(args.rows), "--seq-len", str(args.seq_len),
+          "--chain", str(args.chain), "--repeats", str(args.repeats)]
+    runs = {}
+    for n in args.np:
+        for backend in args.backends:
+            runs[f"{backend} {n}"] = _run(_launch(backend, n, me), args.timeout)
+    print(f"\ncomm: ms per collective (median of {args.repeats} chains of {args.chain} inside "
+          f"one tf.function), float32, {os.cpu_count()} cores")
+    names = list(next(iter(runs.values()))["collectives"])
+    print(f"{'backend':<15}" + "".join(f" {n:>34}" for n in names))
+    for label, r in runs.items():
+        print(f"{label:<15}" + "".join(f" {r['collectives'][n]['ms']:>34.3f}" for n in names))
+    _write_report("comm", args, runs)
+
+
 def suite_forward(args, layouts=None):
     common = ["--model", args.model, "--rows", str(args.rows), "--seq-len", str(args.seq_len),
               "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
     me = [sys.executable, str(Path(__file__).resolve())]
     rows = [("unsharded", _run(me + ["_child", "--mode", "unsharded"] + common, args.timeout))]
-    layouts = layouts or [(f"TP={n}", n, n) for n in args.np]
-    for name, n, tp in layouts:
-        rows.append((name, _run([str(ROOT / "horovodrun.sh"), "-np", str(n)] + me
-                                + ["_child", "--mode", "sharded", "--tp", str(tp)] + common,
+    backends = getattr(args, "backends", ["horovod"])
+    layouts = layouts or [(f"TP={n}" if b == "horovod" else f"{b} {n}", n, n, b)
+                          for n in args.np for b in backends]
+    for name, n, tp, *backend in layouts:
+        child = me + ["_child", "--mode", "sharded", "--tp", str(tp)] + common
+        rows.append((name, _run(_launch(backend[0] if backend else "horovod", n, child),
                                 args.timeout)))
     base = rows[0][1]["tokens"] / rows[0][1]["seconds"]
     print(f"\n{args.suite}: {args.model}, {args.rows} rows x {args.seq_len} tokens, batch "
           f"{args.batch_size}, median of {args.repeats}, {os.cpu_count()} cores")
-    print(f"{'run':<10} {'s/predict':>10} {'tokens/s':>10} {'vs unsharded':>13} {'params/rank':>12}")
+    print(f"{'run':<15} {'s/predict':>10} {'tokens/s':>10} {'vs unsharded':>13} {'params/rank':>12}")
     for name, r in rows:
         tps = r["tokens"] / r["seconds"]
-        print(f"{name:<10} {r['seconds']:>10.3f} {tps:>10.0f} {tps / base:>12.2f}x "
+        print(f"{name:<15} {r['seconds']:>10.3f} {tps:>10.0f} {tps / base:>12.2f}x "
               f"{r['param_bytes_per_rank'] / 2**20:>10.1f}MiB")
     _write_report(f"{args.suite}-{args.model}", args, dict(rows))
 
@@ -301,11 +409,32 @@ def main():
         if name in ("forward", "predict"):
             p.add_argument("--np", type=int, nargs="+", default=[2])
             p.add_argument("--timeout", type=int, default=1800)
+        if name == "forward":
+            p.add_argument("--backends", nargs="+", choices=BACKENDS, default=["horovod"])
         else:
-            p.add_argument("--mode", choices=["sharded", "unsharded"], required=True)
+            p.add_argument("--mode", choices=["sharded", "unsharded", "mirrored"], required=True)
             p.add_argument("--tp", type=int, default=0)
+            p.add_argument("--replicas", type=int, default=0)
+    for name in ("comm", "_comm"):
+        p = sub.add_parser(name)
+        p.add_argument("--hidden", type=int, default=768)
+        p.add_argument("--rows", type=int, default=8)
+        p.add_argument("--seq-len", type=int, default=128)
+        p.add_argument("--chain", type=int, default=20)
+        p.add_argument("--repeats", type=int, default=5)
+        if name == "comm":
+            p.add_argument("--np", type=int, nargs="+", default=[2])
+            p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+            p.add_argument("--timeout", type=int, default=1800)
+        else:
+            p.add_argument("--mode", choices=["sharded", "mirrored"], required=True)
+            p.add_argument("--replicas", type=int, default=0)
     args = parser.parse_args()
-    if args.suite == "load":
+    if args.suite == "comm":
+        suite_comm(args)
+    elif args.suite == "_comm":
+        _comm_child(args)
+    elif args.suite == "load":
         suite_load(args)
     elif args.suite == "generate":
         suite_generate(args)
@@ -314,7 +443,7 @@ def main():
     elif args.suite == "_load":
         _load_child(args)
     elif args.suite == "_child":
-        _measure(args, sharded=args.mode == "sharded")
+        _measure(args, sharded=args.mode != "unsharded")
     elif args.suite == "predict":
         suite_forward(args, [("TP=2", 2, 2), ("DP=2", 2, 1), ("DP2xTP2", 4, 2)])
     else:

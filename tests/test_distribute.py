@@ -76,6 +76,17 @@ def test_integer_models_are_bitwise_equal(suite_runs, backend, n, name):
             assert o["bitwise"], f"{name} output {key} on rank {rank}: max|diff| {o['max_diff']}"
 
 
+@pytest.mark.parametrize("backend,n", RUNS)
+def test_collectives_in_replica_context(suite_runs, backend, n):
+    ranks = _ranks(suite_runs, backend, n)
+    cases = ["collectives_eager", "collectives_function"] + (
+        ["collectives_host"] if backend == "multiworker" else [])
+    for case in cases:
+        for rank, rec in enumerate(case_on_all_ranks(ranks, case)):
+            assert rec["ok"], f"{case} rank {rank}: {rec.get('message')}\n{rec.get('traceback')}"
+            assert all(v for k, v in rec.items() if k != "ok"), (case, rank, rec)
+
+
 EXPECTED_ERRORS = {
     "err_id_too_large": ("ValueError", ["token_embedding", "50257", "(2, 8)"]),
     "err_wrong_rank": ("ValueError", ["rank 3", "(5, 12, 1)", "expects rank 2"]),

@@ -378,6 +378,9 @@ class ShardedModel(keras.Model):
             )
 
     def _where(self, what):
+        if len(self.replicas) > 1:
+            return (f"{self.name}.{what} ({len(self.replicas)} replicas of "
+                    f"{type(self.strategy).__name__} in this process)")
         return f"{self.name}.{what} (rank {self.rank} of {self.size})"
 
     def _agree_on_inputs(self, items, what):
@@ -533,6 +536,7 @@ class ShardedModel(keras.Model):
                 embeddings, ranks given different inputs, or a failure on any
                 rank, e.g. cut attention in a CausalLM whose KV cache layout
                 tfshard does not know (raised on every rank).
+            NotImplementedError: under a tf.distribute strategy.
         """
         self._refuse_strategy("generate")
         return generation.generate(self, inputs, max_length=max_length,
@@ -557,6 +561,7 @@ class ShardedModel(keras.Model):
         Raises:
             ValueError: on every rank, when any rank fails to write (nothing
                 is left at `filepath` then), or the model has no config.
+            NotImplementedError: under a tf.distribute strategy.
         """
         if kwargs:
             raise TypeError(f"ShardedModel.save got unexpected arguments {sorted(kwargs)}.")
@@ -575,6 +580,7 @@ class ShardedModel(keras.Model):
 
         Raises:
             ValueError: on every rank, when any rank cannot read its part.
+            NotImplementedError: under a tf.distribute strategy.
         """
         self._refuse_strategy("load_weights")
         from tfshard import checkpoint

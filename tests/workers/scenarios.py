@@ -367,6 +367,48 @@ def expect_error(fn):
     return guarded(case, expect_error=True)
 
 
+def run_collectives(world, results):
+    """The communicator's collectives, in replica context (eager and in tf.function).
+
+    Each rank r contributes r+1 columns of value r+1 (uneven all-gather sizes);
+    the first all-reduce takes strategy.run's argument unchanged.
+    """
+    import tensorflow as tf
+
+    from tfshard import comm as comm_lib
+
+    strategy = STRATEGY or world.strategy
+    if strategy is None:
+        return
+    comms = {c.rank: c for c in comm_lib.for_replicas(strategy)}
+
+    def per_replica(x):
+        ctx = tf.distribute.get_replica_context()
+        rank = int(tf.get_static_value(ctx.replica_id_in_sync_group)) if len(comms) > 1 \
+            else next(iter(comms))
+        comm = comms[rank]
+        mine = tf.fill([2, rank + 1], float(rank + 1))
+        return (comm.allreduce_sum(x), comm.allgather(mine, axis=-1),
+                comm.broadcast(mine[:, :1] * 10, root=comm.size - 1))
+
+    def case(compiled):
+        run = lambda x: strategy.run(per_replica, args=(x,))  # noqa: E731
+        out = (tf.function(run) if compiled else run)(tf.ones([2, 3]))
+        size = strategy.num_replicas_in_sync
+        results_ = [np.asarray(strategy.experimental_local_results(o)[0]) for o in out]
+        want_gather = np.concatenate([np.full([2, r + 1], r + 1.0) for r in range(size)], -1)
+        return {"allreduce": bool(np.array_equal(results_[0], np.full([2, 3], float(size)))),
+                "allgather": bool(np.array_equal(results_[1], want_gather)),
+                "broadcast": bool(np.array_equal(results_[2], np.full([2, 1], 10.0 * size)))}
+    results["collectives_eager"] = guarded(lambda: case(False))
+    results["collectives_function"] = guarded(lambda: case(True))
+    if world.backend == "multiworker":  # host side: outside strategy.run
+        def host():
+            got = world.comm.allgather_object({"rank": world.rank})
+            return {"objects": got == [{"rank": r} for r in range(world.size)]}
+        results["collectives_host"] = guarded(host)
+
+
 def run_strategy_errors(world, results):
     """Errors under tf.distribute; the strategy-specific ones only with --mirrored."""
     import tensorflow as tf
@@ -420,7 +462,7 @@ SUITES = {
     "gpt2": [lambda world, results: run_equivalence(world, results, only={"gpt2"})],
     "dp": [run_dp],
     "checks": [run_bitwise, run_memory, run_errors],
-    "distribute": [run_equivalence, run_bitwise, run_strategy_errors],
+    "distribute": [run_collectives, run_equivalence, run_bitwise, run_strategy_errors],
 }
 
 

@@ -91,6 +91,17 @@ def replica_rank(strategy):
     return int(strategy.experimental_local_results(ids)[0])
 
 
+def _own(x):
+    """This replica's own copy of `x`.
+
+    A tensor that every replica received unchanged (e.g. `strategy.run`'s
+    argument) is one object for all of them; tf.distribute then regroups the
+    replicas' values into that single tensor and the collective finds no
+    per-replica values ("destinations can not be empty").
+    """
+    return tf.identity(x)
+
+
 class ReplicaCommunicator(Communicator):
     """One replica of a tf.distribute strategy, as a rank.
 
@@ -147,7 +158,7 @@ class ReplicaCommunicator(Communicator):
         ctx = self._replica_context()
         if ctx is None:
             return self._run(lambda c, v: c.all_reduce("sum", v, options=self._options), x)
-        return ctx.all_reduce(tf.distribute.ReduceOp.SUM, x, options=self._options)
+        return ctx.all_reduce(tf.distribute.ReduceOp.SUM, _own(x), options=self._options)
 
     def allgather(self, x, axis=0, name=None):
         x = tf.convert_to_tensor(x)
@@ -155,7 +166,7 @@ class ReplicaCommunicator(Communicator):
         ctx = self._replica_context()
         if ctx is None:
             return self._run(lambda c, v: c.all_gather(v, axis, options=self._options), x)
-        return ctx.all_gather(x, axis, options=self._options)
+        return ctx.all_gather(_own(x), axis, options=self._options)
 
     def broadcast(self, x, root=0, name=None):
         # Exact (no arithmetic on the values): gather one copy per rank, keep root's.
