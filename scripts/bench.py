@@ -314,15 +314,19 @@ def _comm_child(args):
         return tf.function(lambda x: strategy.experimental_local_results(
             strategy.run(steps, args=(x,)))[0])
 
-    ops = {
-        "allreduce_sum": lambda x: comm.allreduce_sum(x) / size,
-        # Gather the last axis, keep this rank's share: the shape stays fixed.
-        "allgather": lambda x: comm.allgather(x, axis=-1)[..., : x.shape[-1]],
-    }
+    def ops(shape):
+        return {
+            "allreduce_sum": lambda x: comm.allreduce_sum(x) / size,
+            # Gather the last axis and keep the first share: the shape stays fixed
+            # (a collective's output shape is not static, so it is restored).
+            "allgather": lambda x: tf.ensure_shape(
+                comm.allgather(x, axis=-1)[..., : shape[-1]], shape),
+        }
+
     result = {"ranks": size, "chain": args.chain, "collectives": {}}
     for label, shape in (("small", [1, args.hidden]),
                          ("activation", [args.rows * args.seq_len, args.hidden])):
-        for name, op in ops.items():
+        for name, op in ops(shape).items():
             fn = chain(op)
             x = tf.ones(shape)
             fn(x)  # trace + warm up

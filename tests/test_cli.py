@@ -19,6 +19,19 @@ def test_predict_cli_under_horovodrun_matches_and_writes_output(tmp_path):
     assert logits.shape == (3, 16, 50257) and np.isfinite(logits).all()
 
 
+def test_predict_cli_under_tfshard_launch_multiworker(tmp_path):
+    # The same command under tf.distribute's multi-worker backend: `tfshard launch`.
+    out_file = tmp_path / "logits.npy"
+    code, out, secs = launch(
+        2, ["-m", "tfshard", "predict", "gpt2-tiny", "--rows", "3", "--seq-len", "16",
+            "--batch-size", "2", "--output", out_file], timeout=300, launcher="tfshard")
+    assert code == 0, out[-4000:]
+    assert "[0] [tfshard] multiworker world of 2 rank(s)" in out, out[-3000:]
+    assert "MATCH" in out and "MISMATCH" not in out
+    logits = np.load(out_file)
+    assert logits.shape == (3, 16, 50257) and np.isfinite(logits).all()
+
+
 def test_predict_cli_prompt_real_smollm2():
     code, out, secs = launch(2, ["-m", "tfshard", "predict", "smollm2", "--prompt",
                                  "The capital of France is", "--no-compare"], timeout=600)

@@ -2,10 +2,11 @@
 
 The same model matrix and tolerances as the Horovod tests (tests/models.py):
 under a MirroredStrategy of 2 and 3 logical CPU devices in one process, and
-as 2 MultiWorkerMirroredStrategy processes started by `tfshard launch`. The
-six-model matrix runs everywhere; the four further families (two-input,
-Mistral, OPT, Gemma) at 3 replicas only, where heads split unevenly, to keep
-the suite's time in bounds (they run on every Horovod world size).
+as 2 MultiWorkerMirroredStrategy processes started by `tfshard launch`: the
+issue's six-model matrix (GPT-2's 4 heads split 2/1/1 and Llama's K/V heads
+are replicated at 3). The four further families (two-input, Mistral, OPT,
+Gemma) run on every Horovod world size; the code path past the communicator
+is the same, so they are left out here to keep the suite's time in bounds.
 """
 
 import json
@@ -27,7 +28,7 @@ RUNS = [pytest.param("mirrored", 2, id="mirrored2"), pytest.param("mirrored", 3,
 
 
 def _models(backend, n):
-    return list(models.EQUIVALENCE) if (backend, n) == ("mirrored", 3) else models.MATRIX
+    return models.MATRIX
 
 
 def _ranks(suite_runs, backend, n):
@@ -40,7 +41,7 @@ def _ranks(suite_runs, backend, n):
 @pytest.mark.parametrize("name", list(models.EQUIVALENCE))
 def test_sharded_predict_matches_unsharded(suite_runs, backend, n, name):
     if name not in _models(backend, n):
-        pytest.skip(f"{name} runs at 3 mirrored replicas and under horovodrun")
+        pytest.skip(f"{name} runs under horovodrun only (see the module docstring)")
     ranks = _ranks(suite_runs, backend, n)
     assert ranks[0]["backend"] == ("local" if backend == "mirrored" else "multiworker")
     assert ranks[0]["replicas"] == n

@@ -35,7 +35,7 @@ def test_dead_rank_fails_the_job_quickly():
 
 
 def test_stalled_rank_is_ended_by_the_wall_clock():
-    code, out, secs = launch(2, [WORKER, "stall"], timeout=45,
+    code, out, secs = launch(2, [WORKER, "stall"], timeout=30,
                              env={"TFSHARD_STALL_SHUTDOWN": "15", "TFSHARD_GLOO_TIMEOUT": "30"})
     assert code is None or code != 0, out[-3000:]
     assert "rank 0 finished" not in out
@@ -44,7 +44,7 @@ def test_stalled_rank_is_ended_by_the_wall_clock():
 
 
 def test_mismatched_collectives_never_return_a_result():
-    code, out, secs = launch(2, [WORKER, "mismatch"], timeout=45,
+    code, out, secs = launch(2, [WORKER, "mismatch"], timeout=30,
                              env={"TFSHARD_STALL_SHUTDOWN": "15", "TFSHARD_GLOO_TIMEOUT": "30"})
     assert code is None or code != 0, out[-3000:]
     assert "finished" not in out, "differently named collectives were matched"

@@ -247,12 +247,10 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_inspect)
 
-    from tfshard import launch
-
-    p = sub.add_parser("launch", help="start N local workers of a tf.distribute multi-worker "
-                       "job (TF_CONFIG each), rank-prefixed output, all stopped if one fails")
-    launch.build_parser(p)
-    p.set_defaults(fn=lambda args: launch.main(args=args))
+    # Listed for --help; `main` hands `launch` its raw arguments (see launch.split_argv).
+    sub.add_parser("launch", help="start N local workers of a tf.distribute multi-worker job "
+                   "(TF_CONFIG each), rank-prefixed output, all stopped if one fails",
+                   add_help=False)
     return parser
 
 
@@ -263,6 +261,11 @@ def main(argv=None):
         The process exit code.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["launch"]:
+        from tfshard import launch
+
+        return launch.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

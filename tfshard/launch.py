@@ -189,29 +189,58 @@ def run(n, argv, timeout=None, env=None, out=None):
     return code
 
 
+_OPTIONS_WITH_VALUE = ("-n", "--num-processes", "--timeout")
+
+
+def split_argv(argv):
+    """Splits `[launcher options] COMMAND...` at the command's first word.
+
+    The command may itself start with an option (`-m module`), which argparse
+    alone would take for one of ours.
+    """
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word in _OPTIONS_WITH_VALUE:
+            i += 2
+        elif word in ("-h", "--help") or word.startswith(tuple(
+                o + "=" for o in _OPTIONS_WITH_VALUE[1:])) or (
+                word.startswith("-n") and word[2:].isdigit()):
+            i += 1
+        else:
+            break
+    return argv[:i], argv[i:]
+
+
 def build_parser(parser=None):
     parser = parser or argparse.ArgumentParser(
-        prog="tfshard launch", description=__doc__.split("\n")[0])
+        prog="tfshard launch", description=__doc__.split("\n")[0],
+        usage="tfshard launch -n N [--timeout S] SCRIPT.py|-m MODULE|COMMAND [ARGS...]")
     parser.add_argument("-n", "--num-processes", type=int, required=True,
                         help="number of worker processes (ranks)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="stop the whole job after this many seconds (exit 124)")
-    parser.add_argument("script", help="a .py file, '-m module', or a command such as tfshard")
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for every worker")
+    parser.add_argument("command", nargs="*",
+                        help="a .py file, '-m module', or a command such as tfshard, and its "
+                        "arguments (the same for every worker)")
     return parser
 
 
-def main(argv=None, args=None):
+def main(argv=None):
     """Entry point of `tfshard launch` and `python -m tfshard.launch`.
 
     Returns:
         The exit code (see `run`).
     """
-    args = args or build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    options, command = split_argv(argv)
+    parser = build_parser()
+    args = parser.parse_args(options)
+    if not command:
+        parser.error("no command to launch")
     if args.num_processes < 1:
-        print(f"tfshard launch: error: -n must be >= 1; got {args.num_processes}", file=sys.stderr)
-        return 2
-    return run(args.num_processes, command_for(args.script, args.args), timeout=args.timeout)
+        parser.error(f"-n must be >= 1; got {args.num_processes}")
+    return run(args.num_processes, command_for(command[0], command[1:]), timeout=args.timeout)
 
 
 if __name__ == "__main__":
