@@ -27,21 +27,15 @@ RUNS = [pytest.param("mirrored", 2, id="mirrored2"), pytest.param("mirrored", 3,
         pytest.param("multiworker", 2, id="multiworker2")]
 
 
-def _models(backend, n):
-    return models.MATRIX
-
-
 def _ranks(suite_runs, backend, n):
     if backend == "mirrored":
-        return suite_runs("distribute", 1, launcher="none", mirrored=n, models=_models(backend, n))
-    return suite_runs("distribute", n, launcher="tfshard", models=_models(backend, n))
+        return suite_runs("distribute", 1, launcher="none", mirrored=n, models=models.MATRIX)
+    return suite_runs("distribute", n, launcher="tfshard", models=models.MATRIX)
 
 
 @pytest.mark.parametrize("backend,n", RUNS)
-@pytest.mark.parametrize("name", list(models.EQUIVALENCE))
+@pytest.mark.parametrize("name", models.MATRIX)
 def test_sharded_predict_matches_unsharded(suite_runs, backend, n, name):
-    if name not in _models(backend, n):
-        pytest.skip(f"{name} runs under horovodrun only (see the module docstring)")
     ranks = _ranks(suite_runs, backend, n)
     assert ranks[0]["backend"] == ("local" if backend == "mirrored" else "multiworker")
     assert ranks[0]["replicas"] == n
@@ -55,7 +49,7 @@ def test_sharded_predict_matches_unsharded(suite_runs, backend, n, name):
 @pytest.mark.parametrize("n", [2, 3])
 def test_each_replica_holds_its_slices_on_its_own_device(suite_runs, n):
     ranks = _ranks(suite_runs, "mirrored", n)
-    for name in _models("mirrored", n):
+    for name in models.MATRIX:
         placement = case_on_all_ranks(ranks, name)[0]["placement"]
         assert sorted(placement) == [str(r) for r in range(n)], name
         devices = set()

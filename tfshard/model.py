@@ -82,9 +82,9 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
     `shard` with the same model and plan.
 
     Under a `tf.distribute.MirroredStrategy` every replica is a rank: the
-    model is copied once per further replica (`copy.deepcopy`, i.e. Keras
-    serialisation) and each copy is cut and placed on its replica's device,
-    so a device holds only its own slices. Under a
+    model is copied once per further replica (`tfshard.copying.copy_model`)
+    and each copy is cut and placed on its replica's device, so a device holds
+    only its own slices; the original becomes replica 0. Under a
     `MultiWorkerMirroredStrategy` (`tfshard launch`) each process is one rank,
     as under horovodrun.
 
