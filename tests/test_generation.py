@@ -32,7 +32,7 @@ class GenerationRuns:
 
     def __call__(self, np_):
         if np_ not in self._cache:
-            ref = self.reference() if np_ in (2, 3) else self._tmp.mktemp("none")
+            ref = self.reference() if np_ == 2 else self._tmp.mktemp("none")
             out = self._tmp.mktemp(f"gen-np{np_}")
             self._cache[np_] = launch_ranks(
                 np_, [WORKER, "--suite", f"np{np_}", "--out", out, "--reference", ref], out)
@@ -72,7 +72,8 @@ def test_greedy_tokens_equal_unsharded(runs, np_, name):
     _assert_cache_sliced(recs, name)
 
 
-@pytest.mark.parametrize("np_", [2, 3])
+# At 3 ranks: tests/test_cli.py runs the README main job (SmolLM2, 3 ranks, MATCH).
+@pytest.mark.parametrize("np_", [2])
 def test_real_smollm2_continues_like_the_unsharded_model(runs, np_):
     recs = records_ok(runs(np_), "smollm2")
     for rank, rec in enumerate(recs):
