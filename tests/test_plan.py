@@ -94,6 +94,25 @@ def test_summary_lists_every_layer_with_totals():
     assert plan.local_bytes(0) < plan.total_bytes
 
 
+@pytest.mark.parametrize("size", [2, 3])
+def test_communication_is_megatrons_minimum(size):
+    # Per transformer block 2 all-reduces of the hidden width, one for the
+    # vocab-parallel lookup, and the tied logits gathered to the full vocab.
+    model, _ = models.gpt2()
+    plan = Plan.auto(model, size)
+    ops = plan.communication()
+    reduces = [n for _, op, n in ops if op == "all-reduce"]
+    assert reduces == [16] * (2 * 2 + 1)
+    assert [(p, n) for p, op, n in ops if op.startswith("all-gather")] == [("token_embedding", 50257)]
+    last = plan.summary(rank=0).splitlines()[-1]
+    assert last.startswith("per forward: 5 all-reduces (320 B/token), 1 all-gather (logits) "
+                           "(196.3 KiB/token)"), last
+    # A functional MLP: one all-reduce per column -> row pair, nothing else.
+    mlp, _ = models.mlp()
+    assert [op for _, op, _ in Plan.auto(mlp, size).communication()] == ["all-reduce"] * 2
+    assert Plan.auto(mlp, 1).communication() == []
+
+
 def test_from_rules_errors_name_the_layer_and_what_works():
     with pytest.raises(ValueError, match="Unknown rule"):
         Plan.from_rules({".*": "diagonal"})

@@ -706,6 +706,32 @@ class Plan:
         sharded_full = sum(e.full_bytes for e in self.sharded)
         return self.total_bytes - sharded_full + sum(e.local_bytes[rank] for e in self.sharded)
 
+    def communication(self):
+        """The collectives one forward pass makes, per cut layer, in Megatron's terms.
+
+        A row-parallel layer all-reduces its output; a vocab-parallel lookup
+        all-reduces the embeddings; a column-parallel layer that gathers its
+        output all-gathers it; a vocab-parallel `ReversibleEmbedding` also
+        all-gathers the logits when called with `reverse=True` (tied LM heads).
+
+        Returns:
+            A list of `(path, collective, elements_per_token)`, where
+            `collective` is "all-reduce", "all-gather" or "all-gather (logits)"
+            and `elements_per_token` the size of the full result per token.
+        """
+        self._require_resolved()
+        out = []
+        for e in self.sharded:
+            if e.rule == "row":
+                out.append((e.path, "all-reduce", int(e.full_shape[-1])))
+            elif e.rule == "vocab":
+                out.append((e.path, "all-reduce", int(e.full_shape[-1])))
+                if e.kind == "ReversibleEmbedding":
+                    out.append((e.path, "all-gather (logits)", int(e.full_shape[0])))
+            elif e.gather_output:
+                out.append((e.path, "all-gather", int(np.prod(e.full_shape[1:]))))
+        return out
+
     def summary(self, rank=None):
         """A table of the plan: layer path, rule, full shape, local shape, bytes.
 
@@ -713,15 +739,22 @@ class Plan:
             rank: whose local shapes and bytes to show (default: this plan's rank).
 
         Returns:
-            The table as a string, with totals of sharded and replicated bytes.
+            The table as a string, with totals of sharded and replicated bytes
+            and the collectives of one forward pass (count and fp32 bytes per
+            token).
         """
         self._require_resolved()
         rank = self.rank if rank is None else rank
-        rows = [("layer", "kind", "rule", "full shape", "local shape", "bytes here", "note")]
+        comm = {}
+        for path, op, n in self.communication():
+            comm.setdefault(path, []).append(f"{op} {n}")
+        rows = [("layer", "kind", "rule", "full shape", "local shape", "bytes here",
+                 "collective/token", "note")]
         for e in self.entries:
             rows.append((e.path, e.kind, e.rule + (":gather" if e.gather_output else ""),
                          str(e.full_shape), str(e.local_shape(rank)),
-                         _fmt_bytes(e.local_bytes[rank]), e.note))
+                         _fmt_bytes(e.local_bytes[rank]), ", ".join(comm.get(e.path, [])),
+                         e.note))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "-" * len(lines[0]))
@@ -736,6 +769,7 @@ class Plan:
             f"{_fmt_bytes(self.total_bytes)} unsharded "
             f"({len(self.sharded)} of {len(self.entries)} layers cut)"
         )
+        lines.append(_communication_line(self.communication()))
         return "\n".join(lines)
 
     def to_dict(self):
@@ -762,6 +796,21 @@ class Plan:
         if not self.resolved:
             return f"<Plan {'auto' if self.rules is None else 'rules'} (unresolved)>"
         return f"<Plan size={self.size} cut={len(self.sharded)}/{len(self.entries)}>"
+
+
+def _communication_line(ops):
+    """One line totalling a forward pass's collectives (fp32 bytes per token)."""
+    if not ops:
+        return "per forward: no collectives"
+    parts = []
+    for op in ("all-reduce", "all-gather", "all-gather (logits)"):
+        sizes = [n for _, o, n in ops if o == op]
+        if sizes:
+            parts.append(f"{len(sizes)} {op}{'s' if len(sizes) > 1 and '(' not in op else ''} "
+                         f"({_fmt_bytes(4 * sum(sizes))}/token)")
+    tied = any(o == "all-gather (logits)" for _, o, _ in ops)
+    return ("per forward: " + ", ".join(parts) + " in fp32"
+            + ("; the logits gather only when a tied head computes logits" if tied else ""))
 
 
 def _local_bytes(layer, e, rank):
