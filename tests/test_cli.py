@@ -63,6 +63,19 @@ def test_inspect_cli_prints_the_plan_in_one_process():
     assert "attention 8q/2kv heads" in res.stdout and "vocab" in res.stdout
 
 
+def test_bench_cli_runs_scripts_bench():
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-m", "tfshard", "bench", "--help"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for suite in ("forward", "predict", "load", "comm", "generate"):
+        assert suite in res.stdout, res.stdout
+    res = subprocess.run([sys.executable, "-m", "tfshard", "bench", "nonsense"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 2 and "invalid choice: 'nonsense'" in res.stderr
+
+
 def test_unknown_model_is_a_clear_error():
     import subprocess
 

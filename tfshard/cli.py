@@ -4,6 +4,7 @@
     tfshard generate SOURCE --prompt TEXT [--max-new-tokens N] [--sampler NAME]
     tfshard inspect SOURCE [--tensor-parallel N]
     tfshard launch -n N SCRIPT|COMMAND [ARGS]
+    tfshard bench SUITE [ARGS]      # scripts/bench.py: forward, predict, load, comm, generate
 
 Run `predict` and `generate` under ./horovodrun.sh -np N or under
 `tfshard launch -n N` (tf.distribute multi-worker); `inspect` needs one
@@ -207,6 +208,19 @@ def cmd_inspect(args):
     return 0
 
 
+def _bench(argv):
+    """Runs the repository's scripts/bench.py with `argv` (it lives beside the package)."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+    if not script.is_file():
+        print(f"tfshard: error: the benchmarks live in the repository's scripts/bench.py, "
+              f"which is not at {script}; run from a clone of tfshard.", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(script), *argv])
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="tfshard", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -247,7 +261,9 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_inspect)
 
-    # Listed for --help; `main` hands `launch` its raw arguments (see launch.split_argv).
+    # Listed for --help; `main` hands `launch` and `bench` their raw arguments.
+    sub.add_parser("bench", help="run a scripts/bench.py suite (forward, predict, load, comm, "
+                   "generate): sharded vs unsharded in one run", add_help=False)
     sub.add_parser("launch", help="start N local workers of a tf.distribute multi-worker job "
                    "(TF_CONFIG each), rank-prefixed output, all stopped if one fails",
                    add_help=False)
@@ -266,6 +282,8 @@ def main(argv=None):
         from tfshard import launch
 
         return launch.main(argv[1:])
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
