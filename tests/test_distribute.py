@@ -82,6 +82,29 @@ def test_collectives_in_replica_context(suite_runs, backend, n):
             assert all(v for k, v in rec.items() if k != "ok"), (case, rank, rec)
 
 
+@pytest.mark.parametrize("backend,n", RUNS)
+def test_tensorboard_callback_writes_plan_and_batch_scalars(suite_runs, backend, n):
+    # GPT-2 test model, 5 rows of 8 tokens in batches of 2: global batches 0, 1, 2.
+    # Per token a forward makes 5 all-reduces of 16 floats and gathers 50257 logits.
+    for rank, rec in enumerate(case_on_all_ranks(_ranks(suite_runs, backend, n), "tensorboard")):
+        assert rec["ok"], f"rank {rank}: {rec.get('message')}\n{rec.get('traceback')}"
+        assert rec["run_dir"] == f"rank{rank}"
+        assert rec["tags"] == ["batch/latency_ms", "batch/rows_per_second", "comm/bytes",
+                               "comm/collectives", "plan"]
+        text = rec["plan_text"]
+        assert text.startswith("| layer | kind | rule | full shape | local shape |"), text[:200]
+        assert "| token_embedding | ReversibleEmbedding | vocab | (50257, 16) |" in text
+        assert f"rank {rank if backend == 'multiworker' else 0} of {n}" in text
+        scalars = rec["scalars"]
+        for tag, points in scalars.items():
+            assert [step for step, _ in points] == [0, 1, 2], (tag, points)
+        assert [v for _, v in scalars["comm/collectives"]] == [6.0, 6.0, 6.0]
+        per_token = 4 * (5 * 16 + 50257)
+        assert [v for _, v in scalars["comm/bytes"]] == [16 * per_token, 16 * per_token,
+                                                         8 * per_token]
+        assert all(v > 0 for _, v in scalars["batch/latency_ms"] + scalars["batch/rows_per_second"])
+
+
 EXPECTED_ERRORS = {
     "err_id_too_large": ("ValueError", ["token_embedding", "50257", "(2, 8)"]),
     "err_wrong_rank": ("ValueError", ["rank 3", "(5, 12, 1)", "expects rank 2"]),

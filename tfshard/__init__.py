@@ -12,6 +12,7 @@ from tfshard.checkpoint import CheckpointError, load
 from tfshard.devices import cpu_devices
 from tfshard.model import ShardedModel, shard
 from tfshard.plan import Plan, PlanEntry
+from tfshard.tensorboard import TensorBoard
 from tfshard.world import World, init
 
-__all__ = ["init", "shard", "cpu_devices", "load", "CheckpointError", "Plan", "PlanEntry", "ShardedModel", "World", "__version__"]
+__all__ = ["init", "shard", "cpu_devices", "load", "CheckpointError", "Plan", "PlanEntry", "TensorBoard", "ShardedModel", "World", "__version__"]

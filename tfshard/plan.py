@@ -732,6 +732,29 @@ class Plan:
                 out.append((e.path, "all-gather", int(np.prod(e.full_shape[1:]))))
         return out
 
+    def markdown(self, rank=None):
+        """The plan as a markdown table (TensorBoard's text dashboard renders it).
+
+        Args:
+            rank: whose local shapes and bytes to show (default: this plan's rank).
+
+        Returns:
+            The table, then the totals line of `summary`.
+        """
+        self._require_resolved()
+        rank = self.rank if rank is None else rank
+        comm = {}
+        for path, op, n in self.communication():
+            comm.setdefault(path, []).append(f"{op} {n}")
+        lines = ["| layer | kind | rule | full shape | local shape | bytes here | collective/token |",
+                 "|---|---|---|---|---|---|---|"]
+        for e in self.entries:
+            lines.append(f"| {e.path} | {e.kind} | {e.rule} | {e.full_shape} | "
+                         f"{e.local_shape(rank)} | {_fmt_bytes(e.local_bytes[rank])} | "
+                         f"{', '.join(comm.get(e.path, []))} |")
+        lines += ["", *self.summary(rank).splitlines()[-2:]]
+        return "\n".join(lines)
+
     def summary(self, rank=None):
         """A table of the plan: layer path, rule, full shape, local shape, bytes.
 

@@ -94,6 +94,7 @@ def param_bytes(model):
 SHARD = tfshard.shard
 STRATEGY = None
 ONLY = None  # --models: the equivalence models to run (None: all)
+OUT = None  # --out
 
 
 def run_equivalence(world, results, only=None):
@@ -409,6 +410,33 @@ def run_collectives(world, results):
         results["collectives_host"] = guarded(host)
 
 
+def run_tensorboard(world, results, out_dir):
+    """predict with tfshard.TensorBoard, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    def case():
+        model, x = models.gpt2()
+        sharded = SHARD(model)
+        callback = tfshard.TensorBoard(os.path.join(out_dir, "tb"))
+        sharded.predict(x, batch_size=2, verbose=0, callbacks=[callback])
+        acc = event_accumulator.EventAccumulator(
+            callback.run_dir, size_guidance={event_accumulator.TENSORS: 0})
+        acc.Reload()
+        tags = acc.Tags()["tensors"]
+        plan_text = acc.Tensors("plan")[0].tensor_proto.string_val[0].decode()
+        scalars = {t: [(e.step, float(tf_make_ndarray(e.tensor_proto))) for e in acc.Tensors(t)]
+                   for t in tags if t != "plan"}
+        return {"tags": sorted(tags), "plan_text": plan_text, "scalars": scalars,
+                "run_dir": os.path.basename(callback.run_dir)}
+    results["tensorboard"] = guarded(case)
+
+
+def tf_make_ndarray(proto):
+    import tensorflow as tf
+
+    return tf.make_ndarray(proto)
+
+
 def run_strategy_errors(world, results):
     """Errors under tf.distribute; the strategy-specific ones only with --mirrored."""
     import tensorflow as tf
@@ -462,7 +490,8 @@ SUITES = {
     "gpt2": [lambda world, results: run_equivalence(world, results, only={"gpt2"})],
     "dp": [run_dp],
     "checks": [run_bitwise, run_memory, run_errors],
-    "distribute": [run_collectives, run_equivalence, run_bitwise, run_strategy_errors],
+    "distribute": [run_collectives, run_equivalence, run_bitwise, run_strategy_errors,
+                   lambda world, results: run_tensorboard(world, results, OUT)],
 }
 
 
@@ -495,6 +524,8 @@ def main():
     world = tfshard.init()
     results = {"rank": world.rank, "size": world.size, "backend": world.backend, "cases": {},
                "replicas": args.mirrored or world.size}
+    global OUT
+    OUT = args.out
     if args.models:
         global ONLY
         ONLY = set(args.models.split(","))
