@@ -732,6 +732,13 @@ class Plan:
                 out.append((e.path, "all-gather", int(np.prod(e.full_shape[1:]))))
         return out
 
+    def _collectives_by_path(self):
+        """{layer path: ["all-reduce 768", ...]} from `communication()`."""
+        by_path = {}
+        for path, op, n in self.communication():
+            by_path.setdefault(path, []).append(f"{op} {n}")
+        return by_path
+
     def markdown(self, rank=None):
         """The plan as a markdown table (TensorBoard's text dashboard renders it).
 
@@ -743,9 +750,7 @@ class Plan:
         """
         self._require_resolved()
         rank = self.rank if rank is None else rank
-        comm = {}
-        for path, op, n in self.communication():
-            comm.setdefault(path, []).append(f"{op} {n}")
+        comm = self._collectives_by_path()
         lines = ["| layer | kind | rule | full shape | local shape | bytes here | collective/token |",
                  "|---|---|---|---|---|---|---|"]
         for e in self.entries:
@@ -768,9 +773,7 @@ class Plan:
         """
         self._require_resolved()
         rank = self.rank if rank is None else rank
-        comm = {}
-        for path, op, n in self.communication():
-            comm.setdefault(path, []).append(f"{op} {n}")
+        comm = self._collectives_by_path()
         rows = [("layer", "kind", "rule", "full shape", "local shape", "bytes here",
                  "collective/token", "note")]
         for e in self.entries:
