@@ -94,7 +94,7 @@ def cmd_predict(args):
 
     if sharded is None:
         sharded = tfshard.shard(model, tensor_parallel=args.tensor_parallel)
-        say(sharded.plan.summary().splitlines()[-1])
+        say("\n".join(sharded.plan.summary().splitlines()[-2:]))
     sharded.predict(x, batch_size=args.batch_size, verbose=0)  # trace + warm up
     t0 = time.perf_counter()
     out = sharded.predict(x, batch_size=args.batch_size, verbose=args.verbose)
@@ -140,8 +140,9 @@ def _load_both(args, world, say):
     say(f"[tfshard] {world.backend} world of {world.size} rank(s); loading {args.source} sharded")
     t0 = time.perf_counter()
     sharded = tfshard.load(args.source, tensor_parallel=args.tensor_parallel)
-    say(f"[tfshard] loaded in {time.perf_counter() - t0:.1f} s; "
-        f"{sharded.plan.summary().splitlines()[-1].strip()}")
+    memory, comm = sharded.plan.summary().splitlines()[-2:]
+    say(f"[tfshard] loaded in {time.perf_counter() - t0:.1f} s; {memory.strip()}\n"
+        f"[tfshard] {comm.strip()}")
     reference = None if args.no_compare else tfshard.load(
         args.source, world=tfshard.World(comm_lib.create("local"), "local"))
     return sharded, reference
