@@ -64,12 +64,7 @@ def _measure(args, sharded):
     import tfshard
     from tfshard import models
 
-    mirrored = getattr(args, "mode", None) == "mirrored"
-    strategy = None
-    if mirrored:
-        import tensorflow as tf
-
-        strategy = tf.distribute.MirroredStrategy(tfshard.cpu_devices(args.replicas))
+    strategy = _mirrored_strategy(args)
     world = tfshard.init() if sharded else None
     model, vocab, names = models.build(args.model, seed=0)
     rng = np.random.default_rng(1)
@@ -89,7 +84,7 @@ def _measure(args, sharded):
         times.append(time.perf_counter() - t0)
     result = {"seconds": statistics.median(times), "all_seconds": times,
               "tokens": args.rows * args.seq_len, "param_bytes_per_rank": int(param_bytes),
-              "ranks": args.replicas if mirrored else world.size if world else 1}
+              "ranks": strategy.num_replicas_in_sync if strategy else world.size if world else 1}
     if not world or world.rank == 0:
         print("RESULT " + json.dumps(result), flush=True)
 
@@ -148,7 +143,7 @@ def suite_generate(args):
     for cycle in args.cycle_times:
         for n in args.np:
             rows.append((f"TP={n} cycle {cycle} ms", _run(
-                [str(ROOT / "horovodrun.sh"), "-np", str(n)] + me + child + ["--mode", "sharded"],
+                _launch("horovod", n, me + child + ["--mode", "sharded"]),
                 args.timeout, env={"TFSHARD_CYCLE_TIME_MS": str(cycle)})))
     base = rows[0][1]
     print(f"\ngenerate: {args.source}, batch {args.batch}, length {args.length} (prefill over all "
@@ -233,9 +228,8 @@ def suite_load(args):
             rows.append(("keras.saving.load_model", _run(me + child + ["--mode", "keras"], args.timeout)))
         rows.append(("tfshard.load, 1 process", _run(me + child + ["--mode", "unsharded"], args.timeout)))
         for n in args.np:
-            rows.append((f"tfshard.load TP={n}", _run([str(ROOT / "horovodrun.sh"), "-np", str(n)]
-                                                      + me + child + ["--mode", "sharded"],
-                                                      args.timeout)))
+            rows.append((f"tfshard.load TP={n}", _run(
+                _launch("horovod", n, me + child + ["--mode", "sharded"]), args.timeout)))
         base = rows[-1 - len(args.np)][1]["rise_mib"]
         print(f"\nload: {label}; peak RSS rise over the post-import baseline (worst rank)")
         print(f"{'run':<26} {'rise MiB':>9} {'vs 1 proc':>10} {'held MiB':>9} {'weights MiB':>12} {'s':>7}")
@@ -277,25 +271,35 @@ def _launch(backend, n, child):
         return [str(ROOT / "horovodrun.sh"), "-np", str(n)] + child
     if backend == "multiworker":
         return [sys.executable, "-m", "tfshard.launch", "-n", str(n)] + child
-    child = [a for a in child]
+    child = list(child)
     child[child.index("--mode") + 1] = "mirrored"
     return child + ["--replicas", str(n)]
+
+
+def _mirrored_strategy(args):
+    """With `--mode mirrored`: a MirroredStrategy over `--replicas` logical CPUs, else None.
+
+    Must run before the child creates any tensor (see `tfshard.cpu_devices`).
+    """
+    if getattr(args, "mode", None) != "mirrored":
+        return None
+    import tensorflow as tf
+
+    import tfshard
+
+    return tf.distribute.MirroredStrategy(tfshard.cpu_devices(args.replicas))
 
 
 def _comm_child(args):
     """Times collectives on this backend: a chain of K in one tf.function, per collective."""
     import numpy as np
 
-    import tfshard
-
-    strategy = None
-    if args.mode == "mirrored":
-        import tensorflow as tf
-
-        strategy = tf.distribute.MirroredStrategy(tfshard.cpu_devices(args.replicas))
     import tensorflow as tf
 
+    import tfshard
     from tfshard import comm as comm_lib
+
+    strategy = _mirrored_strategy(args)
 
     if strategy is None:
         world = tfshard.init()
