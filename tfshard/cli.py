@@ -94,7 +94,7 @@ def cmd_predict(args):
 
     if sharded is None:
         sharded = tfshard.shard(model, tensor_parallel=args.tensor_parallel)
-        say("\n".join(sharded.plan.summary().splitlines()[-2:]))
+        say("\n".join(sharded.plan.totals()))
     sharded.predict(x, batch_size=args.batch_size, verbose=0)  # trace + warm up
     t0 = time.perf_counter()
     out = sharded.predict(x, batch_size=args.batch_size, verbose=args.verbose)
@@ -140,9 +140,8 @@ def _load_both(args, world, say):
     say(f"[tfshard] {world.backend} world of {world.size} rank(s); loading {args.source} sharded")
     t0 = time.perf_counter()
     sharded = tfshard.load(args.source, tensor_parallel=args.tensor_parallel)
-    memory, comm = sharded.plan.summary().splitlines()[-2:]
-    say(f"[tfshard] loaded in {time.perf_counter() - t0:.1f} s; {memory.strip()}\n"
-        f"[tfshard] {comm.strip()}")
+    memory, comm = sharded.plan.totals()
+    say(f"[tfshard] loaded in {time.perf_counter() - t0:.1f} s; {memory}\n[tfshard] {comm}")
     reference = None if args.no_compare else tfshard.load(
         args.source, world=tfshard.World(comm_lib.create("local"), "local"))
     return sharded, reference
@@ -150,6 +149,7 @@ def _load_both(args, world, say):
 
 def cmd_generate(args):
     import tfshard
+    from tfshard.generation import decode_text as _text
 
     world = tfshard.init()
     say = print if world.rank == 0 else (lambda *a, **k: None)
@@ -192,10 +192,6 @@ def _prompt_length(preprocessor, prompt):
     room = len(preprocessor.tokenizer(prompt)) + 2
     mask = preprocessor.generate_preprocess([prompt], sequence_length=room)["padding_mask"]
     return int(np.asarray(mask).sum())
-
-
-def _text(s):
-    return s.decode("utf-8", "replace") if isinstance(s, bytes) else str(s)
 
 
 def cmd_inspect(args):

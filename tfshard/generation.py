@@ -278,8 +278,8 @@ def _to_wire(out):
         return {"arrays": {k: [np.asarray(v).tolist(), str(np.asarray(v).dtype)]
                            for k, v in out.items()}}
     if isinstance(out, (str, bytes)):
-        return {"scalar": _decode(out)}
-    return {"strings": [_decode(s) for s in out]}
+        return {"scalar": decode_text(out)}
+    return {"strings": [decode_text(s) for s in out]}
 
 
 def _from_wire(part):
@@ -288,7 +288,8 @@ def _from_wire(part):
     return part["scalar"] if "scalar" in part else part["strings"]
 
 
-def _decode(s):
+def decode_text(s):
+    """A generated string as `str` (keras-hub returns bytes from TensorFlow)."""
     return s.decode("utf-8", "replace") if isinstance(s, bytes) else str(s)
 
 

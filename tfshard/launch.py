@@ -76,8 +76,7 @@ def _pump(rank, out, lock):
 
 
 def _describe(code):
-    if code is None:
-        return "still running"
+    """How a finished process ended, from its return code."""
     if code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"

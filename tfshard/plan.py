@@ -732,12 +732,34 @@ class Plan:
                 out.append((e.path, "all-gather", int(np.prod(e.full_shape[1:]))))
         return out
 
-    def _collectives_by_path(self):
-        """{layer path: ["all-reduce 768", ...]} from `communication()`."""
+    def _rows(self, rank):
+        """Header and one row of cells per layer, shared by `summary` and `markdown`."""
         by_path = {}
         for path, op, n in self.communication():
             by_path.setdefault(path, []).append(f"{op} {n}")
-        return by_path
+        yield ("layer", "kind", "rule", "full shape", "local shape", "bytes here",
+               "collective/token", "note")
+        for e in self.entries:
+            yield (e.path, e.kind, e.rule + (":gather" if e.gather_output else ""),
+                   str(e.full_shape), str(e.local_shape(rank)), _fmt_bytes(e.local_bytes[rank]),
+                   ", ".join(by_path.get(e.path, [])), e.note)
+
+    def totals(self, rank=None):
+        """Two lines: this rank's bytes (sharded, replicated, total) and the collectives
+        of one forward pass (count and fp32 bytes per token)."""
+        self._require_resolved()
+        rank = self.rank if rank is None else rank
+        sharded_full = sum(e.full_bytes for e in self.sharded)
+        sharded_local = sum(e.local_bytes[rank] for e in self.sharded)
+        replicated = self.total_bytes - sharded_full
+        memory = (
+            f"rank {rank} of {self.size}: sharded {_fmt_bytes(sharded_full)} -> "
+            f"{_fmt_bytes(sharded_local)} here; replicated {_fmt_bytes(replicated)}; "
+            f"total here {_fmt_bytes(sharded_local + replicated)} of "
+            f"{_fmt_bytes(self.total_bytes)} unsharded "
+            f"({len(self.sharded)} of {len(self.entries)} layers cut)"
+        )
+        return [memory, _communication_line(self.communication())]
 
     def markdown(self, rank=None):
         """The plan as a markdown table (TensorBoard's text dashboard renders it).
@@ -746,19 +768,14 @@ class Plan:
             rank: whose local shapes and bytes to show (default: this plan's rank).
 
         Returns:
-            The table, then the totals line of `summary`.
+            The table (the columns of `summary`), then the `totals` lines.
         """
         self._require_resolved()
         rank = self.rank if rank is None else rank
-        comm = self._collectives_by_path()
-        lines = ["| layer | kind | rule | full shape | local shape | bytes here | collective/token |",
-                 "|---|---|---|---|---|---|---|"]
-        for e in self.entries:
-            lines.append(f"| {e.path} | {e.kind} | {e.rule} | {e.full_shape} | "
-                         f"{e.local_shape(rank)} | {_fmt_bytes(e.local_bytes[rank])} | "
-                         f"{', '.join(comm.get(e.path, []))} |")
-        lines += ["", *self.summary(rank).splitlines()[-2:]]
-        return "\n".join(lines)
+        header, *rows = self._rows(rank)
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines + [""] + self.totals(rank))
 
     def summary(self, rank=None):
         """A table of the plan: layer path, rule, full shape, local shape, bytes.
@@ -767,36 +784,18 @@ class Plan:
             rank: whose local shapes and bytes to show (default: this plan's rank).
 
         Returns:
-            The table as a string, with totals of sharded and replicated bytes
-            and the collectives of one forward pass (count and fp32 bytes per
-            token).
+            The table as a string, then the `totals` lines: sharded and
+            replicated bytes, and the collectives of one forward pass (count
+            and fp32 bytes per token).
         """
         self._require_resolved()
         rank = self.rank if rank is None else rank
-        comm = self._collectives_by_path()
-        rows = [("layer", "kind", "rule", "full shape", "local shape", "bytes here",
-                 "collective/token", "note")]
-        for e in self.entries:
-            rows.append((e.path, e.kind, e.rule + (":gather" if e.gather_output else ""),
-                         str(e.full_shape), str(e.local_shape(rank)),
-                         _fmt_bytes(e.local_bytes[rank]), ", ".join(comm.get(e.path, [])),
-                         e.note))
+        rows = list(self._rows(rank))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "-" * len(lines[0]))
-        sharded_full = sum(e.full_bytes for e in self.sharded)
-        sharded_local = sum(e.local_bytes[rank] for e in self.sharded)
-        replicated = self.total_bytes - sharded_full
         lines.append("-" * len(lines[0]))
-        lines.append(
-            f"rank {rank} of {self.size}: sharded {_fmt_bytes(sharded_full)} -> "
-            f"{_fmt_bytes(sharded_local)} here; replicated {_fmt_bytes(replicated)}; "
-            f"total here {_fmt_bytes(sharded_local + replicated)} of "
-            f"{_fmt_bytes(self.total_bytes)} unsharded "
-            f"({len(self.sharded)} of {len(self.entries)} layers cut)"
-        )
-        lines.append(_communication_line(self.communication()))
-        return "\n".join(lines)
+        return "\n".join(lines + self.totals(rank))
 
     def to_dict(self):
         """A JSON-able description of the resolved plan."""

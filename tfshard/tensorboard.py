@@ -35,6 +35,7 @@ class TensorBoard(keras.callbacks.Callback):
         self.write_plan = write_plan
         self._writer = None
         self._started = {}
+        self._collectives = None  # (count, elements per token) of one forward, from the plan
 
     def set_model(self, model):
         if not hasattr(model, "plan") or not hasattr(model, "world"):
@@ -50,6 +51,8 @@ class TensorBoard(keras.callbacks.Callback):
     def on_predict_begin(self, logs=None):
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(self.run_dir)
+        ops = self.model.plan.communication()
+        self._collectives = (len(ops), sum(n for _, _, n in ops))
         if self.write_plan:
             with self._writer.as_default():
                 tf.summary.text("plan", self.model.plan.markdown(), step=0)
@@ -65,13 +68,13 @@ class TensorBoard(keras.callbacks.Callback):
         rows = int(shape[0]) if shape else 0
         # Positions that carry activations: every output axis but the features.
         tokens = int(np.prod(shape[:-1])) if len(shape) >= 2 else rows
-        ops = self.model.plan.communication()
+        count, per_token = self._collectives
         with self._writer.as_default():
             tf.summary.scalar("batch/latency_ms", 1e3 * seconds, step=batch)
             tf.summary.scalar("batch/rows_per_second", rows / seconds if seconds else 0.0,
                               step=batch)
-            tf.summary.scalar("comm/collectives", len(ops), step=batch)
-            tf.summary.scalar("comm/bytes", 4.0 * tokens * sum(n for _, _, n in ops), step=batch)
+            tf.summary.scalar("comm/collectives", count, step=batch)
+            tf.summary.scalar("comm/bytes", 4.0 * tokens * per_token, step=batch)
 
     def on_predict_end(self, logs=None):
         if self._writer is not None:

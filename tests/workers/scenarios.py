@@ -412,6 +412,7 @@ def run_collectives(world, results):
 
 def run_tensorboard(world, results, out_dir):
     """predict with tfshard.TensorBoard, read back with TensorBoard's own reader."""
+    import tensorflow as tf
     from tensorboard.backend.event_processing import event_accumulator
 
     def case():
@@ -424,17 +425,11 @@ def run_tensorboard(world, results, out_dir):
         acc.Reload()
         tags = acc.Tags()["tensors"]
         plan_text = acc.Tensors("plan")[0].tensor_proto.string_val[0].decode()
-        scalars = {t: [(e.step, float(tf_make_ndarray(e.tensor_proto))) for e in acc.Tensors(t)]
+        scalars = {t: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(t)]
                    for t in tags if t != "plan"}
         return {"tags": sorted(tags), "plan_text": plan_text, "scalars": scalars,
                 "run_dir": os.path.basename(callback.run_dir)}
     results["tensorboard"] = guarded(case)
-
-
-def tf_make_ndarray(proto):
-    import tensorflow as tf
-
-    return tf.make_ndarray(proto)
 
 
 def run_strategy_errors(world, results):

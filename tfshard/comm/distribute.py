@@ -145,28 +145,30 @@ class ReplicaCommunicator(Communicator):
             )
         return None
 
-    def _run(self, fn, x):
-        """Runs a collective `fn(ctx, x)` through `strategy.run` (host side)."""
+    def _collective(self, op, x):
+        """Runs `op(replica_context, x)` on this rank's replica.
+
+        Inside `strategy.run` directly; outside it (host side, one replica per
+        process) through `strategy.run`, widening dtypes collectives do not carry.
+        """
         x = tf.convert_to_tensor(x)
+        ctx = self._replica_context()
+        if ctx is not None:
+            return op(ctx, _own(x))
         wire = x.dtype if x.dtype in _WIRE_DTYPES else (tf.int32 if x.dtype.is_integer
                                                          or x.dtype == tf.bool else tf.float32)
         out = self.strategy.run(
-            lambda v: fn(tf.distribute.get_replica_context(), v), args=(tf.cast(x, wire),))
+            lambda v: op(tf.distribute.get_replica_context(), v), args=(tf.cast(x, wire),))
         return tf.cast(self.strategy.experimental_local_results(out)[0], x.dtype)
 
     def allreduce_sum(self, x, name=None):
-        ctx = self._replica_context()
-        if ctx is None:
-            return self._run(lambda c, v: c.all_reduce("sum", v, options=self._options), x)
-        return ctx.all_reduce(tf.distribute.ReduceOp.SUM, _own(x), options=self._options)
+        return self._collective(
+            lambda ctx, v: ctx.all_reduce(tf.distribute.ReduceOp.SUM, v, options=self._options), x)
 
     def allgather(self, x, axis=0, name=None):
         x = tf.convert_to_tensor(x)
         axis = normalize_axis(axis, x.shape.rank)
-        ctx = self._replica_context()
-        if ctx is None:
-            return self._run(lambda c, v: c.all_gather(v, axis, options=self._options), x)
-        return ctx.all_gather(_own(x), axis, options=self._options)
+        return self._collective(lambda ctx, v: ctx.all_gather(v, axis, options=self._options), x)
 
     def broadcast(self, x, root=0, name=None):
         # Exact (no arithmetic on the values): gather one copy per rank, keep root's.
