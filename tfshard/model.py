@@ -62,7 +62,7 @@ def _reset_compiled_functions(model):
             layer._jit_compile = False
 
 
-Replica = collections.namedtuple("Replica", "model plan comm device")
+Replica = collections.namedtuple("Replica", "model plan comm device meter")
 Replica.__doc__ = """One rank's sharded model in this process (several under MirroredStrategy).
 
 Attributes:
@@ -70,6 +70,8 @@ Attributes:
     plan: the `Plan` resolved for this rank.
     comm: the rank's tensor-parallel `Communicator`.
     device: the device its variables live on (None: TensorFlow's default).
+    meter: the `MeteredCommunicator` its sharded layers call (collective
+        count, bytes and seconds of its forwards).
 """
 
 
@@ -134,8 +136,9 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
     source_config, config_error = _serialize(model)
     comm, group = world.comm.split(tensor_parallel or world.size)
     _agree_on_model(world, model, comm.size)
-    plan = _convert(model, plan, comm, world)
-    sharded = ShardedModel(model, plan, world, comm, group)
+    plan, meter = _convert(model, plan, comm, world)
+    sharded = ShardedModel(model, plan, world, comm, group,
+                           replicas=[Replica(model, plan, comm, None, meter)])
     object.__setattr__(sharded, "source_config", source_config)
     object.__setattr__(sharded, "source_config_error", config_error)
     return sharded
@@ -162,22 +165,28 @@ def _agree_on_model(world, model, tp_size):
 
 
 def _convert(model, plan, comm, world):
-    """Resolves `plan` for `comm`'s rank and cuts `model` in place; returns the resolved plan."""
+    """Resolves `plan` for `comm`'s rank and cuts `model` in place.
+
+    Returns:
+        `(plan, meter)`: the resolved plan and the `MeteredCommunicator`
+        around `comm` that the sharded layers call.
+    """
     plan = plan.resolve(model, comm.size, comm.rank)
+    meter = comm_lib.metered(comm)
     consistency.agree(world.comm, {"plan": consistency.digest(plan.to_dict())}, "tfshard.shard()")
     by_path = {n.path: n.layer for n in _walk(model)}
     for e in plan.sharded:
         spec = ShardSpec(rule=e.rule, axis=e.axis, ranges=e.ranges, rank=comm.rank,
                          gather_output=e.gather_output, input_is_parallel=e.input_is_parallel,
                          full_shape=e.full_shape, path=e.path)
-        shard_layer(by_path[e.path], spec, comm, e.path)
+        shard_layer(by_path[e.path], spec, meter, e.path)
     by_path.setdefault(model.name, model)  # attention owned by the root model itself
     for counts in plan.attention:
         _set_head_counts(by_path[counts.path], counts, comm.rank)
     generation.install_cache(model, plan, comm.rank)
     _reset_compiled_functions(model)
     gc.collect()  # release the full kernels the conversion dropped
-    return plan
+    return plan, meter
 
 
 def _shard_replicas(model, plan, strategy, world, tensor_parallel):
@@ -214,8 +223,8 @@ def _shard_replicas(model, plan, strategy, world, tensor_parallel):
         own = i == 0 and _placed_on(model, devices[0])
         with tf.device(devices[i]):
             replica_model = model if own else _copy(model, where, devices[i])
-            replicas[i] = Replica(replica_model, _convert(replica_model, plan, comms[i], world),
-                                  comms[i], devices[i])
+            local_plan, meter = _convert(replica_model, plan, comms[i], world)
+            replicas[i] = Replica(replica_model, local_plan, comms[i], devices[i], meter)
     sharded = ShardedModel(replicas[0].model, replicas[0].plan, world, comms[0],
                            replicas=replicas, strategy=strategy)
     object.__setattr__(sharded, "source_config", source_config)
@@ -324,7 +333,7 @@ class ShardedModel(keras.Model):
         self.group = group
         self.groups = max(1, world.size // self.tp_comm.size)
         self.strategy = strategy
-        self.replicas = list(replicas or [Replica(model, plan, self.tp_comm, None)])
+        self.replicas = list(replicas or [Replica(model, plan, self.tp_comm, None, None)])
         self.last_schedule = None
         object.__setattr__(self, "source_config", None)
         object.__setattr__(self, "source_config_error", "the model was not sharded by tfshard.shard")
@@ -357,6 +366,29 @@ class ShardedModel(keras.Model):
         out = self.strategy.run(lambda x: self.call(x, *args, **kwargs), args=(inputs,))
         return tf.nest.map_structure(
             lambda v: self.strategy.experimental_local_results(v)[0], out)
+
+    def collective_counters(self):
+        """What the forwards of this process's ranks have sent so far, measured.
+
+        Counted by the `MeteredCommunicator` the sharded layers call, since
+        `shard()`, over every forward (predict, calls, generate); host-side
+        checks and output gathering are not included.
+
+        Returns:
+            `{rank: {"collectives": int, "bytes": int, "seconds": float}}`, one
+            entry per rank in this process (every replica under
+            MirroredStrategy). `bytes` sums the sizes of the tensors the
+            collectives produced; `seconds` the time from each collective's
+            input being ready to its output being ready.
+        """
+        return {rank: r.meter.reading() for rank, r in self.local_replicas().items()
+                if r.meter is not None}
+
+    def local_replicas(self):
+        """`{rank: Replica}` for the ranks this process computes (world ranks)."""
+        if self.strategy is None:
+            return {self.rank: self.replicas[0]}
+        return {r.comm.rank: r for r in self.replicas}
 
     def _replica_model(self, ctx):
         """The converted model of the replica whose context `ctx` is."""

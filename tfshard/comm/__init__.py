@@ -6,6 +6,7 @@ Nothing outside this package imports a backend module directly; use `create`.
 import os
 
 from tfshard.comm.base import Communicator
+from tfshard.comm.metered import MeteredCommunicator, metered
 
 BACKENDS = ("horovod", "local", "multiworker")
 
@@ -79,4 +80,5 @@ def for_replicas(strategy):
             for i in range(len(strategy.extended.worker_devices))]
 
 
-__all__ = ["Communicator", "create", "detect_backend", "for_replicas", "BACKENDS"]
+__all__ = ["Communicator", "MeteredCommunicator", "create", "detect_backend", "for_replicas",
+           "metered", "BACKENDS"]

@@ -1,0 +1,100 @@
+"""A communicator that counts and times the collectives the sharded layers make.
+
+The sharded layers of a model get a `MeteredCommunicator` around their group's
+communicator. Each `allreduce_sum` / `allgather` they call adds, to three
+counters held in TensorFlow variables (so it works eagerly and inside
+`tf.function`, and under `strategy.run`):
+
+- `collectives`: how many collectives ran;
+- `bytes`: the size of the tensor each produced (the message Megatron counts:
+  B·S·H for a row-parallel all-reduce, the full width for a gather);
+- `seconds`: wall time from the moment the collective's input was ready to the
+  moment its output was, as seen from this rank (waiting for slower ranks
+  included -- that is the cost the forward pays).
+
+Host-side collectives (agreement checks, output gathering) go through the
+wrapped communicator unmetered: the counters describe the forward alone.
+"""
+
+import tensorflow as tf
+
+from tfshard.comm.base import normalize_axis
+
+COUNTERS = ("collectives", "bytes", "seconds")
+
+
+class MeteredCommunicator:
+    """Delegates to `comm`, metering `allreduce_sum` and `allgather`.
+
+    Args:
+        comm: the `Communicator` to wrap.
+
+    Every other attribute (rank, size, broadcast, host-side helpers) is the
+    wrapped communicator's own.
+    """
+
+    def __init__(self, comm):
+        self.inner = comm
+        # Plain (not Keras) variables: they are not model weights, are never
+        # saved, and live on the device the caller's scope names.
+        self._collectives = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                        name="tfshard_collectives")
+        self._bytes = tf.Variable(0, dtype=tf.int64, trainable=False, name="tfshard_bytes")
+        self._seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False,
+                                    name="tfshard_seconds")
+
+    def __getattr__(self, name):
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    def allreduce_sum(self, x, name=None):
+        return self._metered(x, lambda v: self.inner.allreduce_sum(v, name=name))
+
+    def allgather(self, x, axis=0, name=None):
+        x = tf.convert_to_tensor(x)
+        axis = normalize_axis(axis, x.shape.rank)
+        return self._metered(x, lambda v: self.inner.allgather(v, axis=axis, name=name))
+
+    def _metered(self, x, run):
+        x = tf.convert_to_tensor(x)
+        if self.inner.size == 1:  # identities, not collectives
+            return run(x)
+        with tf.control_dependencies([x]):
+            start = tf.timestamp()
+        with tf.control_dependencies([start]):
+            y = run(tf.identity(x))
+        with tf.control_dependencies([y]):
+            stop = tf.timestamp()
+        updates = [
+            self._collectives.assign_add(1),
+            self._bytes.assign_add(tf.size(y, out_type=tf.int64) * y.dtype.size),
+            self._seconds.assign_add(stop - start),
+        ]
+        with tf.control_dependencies(updates):
+            return tf.identity(y)
+
+    def reading(self):
+        """The counters now (eager): a dict with `COUNTERS` as keys."""
+        return {"collectives": int(self._collectives.numpy()),
+                "bytes": int(self._bytes.numpy()),
+                "seconds": float(self._seconds.numpy())}
+
+    def __repr__(self):
+        return f"<MeteredCommunicator of {self.inner!r}>"
+
+
+def metered(comm):
+    """`comm` wrapped in a `MeteredCommunicator` (unchanged if it already is one)."""
+    return comm if isinstance(comm, MeteredCommunicator) else MeteredCommunicator(comm)
+
+
+def total(readings):
+    """Sums a list of `reading()` dicts."""
+    return {k: sum(r[k] for r in readings) for k in COUNTERS}
+
+
+def difference(after, before):
+    """`after - before`, counter by counter."""
+    return {k: after[k] - before[k] for k in COUNTERS}
