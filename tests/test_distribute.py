@@ -83,26 +83,39 @@ def test_collectives_in_replica_context(suite_runs, backend, n):
 
 
 @pytest.mark.parametrize("backend,n", RUNS)
-def test_tensorboard_callback_writes_plan_and_batch_scalars(suite_runs, backend, n):
+def test_tensorboard_callback_writes_plan_graph_and_measured_scalars(suite_runs, backend, n):
     # GPT-2 test model, 5 rows of 8 tokens in batches of 2: global batches 0, 1, 2.
-    # Per token a forward makes 5 all-reduces of 16 floats and gathers 50257 logits.
-    for rank, rec in enumerate(case_on_all_ranks(_ranks(suite_runs, backend, n), "tensorboard")):
-        assert rec["ok"], f"rank {rank}: {rec.get('message')}\n{rec.get('traceback')}"
-        assert rec["run_dir"] == f"rank{rank}"
-        assert rec["tags"] == ["batch/latency_ms", "batch/rows_per_second", "comm/bytes",
-                               "comm/collectives", "plan"]
-        text = rec["plan_text"]
-        assert text.startswith("| layer | kind | rule | full shape | local shape |"), text[:200]
-        assert "| token_embedding | ReversibleEmbedding | vocab | (50257, 16) |" in text
-        assert f"rank {rank if backend == 'multiworker' else 0} of {n}" in text
-        scalars = rec["scalars"]
-        for tag, points in scalars.items():
-            assert [step for step, _ in points] == [0, 1, 2], (tag, points)
-        assert [v for _, v in scalars["comm/collectives"]] == [6.0, 6.0, 6.0]
-        per_token = 4 * (5 * 16 + 50257)
-        assert [v for _, v in scalars["comm/bytes"]] == [16 * per_token, 16 * per_token,
-                                                         8 * per_token]
-        assert all(v > 0 for _, v in scalars["batch/latency_ms"] + scalars["batch/rows_per_second"])
+    # Per token a forward makes 5 all-reduces of 16 floats and gathers 50257 logits:
+    # the counts the communicator measured must be exactly the plan's.
+    per_token = 4 * (5 * 16 + 50257)
+    for proc, rec in enumerate(case_on_all_ranks(_ranks(suite_runs, backend, n), "tensorboard")):
+        assert rec["ok"], f"process {proc}: {rec.get('message')}\n{rec.get('traceback')}"
+        ranks = [proc] if backend == "multiworker" else list(range(n))
+        assert sorted(rec["runs"]) == [f"rank{r}" for r in ranks]
+        for rank in ranks:
+            run = rec["runs"][f"rank{rank}"]
+            # The graph (all of the process's replicas in one) goes to its first rank's run.
+            graph = ["sharded_forward"] if rank == ranks[0] else []
+            assert run["tags"] == ["batch/latency_ms", "batch/rows_per_second", "comm/bytes",
+                                   "comm/collectives", "plan", *graph, "time/collectives_ms",
+                                   "time/compute_ms"], run["tags"]
+            text = run["plan_text"]
+            assert text.startswith("| layer | kind | rule | full shape | local shape |"), text[:200]
+            assert "| token_embedding | ReversibleEmbedding | vocab | (50257, 16) |" in text
+            assert f"rank {rank} of {n}" in text
+            scalars = run["scalars"]
+            for tag, points in scalars.items():
+                assert [step for step, _ in points] == [0, 1, 2], (tag, points)
+            assert [v for _, v in scalars["comm/collectives"]] == [6.0, 6.0, 6.0]
+            assert [v for _, v in scalars["comm/bytes"]] == [16 * per_token, 16 * per_token,
+                                                             8 * per_token]
+            for (_, latency), (_, comm), (_, compute) in zip(
+                    scalars["batch/latency_ms"], scalars["time/collectives_ms"],
+                    scalars["time/compute_ms"]):
+                assert 0 < comm < latency and compute == pytest.approx(latency - comm, abs=1e-3)
+            assert all(v > 0 for _, v in scalars["batch/rows_per_second"])
+            counters = rec["counters"][str(rank)]
+            assert counters["collectives"] == 18 and counters["bytes"] == 40 * per_token
 
 
 EXPECTED_ERRORS = {

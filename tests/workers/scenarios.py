@@ -410,25 +410,33 @@ def run_collectives(world, results):
         results["collectives_host"] = guarded(host)
 
 
-def run_tensorboard(world, results, out_dir):
-    """predict with tfshard.TensorBoard, read back with TensorBoard's own reader."""
+def read_tensorboard_run(run_dir):
+    """Tags, the plan text and every scalar of one run, with TensorBoard's own reader."""
     import tensorflow as tf
     from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(
+        run_dir, size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()
+    tags = acc.Tags()["tensors"]
+    plan_text = acc.Tensors("plan")[0].tensor_proto.string_val[0].decode()
+    graphs = [t for t in tags if t == "sharded_forward"]
+    scalars = {t: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(t)]
+               for t in tags if t != "plan" and t not in graphs}
+    return {"tags": sorted(tags), "plan_text": plan_text, "scalars": scalars, "graphs": graphs}
+
+
+def run_tensorboard(world, results, out_dir):
+    """predict with tfshard.TensorBoard, read back with TensorBoard's own reader."""
 
     def case():
         model, x = models.gpt2()
         sharded = SHARD(model)
         callback = tfshard.TensorBoard(os.path.join(out_dir, "tb"))
         sharded.predict(x, batch_size=2, verbose=0, callbacks=[callback])
-        acc = event_accumulator.EventAccumulator(
-            callback.run_dir, size_guidance={event_accumulator.TENSORS: 0})
-        acc.Reload()
-        tags = acc.Tags()["tensors"]
-        plan_text = acc.Tensors("plan")[0].tensor_proto.string_val[0].decode()
-        scalars = {t: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(t)]
-                   for t in tags if t != "plan"}
-        return {"tags": sorted(tags), "plan_text": plan_text, "scalars": scalars,
-                "run_dir": os.path.basename(callback.run_dir)}
+        return {"runs": {os.path.basename(callback.rank_dir(r)): read_tensorboard_run(
+            callback.rank_dir(r)) for r in callback.ranks},
+            "counters": {str(r): c for r, c in sharded.collective_counters().items()}}
     results["tensorboard"] = guarded(case)
 
 

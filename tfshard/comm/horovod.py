@@ -86,6 +86,26 @@ class HorovodCommunicator(Communicator):
             x, root_rank=self._global_ranks[root], name=name, process_set=self._process_set
         )
 
+    def start_timeline(self, path):
+        """Starts Horovod's timeline (chrome://tracing JSON) into `path`.
+
+        Horovod writes it from rank 0 only; every rank must call this. It needs
+        `HOROVOD_TIMELINE=DYNAMIC` in the environment before `hvd.init()` (the
+        CLI's `--logdir` sets it).
+
+        Returns:
+            True if recording started; False when dynamic timelines are off.
+        """
+        try:
+            self._hvd.start_timeline(os.fspath(path), mark_cycles=False)
+        except ValueError:
+            return False
+        return True
+
+    def stop_timeline(self):
+        """Stops the timeline `start_timeline` began and closes its file."""
+        self._hvd.stop_timeline()
+
     def gather_to_root(self, array):
         # An all-to-all in which every rank sends all its rows to rank 0 and
         # nothing elsewhere: only rank 0 ever holds the whole result.
