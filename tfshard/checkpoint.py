@@ -735,6 +735,26 @@ def resolve_source(source, model=None, safe_mode=True, custom_objects=None):
                           ".gguf, keras-hub preset folders and its own checkpoint folders.")
 
 
+def build_deferred(source, model=None, safe_mode=True, custom_objects=None):
+    """The model `source` describes, with full shapes but no values: nothing is read.
+
+    For looking at a model (its plan) without loading it; see `load` for the
+    arguments.
+
+    Returns:
+        The built Keras model; its variables are deferred (never materialised).
+    """
+    src = resolve_source(source, model=model, safe_mode=safe_mode, custom_objects=custom_objects)
+    try:
+        with deferred_variables():
+            inner = src.build()
+        if not isinstance(inner, keras.layers.Layer):
+            raise CheckpointError(f"{src.label}: builds a {type(inner).__name__}, not a Keras model.")
+    finally:
+        src.close()
+    return inner
+
+
 def _agree_on_failure(comm, error, what):
     """Every rank learns whether any rank failed; all raise the same error."""
     mine = None if error is None else f"{type(error).__name__}: {error}"
