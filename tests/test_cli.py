@@ -7,16 +7,96 @@ import numpy as np
 from conftest import ROOT, launch
 
 
-def test_predict_cli_under_horovodrun_matches_and_writes_output(tmp_path):
-    out_file = tmp_path / "logits.npy"
+def test_predict_cli_under_horovodrun_matches_and_writes_output_and_logs(tmp_path):
+    out_file, logdir = tmp_path / "logits.npy", tmp_path / "tb"
     code, out, secs = launch(
         2, ["-m", "tfshard", "predict", "gpt2-tiny", "--rows", "3", "--seq-len", "16",
-            "--batch-size", "2", "--output", out_file], timeout=300)
+            "--batch-size", "2", "--output", out_file, "--logdir", logdir, "--profile", "1"],
+        timeout=300)
     assert code == 0, out[-4000:]
     assert "MATCH" in out and "MISMATCH" not in out
     assert "global output (3, 16, 50257)" in out
     logits = np.load(out_file)
     assert logits.shape == (3, 16, 50257) and np.isfinite(logits).all()
+    # Two forwards (warm-up, timed) of 2 batches: 6 collectives each (2 blocks x 2
+    # all-reduces + the lookup's + the logits gather).
+    assert "rank 0's forwards so far: 24 collectives" in out, out[-3000:]
+    _check_horovod_logs(logdir)
+
+
+def _check_horovod_logs(logdir):
+    """What --logdir wrote under horovodrun, read with TensorBoard's own reader,
+    then served by `tensorboard --logdir` and read over its HTTP data API."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "tests" / "workers"))
+    from scenarios import read_tensorboard_run
+
+    per_token = 4 * (5 * 64 + 50257)
+    for rank in range(2):
+        run = read_tensorboard_run(str(logdir / f"rank{rank}"))
+        scalars = run["scalars"]
+        assert [v for _, v in scalars["comm/collectives"]] == [6.0, 6.0], scalars
+        assert [v for _, v in scalars["comm/bytes"]] == [32 * per_token, 16 * per_token]
+        assert "| token_embedding | ReversibleEmbedding | vocab | (50257, 64) |" in run["plan_text"]
+        assert f"rank {rank} of 2" in run["plan_text"]
+        assert run["graphs"] == ["sharded_forward"], run["tags"]
+        # The profiler trace of the first batch shows Horovod's collective ops.
+        traces = list((logdir / f"rank{rank}" / "plugins" / "profile").glob("*/*.xplane.pb"))
+        assert len(traces) == 1, traces
+        assert b"HorovodAllreduce" in traces[0].read_bytes()
+        assert b"HorovodAllgather" in traces[0].read_bytes()
+    # Horovod's timeline (rank 0 writes it): chrome://tracing events of the collectives.
+    timeline = (logdir / "horovod_timeline.json").read_text()
+    events = json.loads(timeline if timeline.rstrip().endswith("]") else timeline.rstrip().rstrip(",") + "]")
+    names = {e.get("name", "") for e in events} | {e.get("args", {}).get("name", "")
+                                                   for e in events}
+    assert any("ALLREDUCE" in n for n in names) and any("ALLGATHER" in n for n in names), names
+    _check_served(logdir)
+
+
+def _check_served(logdir):
+    import json
+    import socket
+    import subprocess
+    import time
+    import urllib.parse
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [str(ROOT / ".venv" / "bin" / "tensorboard"), "--logdir", str(logdir), "--host",
+         "127.0.0.1", "--port", str(port), "--load_fast", "false"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+
+    def get(path, **query):
+        url = f"{base}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return json.loads(r.read())
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                tags = get("/data/plugin/scalars/tags")
+                if set(tags) >= {"rank0", "rank1"}:
+                    break
+            except OSError:
+                pass
+            assert server.poll() is None, server.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "tensorboard did not serve the runs in 60 s"
+            time.sleep(0.5)
+        assert {"batch/latency_ms", "comm/bytes", "time/collectives_ms"} <= set(tags["rank1"])
+        points = get("/data/plugin/scalars/scalars", run="rank1", tag="comm/collectives")
+        assert [(step, value) for _, step, value in points] == [(0, 6.0), (1, 6.0)]
+        text = get("/data/plugin/text/text", run="rank0", tag="plan")
+        assert "token_embedding" in json.dumps(text)
+        assert "rank0" in get("/data/plugin/graphs/info")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_predict_cli_under_tfshard_launch_multiworker(tmp_path):
@@ -32,11 +112,18 @@ def test_predict_cli_under_tfshard_launch_multiworker(tmp_path):
     assert logits.shape == (3, 16, 50257) and np.isfinite(logits).all()
 
 
-def test_predict_cli_prompt_real_smollm2():
-    code, out, secs = launch(2, ["-m", "tfshard", "predict", "smollm2", "--prompt",
-                                 "The capital of France is", "--no-compare"], timeout=600)
+def test_predict_cli_text_prompts_real_smollm2(tmp_path):
+    # A .txt of prompts (one per line, different lengths: right-padded), real weights.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The capital of France is\nOne, two, three, four,\n")
+    out_file = tmp_path / "logits.npy"
+    code, out, secs = launch(2, ["-m", "tfshard", "predict", "smollm2", "--input", prompts,
+                                 "--output", out_file, "--no-compare"], timeout=600)
     assert code == 0, out[-4000:]
-    assert "next token after the prompt: ' Paris'" in out, out[-3000:]
+    assert "next token after prompt 0: ' Paris'" in out, out[-3000:]
+    assert "next token after prompt 1: ' five'" in out, out[-3000:]
+    # 5 and 8 tokens: the first prompt is right-padded to 8, its next token read at position 4.
+    assert np.load(out_file).shape[:2] == (2, 8)
 
 
 def test_readme_main_job_generate_smollm2_on_three_ranks():
@@ -61,6 +148,70 @@ def test_inspect_cli_prints_the_plan_in_one_process():
     for rank in range(3):
         assert f"rank {rank} of 3" in res.stdout
     assert "attention 8q/2kv heads" in res.stdout and "vocab" in res.stdout
+
+
+def test_inspect_cli_plans_a_real_file_from_its_shapes_alone():
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-m", "tfshard", "inspect", "smollm2",
+                          "--tensor-parallel", "3"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "transformer_layer_29/self_attention/value" in res.stdout
+    assert "attention 9q/3kv heads" in res.stdout
+    assert "rank 0 of 3: sharded 513.0 MiB -> 171.0 MiB here" in res.stdout, res.stdout[-2000:]
+    assert "per forward: 61 all-reduces" in res.stdout
+
+
+def test_inspect_check_in_one_process_prints_per_layer_drift():
+    # --check with no launcher: 2 MirroredStrategy replicas on logical CPUs.
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-m", "tfshard", "inspect", "gpt2-tiny", "--check",
+                          "--tensor-parallel", "2"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    row = next(ln for ln in lines if ln.startswith("transformer_layer_1/feedforward_output_dense"))
+    assert " row " in row and " full " in row, row
+    row = next(ln for ln in lines if ln.startswith("transformer_layer_0/self_attention/query"))
+    assert "own slice, axis -2" in row, row
+    assert lines[-1].startswith("no layer parts: 31 of 35 layer outputs compared"), lines[-1]
+
+
+DRIFT_SCRIPT = """
+import sys
+sys.path.insert(0, "tests")
+import tensorflow as tf
+import tfshard
+from tfshard import report
+strategy = tf.distribute.MirroredStrategy(tfshard.cpu_devices(2))
+import models
+model, x = models.gpt2()
+reference, _ = models.gpt2()
+sharded = tfshard.shard(model, strategy=strategy)
+x = {k: v[:2] for k, v in x.items()}
+print("CLEAN", report.first_parting(report.layer_drift(sharded, reference, x)))
+# Break rank 1's slice of one row-parallel kernel: the report must point at it.
+layer = sharded.replicas[1].model.get_layer("gpt2_backbone").get_layer(
+    "transformer_layer_1")._feedforward_output_dense
+layer._kernel.assign(layer._kernel + 1e-3)
+rows = report.layer_drift(sharded, reference, x)
+print("BROKEN", report.first_parting(rows)["path"])
+print(report.format_drift(rows).splitlines()[-1])
+"""
+
+
+def test_drift_report_names_the_first_layer_that_parts():
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-c", DRIFT_SCRIPT],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "CLEAN None" in res.stdout, res.stdout
+    assert "BROKEN transformer_layer_1/feedforward_output_dense" in res.stdout, res.stdout
+    assert "first layer where they part: transformer_layer_1/feedforward_output_dense (Dense, " \
+           "rule row)" in res.stdout
 
 
 def test_bench_cli_runs_scripts_bench():

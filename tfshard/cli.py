@@ -1,8 +1,9 @@
 """The `tfshard` command line.
 
-    tfshard predict SOURCE [--rows N] [--seq-len S] [--batch-size B] [--output FILE.npy]
+    tfshard predict SOURCE [--input FILE.npy|.npz|.txt] [--output FILE.npy] [--batch-size B]
+                           [--logdir DIR [--profile [N]]]
     tfshard generate SOURCE --prompt TEXT [--max-new-tokens N] [--sampler NAME]
-    tfshard inspect SOURCE [--tensor-parallel N]
+    tfshard inspect SOURCE [--tensor-parallel N] [--check [--input FILE]]
     tfshard launch -n N SCRIPT|COMMAND [ARGS]
     tfshard bench SUITE [ARGS]      # scripts/bench.py: forward, predict, load, comm, generate
 
@@ -17,9 +18,16 @@ import sys
 import time
 
 
-def _inputs(input_names, vocab, rows, seq_len, seed, path=None):
+def _inputs(input_names, vocab, rows, seq_len, seed, path=None, tokenizer=None):
+    """The model's inputs: from a .npy / .npz / .txt file, or random token ids."""
     import numpy as np
 
+    if path and path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        if not prompts:
+            raise ValueError(f"{path}: no prompts (one per line expected).")
+        return _prompt_inputs(tokenizer, prompts, path)
     if path:
         data = np.load(path)
         if hasattr(data, "files"):
@@ -40,6 +48,24 @@ def _inputs(input_names, vocab, rows, seq_len, seed, path=None):
     return x
 
 
+def _prompt_inputs(tokenizer, prompts, where):
+    """Token ids of `prompts`, right-padded to the longest, with their padding mask."""
+    import numpy as np
+
+    if tokenizer is None:
+        raise ValueError(f"{where}: text prompts need a source that carries its tokenizer "
+                         "(smollm2, a .gguf file); give token ids as .npy / .npz instead.")
+    ids = [np.asarray(tokenizer(p), dtype="int32").reshape(-1) for p in prompts]
+    length = max(len(i) for i in ids)
+    pad = int(getattr(tokenizer, "pad_token_id", None) or 0)
+    token_ids = np.full((len(ids), length), pad, dtype="int32")
+    mask = np.zeros((len(ids), length), dtype="int32")
+    for row, i in enumerate(ids):
+        token_ids[row, :len(i)] = i
+        mask[row, :len(i)] = 1
+    return {"token_ids": token_ids, "padding_mask": mask}
+
+
 def _first(out):
     return next(iter(out.values())) if isinstance(out, dict) else out
 
@@ -53,12 +79,12 @@ def _save_atomic(path, array):
 
 
 def cmd_predict(args):
-    import keras
     import numpy as np
 
     import tfshard
     from tfshard import models
 
+    _timeline_before_init(args.logdir)
     world = tfshard.init()
     say = print if world.rank == 0 else (lambda *a, **k: None)
     sharded = None
@@ -72,16 +98,14 @@ def cmd_predict(args):
         model = None if reference is None else reference.inner
         backbone = getattr(sharded.inner, "backbone", sharded.inner)
         vocab = backbone.vocabulary_size
-        input_names = [t.name for t in keras.tree.flatten(sharded.inner.inputs)]
+        input_names = _input_names(sharded.inner)
+    tokenizer = None if sharded is None else sharded.tokenizer
     if args.prompt is not None:
-        if sharded is None or sharded.tokenizer is None:
-            raise SystemExit(f"--prompt needs a source that carries its tokenizer (smollm2, a .gguf "
-                             f"file); {args.source!r} does not.")
-        ids = np.asarray(sharded.tokenizer(args.prompt), dtype="int32")[None]
-        x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
-        say(f"[tfshard] prompt {args.prompt!r} -> {ids.shape[1]} tokens")
+        x = _prompt_inputs(tokenizer, [args.prompt], f"--prompt on {args.source!r}")
+        say(f"[tfshard] prompt {args.prompt!r} -> {x['token_ids'].shape[1]} tokens")
     else:
-        x = _inputs(input_names, vocab, args.rows, args.seq_len, args.seed + 1, args.input)
+        x = _inputs(input_names, vocab, args.rows, args.seq_len, args.seed + 1, args.input,
+                    tokenizer=tokenizer)
 
     ref = ref_secs = None
     if not args.no_compare:
@@ -96,19 +120,28 @@ def cmd_predict(args):
         sharded = tfshard.shard(model, tensor_parallel=args.tensor_parallel)
         say("\n".join(sharded.plan.totals()))
     sharded.predict(x, batch_size=args.batch_size, verbose=0)  # trace + warm up
+    callbacks = []
+    if args.logdir:
+        callbacks.append(tfshard.TensorBoard(args.logdir, profile_batches=args.profile))
     t0 = time.perf_counter()
-    out = sharded.predict(x, batch_size=args.batch_size, verbose=args.verbose)
+    out = sharded.predict(x, batch_size=args.batch_size, verbose=args.verbose,
+                          callbacks=callbacks)
     secs = time.perf_counter() - t0
+    if callbacks:
+        _report_logdir(callbacks[0], sharded, say)
 
     logits = np.asarray(_first(out))
     rows = logits.shape[0]
     tokens = rows * (logits.shape[1] if logits.ndim > 2 else 1)
     say(f"[tfshard] global output {tuple(logits.shape)} {logits.dtype} on every rank")
-    if args.prompt is not None:
-        last = logits[0, -1]
-        top = np.argsort(-last)[:5]
-        words = [repr(sharded.tokenizer.detokenize([int(t)])) for t in top]
-        say(f"[tfshard] next token after the prompt: {words[0]} (top 5: {', '.join(words)})")
+    if tokenizer is not None and logits.ndim == 3 and "padding_mask" in x:
+        # Text prompts: the next token after each prompt's last real position.
+        for row in range(min(rows, 4)):
+            last = logits[row, int(np.sum(x["padding_mask"][row])) - 1]
+            top = np.argsort(-last)[:5]
+            words = [repr(tokenizer.detokenize([int(t)])) for t in top]
+            say(f"[tfshard] next token after prompt {row}: {words[0]} "
+                f"(top 5: {', '.join(words)})")
     elif logits.ndim >= 2:
         say(f"[tfshard] argmax of the last position, first rows: "
             f"{np.argmax(logits.reshape(rows, -1, logits.shape[-1])[:4, -1], -1).tolist()}")
@@ -129,6 +162,28 @@ def cmd_predict(args):
         _save_atomic(args.output, logits)
         say(f"[tfshard] wrote {args.output}")
     return 0
+
+
+def _timeline_before_init(logdir):
+    """Under horovodrun with --logdir, lets the TensorBoard callback record Horovod's
+    timeline (Horovod reads HOROVOD_TIMELINE once, in init)."""
+    from tfshard import comm
+
+    if logdir and comm.detect_backend() == "horovod":
+        os.environ.setdefault("HOROVOD_TIMELINE", "DYNAMIC")
+
+
+def _report_logdir(callback, sharded, say):
+    """Prints where the TensorBoard logs went and what the collectives cost."""
+    counters = sharded.collective_counters()
+    mine = counters.get(sharded.rank) or next(iter(counters.values()), None)
+    say(f"[tfshard] TensorBoard logs in {callback.logdir} (one run per rank"
+        f"{'; Horovod timeline ' + callback.timeline_path if callback.timeline_path else ''}"
+        f"{'; profile of ' + str(callback.profile_batches) + ' batch(es)' if callback.profile_batches else ''}"
+        f"): tensorboard --logdir {callback.logdir}")
+    if mine:
+        say(f"[tfshard] rank {sharded.rank}'s forwards so far: {mine['collectives']} collectives, "
+            f"{mine['bytes'] / 2**20:.1f} MiB, {mine['seconds']:.3f} s in collectives")
 
 
 def _load_both(args, world, say):
@@ -195,14 +250,75 @@ def _prompt_length(preprocessor, prompt):
 
 
 def cmd_inspect(args):
+    if args.check:
+        return _inspect_check(args)
     from tfshard import models
     from tfshard.plan import Plan
 
-    model, _, _ = models.build(args.source, seed=args.seed)
+    if args.source in models.NAMES:
+        model, _, _ = models.build(args.source, seed=args.seed)
+    else:
+        from tfshard import checkpoint
+
+        model = checkpoint.build_deferred(args.source)  # shapes only: nothing is read
     plan = Plan.auto(model, args.tensor_parallel)
     for rank in range(args.tensor_parallel) if args.all_ranks else [0]:
         print(plan.summary(rank=rank))
     return 0
+
+
+def _inspect_check(args):
+    """`inspect --check`: sharded vs unsharded, layer by layer.
+
+    Under horovodrun or `tfshard launch` the ranks are the processes; in one
+    process, `--tensor-parallel` MirroredStrategy replicas on logical CPUs.
+    """
+    import tfshard
+    from tfshard import comm as comm_lib
+    from tfshard import models, report
+
+    one_process = comm_lib.detect_backend() == "local"
+    strategy = None
+    if one_process:
+        import tensorflow as tf
+
+        # Before anything else touches TensorFlow: it fixes the devices once.
+        strategy = tf.distribute.MirroredStrategy(tfshard.cpu_devices(args.tensor_parallel))
+    world = tfshard.init()
+    say = print if world.rank == 0 else (lambda *a, **k: None)
+    if args.source in models.NAMES:
+        model, vocab, input_names = models.build(args.source, seed=args.seed)
+        reference, _, _ = models.build(args.source, seed=args.seed)
+        sharded = tfshard.shard(model, strategy=strategy)
+        tokenizer = None
+    elif one_process:
+        raise ValueError(f"inspect --check of {args.source!r} in one process works for the "
+                         f"built-in models ({', '.join(models.NAMES)}); for a file, run it "
+                         f"under ranks: ./horovodrun.sh -np {args.tensor_parallel} tfshard "
+                         f"inspect {args.source} --check (or tfshard launch -n "
+                         f"{args.tensor_parallel} ...).")
+    else:
+        args.tensor_parallel, args.no_compare = None, False
+        sharded, loaded = _load_both(args, world, say)
+        reference = loaded.inner
+        backbone = getattr(reference, "backbone", reference)
+        vocab = backbone.vocabulary_size
+        input_names = _input_names(reference)
+        tokenizer = sharded.tokenizer
+    x = _inputs(input_names, vocab, args.rows, args.seq_len, args.seed + 1, args.input,
+                tokenizer=tokenizer)
+    say(f"[tfshard] {args.source} at TP={sharded.tensor_parallel} "
+        f"({'MirroredStrategy in one process' if one_process else world.backend}) vs unsharded, "
+        f"inputs {', '.join(f'{k} {tuple(v.shape)}' for k, v in x.items())}")
+    rows = report.layer_drift(sharded, reference, x)
+    say(report.format_drift(rows))
+    return 0 if report.first_parting(rows) is None else 1
+
+
+def _input_names(model):
+    import keras
+
+    return [t.name for t in keras.tree.flatten(model.inputs)]
 
 
 def _bench(argv):
@@ -225,7 +341,8 @@ def build_parser():
     p = sub.add_parser("predict", help="sharded inference; run under ./horovodrun.sh -np N")
     p.add_argument("source", help="a built-in random-weight model (gpt2, gpt2-tiny, llama-tiny, "
                    "bert-tiny), a real one (smollm2, minilm), or a file/folder tfshard.load reads")
-    p.add_argument("--input", help=".npy of token ids, or .npz of named inputs")
+    p.add_argument("--input", help=".npy of token ids, .npz of named inputs, or .txt of "
+                   "prompts, one per line (sources with a tokenizer)")
     p.add_argument("--prompt", help="text to feed (sources with a tokenizer: smollm2, .gguf)")
     p.add_argument("--output", help="write the global output here (rank 0, atomically)")
     p.add_argument("--rows", type=int, default=8)
@@ -236,6 +353,10 @@ def build_parser():
     p.add_argument("--verbose", default=0)
     p.add_argument("--no-compare", action="store_true",
                    help="skip the unsharded reference run")
+    p.add_argument("--logdir", help="write TensorBoard logs here (plan, graph, per-batch "
+                   "latency and collectives; Horovod timeline under horovodrun)")
+    p.add_argument("--profile", type=int, nargs="?", const=2, default=0, metavar="N",
+                   help="with --logdir: profile the first N batches (default 2)")
     p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("generate", help="sharded text generation; run under ./horovodrun.sh -np N")
@@ -251,10 +372,20 @@ def build_parser():
                    help="skip the unsharded reference run")
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("inspect", help="print the plan (one process, no launch)")
-    p.add_argument("source")
+    p = sub.add_parser("inspect", help="print the plan (one process, no launch); --check: "
+                       "per-layer drift of the sharded model against the unsharded one")
+    p.add_argument("source", help="a built-in model name or a file/folder tfshard.load reads "
+                   "(only its shapes are read)")
     p.add_argument("--tensor-parallel", type=int, default=2)
     p.add_argument("--all-ranks", action="store_true")
+    p.add_argument("--check", action="store_true",
+                   help="run sharded and unsharded side by side and print each layer's drift "
+                   "(in one process: --tensor-parallel MirroredStrategy replicas; or under "
+                   "horovodrun / tfshard launch)")
+    p.add_argument("--input", help="with --check: .npy token ids, .npz named inputs, or .txt "
+                   "prompts (one per line)")
+    p.add_argument("--rows", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_inspect)
 
