@@ -72,21 +72,88 @@ def _measure(args, sharded):
     x = {n: (ids if n == "token_ids" else np.ones_like(ids) if n == "padding_mask"
              else np.zeros_like(ids)) for n in names}
     param_bytes = sum(np.asarray(v).nbytes for v in model.weights)
+    flops = _forward_flops(model, args.rows, args.seq_len)
+    minimum = _megatron_minimum(model, args.batch_size, args.seq_len)
     target = model
     if sharded:
         target = tfshard.shard(model, tensor_parallel=args.tp or None, strategy=strategy)
         param_bytes = sum(np.asarray(v).nbytes for v in target.inner.weights)
     target.predict(x, batch_size=args.batch_size, verbose=0)  # trace + warm up
+    before = target.collective_counters() if sharded else {}
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         target.predict(x, batch_size=args.batch_size, verbose=0)
         times.append(time.perf_counter() - t0)
-    result = {"seconds": statistics.median(times), "all_seconds": times,
+    seconds = statistics.median(times)
+    result = {"seconds": seconds, "all_seconds": times,
               "tokens": args.rows * args.seq_len, "param_bytes_per_rank": int(param_bytes),
-              "ranks": strategy.num_replicas_in_sync if strategy else world.size if world else 1}
+              "ranks": strategy.num_replicas_in_sync if strategy else world.size if world else 1,
+              "forward_flops": flops, "achieved_flops_per_s": flops / seconds,
+              "megatron_minimum_per_forward": minimum}
+    if sharded:
+        # Per forward of one full batch, on the first rank of this process.
+        rank, after = next(iter(sorted(target.collective_counters().items())))
+        forwards = args.repeats * -(-args.rows // args.batch_size) // max(1, target.groups)
+        sent = {k: (after[k] - before[rank][k]) / forwards for k in after}
+        result["collectives_per_forward"] = sent
+        result["collective_seconds_share"] = sent["seconds"] * forwards / sum(times)
+    else:
+        result["matmul_flops_per_s"] = _matmul_rate(args)
+    result["peak_rss_mib"] = _hwm_mib()
+    if world is not None and world.size > 1:
+        peaks = world.comm.allgather_object(result["peak_rss_mib"])
+        result["peak_rss_mib"] = max(peaks)
+        result["peak_rss_mib_per_rank"] = peaks
     if not world or world.rank == 0:
         print("RESULT " + json.dumps(result), flush=True)
+
+
+def _forward_flops(model, rows, seq_len):
+    """Multiply-adds x 2 of one forward over rows x seq_len tokens.
+
+    Every Dense / EinsumDense kernel and a tied output embedding is one
+    matmul per token (2 FLOPs per weight); attention adds Q.K^T and P.V,
+    2 x 2 x S x (heads x head size) per token and layer.
+    """
+    import keras
+
+    tokens = rows * seq_len
+    weights = 0
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+            weights += int(keras.ops.size(layer.kernel))
+        elif isinstance(layer, keras.layers.ReversibleEmbedding):
+            weights += int(keras.ops.size(layer.embeddings))  # the tied logits matmul
+    backbone = getattr(model, "backbone", model)
+    layers, hidden = backbone.num_layers, backbone.hidden_dim
+    return 2 * weights * tokens + 4 * layers * rows * seq_len * seq_len * hidden
+
+
+def _megatron_minimum(model, batch, seq_len):
+    """Megatron's collectives for one forward of a batch: two all-reduces of B.S.H
+    per block, one for the vocab-parallel embedding lookup, and the logits gather."""
+    backbone = getattr(model, "backbone", model)
+    tokens = batch * seq_len
+    reduces = 2 * backbone.num_layers + 1
+    return {"collectives": reduces + 1,
+            "bytes": 4 * tokens * (reduces * backbone.hidden_dim + backbone.vocabulary_size)}
+
+
+def _matmul_rate(args):
+    """The machine's matmul FLOP/s in this process: [B.S, H] x [H, 4H] float32."""
+    import tensorflow as tf
+
+    m, k, n = args.rows * args.seq_len, 768, 3072
+    a, b = tf.random.normal([m, k]), tf.random.normal([k, n])
+    run = tf.function(lambda: tf.reduce_sum(tf.matmul(a, b)))
+    run()
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        run().numpy()
+        times.append(time.perf_counter() - t0)
+    return 2 * m * k * n / statistics.median(times)
 
 
 def _generate_child(args):
@@ -375,14 +442,32 @@ def suite_forward(args, layouts=None):
         rows.append((name, _run(_launch(backend[0] if backend else "horovod", n, child),
                                 args.timeout)))
     base = rows[0][1]["tokens"] / rows[0][1]["seconds"]
+    peak = rows[0][1]["matmul_flops_per_s"]
+    minimum = rows[0][1]["megatron_minimum_per_forward"]
     print(f"\n{args.suite}: {args.model}, {args.rows} rows x {args.seq_len} tokens, batch "
-          f"{args.batch_size}, median of {args.repeats}, {os.cpu_count()} cores")
-    print(f"{'run':<15} {'s/predict':>10} {'tokens/s':>10} {'vs unsharded':>13} {'params/rank':>12}")
+          f"{args.batch_size}, median of {args.repeats}, {os.cpu_count()} cores; machine matmul "
+          f"rate {peak / 1e9:.1f} GFLOP/s; Megatron minimum per forward: "
+          f"{minimum['collectives']} collectives, {minimum['bytes'] / 2**20:.2f} MiB")
+    print(f"{'run':<15} {'s/predict':>10} {'tokens/s':>10} {'vs unsharded':>13} "
+          f"{'params/rank':>12} {'peak RSS':>10} {'GFLOP/s':>8} {'of matmul':>10} "
+          f"{'coll/fwd':>9} {'MiB/fwd':>8} {'= min':>6} {'in coll':>8}")
     for name, r in rows:
         tps = r["tokens"] / r["seconds"]
+        sent = r.get("collectives_per_forward")
+        comm = (f"{sent['collectives']:>9.0f} {sent['bytes'] / 2**20:>8.2f} "
+                f"{str(_is_minimum(sent, minimum)):>6} {100 * r['collective_seconds_share']:>7.1f}%"
+                if sent else f"{'-':>9} {'-':>8} {'-':>6} {'-':>8}")
         print(f"{name:<15} {r['seconds']:>10.3f} {tps:>10.0f} {tps / base:>12.2f}x "
-              f"{r['param_bytes_per_rank'] / 2**20:>10.1f}MiB")
+              f"{r['param_bytes_per_rank'] / 2**20:>10.1f}MiB {r['peak_rss_mib']:>7.0f}MiB "
+              f"{r['achieved_flops_per_s'] / 1e9:>8.1f} {r['achieved_flops_per_s'] / peak:>9.0%} "
+              f"{comm}")
     _write_report(f"{args.suite}-{args.model}", args, dict(rows))
+
+
+def _is_minimum(sent, minimum):
+    """Whether a run's per-forward collectives are exactly Megatron's minimum."""
+    return (round(sent["collectives"]) == minimum["collectives"]
+            and round(sent["bytes"]) == minimum["bytes"])
 
 
 def main():
