@@ -62,3 +62,13 @@ def test_world_still_works_after_errors(suite_runs, np_):
         assert rec["ok"], rec.get("traceback")
         o = rec["outputs"]["output"]
         assert o["max_diff"] <= o["tol"]
+
+
+@pytest.mark.parametrize("np_", [2, 3])
+def test_allgather_on_every_axis_with_uneven_lengths(suite_runs, np_):
+    # Gathers off axis 0 go through flat rows + concat (no transposes): exact values.
+    for case in ("collectives_eager", "collectives_function"):
+        for rank, rec in enumerate(case_on_all_ranks(suite_runs("checks", np_), case)):
+            assert rec["ok"], f"{case} rank {rank}: {rec.get('message')}\n{rec.get('traceback')}"
+            checks = {k: v for k, v in rec.items() if k != "ok"}
+            assert len(checks) == 8 and all(checks.values()), (case, rank, checks)

@@ -380,6 +380,7 @@ def run_collectives(world, results):
 
     strategy = STRATEGY or world.strategy
     if strategy is None:
+        run_gathers(world, results)
         return
     comms = {c.rank: c for c in comm_lib.for_replicas(strategy)}
 
@@ -408,6 +409,33 @@ def run_collectives(world, results):
             got = world.comm.allgather_object({"rank": world.rank})
             return {"objects": got == [{"rank": r} for r in range(world.size)]}
         results["collectives_host"] = guarded(host)
+
+
+def run_gathers(world, results):
+    """Horovod: all-gathers on every axis, uneven lengths, with and without `sizes`."""
+    import tensorflow as tf
+
+    comm, rank, size = world.comm, world.rank, world.size
+    base = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+
+    def mine(axis):  # rank r contributes r + 1 entries on `axis`
+        return np.take(base + 100 * rank, np.arange(rank + 1) % base.shape[axis], axis=axis)
+
+    def want(axis):
+        return np.concatenate([np.take(base + 100 * r, np.arange(r + 1) % base.shape[axis],
+                                       axis=axis) for r in range(size)], axis)
+
+    def case(compiled):
+        out = {}
+        for axis in (0, 1, 2, -1):
+            for sizes in (None, [r + 1 for r in range(size)]):
+                fn = lambda x, a=axis, s=sizes: comm.allgather(x, axis=a, sizes=s)  # noqa: E731
+                got = np.asarray((tf.function(fn) if compiled else fn)(tf.constant(mine(axis))))
+                out[f"axis {axis} sizes {sizes is not None}"] = bool(
+                    got.shape == want(axis).shape and np.array_equal(got, want(axis)))
+        return out
+    results["collectives_eager"] = guarded(lambda: case(False))
+    results["collectives_function"] = guarded(lambda: case(True))
 
 
 def read_tensorboard_run(run_dir):
@@ -492,7 +520,7 @@ SUITES = {
     "equivalence": [run_equivalence],
     "gpt2": [lambda world, results: run_equivalence(world, results, only={"gpt2"})],
     "dp": [run_dp],
-    "checks": [run_bitwise, run_memory, run_errors],
+    "checks": [run_bitwise, run_memory, run_errors, run_collectives],
     "distribute": [run_collectives, run_equivalence, run_bitwise, run_strategy_errors,
                    lambda world, results: run_tensorboard(world, results, OUT)],
 }

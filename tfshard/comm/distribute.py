@@ -16,7 +16,7 @@ import os
 
 import tensorflow as tf
 
-from tfshard.comm.base import Communicator, normalize_axis
+from tfshard.comm.base import Communicator, gather_on_axis, normalize_axis
 
 # A collective that a peer never joins fails after this long instead of
 # waiting forever (tf.distribute's CommunicationOptions.timeout_seconds).
@@ -165,10 +165,18 @@ class ReplicaCommunicator(Communicator):
         return self._collective(
             lambda ctx, v: ctx.all_reduce(tf.distribute.ReduceOp.SUM, v, options=self._options), x)
 
-    def allgather(self, x, axis=0, name=None):
+    def allgather(self, x, axis=0, name=None, sizes=None):
         x = tf.convert_to_tensor(x)
         axis = normalize_axis(axis, x.shape.rank)
-        return self._collective(lambda ctx, v: ctx.all_gather(v, axis, options=self._options), x)
+        rows = lambda ctx, v: ctx.all_gather(v, 0, options=self._options)  # noqa: E731
+        if axis == 0:
+            return self._collective(rows, x)
+        # tf.distribute would transpose `axis` to the front and back; see gather_on_axis.
+        if sizes is None:
+            sizes = self._collective(rows, tf.shape(x)[axis:axis + 1])
+        return self._collective(
+            lambda ctx, v: gather_on_axis(v, axis, sizes, self._size,
+                                          lambda flat: rows(ctx, flat)), x)
 
     def broadcast(self, x, root=0, name=None):
         # Exact (no arithmetic on the values): gather one copy per rank, keep root's.

@@ -3,14 +3,14 @@
 Horovod's Keras wrappers are broken on Keras 3 (see shared/horovod.md); its core
 TensorFlow ops work eagerly and inside `tf.function`. Two facts shape this file:
 `hvd.allreduce` averages by default (we always pass `op=hvd.Sum`), and
-`hvd.allgather` concatenates on axis 0 only (other axes are moved to the front).
+`hvd.allgather` concatenates on axis 0 only (other axes: `gather_on_axis`).
 """
 
 import os
 
 import tensorflow as tf
 
-from tfshard.comm.base import Communicator, normalize_axis
+from tfshard.comm.base import Communicator, gather_on_axis, normalize_axis
 
 # Local-run defaults that keep a stuck collective from hanging forever and keep
 # per-collective latency low. Users override them through the environment.
@@ -66,19 +66,16 @@ class HorovodCommunicator(Communicator):
             x, op=self._hvd.Sum, name=name, process_set=self._process_set
         )
 
-    def allgather(self, x, axis=0, name=None):
+    def allgather(self, x, axis=0, name=None, sizes=None):
         x = tf.convert_to_tensor(x)
         axis = normalize_axis(axis, x.shape.rank)
+        gather = lambda v, n=name: self._hvd.allgather(  # noqa: E731
+            v, name=n, process_set=self._process_set)
         if axis == 0:
-            return self._hvd.allgather(x, name=name, process_set=self._process_set)
-        perm = [axis] + [i for i in range(x.shape.rank) if i != axis]
-        inverse = [0] * len(perm)
-        for i, p in enumerate(perm):
-            inverse[p] = i
-        gathered = self._hvd.allgather(
-            tf.transpose(x, perm), name=name, process_set=self._process_set
-        )
-        return tf.transpose(gathered, inverse)
+            return gather(x)
+        if sizes is None:  # every rank's length on the axis: one small gather
+            sizes = gather(tf.shape(x)[axis:axis + 1], None if name is None else f"{name}_sizes")
+        return gather_on_axis(x, axis, sizes, self._size, gather)
 
     def broadcast(self, x, root=0, name=None):
         # Horovod names the root by its global rank, even inside a process set.

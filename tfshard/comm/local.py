@@ -21,7 +21,7 @@ class LocalCommunicator(Communicator):
     def allreduce_sum(self, x, name=None):
         return tf.identity(x)
 
-    def allgather(self, x, axis=0, name=None):
+    def allgather(self, x, axis=0, name=None, sizes=None):
         return tf.identity(x)
 
     def broadcast(self, x, root=0, name=None):

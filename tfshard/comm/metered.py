@@ -52,10 +52,11 @@ class MeteredCommunicator:
     def allreduce_sum(self, x, name=None):
         return self._metered(x, lambda v: self.inner.allreduce_sum(v, name=name))
 
-    def allgather(self, x, axis=0, name=None):
+    def allgather(self, x, axis=0, name=None, sizes=None):
         x = tf.convert_to_tensor(x)
         axis = normalize_axis(axis, x.shape.rank)
-        return self._metered(x, lambda v: self.inner.allgather(v, axis=axis, name=name))
+        return self._metered(
+            x, lambda v: self.inner.allgather(v, axis=axis, name=name, sizes=sizes))
 
     def _metered(self, x, run):
         x = tf.convert_to_tensor(x)

@@ -70,6 +70,11 @@ class ShardSpec:
         return self.ranges[self.rank][1]
 
     @property
+    def sizes(self):
+        """Every rank's length along `axis`, in rank order."""
+        return [stop - start for start, stop in self.ranges]
+
+    @property
     def local_size(self):
         return self.stop - self.start
 

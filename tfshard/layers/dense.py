@@ -62,7 +62,7 @@ class ColumnParallelDense(_ParallelDenseBase):
         if self.bias is not None:
             x = ops.add(x, self.bias)
         if self._shard_spec.gather_output:
-            x = self._comm.allgather(x, axis=-1)
+            x = self._comm.allgather(x, axis=-1, sizes=self._shard_spec.sizes)
         # After the gather: a non-element-wise activation (softmax) needs the
         # full width.
         if self.activation is not None:

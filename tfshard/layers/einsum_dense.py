@@ -99,7 +99,7 @@ class ParallelEinsumDense(ShardedLayerMixin, keras.layers.EinsumDense):
         if self.bias is not None:
             x = ops.add(x, self.bias)
         if spec.rule == "column" and spec.gather_output:
-            x = self._comm.allgather(x, axis=out.index(char) - len(out))
+            x = self._comm.allgather(x, axis=out.index(char) - len(out), sizes=spec.sizes)
         if self.activation is not None:
             x = self.activation(x)
         return x

@@ -133,8 +133,8 @@ class VocabParallelReversibleEmbedding(VocabParallelEmbedding, keras.layers.Reve
             if self.mask_zero:
                 set_keras_mask(result, ops.not_equal(inputs, 0))
             return result
-        # Logits of the local slice, computed transposed ([V_local, M]) so the
-        # gather concatenates on axis 0 and one transpose restores [M, V].
+        # Logits of the local vocab slice, [M, V_local], gathered on the vocab
+        # axis (block copies, no transpose of the logits).
         table = self._embeddings if self.tie_weights else ops.transpose(self.reverse_embeddings)
         x = inputs
         if self.reverse_dtype is not None:
@@ -142,11 +142,9 @@ class VocabParallelReversibleEmbedding(VocabParallelEmbedding, keras.layers.Reve
             table = ops.cast(table, self.reverse_dtype)
         lead_shape = tf.shape(x)[:-1]
         x2d = tf.reshape(x, [-1, x.shape[-1]])
-        local_t = tf.matmul(table, x2d, transpose_b=True)
-        logits_t = self._comm.allgather(local_t, axis=0)
-        logits = tf.reshape(
-            tf.transpose(logits_t), tf.concat([lead_shape, [self.input_dim]], axis=0)
-        )
+        local = tf.matmul(x2d, table, transpose_b=True)
+        logits = self._comm.allgather(local, axis=-1, sizes=self._shard_spec.sizes)
+        logits = tf.reshape(logits, tf.concat([lead_shape, [self.input_dim]], axis=0))
         if self.logit_soft_cap is not None:
             cap = self.logit_soft_cap
             logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
