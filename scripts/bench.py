@@ -34,6 +34,11 @@ decode steps, and prefill = the first time minus one step.
 
     .venv/bin/python scripts/bench.py generate --np 2 3
 
+Suite `plot`: PNG charts (matplotlib) of the JSON files the other suites wrote, into
+docs/images/ by default.
+
+    .venv/bin/python scripts/bench.py plot bench-results/forward-gpt2-*.json
+
 Suite `comm`: the cost of one collective on each backend (Horovod under
 ./horovodrun.sh, MirroredStrategy replicas in one process, MultiWorker
 processes under `tfshard launch`): a chain of `--chain` all-reduces (or
@@ -433,21 +438,35 @@ def suite_forward(args, layouts=None):
     common = ["--model", args.model, "--rows", str(args.rows), "--seq-len", str(args.seq_len),
               "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
     me = [sys.executable, str(Path(__file__).resolve())]
-    rows = [("unsharded", _run(me + ["_child", "--mode", "unsharded"] + common, args.timeout))]
     backends = getattr(args, "backends", ["horovod"])
     layouts = layouts or [(f"TP={n}" if b == "horovod" else f"{b} {n}", n, n, b)
                           for n in args.np for b in backends]
+    commands = [("unsharded", me + ["_child", "--mode", "unsharded"] + common)]
     for name, n, tp, *backend in layouts:
         child = me + ["_child", "--mode", "sharded", "--tp", str(tp)] + common
-        rows.append((name, _run(_launch(backend[0] if backend else "horovod", n, child),
-                                args.timeout)))
-    base = rows[0][1]["tokens"] / rows[0][1]["seconds"]
+        commands.append((name, _launch(backend[0] if backend else "horovod", n, child)))
+    # Rounds interleave the runs, so a slow spell of a shared machine hits them
+    # alike; each run's ratio is taken against the unsharded run of its round.
+    rounds = []
+    for _ in range(args.rounds):
+        rounds.append({name: _run(cmd, args.timeout) for name, cmd in commands})
+    rows = []
+    for name, _ in commands:
+        runs = [r[name] for r in rounds]
+        result = dict(sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2])
+        result["seconds"] = statistics.median(r["seconds"] for r in runs)
+        result["round_seconds"] = [r["seconds"] for r in runs]
+        result["ratio"] = statistics.median(
+            r["unsharded"]["seconds"] / r[name]["seconds"] for r in rounds)
+        result["round_ratios"] = [r["unsharded"]["seconds"] / r[name]["seconds"] for r in rounds]
+        rows.append((name, result))
     peak = rows[0][1]["matmul_flops_per_s"]
     minimum = rows[0][1]["megatron_minimum_per_forward"]
     print(f"\n{args.suite}: {args.model}, {args.rows} rows x {args.seq_len} tokens, batch "
-          f"{args.batch_size}, median of {args.repeats}, {os.cpu_count()} cores; machine matmul "
-          f"rate {peak / 1e9:.1f} GFLOP/s; Megatron minimum per forward: "
-          f"{minimum['collectives']} collectives, {minimum['bytes'] / 2**20:.2f} MiB")
+          f"{args.batch_size}, median of {args.repeats} predicts x {args.rounds} interleaved "
+          f"round(s), {os.cpu_count()} cores; machine matmul rate {peak / 1e9:.1f} GFLOP/s; "
+          f"Megatron minimum per forward: {minimum['collectives']} collectives, "
+          f"{minimum['bytes'] / 2**20:.2f} MiB")
     print(f"{'run':<15} {'s/predict':>10} {'tokens/s':>10} {'vs unsharded':>13} "
           f"{'params/rank':>12} {'peak RSS':>10} {'GFLOP/s':>8} {'of matmul':>10} "
           f"{'coll/fwd':>9} {'MiB/fwd':>8} {'= min':>6} {'in coll':>8}")
@@ -457,7 +476,7 @@ def suite_forward(args, layouts=None):
         comm = (f"{sent['collectives']:>9.0f} {sent['bytes'] / 2**20:>8.2f} "
                 f"{str(_is_minimum(sent, minimum)):>6} {100 * r['collective_seconds_share']:>7.1f}%"
                 if sent else f"{'-':>9} {'-':>8} {'-':>6} {'-':>8}")
-        print(f"{name:<15} {r['seconds']:>10.3f} {tps:>10.0f} {tps / base:>12.2f}x "
+        print(f"{name:<15} {r['seconds']:>10.3f} {tps:>10.0f} {r['ratio']:>12.2f}x "
               f"{r['param_bytes_per_rank'] / 2**20:>10.1f}MiB {r['peak_rss_mib']:>7.0f}MiB "
               f"{r['achieved_flops_per_s'] / 1e9:>8.1f} {r['achieved_flops_per_s'] / peak:>9.0%} "
               f"{comm}")
@@ -468,6 +487,65 @@ def _is_minimum(sent, minimum):
     """Whether a run's per-forward collectives are exactly Megatron's minimum."""
     return (round(sent["collectives"]) == minimum["collectives"]
             and round(sent["bytes"]) == minimum["bytes"])
+
+
+def suite_plot(args):
+    """PNG charts of bench-results JSON files (forward/predict, comm, generate, load)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("bench.py plot needs matplotlib: .venv/bin/pip install matplotlib "
+                         "(or pip install -e '.[bench]')") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in args.files:
+        data = json.loads(Path(path).read_text())
+        stem, runs = Path(path).stem, data["runs"]
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        if stem.startswith(("forward", "predict")):
+            names = list(runs)
+            tps = [r["tokens"] / r["seconds"] for r in runs.values()]
+            bars = ax.bar(names, tps, color=["#888"] + ["#3a7"] * (len(names) - 1))
+            for bar, v, r in zip(bars, tps, runs.values()):
+                ax.annotate(f"{r.get('ratio', v / tps[0]):.2f}x",
+                            (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom")
+            ax.set_ylabel("tokens/s")
+            a = data["args"]
+            ax.set_title(f"{a['model']}: {a['rows']}x{a['seq_len']} tokens, batch "
+                         f"{a['batch_size']} (ratio to unsharded, same run)")
+        elif stem.startswith("comm"):
+            labels = list(next(iter(runs.values()))["collectives"])
+            width = 0.8 / len(runs)
+            for i, (backend, r) in enumerate(runs.items()):
+                ax.bar([j + i * width for j in range(len(labels))],
+                       [r["collectives"][n]["ms"] for n in labels], width, label=backend)
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))],
+                          [n.replace(" [", "\n[") for n in labels], fontsize=7)
+            ax.set_ylabel("ms per collective")
+            ax.set_yscale("log")
+            ax.legend(fontsize=7)
+            ax.set_title("one collective, float32 (median of chains in one tf.function)")
+        elif stem.startswith("generate"):
+            names = list(runs)
+            ax.bar(names, [r["decode_ms"] for r in runs.values()], color="#37a")
+            ax.set_ylabel("decode ms/token")
+            ax.set_title(f"generate: {stem.split('-')[1]} (lower is better)")
+        elif stem.startswith("load"):
+            for i, (label, rows) in enumerate(runs.items()):
+                ax.bar([f"{n}\n{label}" for n in rows], [r["rise_mib"] for r in rows.values()])
+            ax.set_ylabel("peak RSS rise, MiB (worst rank)")
+            ax.tick_params(axis="x", labelsize=6)
+        else:
+            plt.close(fig)
+            continue
+        fig.tight_layout()
+        target = out / f"{stem.rsplit('-', 2)[0]}.png"
+        fig.savefig(target, dpi=110)
+        plt.close(fig)
+        print(f"wrote {target}")
 
 
 def main():
@@ -502,6 +580,8 @@ def main():
         if name in ("forward", "predict"):
             p.add_argument("--np", type=int, nargs="+", default=[2])
             p.add_argument("--timeout", type=int, default=1800)
+            p.add_argument("--rounds", type=int, default=1,
+                           help="interleaved rounds of every run (ratios: median over rounds)")
         if name == "forward":
             p.add_argument("--backends", nargs="+", choices=BACKENDS, default=["horovod"])
         else:
@@ -522,8 +602,13 @@ def main():
         else:
             p.add_argument("--mode", choices=["sharded", "mirrored"], required=True)
             p.add_argument("--replicas", type=int, default=0)
+    p = sub.add_parser("plot", help="PNG charts of bench-results/*.json (needs matplotlib)")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--out", default=str(ROOT / "docs" / "images"))
     args = parser.parse_args()
-    if args.suite == "comm":
+    if args.suite == "plot":
+        suite_plot(args)
+    elif args.suite == "comm":
         suite_comm(args)
     elif args.suite == "_comm":
         _comm_child(args)
