@@ -513,6 +513,7 @@ def suite_plot(args):
                 ax.annotate(f"{r.get('ratio', v / tps[0]):.2f}x",
                             (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom")
             ax.set_ylabel("tokens/s")
+            ax.set_ylim(0, max(tps) * 1.2)
             a = data["args"]
             ax.set_title(f"{a['model']}: {a['rows']}x{a['seq_len']} tokens, batch "
                          f"{a['batch_size']} (ratio to unsharded, same run)")
