@@ -475,7 +475,7 @@ def suite_forward(args, layouts=None):
         sent = r.get("collectives_per_forward")
         comm = (f"{sent['collectives']:>9.0f} {sent['bytes'] / 2**20:>8.2f} "
                 f"{str(_is_minimum(sent, minimum)):>6} {100 * r['collective_seconds_share']:>7.1f}%"
-                if sent else f"{'-':>9} {'-':>8} {'-':>6} {'-':>8}")
+                if sent and sent["collectives"] else f"{'-':>9} {'-':>8} {'-':>6} {'-':>8}")
         print(f"{name:<15} {r['seconds']:>10.3f} {tps:>10.0f} {r['ratio']:>12.2f}x "
               f"{r['param_bytes_per_rank'] / 2**20:>10.1f}MiB {r['peak_rss_mib']:>7.0f}MiB "
               f"{r['achieved_flops_per_s'] / 1e9:>8.1f} {r['achieved_flops_per_s'] / peak:>9.0%} "
