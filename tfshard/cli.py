@@ -260,6 +260,10 @@ def cmd_inspect(args):
     else:
         from tfshard import checkpoint
 
+        if not os.path.exists(args.source) and args.source not in checkpoint.NAMED:
+            raise ValueError(
+                f"Unknown model {args.source!r}: no such file or folder, and not a built-in "
+                f"model ({', '.join(models.NAMES)}) or a real one ({', '.join(sorted(checkpoint.NAMED))}).")
         model = checkpoint.build_deferred(args.source)  # shapes only: nothing is read
     plan = Plan.auto(model, args.tensor_parallel)
     for rank in range(args.tensor_parallel) if args.all_ranks else [0]:
