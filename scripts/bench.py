@@ -585,7 +585,7 @@ def main():
                            help="interleaved rounds of every run (ratios: median over rounds)")
         if name == "forward":
             p.add_argument("--backends", nargs="+", choices=BACKENDS, default=["horovod"])
-        else:
+        elif name == "_child":
             p.add_argument("--mode", choices=["sharded", "unsharded", "mirrored"], required=True)
             p.add_argument("--tp", type=int, default=0)
             p.add_argument("--replicas", type=int, default=0)
