@@ -456,9 +456,8 @@ def suite_forward(args, layouts=None):
         result = dict(sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2])
         result["seconds"] = statistics.median(r["seconds"] for r in runs)
         result["round_seconds"] = [r["seconds"] for r in runs]
-        result["ratio"] = statistics.median(
-            r["unsharded"]["seconds"] / r[name]["seconds"] for r in rounds)
         result["round_ratios"] = [r["unsharded"]["seconds"] / r[name]["seconds"] for r in rounds]
+        result["ratio"] = statistics.median(result["round_ratios"])
         rows.append((name, result))
     peak = rows[0][1]["matmul_flops_per_s"]
     minimum = rows[0][1]["megatron_minimum_per_forward"]
@@ -535,7 +534,7 @@ def suite_plot(args):
             ax.set_ylabel("decode ms/token")
             ax.set_title(f"generate: {stem.split('-')[1]} (lower is better)")
         elif stem.startswith("load"):
-            for i, (label, rows) in enumerate(runs.items()):
+            for label, rows in runs.items():
                 ax.bar([f"{n}\n{label}" for n in rows], [r["rise_mib"] for r in rows.values()])
             ax.set_ylabel("peak RSS rise, MiB (worst rank)")
             ax.tick_params(axis="x", labelsize=6)

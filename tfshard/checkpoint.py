@@ -746,13 +746,25 @@ def build_deferred(source, model=None, safe_mode=True, custom_objects=None):
     """
     src = resolve_source(source, model=model, safe_mode=safe_mode, custom_objects=custom_objects)
     try:
-        with deferred_variables():
-            inner = src.build()
-        if not isinstance(inner, keras.layers.Layer):
-            raise CheckpointError(f"{src.label}: builds a {type(inner).__name__}, not a Keras model.")
+        return _build(src)[0]
     finally:
         src.close()
-    return inner
+
+
+def _build(src):
+    """Builds `src`'s model with deferred variables.
+
+    Returns:
+        `(model, variables)`: the model and the deferred variables created.
+
+    Raises:
+        CheckpointError: the source builds something that is not a Keras model.
+    """
+    with deferred_variables() as created:
+        inner = src.build()
+    if not isinstance(inner, keras.layers.Layer):
+        raise CheckpointError(f"{src.label}: builds a {type(inner).__name__}, not a Keras model.")
+    return inner, created
 
 
 def _agree_on_failure(comm, error, what):
@@ -806,10 +818,7 @@ def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None
     created = []
     try:
         src = resolve_source(source, model=model, safe_mode=safe_mode, custom_objects=custom_objects)
-        with deferred_variables() as created:
-            inner = src.build()
-        if not isinstance(inner, keras.layers.Layer):
-            raise CheckpointError(f"{src.label}: builds a {type(inner).__name__}, not a Keras model.")
+        inner, created = _build(src)
         src.prepare(inner)
     except Exception as e:  # reported to every rank below
         error = e

@@ -96,9 +96,7 @@ def cmd_predict(args):
         # same file loaded whole in this process.
         sharded, reference = _load_both(args, world, say)
         model = None if reference is None else reference.inner
-        backbone = getattr(sharded.inner, "backbone", sharded.inner)
-        vocab = backbone.vocabulary_size
-        input_names = _input_names(sharded.inner)
+        vocab, input_names = _vocab_and_inputs(sharded.inner)
     tokenizer = None if sharded is None else sharded.tokenizer
     if args.prompt is not None:
         x = _prompt_inputs(tokenizer, [args.prompt], f"--prompt on {args.source!r}")
@@ -305,9 +303,7 @@ def _inspect_check(args):
         args.tensor_parallel, args.no_compare = None, False
         sharded, loaded = _load_both(args, world, say)
         reference = loaded.inner
-        backbone = getattr(reference, "backbone", reference)
-        vocab = backbone.vocabulary_size
-        input_names = _input_names(reference)
+        vocab, input_names = _vocab_and_inputs(reference)
         tokenizer = sharded.tokenizer
     x = _inputs(input_names, vocab, args.rows, args.seq_len, args.seed + 1, args.input,
                 tokenizer=tokenizer)
@@ -319,10 +315,12 @@ def _inspect_check(args):
     return 0 if report.first_parting(rows) is None else 1
 
 
-def _input_names(model):
+def _vocab_and_inputs(model):
+    """A loaded keras-hub model's vocabulary size and input names (as `models.build` gives)."""
     import keras
 
-    return [t.name for t in keras.tree.flatten(model.inputs)]
+    backbone = getattr(model, "backbone", model)
+    return backbone.vocabulary_size, [t.name for t in keras.tree.flatten(model.inputs)]
 
 
 def _bench(argv):

@@ -87,6 +87,13 @@ def _compare(got, want, spec):
     return worst, ref_max, how
 
 
+def _worse(old, new):
+    """Merges two `[max_abs, max_ref, how]` figures of one layer (None: not compared)."""
+    if old is None or new is None:
+        return new if old is None else old
+    return [max(old[0], new[0]), max(old[1], new[1]), old[2] if old[2] == "full" else new[2]]
+
+
 def layer_drift(sharded, reference, x):
     """Runs `x` through both models and measures each layer's drift.
 
@@ -100,8 +107,8 @@ def layer_drift(sharded, reference, x):
 
     Returns:
         A list of dicts in call order, one per layer call: `path`, `kind`,
-        `rule`, `shape` (the reference output's), `compared` ("full", "slice
-        a:b of axis k" or "not compared"), `max_abs`, `max_ref` and `rel`
+        `rule`, `shape` (the reference output's), `compared` ("full", "own
+        slice, axis k" or "not compared"), `max_abs`, `max_ref` and `rel`
         (max_abs / (1 + max_ref)); the worst over all ranks.
     """
     replicas = sharded.local_replicas()
@@ -120,24 +127,11 @@ def layer_drift(sharded, reference, x):
             continue
         result = _compare(outs, ref, specs.get((rank, i)))
         key = f"{i}#{index}"
-        if result is None:
-            mine.setdefault(key, None)
-            continue
-        old = mine.get(key)
-        if old is None:
-            mine[key] = list(result)
-        else:
-            mine[key] = [max(old[0], result[0]), max(old[1], result[1]),
-                         old[2] if old[2] == "full" else result[2]]
+        mine[key] = _worse(mine.get(key), None if result is None else list(result))
     merged = {}
     for table in sharded.world.comm.allgather_object(mine):
         for key, value in table.items():
-            old = merged.get(key)
-            if value is None or old is None:
-                merged[key] = value if old is None else old
-            else:
-                merged[key] = [max(old[0], value[0]), max(old[1], value[1]),
-                               old[2] if old[2] == "full" else value[2]]
+            merged[key] = _worse(merged.get(key), value)
     nodes = _walk(reference)
     rows = []
     for (_, i, index), ref in want.items():

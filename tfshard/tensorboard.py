@@ -105,8 +105,6 @@ class TensorBoard(keras.callbacks.Callback):
         comm = self.model.world.comm
         if not self.horovod_timeline or not hasattr(comm, "start_timeline"):
             return
-        if os.environ.get("HOROVOD_TIMELINE") != "DYNAMIC":
-            return
         os.makedirs(self.logdir, exist_ok=True)
         path = os.path.join(self.logdir, TIMELINE_FILE)
         if comm.start_timeline(path):

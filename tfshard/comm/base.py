@@ -159,9 +159,12 @@ def gather_on_axis(x, axis, sizes, size, gather_rows):
     Args:
         x: this rank's tensor (known rank).
         axis: a non-negative axis other than 0.
-        sizes: every rank's length along `axis` (ints or a 1-D int tensor).
+        sizes: every rank's length along `axis` (ints), or None to exchange
+            them with one small gather first.
         size: the number of ranks.
-        gather_rows: the backend's axis-0 gather (uneven lengths allowed).
+        gather_rows: the backend's axis-0 gather (uneven lengths allowed),
+            called as `gather_rows(tensor, part)` with `part` None for the
+            data and "sizes" for the size exchange (for distinct op names).
 
     Returns:
         The concatenation on `axis`.
@@ -169,16 +172,17 @@ def gather_on_axis(x, axis, sizes, size, gather_rows):
     import tensorflow as tf
 
     shape = tf.shape(x)
+    sizes_t = (gather_rows(shape[axis:axis + 1], "sizes") if sizes is None
+               else tf.constant(sizes, tf.int32))
     inner = tf.reduce_prod(shape[axis + 1:]) if axis + 1 < x.shape.rank else 1
     outer = tf.reduce_prod(shape[:axis]) if axis > 0 else 1
-    flat = gather_rows(tf.reshape(x, [-1]))
-    sizes_t = tf.cast(tf.convert_to_tensor(sizes), tf.int32)
+    flat = gather_rows(tf.reshape(x, [-1]), None)
     pieces = tf.split(flat, sizes_t * outer * inner, num=size)
     parts = []
     for r, piece in enumerate(pieces):
         part_shape = tf.tensor_scatter_nd_update(shape, [[axis]], sizes_t[r:r + 1])
         part = tf.reshape(piece, part_shape)
-        if isinstance(sizes, (list, tuple)):
+        if sizes is not None:
             static = x.shape.as_list()
             static[axis] = int(sizes[r])
             part = tf.ensure_shape(part, static)

@@ -172,11 +172,9 @@ class ReplicaCommunicator(Communicator):
         if axis == 0:
             return self._collective(rows, x)
         # tf.distribute would transpose `axis` to the front and back; see gather_on_axis.
-        if sizes is None:
-            sizes = self._collective(rows, tf.shape(x)[axis:axis + 1])
         return self._collective(
             lambda ctx, v: gather_on_axis(v, axis, sizes, self._size,
-                                          lambda flat: rows(ctx, flat)), x)
+                                          lambda t, part: rows(ctx, t)), x)
 
     def broadcast(self, x, root=0, name=None):
         # Exact (no arithmetic on the values): gather one copy per rank, keep root's.

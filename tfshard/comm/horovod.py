@@ -69,12 +69,12 @@ class HorovodCommunicator(Communicator):
     def allgather(self, x, axis=0, name=None, sizes=None):
         x = tf.convert_to_tensor(x)
         axis = normalize_axis(axis, x.shape.rank)
-        gather = lambda v, n=name: self._hvd.allgather(  # noqa: E731
-            v, name=n, process_set=self._process_set)
+        def gather(v, part=None):
+            op_name = name if name is None or part is None else f"{name}_{part}"
+            return self._hvd.allgather(v, name=op_name, process_set=self._process_set)
+
         if axis == 0:
             return gather(x)
-        if sizes is None:  # every rank's length on the axis: one small gather
-            sizes = gather(tf.shape(x)[axis:axis + 1], None if name is None else f"{name}_sizes")
         return gather_on_axis(x, axis, sizes, self._size, gather)
 
     def broadcast(self, x, root=0, name=None):
@@ -93,6 +93,8 @@ class HorovodCommunicator(Communicator):
         Returns:
             True if recording started; False when dynamic timelines are off.
         """
+        if os.environ.get("HOROVOD_TIMELINE") != "DYNAMIC":
+            return False  # off, or a static timeline of the user's own: leave it
         try:
             self._hvd.start_timeline(os.fspath(path), mark_cycles=False)
         except ValueError:

@@ -91,11 +91,6 @@ def metered(comm):
     return comm if isinstance(comm, MeteredCommunicator) else MeteredCommunicator(comm)
 
 
-def total(readings):
-    """Sums a list of `reading()` dicts."""
-    return {k: sum(r[k] for r in readings) for k in COUNTERS}
-
-
 def difference(after, before):
     """`after - before`, counter by counter."""
     return {k: after[k] - before[k] for k in COUNTERS}
