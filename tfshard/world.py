@@ -14,7 +14,7 @@ class World:
 
     Attributes:
         comm: the `Communicator` of all ranks.
-        backend: "horovod", "local", "multiworker" or "mirrored".
+        backend: "mpi", "horovod", "local", "multiworker" or "mirrored".
     """
 
     comm: object
@@ -40,14 +40,14 @@ class World:
 def init(backend=None):
     """Joins the ranks of this job (idempotent).
 
-    The backend comes from the environment: under `horovodrun` it is
-    "horovod", with a `TF_CONFIG` (`tfshard launch`) "multiworker" (a
+    The backend comes from the environment: under `./horovodrun.sh` (an MPI
+    job) it is "mpi", under `./horovodrun.sh --gloo` "horovod", with a `TF_CONFIG` (`tfshard launch`) "multiworker" (a
     `tf.distribute.MultiWorkerMirroredStrategy`, one replica per process, which
     must be created before any tensor: call `init()` first), otherwise "local"
     (one rank).
 
     Args:
-        backend: force a backend: "horovod", "local" or "multiworker".
+        backend: force a backend: "mpi", "horovod", "local" or "multiworker".
 
     Returns:
         The `World`.
@@ -71,14 +71,27 @@ def init(backend=None):
     return _WORLD
 
 
+def local_size(environ=None):
+    """How many ranks of this job run on this host, from the launcher's environment.
+
+    MPICH's mpiexec sets MPI_LOCALNRANKS, Open MPI OMPI_COMM_WORLD_LOCAL_SIZE,
+    horovodrun HOROVOD_LOCAL_SIZE; TFSHARD_LOCAL_SIZE names it by hand. 1 otherwise.
+    """
+    env = os.environ if environ is None else environ
+    for key in ("TFSHARD_LOCAL_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                "HOROVOD_LOCAL_SIZE"):
+        if env.get(key):
+            return max(1, int(env[key]))
+    return 1
+
+
 def _budget_threads():
     """Gives each of the ranks on this host its share of the cores.
 
     Only possible before TensorFlow creates its context; later it is left as is.
     An explicit TFSHARD_THREADS wins.
     """
-    local = int(os.environ.get("HOROVOD_LOCAL_SIZE", os.environ.get(
-        "OMPI_COMM_WORLD_LOCAL_SIZE", os.environ.get("TFSHARD_LOCAL_SIZE", 1))))
+    local = local_size()
     threads = int(os.environ.get("TFSHARD_THREADS", 0)) or max(1, (os.cpu_count() or 1) // local)
     if local <= 1 and "TFSHARD_THREADS" not in os.environ:
         return

@@ -8,21 +8,33 @@ import os
 from tfshard.comm.base import Communicator
 from tfshard.comm.metered import MeteredCommunicator, metered
 
-BACKENDS = ("horovod", "local", "multiworker")
+BACKENDS = ("mpi", "horovod", "local", "multiworker")
 
 
 def detect_backend(environ=None):
     """Names the backend the environment asks for.
 
-    `horovodrun` exports HOROVOD_RANK (Gloo) or OMPI_COMM_WORLD_RANK (MPI);
-    a `TF_CONFIG` means a tf.distribute multi-worker job; otherwise "local".
+    `./horovodrun.sh` (the default, an MPI job started by `mpiexec`) exports
+    PMI_RANK (MPICH) or OMPI_COMM_WORLD_RANK (Open MPI): "mpi", tfshard's own
+    MPI collectives. `./horovodrun.sh --gloo` (horovodrun over Gloo) exports
+    HOROVOD_RANK: "horovod" (under `./horovodrun.sh`, `TFSHARD_BACKEND=horovod`
+    runs Horovod over its MPI controller instead). A `TF_CONFIG` means a tf.distribute multi-worker
+    job; otherwise "local".
 
     Returns:
-        One of "horovod", "multiworker", "local".
+        One of "mpi", "horovod", "multiworker", "local".
     """
     env = os.environ if environ is None else environ
+    forced = env.get("TFSHARD_BACKEND")
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"TFSHARD_BACKEND={forced!r} is not a backend; expected one of "
+                             f"{BACKENDS}.")
+        return forced
     if "HOROVOD_RANK" in env or "HOROVOD_GLOO_RENDEZVOUS_ADDR" in env:
         return "horovod"
+    if "PMI_RANK" in env or "OMPI_COMM_WORLD_RANK" in env:
+        return "mpi"
     if "TF_CONFIG" in env:
         return "multiworker"
     return "local"
@@ -32,7 +44,7 @@ def create(backend=None):
     """Creates the communicator for `backend` (detected when None).
 
     Args:
-        backend: "horovod", "local", "multiworker", or None to detect.
+        backend: "mpi", "horovod", "local", "multiworker", or None to detect.
 
     Returns:
         A `Communicator`.
@@ -42,6 +54,10 @@ def create(backend=None):
         RuntimeError: "multiworker" after TensorFlow has initialised.
     """
     backend = backend or detect_backend()
+    if backend == "mpi":
+        from tfshard.comm.mpi import MPICommunicator
+
+        return MPICommunicator()
     if backend == "horovod":
         from tfshard.comm.horovod import HorovodCommunicator
 

@@ -8,6 +8,7 @@ whole output.
 
 import abc
 import json
+import os
 
 import numpy as np
 
@@ -24,14 +25,14 @@ class Communicator(abc.ABC):
     backend = "abstract"
 
     @property
-    @abc.abstractmethod
     def rank(self):
-        """This process's rank within the group (0-based)."""
+        """This process's rank within the group (0-based); backends set `_rank`."""
+        return self._rank
 
     @property
-    @abc.abstractmethod
     def size(self):
-        """Number of ranks in the group."""
+        """Number of ranks in the group; backends set `_size`."""
+        return self._size
 
     @abc.abstractmethod
     def allreduce_sum(self, x, name=None):
@@ -188,6 +189,29 @@ def gather_on_axis(x, axis, sizes, size, gather_rows):
             part = tf.ensure_shape(part, static)
         parts.append(part)
     return tf.concat(parts, axis)
+
+
+#: The environment variable that bounds how long one collective may wait, in seconds.
+TIMEOUT_ENV = "TFSHARD_COLLECTIVE_TIMEOUT_SECONDS"
+
+
+def collective_timeout(default):
+    """Seconds one collective may wait before it fails: TFSHARD_COLLECTIVE_TIMEOUT_SECONDS,
+    else the backend's `default`.
+
+    Raises:
+        ValueError: the variable is set to something other than a positive number.
+    """
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None:
+        return float(default)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds, e.g. 30.")
+    return value
 
 
 def normalize_axis(axis, ndim, what="tensor"):

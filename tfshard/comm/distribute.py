@@ -12,15 +12,13 @@ spot. Several replicas in one process share the host and need no host-side
 collective; asking for one raises.
 """
 
-import os
 
 import tensorflow as tf
 
-from tfshard.comm.base import Communicator, gather_on_axis, normalize_axis
+from tfshard.comm.base import Communicator, collective_timeout, gather_on_axis, normalize_axis
 
 # A collective that a peer never joins fails after this long instead of
 # waiting forever (tf.distribute's CommunicationOptions.timeout_seconds).
-TIMEOUT_ENV = "TFSHARD_COLLECTIVE_TIMEOUT_SECONDS"
 DEFAULT_TIMEOUT_SECONDS = 120.0
 
 # Collective ops carry these dtypes; the host-side helpers send others widened.
@@ -29,7 +27,7 @@ _WIRE_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64, tf.int32, tf.in
 
 def timeout_seconds():
     """The collective timeout from TFSHARD_COLLECTIVE_TIMEOUT_SECONDS (default 120 s)."""
-    return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_SECONDS))
+    return collective_timeout(DEFAULT_TIMEOUT_SECONDS)
 
 
 def communication_options():
@@ -123,14 +121,6 @@ class ReplicaCommunicator(Communicator):
         """The communicator of this process in the multi-worker job `TF_CONFIG` describes."""
         strategy = multiworker_strategy()
         return cls(strategy, replica_rank(strategy))
-
-    @property
-    def rank(self):
-        return self._rank
-
-    @property
-    def size(self):
-        return self._size
 
     def _replica_context(self):
         """This strategy's replica context, or None when outside `strategy.run`."""

@@ -49,14 +49,6 @@ class HorovodCommunicator(Communicator):
         self._subgroups = {}
 
     @property
-    def rank(self):
-        return self._rank
-
-    @property
-    def size(self):
-        return self._size
-
-    @property
     def world_rank(self):
         """This process's rank among all Horovod processes."""
         return self._hvd.rank()

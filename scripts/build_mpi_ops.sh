@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Compiles tfshard's MPI collective ops (tfshard/comm/mpi_ops.cc) into
+# tfshard/comm/_mpi_ops.so, against this venv's TensorFlow headers and MPICH wheel.
+# A no-op when the library is newer than its source and this script.
+#   PY=.venv/bin/python bash scripts/build_mpi_ops.sh
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PY:-$ROOT/.venv/bin/python}
+BIN=$(dirname "$PY")
+SRC="$ROOT/tfshard/comm/mpi_ops.cc"
+OUT="$ROOT/tfshard/comm/_mpi_ops.so"
+if [ -f "$OUT" ] && [ "$OUT" -nt "$SRC" ] && [ "$OUT" -nt "${BASH_SOURCE[0]}" ]; then
+  exit 0
+fi
+export TF_CPP_MIN_LOG_LEVEL=3
+read -r -a TF_CFLAGS <<<"$("$PY" -c 'import tensorflow as tf; print(" ".join(tf.sysconfig.get_compile_flags()))' 2>/dev/null)"
+read -r -a TF_LFLAGS <<<"$("$PY" -c 'import tensorflow as tf; print(" ".join(tf.sysconfig.get_link_flags()))' 2>/dev/null)"
+TF_LIB=$("$PY" -c 'import tensorflow as tf; print(tf.sysconfig.get_lib())' 2>/dev/null)
+MPI_LIB=$(cd "$BIN/../lib" && pwd)
+echo "[build_mpi_ops] compiling $SRC"
+tmp=$(mktemp "$OUT.tmp-XXXXXX")
+trap 'rm -f "$tmp"' EXIT
+# mpicxx (the MPICH wheel's wrapper) adds MPI's include and library flags; the rpaths let
+# the library find libmpi and TensorFlow's framework library without LD_LIBRARY_PATH.
+"$BIN/mpicxx" -std=c++17 -O2 -fPIC -shared -w \
+  "${TF_CFLAGS[@]}" "$SRC" -o "$tmp" "${TF_LFLAGS[@]}" \
+  -Wl,-rpath,"$MPI_LIB" -Wl,-rpath,"$TF_LIB"
+mv -f "$tmp" "$OUT"
+trap - EXIT
+echo "[build_mpi_ops] built $OUT"
