@@ -1,52 +1,97 @@
 #!/usr/bin/env bash
-# horovodrun with sane local defaults; everything else is forwarded.
+# Launches N ranks with local defaults; runs set-up first (a no-op once done).
 #
-#   ./horovodrun.sh -np 2 tfshard predict gpt2
+#   ./horovodrun.sh -np 2 tfshard predict gpt2          # MPI job (the default, fast path)
 #   ./horovodrun.sh -np 3 python my_script.py
+#   ./horovodrun.sh -np 2 --gloo python my_script.py    # horovodrun over Gloo instead
 #
-# Adds, unless given: -H localhost:N, --gloo, the loopback interface, a Gloo
-# timeout and stall-check shutdown (a stuck collective fails instead of
-# hanging), and a 0.1 ms cycle time (per-collective latency). Runs
-# scripts/setup.sh first (a no-op once set up) and puts .venv/bin on PATH.
+# Default: an MPI job started by the MPICH `mpiexec` (Hydra) that set-up installs in
+# .venv. tfshard.init() then uses tfshard's own MPI collectives (no negotiation, ~15 us a
+# small all-reduce); Horovod, built with its MPI controller, works in the same job for
+# code that calls hvd.init(). Local runs keep MPI's transports on loopback; the rank
+# prefix "[r] " marks each output line; a rank that dies or exits non-zero ends the job.
+# Options before the command: -np N; -H/--hosts h1:n1,h2:n2 or --hostfile FILE (other
+# hosts); --gloo (horovodrun with Gloo, its loopback interface, Gloo timeout, stall check
+# and 0.1 ms cycle time; any horovodrun option you pass wins); --mpi (the default).
+# Other options before the command go to mpiexec (or to horovodrun with --gloo).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 bash "$ROOT/scripts/setup.sh"
 export PATH="$ROOT/.venv/bin:$PATH"
 export VIRTUAL_ENV="$ROOT/.venv"
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 
-np="" ; have_hosts=0 ; have_timeout=0 ; have_cycle=0 ; have_stall=0 ; have_nic=0
+np="" ; hosts="" ; hostfile="" ; mode=mpi
+have_timeout=0 ; have_cycle=0 ; have_stall=0 ; have_nic=0
+opts=() ; cmd=()
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
   a=${args[$i]}
   case "$a" in
-    -np|--num-proc) np=${args[$((i + 1))]:-} ;;
-    -np=*|--num-proc=*) np=${a#*=} ;;
-    -H|--hosts|-H=*|--hosts=*|--hostfile|--hostfile=*) have_hosts=1 ;;
+    -np|--num-proc|-n) np=${args[$((i + 1))]:-}; i=$((i + 1)); continue ;;
+    -np=*|--num-proc=*) np=${a#*=}; continue ;;
+    -H|--hosts) hosts=${args[$((i + 1))]:-}; i=$((i + 1)); continue ;;
+    -H=*|--hosts=*) hosts=${a#*=}; continue ;;
+    --hostfile) hostfile=${args[$((i + 1))]:-}; i=$((i + 1)); continue ;;
+    --hostfile=*) hostfile=${a#*=}; continue ;;
+    --gloo) mode=gloo; continue ;;
+    --mpi) mode=mpi; continue ;;
     --gloo-timeout-seconds*) have_timeout=1 ;;
     --cycle-time-ms*) have_cycle=1 ;;
     --stall-check-shutdown-time-seconds*) have_stall=1 ;;
     --network-interface*|--network-interfaces*) have_nic=1 ;;
   esac
-  # Stop at the command: options after it belong to the command.
-  if [[ "$a" != -* ]] && [[ $i -gt 0 ]] && [[ "${args[$((i - 1))]}" != -* || "${args[$((i - 1))]}" == --gloo ]]; then
-    break
+  if [[ "$a" == -* ]]; then
+    opts+=("$a")
+    # An option's value follows it unless it is written OPT=VALUE or the next word is an option.
+    if [[ "$a" != *=* ]] && [[ $((i + 1)) -lt ${#args[@]} ]] && [[ "${args[$((i + 1))]}" != -* ]] \
+       && [[ $((i + 2)) -lt ${#args[@]} ]]; then
+      opts+=("${args[$((i + 1))]}"); i=$((i + 1))
+    fi
+    continue
   fi
+  cmd=("${args[@]:$i}")
+  break
 done
-if [ -z "$np" ]; then
-  echo "usage: ./horovodrun.sh -np N COMMAND [ARGS...]" >&2
+if [ -z "$np" ] || [ ${#cmd[@]} -eq 0 ]; then
+  echo "usage: ./horovodrun.sh -np N [-H host:n,...|--hostfile F] [--gloo] COMMAND [ARGS...]" >&2
   exit 2
 fi
 
-extra=(--gloo)
-[ $have_hosts -eq 1 ] || extra+=(-H "localhost:$np")
-[ $have_nic -eq 1 ] || extra+=(--network-interface lo)
-[ $have_timeout -eq 1 ] || extra+=(--gloo-timeout-seconds "${TFSHARD_GLOO_TIMEOUT:-120}")
-[ $have_cycle -eq 1 ] || extra+=(--cycle-time-ms "${TFSHARD_CYCLE_TIME_MS:-0.1}")
-# Horovod ignores a shutdown time below the warning time: keep warning <= shutdown.
-stall=${TFSHARD_STALL_SHUTDOWN:-120}
-warn=$(( stall / 2 < 30 ? stall / 2 : 30 )); [ "$warn" -ge 1 ] || warn=1
-[ $have_stall -eq 1 ] || extra+=(--stall-check-warning-time-seconds "$warn" \
-                                 --stall-check-shutdown-time-seconds "$stall")
-export HOROVOD_GLOO_IFACE=${HOROVOD_GLOO_IFACE:-lo}
-export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
-exec horovodrun "${extra[@]}" "$@"
+if [ "$mode" = gloo ]; then
+  extra=(--gloo)
+  if [ -n "$hosts" ]; then extra+=(-H "$hosts"); elif [ -n "$hostfile" ]; then
+    extra+=(--hostfile "$hostfile"); else extra+=(-H "localhost:$np"); fi
+  if [ -z "$hosts$hostfile" ]; then
+    [ $have_nic -eq 1 ] || extra+=(--network-interface lo)
+    export HOROVOD_GLOO_IFACE=${HOROVOD_GLOO_IFACE:-lo}
+  fi
+  [ $have_timeout -eq 1 ] || extra+=(--gloo-timeout-seconds "${TFSHARD_GLOO_TIMEOUT:-120}")
+  [ $have_cycle -eq 1 ] || extra+=(--cycle-time-ms "${TFSHARD_CYCLE_TIME_MS:-0.1}")
+  # Horovod ignores a shutdown time below the warning time: keep warning <= shutdown.
+  stall=${TFSHARD_STALL_SHUTDOWN:-120}
+  warn=$(( stall / 2 < 30 ? stall / 2 : 30 )); [ "$warn" -ge 1 ] || warn=1
+  [ $have_stall -eq 1 ] || extra+=(--stall-check-warning-time-seconds "$warn" \
+                                   --stall-check-shutdown-time-seconds "$stall")
+  exec horovodrun "${extra[@]}" ${opts[@]+"${opts[@]}"} -np "$np" "${cmd[@]}"
+fi
+
+# MPI (MPICH Hydra).
+extra=(-n "$np" -prepend-rank)
+if [ -n "$hosts" ]; then
+  extra+=(-hosts "$hosts")
+elif [ -n "$hostfile" ]; then
+  extra+=(-f "$hostfile")
+else
+  # One host: the ranks talk through shared memory; keep MPI's network transport (used
+  # only between hosts) on loopback so no rank listens on an outside interface.
+  extra+=(-hosts "localhost:$np" -launcher fork)
+  export MPIR_CVAR_CH4_NETMOD=${MPIR_CVAR_CH4_NETMOD:-ofi}
+  export FI_PROVIDER=${FI_PROVIDER:-tcp} FI_TCP_IFACE=${FI_TCP_IFACE:-lo}
+fi
+# For code that also uses Horovod in the job (its MPI controller): low latency, and a
+# stuck Horovod collective ends the job instead of hanging it.
+export HOROVOD_CYCLE_TIME=${HOROVOD_CYCLE_TIME:-${TFSHARD_CYCLE_TIME_MS:-0.1}}
+export HOROVOD_STALL_CHECK_TIME_SECONDS=${HOROVOD_STALL_CHECK_TIME_SECONDS:-30}
+export HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=${HOROVOD_STALL_SHUTDOWN_TIME_SECONDS:-${TFSHARD_STALL_SHUTDOWN:-120}}
+exec mpiexec "${extra[@]}" ${opts[@]+"${opts[@]}"} "${cmd[@]}"

@@ -25,16 +25,19 @@ def launch(np_, argv, timeout=LAUNCH_TIMEOUT, env=None, launcher="horovod"):
     """Runs `python ARGV...` on N ranks; kills the whole group on timeout.
 
     Args:
-        launcher: "horovod" (`./horovodrun.sh -np N`), "tfshard" (`python -m
-            tfshard.launch -n N`, tf.distribute multi-worker) or "none" (one
-            process, e.g. a MirroredStrategy run; `np_` must be 1).
+        launcher: "horovod" (`./horovodrun.sh -np N`: an MPI job, tfshard's MPI
+            collectives), "gloo" (`./horovodrun.sh -np N --gloo`: horovodrun,
+            Horovod over Gloo), "tfshard" (`python -m tfshard.launch -n N`,
+            tf.distribute multi-worker) or "none" (one process, e.g. a
+            MirroredStrategy run; `np_` must be 1).
 
     Returns:
         `(returncode, output, seconds)`; returncode is None on timeout.
     """
     argv = [str(a) for a in argv]
-    if launcher == "horovod":
-        cmd = [str(ROOT / "horovodrun.sh"), "-np", str(np_), sys.executable, *argv]
+    if launcher in ("horovod", "gloo"):
+        cmd = [str(ROOT / "horovodrun.sh"), "-np", str(np_),
+               *(["--gloo"] if launcher == "gloo" else []), sys.executable, *argv]
     elif launcher == "tfshard":
         cmd = [sys.executable, "-m", "tfshard.launch", "-n", str(np_), *argv]
     else:

@@ -3,16 +3,18 @@
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import ROOT, launch
 
 
-def test_predict_cli_under_horovodrun_matches_and_writes_output_and_logs(tmp_path):
+@pytest.mark.parametrize("launcher", ["horovod", "gloo"])
+def test_predict_cli_under_horovodrun_matches_and_writes_output_and_logs(tmp_path, launcher):
     out_file, logdir = tmp_path / "logits.npy", tmp_path / "tb"
     code, out, secs = launch(
         2, ["-m", "tfshard", "predict", "gpt2-tiny", "--rows", "3", "--seq-len", "16",
             "--batch-size", "2", "--output", out_file, "--logdir", logdir, "--profile", "1"],
-        timeout=300)
+        timeout=300, launcher=launcher)
     assert code == 0, out[-4000:]
     assert "MATCH" in out and "MISMATCH" not in out
     assert "global output (3, 16, 50257)" in out
@@ -21,12 +23,15 @@ def test_predict_cli_under_horovodrun_matches_and_writes_output_and_logs(tmp_pat
     # Two forwards (warm-up, timed) of 2 batches: 6 collectives each (2 blocks x 2
     # all-reduces + the lookup's + the logits gather).
     assert "rank 0's forwards so far: 24 collectives" in out, out[-3000:]
-    _check_horovod_logs(logdir)
+    _check_logs(logdir, horovod=launcher == "gloo")
 
 
-def _check_horovod_logs(logdir):
-    """What --logdir wrote under horovodrun, read with TensorBoard's own reader,
-    then served by `tensorboard --logdir` and read over its HTTP data API."""
+def _check_logs(logdir, horovod):
+    """What --logdir wrote under ./horovodrun.sh, read with TensorBoard's own reader,
+    then served by `tensorboard --logdir` and read over its HTTP data API.
+
+    `horovod`: launched with --gloo (Horovod's ops and timeline), else an MPI job
+    (tfshard's MPI ops, no Horovod timeline)."""
     import json
 
     sys.path.insert(0, str(ROOT / "tests" / "workers"))
@@ -41,11 +46,16 @@ def _check_horovod_logs(logdir):
         assert "| token_embedding | ReversibleEmbedding | vocab | (50257, 64) |" in run["plan_text"]
         assert f"rank {rank} of 2" in run["plan_text"]
         assert run["graphs"] == ["sharded_forward"], run["tags"]
-        # The profiler trace of the first batch shows Horovod's collective ops.
+        # The profiler trace of the first batch shows the collective ops.
         traces = list((logdir / f"rank{rank}" / "plugins" / "profile").glob("*/*.xplane.pb"))
         assert len(traces) == 1, traces
-        assert b"HorovodAllreduce" in traces[0].read_bytes()
-        assert b"HorovodAllgather" in traces[0].read_bytes()
+        prefix = b"Horovod" if horovod else b"TfshardMpi"
+        assert prefix + b"Allreduce" in traces[0].read_bytes()
+        assert prefix + b"Allgather" in traces[0].read_bytes()
+    if not horovod:
+        assert not (logdir / "horovod_timeline.json").exists()
+        _check_served(logdir)
+        return
     # Horovod's timeline (rank 0 writes it): chrome://tracing events of the collectives.
     timeline = (logdir / "horovod_timeline.json").read_text()
     events = json.loads(timeline if timeline.rstrip().endswith("]") else timeline.rstrip().rstrip(",") + "]")

@@ -1,4 +1,7 @@
-"""shard(model).predict(x) equals model.predict(x) under horovodrun at 2 and 3 ranks."""
+"""shard(model).predict(x) equals model.predict(x) under ./horovodrun.sh at 2 and 3 ranks.
+
+The launcher's default is an MPI job (tfshard's MPI collectives); the same suite also
+runs once at 2 ranks under `--gloo` (Horovod over Gloo), which stays supported."""
 
 import pytest
 
@@ -28,6 +31,11 @@ def _check_equivalence(ranks, name, np_):
 @pytest.mark.parametrize("name", list(models.EQUIVALENCE))
 def test_sharded_predict_matches_unsharded(suite_runs, np_, name):
     _check_equivalence(suite_runs("equivalence", np_), name, np_)
+
+
+@pytest.mark.parametrize("name", list(models.EQUIVALENCE))
+def test_sharded_predict_matches_unsharded_over_horovod_gloo(suite_runs, name):
+    _check_equivalence(suite_runs("equivalence", 2, launcher="gloo"), name, 2)
 
 
 def test_gpt2_odd_vocab_on_four_ranks(suite_runs):

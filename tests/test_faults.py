@@ -1,18 +1,28 @@
-"""A multi-rank run whose rank dies or never joins a collective must fail, not hang.
+"""A multi-rank run whose rank dies, stops or never joins a collective must fail, not hang.
 
-A dead rank: horovodrun's Gloo launcher ends the job when any process exits
-non-zero. A rank that stays alive but never joins (or joins a different
-collective): Horovod 0.28.1's stall shutdown did not fire on Gloo in our runs,
-so the launcher's wall clock (tests/conftest.py `launch`) is what ends it; the
-test checks that it does, and that no rank reports a result.
+MPI (the launcher's default): every collective runs under a deadline
+(TFSHARD_COLLECTIVE_TIMEOUT_SECONDS); a rank that waits for one that is dead or
+stopped fails within seconds, one that waits for a rank busy elsewhere at the
+deadline, each with an error naming the missing rank and where it was last
+seen; ranks that call different collectives fail by a signature check; and
+mpiexec ends the job when a rank exits with an error.
+
+Gloo (`./horovodrun.sh --gloo`): horovodrun ends the job when any process exits
+non-zero. A rank that stays alive but never joins: Horovod 0.28.1's stall
+shutdown did not fire on Gloo in our runs, so the launcher's wall clock
+(tests/conftest.py `launch`) is what ends it; the test checks that it does, and
+that no rank reports a result.
 """
 
 import os
 import signal
 
+import pytest
+
 from conftest import ROOT, launch
 
 WORKER = ROOT / "tests" / "workers" / "faults.py"
+FAST = {"TFSHARD_COLLECTIVE_TIMEOUT_SECONDS": "8"}
 
 
 def _no_orphans():
@@ -25,8 +35,9 @@ def _no_orphans():
     return not out
 
 
-def test_dead_rank_fails_the_job_quickly():
-    code, out, secs = launch(2, [WORKER, "die"], timeout=180)
+@pytest.mark.parametrize("launcher", ["horovod", "gloo"])
+def test_dead_rank_fails_the_job_quickly(launcher):
+    code, out, secs = launch(2, [WORKER, "die"], timeout=180, launcher=launcher)
     assert code is not None, f"hung for {secs:.0f} s:\n{out[-3000:]}"
     assert code != 0, out[-3000:]
     assert "rank 1 dying" in out and "rank 0 finished" not in out
@@ -34,8 +45,53 @@ def test_dead_rank_fails_the_job_quickly():
     assert _no_orphans()
 
 
-def test_stalled_rank_is_ended_by_the_wall_clock():
-    code, out, secs = launch(2, [WORKER, "stall"], timeout=30,
+def test_mpi_killed_rank_ends_the_job_within_seconds():
+    code, out, secs = launch(2, [WORKER, "killed"], timeout=60, env=FAST)
+    assert code is not None and code != 0, out[-3000:]
+    assert "rank 1 killing itself" in out and "rank 0 finished" not in out
+    assert secs < 30, f"took {secs:.0f} s to notice a killed rank"
+    assert _no_orphans()
+
+
+def test_mpi_stopped_rank_is_named_within_seconds():
+    """SIGSTOP: the rank is alive, so only tfshard's wait can notice it."""
+    code, out, secs = launch(2, [WORKER, "stop"], timeout=60, env={
+        "TFSHARD_COLLECTIVE_TIMEOUT_SECONDS": "40"})
+    assert code is not None and code != 0, out[-3000:]
+    assert "rank 0 finished" not in out
+    assert "cannot complete: a rank it needs is stopped on rank 0 of 2" in out, out[-3000:]
+    assert "Missing: rank 1 [pid" in out and "stopped;" in out, out[-3000:]
+    assert "UnavailableError" in out, out[-3000:]
+    assert secs < 30, f"took {secs:.0f} s; the deadline was 40 s, a stop must be seen sooner"
+    assert _no_orphans()
+
+
+def test_mpi_stalled_rank_fails_at_the_deadline_with_a_named_error():
+    code, out, secs = launch(2, [WORKER, "stall"], timeout=60, env=FAST)
+    assert code is not None and code != 0, out[-3000:]
+    assert "rank 0 finished" not in out
+    assert "DeadlineExceededError" in out and "did not complete within 8 s on rank 0 of 2" in out, \
+        out[-3000:]
+    # Where the missing rank was last seen: leaving the first all-reduce.
+    assert "Missing: rank 1 [pid" in out and "last seen after all-reduce [4] float" in out, \
+        out[-3000:]
+    assert secs < 45
+    assert _no_orphans()
+
+
+def test_mpi_mismatched_collectives_fail_on_every_rank():
+    code, out, secs = launch(2, [WORKER, "mismatch"], timeout=60, env=FAST)
+    assert code is not None and code != 0, out[-3000:]
+    assert "finished" not in out, "differently named collectives were matched"
+    for rank in (0, 1):
+        assert (f"all-reduce 'only_on_rank_{rank}' [4] float (group 0 #1) does not match what the "
+                f"other ranks called") in out, out[-3000:]
+    assert secs < 45
+    assert _no_orphans()
+
+
+def test_gloo_stalled_rank_is_ended_by_the_wall_clock():
+    code, out, secs = launch(2, [WORKER, "stall"], timeout=30, launcher="gloo",
                              env={"TFSHARD_STALL_SHUTDOWN": "15", "TFSHARD_GLOO_TIMEOUT": "30"})
     assert code is None or code != 0, out[-3000:]
     assert "rank 0 finished" not in out
@@ -43,10 +99,18 @@ def test_stalled_rank_is_ended_by_the_wall_clock():
     assert _no_orphans()
 
 
-def test_mismatched_collectives_never_return_a_result():
-    code, out, secs = launch(2, [WORKER, "mismatch"], timeout=30,
+def test_gloo_mismatched_collectives_never_return_a_result():
+    code, out, secs = launch(2, [WORKER, "mismatch"], timeout=30, launcher="gloo",
                              env={"TFSHARD_STALL_SHUTDOWN": "15", "TFSHARD_GLOO_TIMEOUT": "30"})
     assert code is None or code != 0, out[-3000:]
     assert "finished" not in out, "differently named collectives were matched"
     assert secs < 60
     assert _no_orphans()
+
+
+def test_mpi_ops_equal_numpy_on_three_ranks():
+    """Every MPI op, eagerly and in tf.function, against numpy (exact: integer values)."""
+    code, out, _ = launch(3, [ROOT / "tests" / "workers" / "mpi_ops.py"], timeout=300)
+    assert code == 0, out[-4000:]
+    for rank in range(3):
+        assert f"MPI-OPS OK rank {rank}" in out, out[-3000:]

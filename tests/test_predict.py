@@ -1,5 +1,6 @@
 """predict as a drop-in under DP x TP: horovodrun -np 4, tensor_parallel=2 (two groups of two)."""
 
+import re
 import pytest
 
 from conftest import case_on_all_ranks
@@ -61,9 +62,13 @@ def test_progress_bar_only_on_rank_zero(suite_runs):
     out = suite_runs.output("dp", NP)
     for rank in range(NP):
         assert f"PROGRESS-END rank {rank}" in out
-    bar_lines = [ln for ln in out.splitlines() if "step" in ln and "/" in ln and "<stdout>" in ln]
-    assert bar_lines, "no progress bar printed"
-    assert all(ln.startswith("[0]") for ln in bar_lines), bar_lines[:5]
+    # mpiexec prefixes every write (not every line) with "[rank] ": cut the output at
+    # the prefixes and attribute each piece to its rank.
+    pieces = re.split(r"\[(\d+)\] ", out)
+    bars = [(int(rank), text) for rank, text in zip(pieces[1::2], pieces[2::2])
+            if "step" in text and "/" in text]
+    assert bars, "no progress bar printed"
+    assert all(rank == 0 for rank, _ in bars), bars[:5]
 
 
 ERRORS = {

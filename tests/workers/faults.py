@@ -1,11 +1,13 @@
 """Ranks that fail on purpose, to show a launch fails rather than hangs.
 
-    horovodrun -np 2 python tests/workers/faults.py die    # rank 1 dies before a collective
-    horovodrun -np 2 python tests/workers/faults.py stall  # rank 1 never joins a collective
-    horovodrun -np 2 python tests/workers/faults.py mismatch  # ranks call different collectives
+    ./horovodrun.sh -np 2 python tests/workers/faults.py die    # rank 1 dies before a collective
+    ./horovodrun.sh -np 2 python tests/workers/faults.py stall  # rank 1 never joins a collective
+    ./horovodrun.sh -np 2 python tests/workers/faults.py stop   # rank 1 is SIGSTOPped
+    ./horovodrun.sh -np 2 python tests/workers/faults.py mismatch  # ranks call different collectives
     tfshard launch -n 2 tests/workers/faults.py killed  # rank 1 is SIGKILLed mid-run
 
-The same worker runs under `tfshard launch` (tf.distribute multi-worker).
+The same worker runs under `./horovodrun.sh --gloo` (Horovod) and `tfshard launch`
+(tf.distribute multi-worker).
 """
 
 import os
@@ -28,12 +30,16 @@ if world.rank == 1:
     if mode == "killed":
         print("rank 1 killing itself", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "stop":
+        print("rank 1 stopping itself", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
     if mode == "stall":
         print("rank 1 stalling", flush=True)
         time.sleep(3600)
 if mode == "mismatch":
     # Inside tf.function Horovod matches collectives by op name (eager ops are
-    # matched by order), so differently named graphs are a true mismatch.
+    # matched by order); tfshard's MPI ops compare a signature of kind, dtype,
+    # shape and name. Either way differently named graphs are a true mismatch.
     @tf.function
     def step(x):
         return comm.allreduce_sum(x, name=f"only_on_rank_{world.rank}")

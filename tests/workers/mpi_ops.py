@@ -1,0 +1,88 @@
+"""tfshard's MPI ops against numpy, on every rank (./horovodrun.sh -np 3).
+
+Exits non-zero on the first wrong value; prints "MPI-OPS OK rank R" at the end.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+import tfshard
+
+world = tfshard.init()
+comm, rank, size = world.comm, world.rank, world.size
+assert world.backend == "mpi" and comm.backend == "mpi", world
+
+
+def data(r, shape, dtype=np.float32):
+    """Rank r's integer-valued tensor (sums are exact in every dtype)."""
+    n = int(np.prod(shape))
+    return (np.arange(n).reshape(shape) % 7 + 3 * r - 4).astype(dtype)
+
+
+def check(name, got, want):
+    got = np.asarray(got)
+    assert got.shape == want.shape and got.dtype == want.dtype, (name, got.shape, got.dtype,
+                                                                want.shape, want.dtype)
+    assert np.array_equal(got, want), (name, got, want)
+
+
+graph = tf.function
+for mode, wrap in (("eager", lambda f: f), ("tf.function", graph)):
+    for dtype in (np.float32, np.float64, np.int32, np.int64):
+        shape = (2, 3, 5)
+        out = wrap(lambda x: comm.allreduce_sum(x))(tf.constant(data(rank, shape, dtype)))
+        check(f"{mode} allreduce {dtype.__name__}", out,
+              sum(data(r, shape, dtype) for r in range(size)))
+    # bfloat16 and float16: summed in float32, rounded once.
+    for tf_dtype in (tf.bfloat16, tf.float16):
+        x = tf.cast(data(rank, (4, 6)), tf_dtype)
+        out = wrap(lambda v: comm.allreduce_sum(v))(x)
+        want = tf.cast(sum(data(r, (4, 6)) for r in range(size)), tf_dtype)
+        assert out.dtype == tf_dtype and np.array_equal(out.numpy(), want.numpy()), mode
+    # Gathers on every axis, lengths differing per rank, with and without sizes=.
+    for axis in range(3):
+        def part(r):
+            shape = [2, 3, 4]
+            shape[axis] = r + 1
+            return data(r, shape)
+        want = np.concatenate([part(r) for r in range(size)], axis)
+        sizes = [r + 1 for r in range(size)]
+        for given in (None, sizes):
+            fn = wrap(lambda v, s=given, a=axis: comm.allgather(v, axis=a, sizes=s))
+            check(f"{mode} allgather axis {axis} sizes {given}", fn(tf.constant(part(rank))), want)
+    for root in range(size):
+        out = wrap(lambda v, root=root: comm.broadcast(v, root=root))(
+            tf.constant(data(rank, (3,), np.int64)))
+        check(f"{mode} broadcast root {root}", out, data(root, (3,), np.int64))
+
+# Static shapes: a gather with sizes= has a known output shape inside a traced graph.
+spec = tf.TensorSpec([None, 4], tf.float32)
+traced = tf.function(lambda v: comm.allgather(v, axis=1, sizes=[4] * size),
+                     input_signature=[spec]).get_concrete_function()
+assert traced.structured_outputs.shape.as_list() == [None, 4 * size], traced.structured_outputs
+
+# Point to point, in a ring.
+nxt, prv = (rank + 1) % size, (rank - 1) % size
+if rank % 2 == 0:
+    comm.send(tf.constant(data(rank, (5,))), dest=nxt, tag=7)
+    got = comm.recv([5], tf.float32, source=prv, tag=7)
+else:
+    got = comm.recv([5], tf.float32, source=prv, tag=7)
+    comm.send(tf.constant(data(rank, (5,))), dest=nxt, tag=7)
+check("recv", got, data(prv, (5,)))
+
+# Host-side helpers and sub-groups.
+rows = np.full((rank + 1, 2), rank, np.float32)
+root = comm.gather_to_root(rows)
+if rank == 0:
+    check("gather_to_root", root, np.concatenate([np.full((r + 1, 2), r, np.float32)
+                                                  for r in range(size)]))
+else:
+    assert root is None
+assert comm.allgather_object({"rank": rank}) == [{"rank": r} for r in range(size)]
+group, index = comm.split(1)
+assert group.size == 1 and index == rank
+check("allreduce in a group of one", group.allreduce_sum(tf.constant([float(rank)])),
+      np.array([float(rank)], np.float32))
+comm.barrier()
+print(f"MPI-OPS OK rank {rank}", flush=True)
