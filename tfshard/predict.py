@@ -260,6 +260,45 @@ def _template(out):
     return keras.tree.map_structure(lambda _: next(counter), out)
 
 
+def _pack(template, leaves):
+    """The output structure `template` (from `_template`) filled with `leaves`."""
+    return keras.tree.pack_sequence_as(template, leaves) if not isinstance(template, int) \
+        else leaves[0]
+
+
+def _concat(batches, k, trailing=None, dtype=None):
+    """Leaf `k` of `batches` (a list of output structures) concatenated on the rows."""
+    if not batches:
+        return np.zeros([0] + list(trailing), dtype=dtype)
+    return np.concatenate([np.asarray(keras.tree.flatten(o)[k]) for o in batches], axis=0)
+
+
+def local_outputs(done, where, keep=True):
+    """The outputs of a job with one data-parallel group, without any collective.
+
+    Every rank of a single tensor-parallel group computed every batch and holds
+    the global output of each, so each rank concatenates its own.
+
+    Args:
+        done: this rank's `[(batch_index, output structure of numpy arrays)]`.
+        where: text for messages.
+        keep: False on ranks that return nothing (`gather="rank0"` off rank 0).
+
+    Returns:
+        The output structure in batch order, or None when not `keep`.
+
+    Raises:
+        ValueError: no batch was computed (the same on every rank).
+    """
+    if not done:
+        raise ValueError(f"{where}: no batch was computed (empty input?).")
+    if not keep:
+        return None
+    batches = [o for _, o in sorted(done, key=lambda t: t[0])]
+    leaves = len(keras.tree.flatten(batches[0]))
+    return _pack(_template(batches[0]), [_concat(batches, k) for k in range(leaves)])
+
+
 def gather_outputs(world, is_leader, done, where, gather="all"):
     """Reassembles every group's outputs in input order.
 
@@ -300,10 +339,7 @@ def gather_outputs(world, is_leader, done, where, gather="all"):
     results = []
     for k, (trailing, dtype) in enumerate(ref["spec"]):
         dtype = np.dtype(dtype)
-        if mine:
-            local = np.concatenate([np.asarray(keras.tree.flatten(o)[k]) for _, o in mine], axis=0)
-        else:
-            local = np.zeros([0] + trailing, dtype=dtype)
+        local = _concat([o for _, o in mine], k, trailing, dtype)
         wire = local.astype(np.uint8) if dtype == np.bool_ else local
         if gather == "rank0":
             got = world.gather_to_root(wire)
@@ -316,5 +352,4 @@ def gather_outputs(world, is_leader, done, where, gather="all"):
         results.append(out)
     if gather == "rank0" and world.rank != 0:
         return None
-    return keras.tree.pack_sequence_as(ref["template"], results) \
-        if not isinstance(ref["template"], int) else results[0]
+    return _pack(ref["template"], results)
