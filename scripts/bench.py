@@ -26,7 +26,9 @@ against the unsharded `tfshard.load` of the same run.
 Suite `generate`: greedy generation with keras-hub's loop and KV cache, for
 SmolLM2 (real weights) or a built-in model: per-token decode latency and
 prefill throughput, unsharded (one process, every core) and at TP=N under
-./horovodrun.sh (each `--cycle-times` value is a Horovod cycle time to try).
+./horovodrun.sh on each of `--backends` (mpi: tfshard's MPI ops; horovod-mpi:
+Horovod's ops over its MPI controller; gloo: horovodrun --gloo). The unsharded
+model runs at 1 thread and at every core; ratios are against the faster.
 Both are measured inside `generate()` itself: two prompts padded to the same
 length L, one leaving 1 token to generate and one leaving 1+K; keras-hub's
 prefill runs over all L positions either way, so the difference is exactly K
@@ -39,16 +41,18 @@ docs/images/ by default.
 
     .venv/bin/python scripts/bench.py plot bench-results/forward-gpt2-*.json
 
-Suite `comm`: the cost of one collective on each backend (Horovod under
-./horovodrun.sh, MirroredStrategy replicas in one process, MultiWorker
-processes under `tfshard launch`): a chain of `--chain` all-reduces (or
+Suite `comm`: the cost of one collective on each backend (mpi: tfshard's MPI ops
+under ./horovodrun.sh, plus mpi4py through tf.numpy_function for comparison;
+horovod-mpi: Horovod's ops over its MPI controller in the same kind of job;
+gloo: horovodrun over Gloo; MirroredStrategy replicas in one process;
+MultiWorker processes under `tfshard launch`): a chain of `--chain` all-reduces (or
 all-gathers) in one `tf.function` (inside `strategy.run` for tf.distribute),
 timed per collective, for a small [1, H] tensor and a [B*S, H] activation.
-`forward --backends horovod mirrored multiworker` times a whole forward pass
+`forward --backends mpi gloo mirrored multiworker` times a whole forward pass
 on each backend next to the unsharded model.
 
     .venv/bin/python scripts/bench.py comm --np 2
-    .venv/bin/python scripts/bench.py forward --model gpt2 --np 2 --backends horovod mirrored multiworker
+    .venv/bin/python scripts/bench.py forward --model gpt2 --np 2 --backends mpi gloo mirrored multiworker
 """
 
 import argparse
@@ -172,6 +176,11 @@ def _generate_child(args):
     if args.mode == "sharded":
         world = tfshard.init()
     else:
+        if args.threads:
+            import tensorflow as tf
+
+            tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+            tf.config.threading.set_inter_op_parallelism_threads(args.threads)
         world = tfshard.World(comm_lib.create("local"), "local")
     if args.source in models.NAMES:
         model, vocab, _ = models.build(args.source, seed=0)
@@ -211,22 +220,28 @@ def suite_generate(args):
     child = ["_generate", "--source", args.source, "--length", str(args.length),
              "--new-tokens", str(args.new_tokens), "--batch", str(args.batch),
              "--repeats", str(args.repeats)]
-    rows = [("unsharded", _run(me + child + ["--mode", "unsharded"], args.timeout))]
-    for cycle in args.cycle_times:
+    # The unsharded baseline is the better of 1 and all threads (on a small model one
+    # thread can win: less synchronisation per tiny op).
+    unsharded = [(f"unsharded {t} thread{'s' if t > 1 else ''}",
+                  _run(me + child + ["--mode", "unsharded", "--threads", str(t)], args.timeout))
+                 for t in sorted({1, os.cpu_count() or 1})]
+    rows = list(unsharded)
+    for backend in args.backends:
         for n in args.np:
-            rows.append((f"TP={n} cycle {cycle} ms", _run(
-                _launch("horovod", n, me + child + ["--mode", "sharded"]),
-                args.timeout, env={"TFSHARD_CYCLE_TIME_MS": str(cycle)})))
-    base = rows[0][1]
+            name = f"TP={n}" + ("" if backend == "mpi" else f" {backend}")
+            rows.append((name, _run(_launch(backend, n, me + child + ["--mode", "sharded"]),
+                                    args.timeout, env=BACKEND_ENV.get(backend))))
+    best = min((r for _, r in unsharded), key=lambda r: r["decode_ms"])
+    best_prefill = min((r for _, r in unsharded), key=lambda r: r["prefill_s"])
     print(f"\ngenerate: {args.source}, batch {args.batch}, length {args.length} (prefill over all "
           f"of it), {args.new_tokens} decode steps timed, median of {args.repeats}, "
-          f"{os.cpu_count()} cores")
+          f"{_cpu_model()}; ratios against the best unsharded run")
     print(f"{'run':<22} {'decode ms/token':>16} {'vs unsharded':>13} {'prefill s':>10} "
           f"{'prefill tok/s':>14} {'vs unsharded':>13} {'params/rank':>12}")
     for name, r in rows:
         tps = r["prefill_tokens"] / r["prefill_s"]
-        base_tps = base["prefill_tokens"] / base["prefill_s"]
-        print(f"{name:<22} {r['decode_ms']:>16.1f} {r['decode_ms'] / base['decode_ms']:>12.2f}x "
+        base_tps = best_prefill["prefill_tokens"] / best_prefill["prefill_s"]
+        print(f"{name:<22} {r['decode_ms']:>16.1f} {r['decode_ms'] / best['decode_ms']:>12.2f}x "
               f"{r['prefill_s']:>10.3f} {tps:>14.0f} {tps / base_tps:>12.2f}x "
               f"{r['param_bytes_per_rank'] / 2**20:>10.1f}MiB")
     _write_report(f"generate-{Path(args.source).name}", args, dict(rows))
@@ -301,7 +316,7 @@ def suite_load(args):
         rows.append(("tfshard.load, 1 process", _run(me + child + ["--mode", "unsharded"], args.timeout)))
         for n in args.np:
             rows.append((f"tfshard.load TP={n}", _run(
-                _launch("horovod", n, me + child + ["--mode", "sharded"]), args.timeout)))
+                _launch("mpi", n, me + child + ["--mode", "sharded"]), args.timeout)))
         base = rows[-1 - len(args.np)][1]["rise_mib"]
         print(f"\nload: {label}; peak RSS rise over the post-import baseline (worst rank)")
         print(f"{'run':<26} {'rise MiB':>9} {'vs 1 proc':>10} {'held MiB':>9} {'weights MiB':>12} {'s':>7}")
@@ -321,26 +336,51 @@ def _write_report(stem, args, runs):
     print(f"wrote {path.relative_to(ROOT)}")
 
 
+def _cpu_model():
+    """The CPU's model name (and its bf16/AMX flags), from /proc/cpuinfo."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown CPU":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    extra = sorted(f for f in flags if f in ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f"))
+    return f"{model}, {os.cpu_count()} cores" + (f" ({' '.join(extra)})" if extra else "")
+
+
 def _run(cmd, timeout, env=None):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
     for line in proc.stdout.splitlines():
         if "RESULT " in line:
-            return json.loads(line.split("RESULT ", 1)[1])
+            # mpiexec may glue another rank's output after it: read one JSON value.
+            return json.JSONDecoder().raw_decode(line.split("RESULT ", 1)[1])[0]
     raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n"
                        f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
-BACKENDS = ("horovod", "mirrored", "multiworker")
+BACKENDS = ("mpi", "horovod-mpi", "gloo", "mirrored", "multiworker")
+#: Environment per backend run under ./horovodrun.sh.
+BACKEND_ENV = {"mpi": {}, "horovod-mpi": {"TFSHARD_BACKEND": "horovod"}, "gloo": {}}
 
 
 def _launch(backend, n, child):
     """The command running `child` (a `python bench.py _...` argv) on n ranks of `backend`.
 
+    "mpi": ./horovodrun.sh (an MPI job, tfshard's MPI collectives); "horovod-mpi":
+    the same job with Horovod's ops over its MPI controller (run it with
+    `BACKEND_ENV`); "gloo": ./horovodrun.sh --gloo (horovodrun, Horovod over Gloo);
     "mirrored" runs one process of n replicas (`--mode mirrored --replicas n`).
     """
-    if backend == "horovod":
+    if backend in ("mpi", "horovod-mpi"):
         return [str(ROOT / "horovodrun.sh"), "-np", str(n)] + child
+    if backend == "gloo":
+        return [str(ROOT / "horovodrun.sh"), "-np", str(n), "--gloo"] + child
     if backend == "multiworker":
         return [sys.executable, "-m", "tfshard.launch", "-n", str(n)] + child
     child = list(child)
@@ -391,7 +431,21 @@ def _comm_child(args):
             strategy.run(steps, args=(x,)))[0])
 
     def ops(shape):
+        extra = {}
+        if comm.backend == "mpi":
+            # The simpler design measured against tfshard's op: mpi4py through
+            # tf.numpy_function (each call crosses into Python and takes the GIL).
+            from mpi4py import MPI
+
+            def host_sum(a):
+                out = np.empty_like(a)
+                MPI.COMM_WORLD.Allreduce(a, out)
+                return out
+
+            extra["allreduce_sum via numpy_function+mpi4py"] = lambda x: tf.ensure_shape(
+                tf.numpy_function(host_sum, [x], tf.float32, stateful=True), shape) / size
         return {
+            **extra,
             "allreduce_sum": lambda x: comm.allreduce_sum(x) / size,
             # Gather the last axis and keep the first share: the shape stays fixed
             # (a collective's output shape is not static, so it is restored).
@@ -424,13 +478,17 @@ def suite_comm(args):
     runs = {}
     for n in args.np:
         for backend in args.backends:
-            runs[f"{backend} {n}"] = _run(_launch(backend, n, me), args.timeout)
-    print(f"\ncomm: ms per collective (median of {args.repeats} chains of {args.chain} inside "
-          f"one tf.function), float32, {os.cpu_count()} cores")
-    names = list(next(iter(runs.values()))["collectives"])
-    print(f"{'backend':<15}" + "".join(f" {n:>34}" for n in names))
-    for label, r in runs.items():
-        print(f"{label:<15}" + "".join(f" {r['collectives'][n]['ms']:>34.3f}" for n in names))
+            runs[f"{backend} {n}"] = _run(_launch(backend, n, me), args.timeout,
+                                          env=BACKEND_ENV.get(backend))
+    print(f"\ncomm: us per collective (median of {args.repeats} chains of {args.chain} inside "
+          f"one tf.function), float32, {_cpu_model()}")
+    names = sorted({n for r in runs.values() for n in r["collectives"]},
+                   key=lambda n: (n.split(" ")[0] != "allreduce_sum", "small" not in n, n))
+    print(f"{'collective':<58}" + "".join(f" {label:>14}" for label in runs))
+    for n in names:
+        cells = [r["collectives"].get(n) for r in runs.values()]
+        print(f"{n:<58}" + "".join(f" {1e3 * c['ms']:>14.1f}" if c else f" {'-':>14}"
+                                    for c in cells))
     _write_report("comm", args, runs)
 
 
@@ -438,20 +496,21 @@ def suite_forward(args, layouts=None):
     common = ["--model", args.model, "--rows", str(args.rows), "--seq-len", str(args.seq_len),
               "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
     me = [sys.executable, str(Path(__file__).resolve())]
-    backends = getattr(args, "backends", ["horovod"])
-    layouts = layouts or [(f"TP={n}" if b == "horovod" else f"{b} {n}", n, n, b)
-                          for n in args.np for b in backends]
-    commands = [("unsharded", me + ["_child", "--mode", "unsharded"] + common)]
-    for name, n, tp, *backend in layouts:
+    backends = getattr(args, "backends", ["mpi"])
+    layouts = [(name, n, tp, b) for name, n, tp in (layouts or [])
+               for b in backends] or [(f"TP={n}", n, n, b) for n in args.np for b in backends]
+    commands = [("unsharded", me + ["_child", "--mode", "unsharded"] + common, None)]
+    for name, n, tp, backend in layouts:
         child = me + ["_child", "--mode", "sharded", "--tp", str(tp)] + common
-        commands.append((name, _launch(backend[0] if backend else "horovod", n, child)))
+        label = name if backend == "mpi" else f"{name} {backend}"
+        commands.append((label, _launch(backend, n, child), BACKEND_ENV.get(backend)))
     # Rounds interleave the runs, so a slow spell of a shared machine hits them
     # alike; each run's ratio is taken against the unsharded run of its round.
     rounds = []
     for _ in range(args.rounds):
-        rounds.append({name: _run(cmd, args.timeout) for name, cmd in commands})
+        rounds.append({name: _run(cmd, args.timeout, env=env) for name, cmd, env in commands})
     rows = []
-    for name, _ in commands:
+    for name, _, _ in commands:
         runs = [r[name] for r in rounds]
         result = dict(sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2])
         result["seconds"] = statistics.median(r["seconds"] for r in runs)
@@ -463,10 +522,10 @@ def suite_forward(args, layouts=None):
     minimum = rows[0][1]["megatron_minimum_per_forward"]
     print(f"\n{args.suite}: {args.model}, {args.rows} rows x {args.seq_len} tokens, batch "
           f"{args.batch_size}, median of {args.repeats} predicts x {args.rounds} interleaved "
-          f"round(s), {os.cpu_count()} cores; machine matmul rate {peak / 1e9:.1f} GFLOP/s; "
+          f"round(s), {_cpu_model()}; machine matmul rate {peak / 1e9:.1f} GFLOP/s; "
           f"Megatron minimum per forward: {minimum['collectives']} collectives, "
           f"{minimum['bytes'] / 2**20:.2f} MiB")
-    print(f"{'run':<15} {'s/predict':>10} {'tokens/s':>10} {'vs unsharded':>13} "
+    print(f"{'run':<22} {'s/predict':>10} {'tokens/s':>10} {'vs unsharded':>13} "
           f"{'params/rank':>12} {'peak RSS':>10} {'GFLOP/s':>8} {'of matmul':>10} "
           f"{'coll/fwd':>9} {'MiB/fwd':>8} {'= min':>6} {'in coll':>8}")
     for name, r in rows:
@@ -475,7 +534,7 @@ def suite_forward(args, layouts=None):
         comm = (f"{sent['collectives']:>9.0f} {sent['bytes'] / 2**20:>8.2f} "
                 f"{str(_is_minimum(sent, minimum)):>6} {100 * r['collective_seconds_share']:>7.1f}%"
                 if sent and sent["collectives"] else f"{'-':>9} {'-':>8} {'-':>6} {'-':>8}")
-        print(f"{name:<15} {r['seconds']:>10.3f} {tps:>10.0f} {r['ratio']:>12.2f}x "
+        print(f"{name:<22} {r['seconds']:>10.3f} {tps:>10.0f} {r['ratio']:>12.2f}x "
               f"{r['param_bytes_per_rank'] / 2**20:>10.1f}MiB {r['peak_rss_mib']:>7.0f}MiB "
               f"{r['achieved_flops_per_s'] / 1e9:>8.1f} {r['achieved_flops_per_s'] / peak:>9.0%} "
               f"{comm}")
@@ -517,20 +576,23 @@ def suite_plot(args):
             ax.set_title(f"{a['model']}: {a['rows']}x{a['seq_len']} tokens, batch "
                          f"{a['batch_size']} (ratio to unsharded, same run)")
         elif stem.startswith("comm"):
-            labels = list(next(iter(runs.values()))["collectives"])
+            # The collectives every backend ran (the MPI run adds a numpy_function row).
+            labels = [n for n in next(iter(runs.values()))["collectives"]
+                      if all(n in r["collectives"] for r in runs.values())]
             width = 0.8 / len(runs)
             for i, (backend, r) in enumerate(runs.items()):
                 ax.bar([j + i * width for j in range(len(labels))],
-                       [r["collectives"][n]["ms"] for n in labels], width, label=backend)
+                       [1e3 * r["collectives"][n]["ms"] for n in labels], width, label=backend)
             ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))],
                           [n.replace(" [", "\n[") for n in labels], fontsize=7)
-            ax.set_ylabel("ms per collective")
+            ax.set_ylabel("µs per collective")
             ax.set_yscale("log")
             ax.legend(fontsize=7)
             ax.set_title("one collective, float32 (median of chains in one tf.function)")
         elif stem.startswith("generate"):
             names = list(runs)
             ax.bar(names, [r["decode_ms"] for r in runs.values()], color="#37a")
+            ax.tick_params(axis="x", labelsize=7)
             ax.set_ylabel("decode ms/token")
             ax.set_title(f"generate: {stem.split('-')[1]} (lower is better)")
         elif stem.startswith("load"):
@@ -566,10 +628,12 @@ def main():
         p.add_argument("--repeats", type=int, default=3)
         if name == "generate":
             p.add_argument("--np", type=int, nargs="+", default=[2, 3])
-            p.add_argument("--cycle-times", type=float, nargs="+", default=[0.1])
+            p.add_argument("--backends", nargs="+", choices=("mpi", "horovod-mpi", "gloo"),
+                           default=["mpi"])
             p.add_argument("--timeout", type=int, default=1800)
         else:
             p.add_argument("--mode", choices=["sharded", "unsharded"], required=True)
+            p.add_argument("--threads", type=int, default=0)
     for name in ("forward", "predict", "_child"):
         p = sub.add_parser(name)
         p.add_argument("--model", default="gpt2")
@@ -582,8 +646,8 @@ def main():
             p.add_argument("--timeout", type=int, default=1800)
             p.add_argument("--rounds", type=int, default=1,
                            help="interleaved rounds of every run (ratios: median over rounds)")
-        if name == "forward":
-            p.add_argument("--backends", nargs="+", choices=BACKENDS, default=["horovod"])
+        if name in ("forward", "predict"):
+            p.add_argument("--backends", nargs="+", choices=BACKENDS, default=["mpi"])
         elif name == "_child":
             p.add_argument("--mode", choices=["sharded", "unsharded", "mirrored"], required=True)
             p.add_argument("--tp", type=int, default=0)
@@ -597,7 +661,8 @@ def main():
         p.add_argument("--repeats", type=int, default=5)
         if name == "comm":
             p.add_argument("--np", type=int, nargs="+", default=[2])
-            p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+            p.add_argument("--backends", nargs="+", choices=BACKENDS,
+                           default=["mpi", "horovod-mpi", "gloo", "mirrored", "multiworker"])
             p.add_argument("--timeout", type=int, default=1800)
         else:
             p.add_argument("--mode", choices=["sharded", "mirrored"], required=True)
