@@ -41,10 +41,11 @@ def init(backend=None):
     """Joins the ranks of this job (idempotent).
 
     The backend comes from the environment: under `./horovodrun.sh` (an MPI
-    job) it is "mpi", under `./horovodrun.sh --gloo` "horovod", with a `TF_CONFIG` (`tfshard launch`) "multiworker" (a
+    job) it is "mpi", under `./horovodrun.sh --gloo` "horovod", with a
+    `TF_CONFIG` (`tfshard launch`) "multiworker" (a
     `tf.distribute.MultiWorkerMirroredStrategy`, one replica per process, which
     must be created before any tensor: call `init()` first), otherwise "local"
-    (one rank).
+    (one rank). TFSHARD_BACKEND names one explicitly.
 
     Args:
         backend: force a backend: "mpi", "horovod", "local" or "multiworker".

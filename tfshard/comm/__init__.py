@@ -17,12 +17,16 @@ def detect_backend(environ=None):
     `./horovodrun.sh` (the default, an MPI job started by `mpiexec`) exports
     PMI_RANK (MPICH) or OMPI_COMM_WORLD_RANK (Open MPI): "mpi", tfshard's own
     MPI collectives. `./horovodrun.sh --gloo` (horovodrun over Gloo) exports
-    HOROVOD_RANK: "horovod" (under `./horovodrun.sh`, `TFSHARD_BACKEND=horovod`
-    runs Horovod over its MPI controller instead). A `TF_CONFIG` means a tf.distribute multi-worker
-    job; otherwise "local".
+    HOROVOD_RANK: "horovod". A `TF_CONFIG` means a tf.distribute multi-worker
+    job; otherwise "local". TFSHARD_BACKEND overrides all of these (e.g.
+    `TFSHARD_BACKEND=horovod` under `./horovodrun.sh`: Horovod over its MPI
+    controller).
 
     Returns:
         One of "mpi", "horovod", "multiworker", "local".
+
+    Raises:
+        ValueError: TFSHARD_BACKEND names no backend.
     """
     env = os.environ if environ is None else environ
     forced = env.get("TFSHARD_BACKEND")
