@@ -195,6 +195,31 @@ def gather_on_axis(x, axis, sizes, size, gather_rows):
 TIMEOUT_ENV = "TFSHARD_COLLECTIVE_TIMEOUT_SECONDS"
 
 
+def env_number(name, default, what, allow_zero=False):
+    """A number from environment variable `name`, or `default` when it is unset.
+
+    Args:
+        name: the variable.
+        default: returned when the variable is unset.
+        what: the unit for the message, e.g. "seconds".
+        allow_zero: whether 0 is allowed (negative values never are).
+
+    Raises:
+        ValueError: the variable holds something else, naming it and what works.
+    """
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name}={raw!r}: expected a number of {what} "
+                         f"{'>= 0' if allow_zero else '> 0'}, e.g. 30.")
+    return value
+
+
 def collective_timeout(default):
     """Seconds one collective may wait before it fails: TFSHARD_COLLECTIVE_TIMEOUT_SECONDS,
     else the backend's `default`.
@@ -202,16 +227,7 @@ def collective_timeout(default):
     Raises:
         ValueError: the variable is set to something other than a positive number.
     """
-    raw = os.environ.get(TIMEOUT_ENV)
-    if raw is None:
-        return float(default)
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds, e.g. 30.")
-    return value
+    return float(env_number(TIMEOUT_ENV, default, "seconds"))
 
 
 def normalize_axis(axis, ndim, what="tensor"):

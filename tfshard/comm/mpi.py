@@ -23,7 +23,8 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from tfshard.comm.base import Communicator, collective_timeout, gather_on_axis, normalize_axis
+from tfshard.comm.base import (Communicator, collective_timeout, env_number, gather_on_axis,
+                               normalize_axis)
 
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_mpi_ops.so")
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mpi_ops.cc")
@@ -81,15 +82,9 @@ def spin_microseconds(local_ranks, cores, threads_per_rank=1):
     outnumber the cores, where a spinning rank takes the core the slowest rank
     needs (3 ranks on 2 cores decoded 8.5x slower with spinning).
     """
-    raw = os.environ.get("TFSHARD_MPI_SPIN_US")
-    if raw is not None:
-        try:
-            value = float(raw)
-        except ValueError:
-            value = -1.0
-        if value < 0:
-            raise ValueError(f"TFSHARD_MPI_SPIN_US={raw!r}: expected microseconds >= 0.")
-        return value
+    forced = env_number("TFSHARD_MPI_SPIN_US", None, "microseconds", allow_zero=True)
+    if forced is not None:
+        return forced
     return 1000.0 if local_ranks * max(1, threads_per_rank) <= cores else 20.0
 
 
