@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Compiles tfshard's MPI collective ops (tfshard/comm/mpi_ops.cc) into
-# tfshard/comm/_mpi_ops.so, against this venv's TensorFlow headers and MPICH wheel.
-# A no-op when the library is newer than its source and this script.
+# tfshard/comm/_mpi_ops.so, against this venv's TensorFlow headers and MPICH wheel, and
+# records the source's sha256 beside it (_mpi_ops.so.sha256), which tfshard checks at load.
+# A no-op when the recorded digest matches the source (file times do not matter: a git
+# checkout rewrites them).
 #   PY=.venv/bin/python bash scripts/build_mpi_ops.sh
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -9,7 +11,8 @@ PY=${PY:-$ROOT/.venv/bin/python}
 BIN=$(dirname "$PY")
 SRC="$ROOT/tfshard/comm/mpi_ops.cc"
 OUT="$ROOT/tfshard/comm/_mpi_ops.so"
-if [ -f "$OUT" ] && [ "$OUT" -nt "$SRC" ] && [ "$OUT" -nt "${BASH_SOURCE[0]}" ]; then
+DIGEST=$(sha256sum "$SRC" | cut -d' ' -f1)
+if [ -f "$OUT" ] && [ "$(cat "$OUT.sha256" 2>/dev/null)" = "$DIGEST" ]; then
   exit 0
 fi
 export TF_CPP_MIN_LOG_LEVEL=3
@@ -27,4 +30,5 @@ trap 'rm -f "$tmp"' EXIT
   -Wl,-rpath,"$MPI_LIB" -Wl,-rpath,"$TF_LIB"
 mv -f "$tmp" "$OUT"
 trap - EXIT
+printf '%s\n' "$DIGEST" > "$OUT.sha256.tmp" && mv -f "$OUT.sha256.tmp" "$OUT.sha256"
 echo "[build_mpi_ops] built $OUT"

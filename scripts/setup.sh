@@ -16,8 +16,9 @@ command -v "$PYTHON_BIN" >/dev/null 2>&1 || PYTHON_BIN=python3
 STAMP="$VENV/.tfshard-setup"
 KEY=$(cat "$ROOT/scripts/setup.sh" "$ROOT/scripts/build_horovod.sh" "$ROOT/scripts/build_mpi_ops.sh" \
           "$ROOT/tfshard/comm/mpi_ops.cc" "$ROOT/setup.cfg" | sha256sum | cut -c1-16)
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ] && [ -x "$VENV/bin/python" ] \
-   && [ -f "$ROOT/tfshard/comm/_mpi_ops.so" ]; then
+OPS="$ROOT/tfshard/comm/_mpi_ops.so"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ] && [ -x "$VENV/bin/python" ] && [ -f "$OPS" ] \
+   && [ "$(cat "$OPS.sha256" 2>/dev/null)" = "$(sha256sum "$ROOT/tfshard/comm/mpi_ops.cc" | cut -d' ' -f1)" ]; then
   exit 0
 fi
 

@@ -36,6 +36,22 @@ _SLOT_BYTES = 128
 _state = {}  # the loaded op library, the ctypes handle, the board window
 
 
+def _source_digest():
+    import hashlib
+
+    with open(SOURCE, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _recorded_digest():
+    """The sha256 of the source the library was built from (written by the build)."""
+    try:
+        with open(LIBRARY + ".sha256") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def _library():
     """Loads the op library once; a clear error when set-up has not built it."""
     if "ops" not in _state:
@@ -44,10 +60,10 @@ def _library():
                 f"tfshard's MPI ops are not built ({LIBRARY} is missing). Run "
                 "./scripts/setup.sh (or scripts/build_mpi_ops.sh) from the repository, or "
                 "launch with ./horovodrun.sh, which runs it.")
-        if os.path.getmtime(LIBRARY) < os.path.getmtime(SOURCE):
+        if _recorded_digest() != _source_digest():
             raise RuntimeError(
-                f"{LIBRARY} is older than {SOURCE}; rebuild it with scripts/build_mpi_ops.sh "
-                "(./scripts/setup.sh does).")
+                f"{LIBRARY} was not built from this {SOURCE} (its recorded sha256 differs); "
+                "rebuild it with scripts/build_mpi_ops.sh (./scripts/setup.sh does).")
         _state["ops"] = tf.load_op_library(LIBRARY)
         lib = ctypes.CDLL(LIBRARY)
         lib.tfshard_mpi_set_board.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
