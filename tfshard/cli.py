@@ -29,10 +29,10 @@ def _inputs(input_names, vocab, rows, seq_len, seed, path=None, tokenizer=None):
             raise ValueError(f"{path}: no prompts (one per line expected).")
         return _prompt_inputs(tokenizer, prompts, path)
     if path:
-        data = np.load(path)
+        data = _load_array_file(path)
         if hasattr(data, "files"):
             return {k: data[k] for k in data.files}
-        ids = data
+        ids = _checked_token_ids(data, path, vocab)
     else:
         ids = np.random.default_rng(seed).integers(0, vocab, (rows, seq_len)).astype("int32")
     x = {}
@@ -46,6 +46,48 @@ def _inputs(input_names, vocab, rows, seq_len, seed, path=None, tokenizer=None):
         else:
             raise ValueError(f"Do not know how to make input {name!r}; pass --input FILE.npz.")
     return x
+
+
+def _load_array_file(path):
+    """`np.load(path)` (.npy or .npz), with the file named in every failure.
+
+    Raises:
+        ValueError: the file is missing, unreadable, or holds Python objects.
+    """
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--input {path}: no such file; give a .npy of token ids, a .npz of "
+                         "named inputs or a .txt of prompts.")
+    try:
+        return np.load(path)  # allow_pickle=False: object arrays are refused, not run
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--input {path}: not a readable .npy/.npz of numbers ({err}).") from None
+
+
+def _checked_token_ids(ids, path, vocab):
+    """Token ids from a .npy file as int32, checked before the cast.
+
+    A cast alone would turn float ids (1.9) into other ids (1) and wrap int64 ids
+    of 2**31 and more into small ones: a wrong answer, not an error.
+
+    Raises:
+        ValueError: not an integer array, or ids outside [0, vocab) (or int32),
+            naming the file, its shape and dtype, and what works.
+    """
+    import numpy as np
+
+    where = f"--input {path} (shape {ids.shape}, dtype {ids.dtype})"
+    if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{where}: token ids must be integers. Save whole-number ids with "
+                         ".astype('int32'), or pass named inputs of any dtype as a .npz.")
+    limit = vocab if vocab else 2**31
+    if ids.size:
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= limit:
+            raise ValueError(f"{where}: token ids must lie in [0, {limit})"
+                             f"{' (the vocabulary size)' if vocab else ''}; found {low}..{high}.")
+    return ids.astype("int32")
 
 
 def _prompt_inputs(tokenizer, prompts, where):

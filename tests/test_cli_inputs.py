@@ -1,0 +1,63 @@
+"""`tfshard predict --input FILE`: token ids are checked before any cast (in one process).
+
+A plain `astype("int32")` turned float ids into other ids and wrapped int64 ids of
+2**31 and more into small ones, and the run then printed MATCH: wrong answers with
+exit code 0. Each bad file must now be a ValueError naming the file, its shape and
+dtype, and what works."""
+
+import numpy as np
+import pytest
+
+from tfshard import cli
+
+
+def _inputs(path, vocab=100):
+    return cli._inputs(["token_ids", "padding_mask"], vocab, 2, 3, 0, str(path))
+
+
+@pytest.mark.parametrize("ids, words", [
+    (np.array([[1.9, 2.7, 3.0]]), ["token ids must be integers", "float64", "(1, 3)", ".npz"]),
+    (np.array([[1, 2**31 + 5, 3]], np.int64), ["[0, 100)", "2147483653", "int64"]),
+    (np.array([[1, 100, 3]], np.int32), ["[0, 100)", "the vocabulary size", "1..100"]),
+    (np.array([[-1, 2, 3]], np.int32), ["[0, 100)", "-1..3"]),
+    (np.array([["1", "2"]]), ["token ids must be integers", "<U1"]),
+    (np.array([[True, False]]), ["token ids must be integers", "bool"]),
+])
+def test_bad_token_id_files_are_named_errors(tmp_path, ids, words):
+    path = tmp_path / "ids.npy"
+    np.save(path, ids)
+    with pytest.raises(ValueError) as err:
+        _inputs(path)
+    message = str(err.value)
+    assert f"--input {path}" in message
+    for word in words:
+        assert word in message, message
+
+
+def test_ids_beyond_int32_are_caught_without_a_vocabulary(tmp_path):
+    path = tmp_path / "ids.npy"
+    np.save(path, np.array([[0, 2**31]], np.int64))
+    with pytest.raises(ValueError, match=r"\[0, 2147483648\)"):
+        _inputs(path, vocab=None)
+
+
+def test_valid_int64_ids_are_kept_exactly(tmp_path):
+    path = tmp_path / "ids.npy"
+    ids = np.array([[0, 5, 99], [7, 8, 9]], np.int64)
+    np.save(path, ids)
+    x = _inputs(path)
+    assert x["token_ids"].dtype == np.int32 and np.array_equal(x["token_ids"], ids)
+    assert np.array_equal(x["padding_mask"], np.ones_like(ids))
+
+
+def test_missing_and_unreadable_files_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"--input .*nothing\.npy: no such file"):
+        _inputs(tmp_path / "nothing.npy")
+    bad = tmp_path / "bad.npy"
+    bad.write_bytes(b"not numpy")
+    with pytest.raises(ValueError, match=r"--input .*bad\.npy: not a readable \.npy/\.npz"):
+        _inputs(bad)
+    objects = tmp_path / "objects.npy"
+    np.save(objects, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"objects\.npy: not a readable"):
+        _inputs(objects)
