@@ -114,3 +114,16 @@ def test_mpi_ops_equal_numpy_on_three_ranks():
     assert code == 0, out[-4000:]
     for rank in range(3):
         assert f"MPI-OPS OK rank {rank}" in out, out[-3000:]
+
+
+@pytest.mark.parametrize("launcher", ["horovod", "gloo"])
+def test_ranks_disagreeing_on_tensor_parallel_fail_before_any_group_forms(launcher):
+    """Was a hang under Gloo (process sets were created before the agreement) and a 30 s
+    timeout under MPI (Comm.Split on one rank only)."""
+    code, out, secs = launch(2, [WORKER, "tp_disagree"], timeout=120, launcher=launcher)
+    assert code is not None and code != 0, out[-3000:]
+    assert "finished" not in out
+    assert "refused: Ranks disagree in tfshard.shard()" in out, out[-3000:]
+    assert "tensor_parallel differs on rank(s) [1] from rank 0" in out, out[-3000:]
+    assert secs < 60, f"took {secs:.0f} s"
+    assert _no_orphans()

@@ -134,8 +134,10 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
         )
     plan = _as_plan(plan)
     source_config, config_error = _serialize(model)
+    # Agree before splitting: ranks that disagree on tensor_parallel would otherwise form
+    # different groups (MPI) or process sets (Horovod) and wait for each other there.
+    _agree_on_model(world, model, tensor_parallel or world.size)
     comm, group = world.comm.split(tensor_parallel or world.size)
-    _agree_on_model(world, model, comm.size)
     plan, meter = _convert(model, plan, comm, world)
     sharded = ShardedModel(model, plan, world, comm, group,
                            replicas=[Replica(model, plan, comm, None, meter)])

@@ -5,6 +5,7 @@
     ./horovodrun.sh -np 2 python tests/workers/faults.py stop   # rank 1 is SIGSTOPped
     ./horovodrun.sh -np 2 python tests/workers/faults.py mismatch  # ranks call different collectives
     tfshard launch -n 2 tests/workers/faults.py killed  # rank 1 is SIGKILLed mid-run
+    ./horovodrun.sh -np 2 python tests/workers/faults.py tp_disagree  # tensor_parallel 1 vs 2
 
 The same worker runs under `./horovodrun.sh --gloo` (Horovod) and `tfshard launch`
 (tf.distribute multi-worker).
@@ -22,6 +23,18 @@ import tfshard
 mode = sys.argv[1]
 world = tfshard.init()
 comm = world.comm
+if mode == "tp_disagree":
+    import keras
+
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="a"),
+                              keras.layers.Dense(4, name="b")])
+    try:
+        tfshard.shard(model, tensor_parallel=1 if world.rank == 0 else 2)
+    except ValueError as err:
+        print(f"rank {world.rank} refused: {err}", flush=True)
+        raise SystemExit(1)
+    print(f"rank {world.rank} finished: sharded", flush=True)
+    raise SystemExit(0)
 comm.allreduce_sum(tf.ones([4]))  # everyone is up
 if world.rank == 1:
     if mode == "die":

@@ -766,6 +766,8 @@ int tfshard_mpi_set_board(void* slots, int count, int mine, int world_rank) {
   std::memset(s, 0, sizeof(*s));
   s->world_rank = world_rank;
   s->pid = getpid();
+  s->group = -1;  // no collective yet: matches no group's "arrived" test
+  s->seq = -1;
   return static_cast<int>(sizeof(tfshard::Slot));
 }
 
