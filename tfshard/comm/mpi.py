@@ -70,7 +70,6 @@ def _library():
                                               ctypes.c_int]
         lib.tfshard_mpi_broken.restype = ctypes.c_int
         lib.tfshard_mpi_set_spin.argtypes = [ctypes.c_longlong]
-        lib.tfshard_mpi_error.restype = ctypes.c_char_p
         _state["c"] = lib
     return _state["ops"]
 
@@ -150,14 +149,6 @@ def _exit_hook():
     if window is not None:
         window.Free()
         _state.pop("node").Free()
-
-
-def failed():
-    """The first collective failure's message in this process, or None."""
-    lib = _state.get("c")
-    if lib is None or not lib.tfshard_mpi_broken():
-        return None
-    return lib.tfshard_mpi_error().decode(errors="replace")
 
 
 class MPICommunicator(Communicator):

@@ -43,6 +43,7 @@
 #include <string>
 #include <vector>
 
+#include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -163,9 +164,8 @@ struct Peer {
 };
 
 // What every member of `comm` is doing, as far as the board shows.
-static std::vector<Peer> survey(MPI_Comm comm, int64_t group, int64_t seq) {
+static std::vector<Peer> survey(const std::vector<int>& world, int64_t group, int64_t seq) {
   std::vector<Peer> peers;
-  std::vector<int> world = world_ranks_of(comm);
   double now = now_wall();
   for (size_t r = 0; r < world.size(); ++r) {
     Peer p{static_cast<int>(r), world[r], false, '?', ""};
@@ -243,7 +243,7 @@ static std::string describe_failure(const Call& c, const std::string& why,
   std::ostringstream o;
   o << "tfshard MPI " << c.what << " (group " << c.group << " #" << c.seq << ") " << why
     << " on rank " << rank << " of " << size << " (pid " << getpid() << ").";
-  std::vector<Peer> peers = survey(c.comm, c.group, c.seq);
+  std::vector<Peer> peers = survey(*c.members, c.group, c.seq);
   std::vector<std::string> missing, waiting;
   for (const Peer& p : peers) {
     if (p.rank == rank) continue;
@@ -356,7 +356,7 @@ static Status wait(int count, MPI_Request* req, const Call& c, MPI_Status* statu
       next_survey = now + std::chrono::seconds(1);
       // A missing peer that is dead or stopped will not come: fail now, not at the deadline.
       bool gone = false, stopped = false;
-      for (const Peer& p : survey(c.comm, c.group, c.seq)) {
+      for (const Peer& p : survey(*c.members, c.group, c.seq)) {
         if (p.arrived) continue;
         if (p.state == 'X' || p.state == 'Z') gone = true;
         if (p.state == 'T' || p.state == 't') stopped = true;
@@ -680,10 +680,7 @@ REGISTER_OP("TfshardMpiAllreduce")
     .Attr(TFSHARD_TYPES)
     .TFSHARD_COMMON_ATTRS
     .SetIsStateful()
-    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
-      c->set_output(0, c->input(0));
-      return tensorflow::OkStatus();
-    });
+    .SetShapeFn(tensorflow::shape_inference::UnchangedShape);
 
 REGISTER_OP("TfshardMpiAllgather")
     .Input("input: T")
@@ -712,10 +709,7 @@ REGISTER_OP("TfshardMpiBroadcast")
     .Attr("root: int = 0")
     .TFSHARD_COMMON_ATTRS
     .SetIsStateful()
-    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
-      c->set_output(0, c->input(0));
-      return tensorflow::OkStatus();
-    });
+    .SetShapeFn(tensorflow::shape_inference::UnchangedShape);
 
 REGISTER_OP("TfshardMpiSend")
     .Input("input: T")
@@ -724,9 +718,7 @@ REGISTER_OP("TfshardMpiSend")
     .Attr("tag: int = 0")
     .TFSHARD_COMMON_ATTRS
     .SetIsStateful()
-    .SetShapeFn([](tensorflow::shape_inference::InferenceContext*) {
-      return tensorflow::OkStatus();
-    });
+    .SetShapeFn(tensorflow::shape_inference::NoOutputs);
 
 REGISTER_OP("TfshardMpiRecv")
     .Output("output: dtype")
@@ -777,6 +769,4 @@ void tfshard_mpi_set_spin(long long spin_ns) { tfshard::g_spin_ns.store(spin_ns)
 // 1 once a collective failed (the process must not wait in MPI_Finalize).
 int tfshard_mpi_broken() { return tfshard::g_broken.load() ? 1 : 0; }
 
-// The first failure's message (empty when none).
-const char* tfshard_mpi_error() { return tfshard::g_error.c_str(); }
 }
