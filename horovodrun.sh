@@ -10,6 +10,7 @@
 # small all-reduce); Horovod, built with its MPI controller, works in the same job for
 # code that calls hvd.init(). Local runs keep MPI's transports on loopback; the rank
 # prefix "[r] " marks each output line; a rank that dies or exits non-zero ends the job.
+# Local runs listen on loopback only (tfshard/_loopback.so); given hosts, on all interfaces.
 # Options before the command: -np N; -H/--hosts h1:n1,h2:n2 or --hostfile FILE (other
 # hosts); --gloo (horovodrun with Gloo, its loopback interface, Gloo timeout, stall check
 # and 0.1 ms cycle time; any horovodrun option you pass wins); --mpi (the default).
@@ -58,6 +59,14 @@ if [ -z "$np" ] || [ ${#cmd[@]} -eq 0 ]; then
   exit 2
 fi
 
+# Local runs: mpiexec's control port and horovodrun's rendezvous server bind the wildcard
+# address with no option to choose; tfshard's bind() shim turns that into loopback.
+loopback_only() {
+  if [ -f "$ROOT/tfshard/_loopback.so" ]; then
+    export LD_PRELOAD="$ROOT/tfshard/_loopback.so${LD_PRELOAD:+:$LD_PRELOAD}"
+  fi
+}
+
 if [ "$mode" = gloo ]; then
   extra=(--gloo)
   if [ -n "$hosts" ]; then extra+=(-H "$hosts"); elif [ -n "$hostfile" ]; then
@@ -65,6 +74,7 @@ if [ "$mode" = gloo ]; then
   if [ -z "$hosts$hostfile" ]; then
     [ $have_nic -eq 1 ] || extra+=(--network-interface lo)
     export HOROVOD_GLOO_IFACE=${HOROVOD_GLOO_IFACE:-lo}
+    loopback_only
   fi
   [ $have_timeout -eq 1 ] || extra+=(--gloo-timeout-seconds "${TFSHARD_GLOO_TIMEOUT:-120}")
   [ $have_cycle -eq 1 ] || extra+=(--cycle-time-ms "${TFSHARD_CYCLE_TIME_MS:-0.1}")
@@ -88,6 +98,7 @@ else
   extra+=(-hosts "localhost:$np" -launcher fork)
   export MPIR_CVAR_CH4_NETMOD=${MPIR_CVAR_CH4_NETMOD:-ofi}
   export FI_PROVIDER=${FI_PROVIDER:-tcp} FI_TCP_IFACE=${FI_TCP_IFACE:-lo}
+  loopback_only
 fi
 # For code that also uses Horovod in the job (its MPI controller): low latency, and a
 # stuck Horovod collective ends the job instead of hanging it.

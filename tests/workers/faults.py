@@ -6,6 +6,7 @@
     ./horovodrun.sh -np 2 python tests/workers/faults.py mismatch  # ranks call different collectives
     tfshard launch -n 2 tests/workers/faults.py killed  # rank 1 is SIGKILLed mid-run
     ./horovodrun.sh -np 2 python tests/workers/faults.py tp_disagree  # tensor_parallel 1 vs 2
+    ./horovodrun.sh -np 2 python tests/workers/faults.py listen  # up 6 s: list its sockets
 
 The same worker runs under `./horovodrun.sh --gloo` (Horovod) and `tfshard launch`
 (tf.distribute multi-worker).
@@ -36,6 +37,12 @@ if mode == "tp_disagree":
     print(f"rank {world.rank} finished: sharded", flush=True)
     raise SystemExit(0)
 comm.allreduce_sum(tf.ones([4]))  # everyone is up
+if mode == "listen":  # stay up while the test lists the job's listening sockets
+    print(f"rank {world.rank} listening-check ready", flush=True)
+    time.sleep(6)
+    comm.allreduce_sum(tf.ones([4]))
+    print(f"rank {world.rank} finished", flush=True)
+    raise SystemExit(0)
 if world.rank == 1:
     if mode == "die":
         print("rank 1 dying", flush=True)
