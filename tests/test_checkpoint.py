@@ -68,6 +68,7 @@ def test_save_at_three_reload_at_two_and_one(runs):
         saved = records_ok(runs(3), name)
         assert saved[0]["files"] == [f"rank-0000{r}-of-00003.h5" for r in range(3)]
         assert saved[0]["leftovers"] == [], "temporary folders left behind"
+        assert saved[0]["running_save_kept"], "removed the folder of a save still running"
     _assert_equal_outputs(runs(3), "save_gpt2", sliced=False)
     for m in (2, 1):
         ranks = runs(m)
@@ -106,6 +107,11 @@ ERRORS = {
     "ckpt-missing": ("rank-00001-of-00002.h5", "missing"),
     "ckpt-truncated": ("rank-00001-of-00002.h5", "truncated"),
     "ckpt-flipped": ("rank-00001-of-00002.h5", "checksum"),
+    # Were silent wrong answers: an index edited by hand loaded and predicted wrongly.
+    "ckpt-index-edited": ("tfshard.json", "checksum does not match"),
+    "ckpt-ranges-swapped": ("rank-0000", "holds range", "the index says rank"),
+    "ckpt-files-swapped": ("rank-0000", "written by rank", "renamed or mixed up"),
+    "ckpt-ranges-gap": ("tfshard.json", "do not cover the axis"),
 }
 
 

@@ -42,6 +42,8 @@ ERRORS = {
     "err_n_larger_than_dim": ["narrow", "sizes that work", "rank"],
     "err_ranks_disagree": ["model structure", "rank(s)", "differs"],
     "err_inputs_disagree": ["token_ids", "differs", "rank(s)"],
+    "err_weights_disagree": ["weight values differs on rank(s)", "from rank 0"],
+    "err_replicated_weight_disagrees": ["weight values differs on rank(s)", "from rank 0"],
 }
 
 

@@ -61,3 +61,48 @@ def test_missing_and_unreadable_files_are_named(tmp_path):
     np.save(objects, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match=r"objects\.npy: not a readable"):
         _inputs(objects)
+
+
+# --output: checked on rank 0 before any work (it failed only after the whole run, left
+# PATH.tmp-PID.npy beside a folder, and the other ranks exited 0).
+
+
+def test_output_problems_are_named_before_the_run(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    assert "is a folder" in cli._output_problem(str(folder))
+    assert "does not exist" in cli._output_problem(str(tmp_path / "no" / "x.npy"))
+    assert "cannot write there" in cli._output_problem("/proc/tfshard-out.npy")
+    assert cli._output_problem(str(tmp_path / "x.npy")) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "the write probe left a file"
+
+
+def test_failed_output_write_leaves_nothing(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    problem = cli._save_atomic(str(folder), np.zeros(3))
+    assert "writing failed" in problem and "nothing was written" in problem
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert cli._save_atomic(str(tmp_path / "ok.npy"), np.arange(3)) is None
+    assert np.array_equal(np.load(tmp_path / "ok.npy"), np.arange(3))
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["predict", "gpt2-tiny", "--output", "/proc/tfshard-out.npy"],
+     ["--output /proc/tfshard-out.npy: cannot write there", "seen by rank 0"]),
+    (["generate", "gpt2-tiny", "--prompt", "hi"],
+     ["'gpt2-tiny' is a built-in test model", "no tokenizer", "smollm2"]),
+])
+def test_cli_refuses_before_loading_anything(argv, words):
+    import subprocess
+    import sys
+    import time
+
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "tfshard", *argv], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    for word in words:
+        assert word in res.stderr, res.stderr[-2000:]
+    assert "[tfshard] global output" not in res.stdout, "it ran the model first"
+    assert time.perf_counter() - t0 < 120

@@ -24,9 +24,11 @@ gathers the slices and writes an ordinary `.keras` file.
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import shutil
+import socket
 import struct
 import tempfile
 import uuid
@@ -39,6 +41,7 @@ from keras.src.backend.common import global_state
 from keras.src.backend.common.variables import Variable as _KerasVariable
 from keras.src.saving import saving_lib
 
+from tfshard import consistency
 from tfshard import sources
 from tfshard.layers.base import assign_slice
 from tfshard.model import ShardedModel, shard
@@ -46,8 +49,20 @@ from tfshard.plan import _walk
 from tfshard.world import init
 
 FORMAT = "tfshard-checkpoint"
-VERSION = 1
+# 2: the index carries a checksum; every sharded dataset records its rank's range.
+VERSION = 2
 INDEX = "tfshard.json"
+# Attributes of each rank file and of each sliced dataset in it, checked on load
+# against the index: a file or range moved to another rank is refused.
+RANK_ATTR, TP_ATTR, RANGE_ATTR, AXIS_ATTR = ("tfshard_rank", "tfshard_tensor_parallel",
+                                             "tfshard_range", "tfshard_axis")
+
+
+def index_checksum(index):
+    """SHA-256 of the index's canonical JSON (every field but the checksum)."""
+    body = {k: v for k, v in index.items() if k != "checksum"}
+    blob = json.dumps(body, sort_keys=True, default=str, separators=(",", ":")).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
 class CheckpointError(ValueError):
@@ -219,6 +234,15 @@ class _ShardedView(sources.TensorView):
             raise CheckpointError(
                 f"{self.source}: rank file {rank} has no tensor {self.key!r} the index lists.")
         ds = f[self.key]
+        axis, ranges = self.info.get("axis"), self.info.get("ranges")
+        if axis is not None and RANGE_ATTR in ds.attrs:
+            held = [int(x) for x in ds.attrs[RANGE_ATTR]]
+            if held != list(ranges[rank]) or int(ds.attrs[AXIS_ATTR]) != axis:
+                raise CheckpointError(
+                    f"{f.filename}: tensor {self.key!r} holds range {held} on axis "
+                    f"{int(ds.attrs[AXIS_ATTR])}, but the index says rank {rank} holds "
+                    f"{list(ranges[rank])} on axis {axis}: the index or the rank files were "
+                    "edited or mixed from different checkpoints; re-save it.")
         return ds
 
     def _read(self, ds, index):
@@ -275,7 +299,16 @@ class _ShardedStore(_Store):
     def _file(self, rank):
         if rank not in self._open:
             name = self.index["files"][rank]
-            self._open[rank] = _open_h5(os.path.join(self.folder, name))
+            f = _open_h5(os.path.join(self.folder, name))
+            held = f.attrs.get(RANK_ATTR)
+            of = int(f.attrs.get(TP_ATTR, -1))
+            if held is not None and (int(held), of) != (rank, len(self.index["files"])):
+                f.close()
+                raise CheckpointError(
+                    f"{os.path.join(self.folder, name)}: written by rank {int(held)} of {of}, "
+                    f"but the index lists it for rank {rank} of {len(self.index['files'])}: "
+                    "rank files were renamed or mixed up.")
+            self._open[rank] = f
         return self._open[rank]
 
     def get(self, path):
@@ -313,6 +346,51 @@ class _ShardedStore(_Store):
         for f in self._open.values():
             f.close()
         self._open.clear()
+
+
+def _check_index(index, index_path):
+    """Refuses an index whose checksum, file list or tensor ranges do not add up.
+
+    Raises:
+        CheckpointError: naming the index and, for ranges, the tensor.
+    """
+    version = int(index.get("version", 0))
+    if version >= 2:
+        stored = index.get("checksum")
+        if stored != index_checksum(index):
+            raise CheckpointError(
+                f"{index_path}: the index checksum does not match its contents "
+                f"({'missing' if stored is None else 'stored ' + str(stored)[:19] + '...'}): "
+                "it was edited or damaged after saving; re-save the checkpoint.")
+    try:
+        size = int(index["tensor_parallel"])
+        files, tensors = list(index["files"]), dict(index["tensors"])
+        if len(files) != size or len(index["file_bytes"]) != size:
+            raise CheckpointError(f"{index_path}: {len(files)} rank files listed for "
+                                  f"tensor_parallel={size}.")
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{index_path}: malformed index ({type(e).__name__}: {e}).") from e
+    for key, info in tensors.items():
+        axis, ranges = info.get("axis"), info.get("ranges")
+        if axis is None:
+            continue
+        shape = info.get("shape") or []
+        ok = (isinstance(axis, int) and 0 <= axis < len(shape) and isinstance(ranges, list)
+              and len(ranges) == size)
+        if ok:
+            spans = sorted((int(a), int(b)) for a, b in ranges)
+            reach = 0
+            for a, b in spans:  # contiguous cover of [0, n); K/V ranges may overlap
+                ok = ok and 0 <= a <= reach and a <= b
+                reach = max(reach, b)
+            ok = ok and reach == shape[axis]
+        if not ok:
+            raise CheckpointError(
+                f"{index_path}: tensor {key!r} (shape {shape}) has ranges {ranges} on axis "
+                f"{axis}, which do not cover the axis once per rank of {size}; the index is "
+                "damaged.")
 
 
 def _open_h5(path):
@@ -660,6 +738,7 @@ class _ShardedCheckpoint(_Source):
             raise CheckpointError(
                 f"{index_path}: format version {self.index['version']} is newer than this "
                 f"tfshard reads ({VERSION}); upgrade tfshard.")
+        _check_index(self.index, index_path)
         for name, size in zip(self.index["files"], self.index["file_bytes"]):
             p = os.path.join(path, name)
             if not os.path.exists(p):
@@ -814,17 +893,29 @@ def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None
         raise NotImplementedError("tfshard.load(strategy=...) waits for the tf.distribute backend; "
                                   "launch with ./horovodrun.sh -np N instead.")
     world = world or init()
+    with world.comm.section(f"tfshard.load({os.fspath(source)!r})"):
+        return _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects)
+
+
+def _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects):
     src, error, inner = None, None, None
     created = []
+    identity = 0
     try:
         src = resolve_source(source, model=model, safe_mode=safe_mode, custom_objects=custom_objects)
+        if world.comm.size > 1:
+            identity = consistency.source_identity(src.label)
         inner, created = _build(src)
         src.prepare(inner)
     except Exception as e:  # reported to every rank below
         error = e
     _agree_on_failure(world.comm, error, f"tfshard.load({source!r})")
     try:
-        sharded = shard(inner, plan, world=world, tensor_parallel=tensor_parallel)
+        # The variables are still deferred: ranks agree on the file they will read
+        # (name, size, sampled contents) instead of on weight values.
+        consistency.agree(world.comm, {"source file": identity}, f"tfshard.load({source!r})")
+        sharded = shard(inner, plan, world=world, tensor_parallel=tensor_parallel,
+                        check_weights=False)
     except Exception:
         if src is not None:
             src.close()
@@ -919,6 +1010,10 @@ class _WriteStore(_Store):
                                         "axis": axis, "ranges": [list(r) for r in ranges]}
         if not self.gather:
             self._write(key, value)
+            if self.h5_file is not None and value.ndim and value.size:
+                ds = self._h5_entry_group[key]
+                ds.attrs[RANGE_ATTR] = np.asarray(ranges[rank], dtype=np.int64)
+                ds.attrs[AXIS_ATTR] = int(axis)
             return
         moved = np.ascontiguousarray(np.moveaxis(value, axis, 0))
         rows = comm.gather_to_root(moved)
@@ -966,8 +1061,14 @@ def save(sharded, path, gather=False, overwrite=True):
                          "or gather=True for a single .keras file.")
     if os.path.exists(path) and not overwrite:
         raise ValueError(f"{path} exists; pass overwrite=True to replace it.")
-    token = comm.allgather_object(uuid.uuid4().hex[:12] if comm.rank == 0 else None)[0]
-    tmp = f"{path}.tmp-{token}"
+    if comm.rank == 0:
+        remove_stale_partials(path)
+    # The name says what it is, and who wrote it: a save killed midway leaves
+    # PATH.incomplete-HOST-PID-ID, which loads never read and the next save of
+    # PATH removes once that process is gone.
+    token = comm.allgather_object(
+        f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}" if comm.rank == 0 else None)[0]
+    tmp = f"{path}{PARTIAL}{token}"
     error = None
     try:
         if gather:
@@ -993,6 +1094,47 @@ def save(sharded, path, gather=False, overwrite=True):
             error = e
     _agree_on_failure(comm, error, f"save({path!r})")
     return path
+
+
+PARTIAL = ".incomplete-"
+
+
+def remove_stale_partials(path):
+    """Removes what killed saves of `path` left: `PATH.incomplete-HOST-PID-ID[.old]`
+    written by a process of this host that no longer runs.
+
+    Returns:
+        The paths removed.
+    """
+    folder, base = os.path.split(os.path.abspath(path))
+    removed = []
+    try:
+        names = os.listdir(folder or ".")
+    except OSError:
+        return removed
+    host = socket.gethostname()
+    for name in names:
+        if not name.startswith(base + PARTIAL):
+            continue
+        owner = name[len(base + PARTIAL):].rsplit("-", 2)
+        if len(owner) != 3 or owner[0] != host or not owner[1].isdigit():
+            continue  # another host's save, or not ours: leave it
+        if _alive(int(owner[1])):
+            continue  # a save in progress
+        full = os.path.join(folder, name)
+        shutil.rmtree(full, ignore_errors=True) if os.path.isdir(full) else os.remove(full)
+        removed.append(full)
+    return removed
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _replace(tmp, path):
@@ -1027,6 +1169,8 @@ def _save_sharded(sharded, tmp, config):
         return  # data-parallel replicas hold the same slices as group 0
     name = os.path.join(tmp, _rank_file(tp.rank, tp.size))
     store = _WriteStore(name, gather=False, write_replicated=tp.rank == 0)
+    store.h5_file.attrs[RANK_ATTR] = tp.rank
+    store.h5_file.attrs[TP_ATTR] = tp.size
     assets = None
     try:
         if tp.rank == 0:
@@ -1062,6 +1206,8 @@ def _write_index(sharded, tmp, config):
         "plan": sharded.plan.to_dict(),
         "tensors": sharded._saved_tensors,
     }
+    index = json.loads(json.dumps(index, default=str))  # the checksum covers what is written
+    index["checksum"] = index_checksum(index)
     with open(os.path.join(tmp, INDEX + ".tmp"), "w") as f:
         json.dump(index, f, indent=1, default=str)
         f.flush()

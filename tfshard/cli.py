@@ -112,12 +112,48 @@ def _first(out):
     return next(iter(out.values())) if isinstance(out, dict) else out
 
 
+def _output_problem(path):
+    """Why `--output PATH` cannot be written, or None; tried by creating the
+    temporary file the result will go through."""
+    if os.path.isdir(path):
+        return f"--output {path}: is a folder; give a file name such as {path.rstrip('/')}/out.npy"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"--output {path}: folder {folder} does not exist"
+    tmp = f"{path}.tmp-{os.getpid()}.npy"
+    try:
+        with open(tmp, "wb"):
+            pass
+        os.remove(tmp)
+    except OSError as e:
+        return f"--output {path}: cannot write there ({e.strerror or e})"
+    return None
+
+
+def _agree_output(world, problem):
+    """Every rank raises rank 0's problem with the output file (rank 0 writes it)."""
+    first = world.comm.allgather_object(problem if world.rank == 0 else None)[0]
+    if first:
+        raise ValueError(f"{first} (seen by rank 0)")
+
+
 def _save_atomic(path, array):
+    """Writes `array` to `path` through a temporary file; nothing is left on failure.
+
+    Returns:
+        None, or what went wrong (for `_agree_output`).
+    """
     import numpy as np
 
     tmp = f"{path}.tmp-{os.getpid()}.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        return f"--output {path}: writing failed ({e.strerror or e}); nothing was written"
+    return None
 
 
 def cmd_predict(args):
@@ -129,6 +165,8 @@ def cmd_predict(args):
     _timeline_before_init(args.logdir)
     world = tfshard.init()
     say = print if world.rank == 0 else (lambda *a, **k: None)
+    if args.output:  # before any work: a bad path must not cost a whole run
+        _agree_output(world, _output_problem(args.output) if world.rank == 0 else None)
     sharded = None
     if args.source in models.NAMES:
         say(f"[tfshard] {world.backend} world of {world.size} rank(s); building {args.source}")
@@ -198,8 +236,8 @@ def cmd_predict(args):
             f"{'MATCH' if diff <= tol and same else 'MISMATCH'}")
         if not (diff <= tol and same):
             return 1
-    if args.output and world.rank == 0:
-        _save_atomic(args.output, logits)
+    if args.output:
+        _agree_output(world, _save_atomic(args.output, logits) if world.rank == 0 else None)
         say(f"[tfshard] wrote {args.output}")
     return 0
 
@@ -246,6 +284,13 @@ def cmd_generate(args):
     import tfshard
     from tfshard.generation import decode_text as _text
 
+    from tfshard import models
+
+    if args.source in models.NAMES:
+        raise ValueError(
+            f"{args.source!r} is a built-in test model (random weights, no tokenizer), so it "
+            "cannot take a text prompt; generate from smollm2, a .gguf file, or a .keras "
+            f"CausalLM saved with its preprocessor (built-ins: tfshard predict {args.source}).")
     world = tfshard.init()
     say = print if world.rank == 0 else (lambda *a, **k: None)
     sharded, reference = _load_both(args, world, say)

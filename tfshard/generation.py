@@ -138,6 +138,28 @@ def sync_sampler(sampler, comm):
         v.assign(state.reshape(v.shape).astype(v.dtype))
 
 
+_SAMPLER_NAMES = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
+
+
+def _check_sampler(sampler, where):
+    """Raises unless `sampler` is a keras-hub sampler or the name of one."""
+    from keras_hub.samplers import Sampler, get as get_sampler
+
+    if isinstance(sampler, Sampler):
+        return
+    resolved = None
+    if isinstance(sampler, str):
+        try:
+            resolved = get_sampler(sampler)
+        except Exception:  # noqa: BLE001 - named below
+            resolved = None
+    if not isinstance(resolved, Sampler):
+        raise ValueError(
+            f"{where}: sampler={sampler!r} is not a keras-hub sampler; pass one of "
+            f"{list(_SAMPLER_NAMES)} or a keras_hub.samplers.Sampler instance "
+            "(e.g. keras_hub.samplers.TopKSampler(k=5, seed=1)).")
+
+
 def _same_sampler(model, sampler):
     """Whether `sampler` (a name or a keras-hub sampler) is the model's current one."""
     current = getattr(model, "sampler", None)
@@ -217,6 +239,8 @@ def generate(sharded, inputs, max_length=None, stop_token_ids="auto", strip_prom
             f"{where}: stop_token_ids='auto' needs a tokenizer (its end token); pass None (run "
             "to the padded length) or a tuple of token ids."
         )
+    if sampler is not None:
+        _check_sampler(sampler, where)
     if sampler is not None and not _same_sampler(model, sampler):
         model.compile(sampler=sampler)  # drops the traced generate function
     world = sharded.world.comm
@@ -330,10 +354,9 @@ def _check_token_ids(model, ids, where):
 
 
 def _check_length(model, length, where):
-    backbone = getattr(model, "backbone", model)
-    limit = getattr(backbone, "max_sequence_length", None)
-    if length is not None and limit is not None and length > limit:
+    limit = predict_lib.sequence_limit(model)
+    if length is not None and limit is not None and length > limit[1]:
         raise ValueError(
-            f"{where}: cannot generate up to length {length}: {type(backbone).__name__} has "
-            f"position embeddings for {limit} positions. Use max_length <= {limit}."
+            f"{where}: cannot generate up to length {length}: {limit[0]} has "
+            f"position embeddings for {limit[1]} positions. Use max_length <= {limit[1]}."
         )

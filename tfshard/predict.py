@@ -6,6 +6,7 @@ leaving some ranks waiting in a collective.
 """
 
 import math
+import re
 
 import keras
 import numpy as np
@@ -82,6 +83,48 @@ def flatten_inputs(x, struct, where):
     return [(getattr(spec, "name", "input"), np.asarray(x), spec)]
 
 
+def lists_to_arrays(x, struct, where):
+    """Python lists of numbers in `x` as numpy arrays, input by input.
+
+    Args:
+        x: the user's inputs (array, list, tuple or dict).
+        struct: the model's input structure, or None.
+        where: text naming the call and the rank.
+
+    Returns:
+        `x` with each input given as a (nested) list converted by `np.asarray`.
+
+    Raises:
+        ValueError: a ragged list (rows of different lengths), naming the input.
+    """
+    def convert(value, name):
+        if not isinstance(value, (list, tuple)):
+            return value
+        try:
+            array = np.asarray(value)
+        except ValueError as err:
+            raise ValueError(f"{where}: input {name!r} is a ragged list ({err}); give rows of "
+                             "one length (pad them), or a numpy array.") from None
+        if array.dtype == object:
+            raise ValueError(f"{where}: input {name!r} is a ragged or mixed list (numpy made "
+                             f"dtype object of shape {array.shape}); give rows of one length.")
+        return array
+
+    def is_array(v):
+        return isinstance(v, (np.ndarray, tf.Tensor)) or hasattr(v, "__array__")
+
+    if isinstance(x, dict):
+        return {k: convert(v, k) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        if isinstance(struct, (list, tuple)) and len(struct) > 1 and len(x) == len(struct):
+            return [convert(v, t.name) for t, v in zip(struct, x)]
+        if x and all(is_array(v) for v in x):
+            return x  # arrays in a list: several inputs, or one wrapped in a list
+        spec = struct[0] if isinstance(struct, (list, tuple)) and struct else struct
+        return convert(x, getattr(spec, "name", "input"))
+    return x
+
+
 def validate_arrays(items, where):
     """Checks rank, fixed dimensions, dtype and row count of every input.
 
@@ -117,21 +160,44 @@ def validate_arrays(items, where):
                     f"{exp} (the model expects {want})."
                 )
         want_dtype = tf.as_dtype(keras.backend.standardize_dtype(spec.dtype))
-        if want_dtype.is_integer and np.issubdtype(array.dtype, np.floating):
+        kind = array.dtype.kind
+        if kind in "USOVMm" or (kind == "c" and not want_dtype.is_complex):
             raise ValueError(
-                f"{where}: input {name!r} expects integer ids ({want_dtype.name}); got float "
-                f"data (dtype {array.dtype}, shape {array.shape}). Cast the ids to int32."
+                f"{where}: input {name!r} holds {array.dtype} data (shape {array.shape}); the "
+                f"model takes {want_dtype.name} numbers there"
+                + (" (tokenize text first)" if kind in "US" and want_dtype.is_integer else "") + ".")
+        if want_dtype.is_integer and kind not in "iub":
+            raise ValueError(
+                f"{where}: input {name!r} expects integer ids ({want_dtype.name}); got "
+                f"{'float' if kind == 'f' else array.dtype.name} data (dtype {array.dtype}, "
+                f"shape {array.shape}). Cast the ids to int32 (after rounding, if intended)."
             )
+        if want_dtype.is_integer and kind in "iu" and array.size:
+            low, high = array.min(), array.max()
+            if low < want_dtype.min or high > want_dtype.max:
+                bad = int(high) if high > want_dtype.max else int(low)
+                raise ValueError(
+                    f"{where}: input {name!r} (dtype {array.dtype}, shape {array.shape}) holds "
+                    f"{bad}, outside {want_dtype.name} [{want_dtype.min}, {want_dtype.max}] that "
+                    "the model takes; it would wrap around in the cast. Token ids must be in "
+                    "[0, vocabulary size).")
     if len(rows) > 1:
         raise ValueError(f"{where}: inputs have different row counts {sorted(rows)}.")
 
 
-def invalid_argument_to_value_error(err, where):
-    """Turns an in-graph check failure into a ValueError with the check's own message.
+def invalid_argument_to_value_error(err, where, batch=None):
+    """Turns a TensorFlow error raised inside the model into a ValueError that names it.
 
-    TensorFlow reports a failed `tf.debugging` assertion as
-    "Graph execution error: … assertion failed: [<our message>] [Condition …]";
-    the message between the brackets is what the user needs.
+    TensorFlow reports a failed `tf.debugging` assertion as "Graph execution
+    error: … assertion failed: [<our message>] [Condition …]", and a shape
+    error as "{{function_node …}} Incompatible shapes: … [[{{node …}}]]"; the
+    message, the node it failed in and the inputs' shapes are what the user
+    needs.
+
+    Args:
+        err: the `tf.errors.OpError`.
+        where: text naming the call and the rank.
+        batch: the inputs of the failed call (named in the message), or None.
     """
     text = str(getattr(err, "message", err))
     start = text.find("Token ids")
@@ -139,8 +205,52 @@ def invalid_argument_to_value_error(err, where):
         end = min([i for i in (text.find("]", start), text.find("\n", start)) if i >= 0]
                   or [len(text)])
         return ValueError(f"{where}: {text[start:end].strip()}".replace("\\'", "'"))
-    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), text)
-    return ValueError(f"{where}: {first}")
+    node = re.search(r"\[\[\{\{node ([^}]+)\}\}\]\]", text)
+    lines = [ln.strip() for ln in text.splitlines()]
+    lines = [re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", ln) for ln in lines
+             if ln and not ln.startswith(("Graph execution error", "Detected at node", "File ",
+                                          "[[", "Traceback"))]
+    cause = next((ln for ln in lines if not ln.startswith("[[")), text.strip()[:300])
+    cause = cause.split(" [[{{node")[0].strip()
+    shapes = ""
+    if batch is not None:
+        leaves = keras.tree.flatten(batch)
+        named = batch.items() if isinstance(batch, dict) else (
+            [(f"input_{i}", a) for i, a in enumerate(leaves)] if len(leaves) > 1
+            else [("input", leaves[0])] if leaves else [])
+        shapes = "; inputs: " + ", ".join(
+            f"{k} {tuple(np.shape(a))} {np.asarray(a).dtype}" for k, a in named)
+    return ValueError(
+        f"{where}: the model failed on its inputs: {cause}"
+        + (f" (in {node.group(1)})" if node else "") + shapes
+        + ". Check that the inputs' shapes fit the model and each other.")
+
+
+def sequence_limit(model):
+    """`(backbone name, positions)` of a keras-hub model's position table, or None."""
+    backbone = getattr(model, "backbone", model)
+    limit = getattr(backbone, "max_sequence_length", None)
+    return (type(backbone).__name__, int(limit)) if isinstance(limit, int) else None
+
+
+def check_sequence_length(model, batch, where):
+    """Refuses token inputs longer than the model's position table.
+
+    Raises:
+        ValueError: an input of rank >= 2 (token_ids, padding_mask, ...) with
+            more positions than the backbone's `max_sequence_length`.
+    """
+    limit = sequence_limit(model)
+    if limit is None or not isinstance(batch, dict):
+        return
+    name, positions = limit
+    for key, value in batch.items():
+        shape = np.shape(value)
+        if len(shape) >= 2 and shape[1] > positions:
+            raise ValueError(
+                f"{where}: input {key!r} has {shape[1]} positions (shape {tuple(shape)}), but "
+                f"{name} has position embeddings for {positions}; give at most {positions} "
+                "tokens per row (truncate, or split the sequence).")
 
 
 # --------------------------------------------------------------------------- #
@@ -169,7 +279,7 @@ def check_arrays(x, struct, where):
     """
     if x is None:
         raise ValueError(f"{where}: x is None.")
-    items = flatten_inputs(x, struct, where)
+    items = flatten_inputs(lists_to_arrays(x, struct, where), struct, where)
     validate_arrays(items, where)
     return items
 
@@ -228,6 +338,7 @@ def batch_source(x, batch_size, steps, struct, where):
                     return
                 yield i, to_numpy(unpack_x(b))
         return gen(), total, None
+    x = lists_to_arrays(x, struct, where)
     items = check_arrays(x, struct, where)
     bs = batch_size or 32
     rows = items[0][1].shape[0]
@@ -273,6 +384,37 @@ def _concat(batches, k, trailing=None, dtype=None):
     return np.concatenate([np.asarray(keras.tree.flatten(o)[k]) for o in batches], axis=0)
 
 
+def _spec(out):
+    """Shapes past the rows and dtypes of an output structure's leaves."""
+    return [(list(np.shape(a)[1:]), np.asarray(a).dtype.str) for a in keras.tree.flatten(out)]
+
+
+def _check_joinable(specs, where):
+    """Raises unless every batch's outputs can be concatenated along the rows.
+
+    Args:
+        specs: `[(batch_index, _spec(output))]` in batch order.
+
+    Raises:
+        ValueError: naming the first two batches whose output shapes or dtypes
+            differ past the row axis (e.g. batches of different sequence length).
+    """
+    if not specs:
+        return
+    first_index, first = specs[0]
+    for index, spec in specs[1:]:
+        if spec != first:
+            def show(sp):
+                return ", ".join(f"(rows, {', '.join(map(str, shape))}) {np.dtype(dt).name}"
+                                 if shape else f"(rows,) {np.dtype(dt).name}" for shape, dt in sp)
+            raise ValueError(
+                f"{where}: the outputs of batch {first_index} [{show(first)}] and batch {index} "
+                f"[{show(spec)}] cannot be joined along the rows: predict concatenates "
+                "batches, so every batch must give outputs of one shape past the batch axis "
+                "(batches of different sequence length do not). Pad the batches to one length, "
+                "or call predict once per length.")
+
+
 def local_outputs(done, where, keep=True):
     """The outputs of a job with one data-parallel group, without any collective.
 
@@ -294,7 +436,9 @@ def local_outputs(done, where, keep=True):
         raise ValueError(f"{where}: no batch was computed (empty input?).")
     if not keep:
         return None
-    batches = [o for _, o in sorted(done, key=lambda t: t[0])]
+    done = sorted(done, key=lambda t: t[0])
+    _check_joinable([(i, _spec(o)) for i, o in done], where)
+    batches = [o for _, o in done]
     leaves = len(keras.tree.flatten(batches[0]))
     return _pack(_template(batches[0]), [_concat(batches, k) for k in range(leaves)])
 
@@ -325,10 +469,14 @@ def gather_outputs(world, is_leader, done, where, gather="all"):
         "spec": None if first is None else [
             (list(np.shape(a)[1:]), np.asarray(a).dtype.str) for a in keras.tree.flatten(first)],
         "template": None if first is None else _template(first),
+        "specs": [(i, _spec(o)) for i, o in mine],
     })
     ref = next((m for m in metas if m["spec"] is not None), None)
     if ref is None:
         raise ValueError(f"{where}: no batch was computed (empty input?).")
+    # Every rank sees every group's output shapes: all raise the same error, none
+    # enters a gather whose shapes differ between ranks.
+    _check_joinable(sorted(s for m in metas for s in m["specs"]), where)
     order = [(b, r) for m in metas for b, r in zip(m["batches"], m["rows"])]
     starts, pos = {}, 0
     for b, r in sorted(order):

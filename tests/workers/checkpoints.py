@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import sys
 
 import numpy as np
@@ -128,14 +129,26 @@ def run_save(world, results, shared):
     """At N ranks: save MiniLM (real weights) and a GPT-2 config sharded and gathered;
     rank 0 keeps the outputs the reloads must reproduce."""
     def save(name, sharded, out):
-        sharded.save(os.path.join(shared, f"{name}-ckpt"))
+        path = os.path.join(shared, f"{name}-ckpt")
+        host = socket.gethostname()
+        if world.rank == 0:  # what a killed save of a gone process (and a running one) leaves
+            os.makedirs(f"{path}.incomplete-{host}-{_dead_pid()}-deadbeef/x", exist_ok=True)
+            os.makedirs(f"{path}.incomplete-{host}-1-livesave", exist_ok=True)
+        world.comm.barrier()
+        sharded.save(path)
         sharded.save(os.path.join(shared, f"{name}.keras"), gather=True)
         if world.rank == 0:
             np.savez(os.path.join(shared, f"{name}-out.npz"), **_as_dict(out))
         world.comm.barrier()
         index = json.load(open(os.path.join(shared, f"{name}-ckpt", "tfshard.json")))
-        return {"files": index["files"], "tensor_parallel": index["tensor_parallel"],
-                "leftovers": sorted(f for f in os.listdir(shared) if ".tmp-" in f)}
+        result = {"files": index["files"], "tensor_parallel": index["tensor_parallel"],
+                  "leftovers": sorted(f for f in os.listdir(shared)
+                                      if ".incomplete-" in f and not f.endswith("livesave"))}
+        result["running_save_kept"] = os.path.isdir(f"{path}.incomplete-{host}-1-livesave")
+        world.comm.barrier()
+        if world.rank == 0:
+            os.rmdir(f"{path}.incomplete-{host}-1-livesave")
+        return result
 
     def minilm():
         sharded = _LOADED.get("minilm") or tfshard.load("minilm")
@@ -150,6 +163,15 @@ def run_save(world, results, shared):
         res.update(compare(ref, sharded.predict(gpt2_inputs(), verbose=0)))
         return res
     results["save_gpt2"] = guarded(gpt2)
+
+
+def _dead_pid():
+    """The pid of a process that has exited."""
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
 
 
 def _as_dict(out):
@@ -310,9 +332,12 @@ def run_errors(world, results, shared):
     world.comm.barrier()
     ckpt = os.path.join(shared, "errors-ckpt")
     tfshard.shard(gpt2_builder()).save(ckpt)
+    tampered = ("ckpt-index-edited", "ckpt-ranges-swapped", "ckpt-files-swapped",
+                "ckpt-ranges-gap")
     if world.rank == 0:
-        for name in ("ckpt-newer", "ckpt-missing", "ckpt-truncated", "ckpt-flipped"):
+        for name in ("ckpt-newer", "ckpt-missing", "ckpt-truncated", "ckpt-flipped") + tampered:
             shutil.copytree(ckpt, os.path.join(shared, name), dirs_exist_ok=True)
+        _tamper(ckpt, shared)
         idx = json.load(open(os.path.join(ckpt, "tfshard.json")))
         idx["version"] = 99
         json.dump(idx, open(os.path.join(shared, "ckpt-newer", "tfshard.json"), "w"))
@@ -323,7 +348,7 @@ def run_errors(world, results, shared):
         os.replace(p + ".x", p)
         _flip_dataset(os.path.join(shared, "ckpt-flipped", last))
     world.comm.barrier()
-    for name in ("ckpt-newer", "ckpt-missing", "ckpt-truncated", "ckpt-flipped"):
+    for name in ("ckpt-newer", "ckpt-missing", "ckpt-truncated", "ckpt-flipped") + tampered:
         cases[name] = (lambda n: lambda: tfshard.load(os.path.join(shared, n)))(name)
     for name, fn in cases.items():
         def run(fn=fn):
@@ -333,6 +358,38 @@ def run_errors(world, results, shared):
     # Still usable afterwards: a good load on every rank.
     results["after_errors"] = guarded(
         lambda: {"cut": _held(tfshard.load(os.path.join(work, "good.keras")))["cut"]})
+
+
+def _tamper(ckpt, shared):
+    """Index edits a checksum alone catches, and ones made with the checksum redone."""
+    from tfshard import checkpoint
+
+    def write(name, index, redo_checksum=True):
+        if redo_checksum:
+            index["checksum"] = checkpoint.index_checksum(index)
+        json.dump(index, open(os.path.join(shared, name, "tfshard.json"), "w"))
+
+    def index():
+        return json.load(open(os.path.join(ckpt, "tfshard.json")))
+
+    def first_sharded(idx):
+        return next(k for k, v in idx["tensors"].items()
+                    if v["axis"] is not None and v["ranges"][0] != v["ranges"][1])
+
+    idx = index()  # one range edited, checksum left as it was
+    key = first_sharded(idx)
+    idx["tensors"][key]["ranges"][0], idx["tensors"][key]["ranges"][1] = (
+        idx["tensors"][key]["ranges"][1], idx["tensors"][key]["ranges"][0])
+    write("ckpt-index-edited", idx, redo_checksum=False)
+    write("ckpt-ranges-swapped", idx)  # the same edit, checksum recomputed
+    idx = index()  # rank files swapped (names and sizes in the index follow)
+    idx["files"][0], idx["files"][1] = idx["files"][1], idx["files"][0]
+    idx["file_bytes"][0], idx["file_bytes"][1] = idx["file_bytes"][1], idx["file_bytes"][0]
+    write("ckpt-files-swapped", idx)
+    idx = index()  # a range that leaves a gap
+    key = first_sharded(idx)
+    idx["tensors"][key]["ranges"][0][1] -= 1
+    write("ckpt-ranges-gap", idx)
 
 
 def _flip_dataset(path):

@@ -204,6 +204,29 @@ def run_errors(world, results):
         return {"no_error": True}
     results["err_ranks_disagree"] = guarded(disagree, expect_error=True)
 
+    def different_seed():
+        # The same architecture built with another seed on each rank: the
+        # structure agrees, the values do not (was a silent wrong answer).
+        keras.utils.set_random_seed(40 + rank)
+        inp = keras.Input((12,))
+        model = keras.Model(inp, keras.layers.Dense(8, name="head")(
+            keras.layers.Dense(32, activation="relu", name="body")(inp)))
+        tfshard.shard(model)
+        return {"no_error": True}
+    results["err_weights_disagree"] = guarded(different_seed, expect_error=True)
+
+    def one_replicated_value():
+        # One element of one replicated weight (a layer norm's scale) differs.
+        model, _ = models.gpt2()
+        norm = next(v for v in model.weights if "layer_norm" in v.path and "gamma" in v.path)
+        if rank == size - 1:
+            value = norm.numpy()
+            value[0] += 1e-6
+            norm.assign(value)
+        tfshard.shard(model)
+        return {"no_error": True}
+    results["err_replicated_weight_disagrees"] = guarded(one_replicated_value, expect_error=True)
+
     def different_inputs():
         model, x = models.gpt2()
         sharded = tfshard.shard(model)

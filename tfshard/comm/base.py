@@ -7,6 +7,7 @@ whole output.
 """
 
 import abc
+import contextlib
 import json
 import os
 
@@ -118,6 +119,21 @@ class Communicator(abc.ABC):
 
         out = np.asarray(self.allgather(tf.constant(array), axis=0))
         return out if self.rank == 0 else None
+
+    def section(self, what):
+        """A context around one step every rank takes in the same order (a predict
+        round, a generate call, a check, a save).
+
+        Backends whose collectives wait without a deadline that names ranks
+        (Horovod over Gloo, tf.distribute across processes) watch their peers
+        during it (`tfshard.comm.watchdog`); MPI's ops have their own deadline,
+        and one process needs none: those return a no-op context.
+
+        Args:
+            what: what the step is, shown in errors (e.g. "predict round 2").
+        """
+        del what
+        return contextlib.nullcontext()
 
     def split(self, group_size):
         """Splits the ranks into consecutive groups of `group_size`.
