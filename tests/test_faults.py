@@ -163,3 +163,32 @@ def test_local_jobs_listen_on_loopback_only(launcher):
     outside = [x for x in listeners if not loopback(x[1])]
     assert not outside, f"listening beyond loopback: {outside} (all: {sorted(listeners)})"
 
+
+@pytest.mark.parametrize("launcher", ["horovod", "gloo", "tfshard"])
+def test_rank_that_never_calls_predict_is_named_at_the_deadline(launcher):
+    """Under Gloo this was a hang (Horovod's stall check never fired): rank 0 waited in
+    predict for ever. Now every backend ends it at the deadline naming rank 1."""
+    code, out, secs = launch(2, [WORKER, "predict_stall"], timeout=120, launcher=launcher,
+                             env=FAST)
+    assert code is not None and code != 0, f"hung {secs:.0f} s:\n{out[-3000:]}"
+    assert "rank 0 finished" not in out
+    assert "DeadlineExceededError" in out, out[-3000:]
+    if launcher == "horovod":  # MPI: the op's own deadline and board
+        assert "Missing: rank 1 [pid" in out, out[-3000:]
+    else:
+        assert "predict (step" in out and "rank 1 never joined it" in out, out[-3000:]
+        assert "within 8 s" in out and "[pid" in out, out[-3000:]
+    assert secs < 60, f"took {secs:.0f} s"
+    assert _no_orphans()
+
+
+@pytest.mark.parametrize("launcher", ["gloo", "tfshard"])
+def test_stopped_rank_is_named_within_seconds_on_every_backend(launcher):
+    """SIGSTOP under Gloo ended only at the 120 s Gloo timeout, naming no rank."""
+    code, out, secs = launch(2, [WORKER, "predict_stop"], timeout=120, launcher=launcher,
+                             env={"TFSHARD_COLLECTIVE_TIMEOUT_SECONDS": "60"})
+    assert code is not None and code != 0, f"hung {secs:.0f} s:\n{out[-3000:]}"
+    assert "rank 0 finished" not in out
+    assert "UnavailableError" in out and "rank 1 is stopped" in out, out[-3000:]
+    assert secs < 40, f"took {secs:.0f} s; the deadline was 60 s, a stop must be seen sooner"
+    assert _no_orphans()

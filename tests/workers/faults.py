@@ -7,6 +7,8 @@
     tfshard launch -n 2 tests/workers/faults.py killed  # rank 1 is SIGKILLed mid-run
     ./horovodrun.sh -np 2 python tests/workers/faults.py tp_disagree  # tensor_parallel 1 vs 2
     ./horovodrun.sh -np 2 python tests/workers/faults.py listen  # up 6 s: list its sockets
+    ./horovodrun.sh -np 2 python tests/workers/faults.py predict_stall  # rank 1 skips predict
+    ./horovodrun.sh -np 2 python tests/workers/faults.py predict_stop  # ... SIGSTOPped instead
 
 The same worker runs under `./horovodrun.sh --gloo` (Horovod) and `tfshard launch`
 (tf.distribute multi-worker).
@@ -35,6 +37,25 @@ if mode == "tp_disagree":
         print(f"rank {world.rank} refused: {err}", flush=True)
         raise SystemExit(1)
     print(f"rank {world.rank} finished: sharded", flush=True)
+    raise SystemExit(0)
+if mode in ("predict_stall", "predict_stop"):
+    # One rank calls predict, the other never does: it sleeps, or is stopped.
+    import keras
+    import numpy as np
+
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="a"),
+                              keras.layers.Dense(4, name="b")])
+    sharded = tfshard.shard(model)
+    print(f"rank {world.rank} sharded", flush=True)
+    if world.rank == 1:
+        if mode == "predict_stop":
+            print("rank 1 stopping itself", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+        print("rank 1 stalling", flush=True)
+        time.sleep(3600)
+    out = sharded.predict(np.ones((4, 8), "float32"), verbose=0)
+    print(f"rank {world.rank} finished: {out.shape}", flush=True)
     raise SystemExit(0)
 comm.allreduce_sum(tf.ones([4]))  # everyone is up
 if mode == "listen":  # stay up while the test lists the job's listening sockets

@@ -19,20 +19,27 @@ from tfshard.comm.base import Communicator, collective_timeout, gather_on_axis, 
 
 # A collective that a peer never joins fails after this long instead of
 # waiting forever (tf.distribute's CommunicationOptions.timeout_seconds).
-DEFAULT_TIMEOUT_SECONDS = 120.0
+DEFAULT_TIMEOUT_SECONDS = 30.0
 
 # Collective ops carry these dtypes; the host-side helpers send others widened.
 _WIRE_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64, tf.int32, tf.int64)
 
 
 def timeout_seconds():
-    """The collective timeout from TFSHARD_COLLECTIVE_TIMEOUT_SECONDS (default 120 s)."""
+    """The collective timeout from TFSHARD_COLLECTIVE_TIMEOUT_SECONDS (default 30 s)."""
     return collective_timeout(DEFAULT_TIMEOUT_SECONDS)
 
 
+# TensorFlow's own timeout names no rank: it is set this much later than the
+# watchdog's deadline (tfshard.comm.watchdog), whose error does.
+WATCHDOG_LEAD_SECONDS = 10.0
+
+
 def communication_options():
-    """`tf.distribute.experimental.CommunicationOptions` with tfshard's timeout."""
-    return tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_seconds())
+    """`tf.distribute.experimental.CommunicationOptions` with tfshard's timeout
+    (plus `WATCHDOG_LEAD_SECONDS`, so the watchdog's named error comes first)."""
+    return tf.distribute.experimental.CommunicationOptions(
+        timeout_seconds=timeout_seconds() + WATCHDOG_LEAD_SECONDS)
 
 
 def strategy_kind(strategy):
@@ -115,12 +122,26 @@ class ReplicaCommunicator(Communicator):
         self._size = strategy.num_replicas_in_sync
         self._local = len(strategy.extended.worker_devices)
         self._options = communication_options()
+        self._watchdog = None
 
     @classmethod
     def from_environment(cls):
-        """The communicator of this process in the multi-worker job `TF_CONFIG` describes."""
+        """The communicator of this process in the multi-worker job `TF_CONFIG` describes.
+
+        Its `section`s are watched (`tfshard.comm.watchdog`): a worker that dies,
+        stops or never joins a step ends the others with its rank named.
+        """
+        from tfshard.comm import watchdog
+
         strategy = multiworker_strategy()
-        return cls(strategy, replica_rank(strategy))
+        comm = cls(strategy, replica_rank(strategy))
+        comm._watchdog = watchdog.start(comm.rank, comm.size, timeout_seconds(), comm.backend)
+        return comm
+
+    def section(self, what):
+        if self._watchdog is None:
+            return super().section(what)
+        return self._watchdog.section(what)
 
     def _replica_context(self):
         """This strategy's replica context, or None when outside `strategy.run`."""

@@ -10,7 +10,10 @@ import os
 
 import tensorflow as tf
 
-from tfshard.comm.base import Communicator, gather_on_axis, normalize_axis
+from tfshard.comm.base import Communicator, collective_timeout, gather_on_axis, normalize_axis
+
+#: Seconds a rank may be absent from a step the others wait in (watchdog).
+WATCHDOG_TIMEOUT_SECONDS = 30.0
 
 # Local-run defaults that keep a stuck collective from hanging forever and keep
 # per-collective latency low. Users override them through the environment.
@@ -47,6 +50,17 @@ class HorovodCommunicator(Communicator):
         self._size = self._process_set.size()
         self._global_ranks = list(self._process_set.ranks or range(hvd.size()))
         self._subgroups = {}
+        self._watchdog = None
+        if process_set is None:  # the world: watch this host's ranks during tfshard's steps
+            from tfshard.comm import watchdog
+
+            self._watchdog = watchdog.start(self._rank, self._size,
+                                            collective_timeout(WATCHDOG_TIMEOUT_SECONDS), "horovod")
+
+    def section(self, what):
+        if self._watchdog is None:
+            return super().section(what)
+        return self._watchdog.section(what)
 
     @property
     def world_rank(self):
