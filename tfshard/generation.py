@@ -262,13 +262,16 @@ def generate(sharded, inputs, max_length=None, stop_token_ids="auto", strip_prom
         try:
             out = model.generate(mine, max_length=max_length, stop_token_ids=stop_token_ids,
                                  strip_prompt=strip_prompt)
-        except tf.errors.InvalidArgumentError as err:
-            failure = str(predict_lib.invalid_argument_to_value_error(err, where))
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as err:
+            failure = str(predict_lib.invalid_argument_to_value_error(err, where, mine))
         except (ValueError, NotImplementedError) as err:
-            failure = f"{type(err).__name__}: {err}"
+            failure = (str(predict_lib.invalid_argument_to_value_error(err, where, mine))
+                       if "in user code" in str(err) else f"{type(err).__name__}: {err}")
         finally:
             if attached:
                 object.__setattr__(model, "_preprocessor", None)
+    if failure is not None:  # the failing rank is named once, by the rank reporting it
+        failure = failure.replace(f"{where}: ", "")
     # Every rank reports (success, digest) so a failure in one group, or ranks
     # of one group that diverged, raises everywhere instead of leaving a wait.
     digest = consistency.digest(_describe(out)) if failure is None else 0

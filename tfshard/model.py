@@ -444,7 +444,13 @@ class ShardedModel(keras.Model):
         tensors = keras.tree.map_structure(tf.convert_to_tensor, batch)
         try:
             out = self._predict_step(tensors)
-        except tf.errors.InvalidArgumentError as err:
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as err:
+            # The model refused its inputs (a shape, a dtype it cannot cast); collective
+            # failures (Unavailable, DeadlineExceeded, FailedPrecondition) pass unchanged.
+            raise predict_lib.invalid_argument_to_value_error(err, where, batch) from None
+        except ValueError as err:
+            if "in user code" not in str(err):
+                raise
             raise predict_lib.invalid_argument_to_value_error(err, where, batch) from None
         return predict_lib.to_numpy(out)
 
@@ -523,7 +529,7 @@ class ShardedModel(keras.Model):
                 except ValueError as err:
                     # Only this group computes the batch: report through the
                     # round's all-gather so every rank raises, none waits.
-                    failure = f"batch {index}: {err}"
+                    failure = f"batch {index}: " + str(err).replace(f"{where}: ", "")
                     break
                 done.append((index, out))
                 n_batches += 1
@@ -538,8 +544,7 @@ class ShardedModel(keras.Model):
             if table[:, 3].any():
                 messages = world.allgather_object(failure)
                 bad = next(r for r, m in enumerate(messages) if m)
-                message = messages[bad].replace(f"{where}: ", "")
-                raise ValueError(f"{where}: rank {bad} failed on {message}")
+                raise ValueError(f"{where}: rank {bad} failed on {messages[bad]}")
             leaders = [g * self.tensor_parallel for g in range(self.groups)]
             scheduler.observe([(int(table[r, 0]), int(table[r, 1]), float(table[r, 2]))
                                for r in leaders])

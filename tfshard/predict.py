@@ -140,9 +140,10 @@ def validate_arrays(items, where):
     for name, array, spec in items:
         if array.dtype == object:
             raise ValueError(f"{where}: input {name!r} is not numeric (dtype object, shape {array.shape}).")
-        if array.ndim == 0 or array.shape[0] == 0:
+        if array.ndim == 0 or array.size == 0:
             raise ValueError(
-                f"{where}: input {name!r} is empty (shape {array.shape}); pass at least one row."
+                f"{where}: input {name!r} is empty (shape {array.shape}); pass at least one row"
+                + (" with at least one position" if array.ndim and array.shape[0] else "") + "."
             )
         rows.add(array.shape[0])
         if spec is None:
@@ -199,13 +200,18 @@ def invalid_argument_to_value_error(err, where, batch=None):
         where: text naming the call and the rank.
         batch: the inputs of the failed call (named in the message), or None.
     """
-    text = str(getattr(err, "message", err))
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(getattr(err, "message", err)))  # ANSI colours
     start = text.find("Token ids")
     if start >= 0:
         end = min([i for i in (text.find("]", start), text.find("\n", start)) if i >= 0]
                   or [len(text)])
         return ValueError(f"{where}: {text[start:end].strip()}".replace("\\'", "'"))
     node = re.search(r"\[\[\{\{node ([^}]+)\}\}\]\]", text)
+    layer = re.search(r"Exception encountered when calling ([\w.]+)\(\)\.\s*\n\s*\n?\s*(.+)", text)
+    if layer:  # an error while tracing (Keras wraps it as "in user code: ...")
+        cause = re.sub(r" for '\{\{node [^}]+\}\}[^']*'", "", layer.group(2).strip())
+        text = f"{cause}\n[[{{{{node {layer.group(1)}}}}}]]"
+        node = re.search(r"\[\[\{\{node ([^}]+)\}\}\]\]", text)
     lines = [ln.strip() for ln in text.splitlines()]
     lines = [re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", ln) for ln in lines
              if ln and not ln.startswith(("Graph execution error", "Detected at node", "File ",
@@ -234,15 +240,23 @@ def sequence_limit(model):
 
 
 def check_sequence_length(model, batch, where):
-    """Refuses token inputs longer than the model's position table.
+    """Refuses keras-hub token inputs that do not fit together or the position table.
 
     Raises:
-        ValueError: an input of rank >= 2 (token_ids, padding_mask, ...) with
-            more positions than the backbone's `max_sequence_length`.
+        ValueError: a padding_mask / segment_ids of another shape than
+            token_ids, or an input of rank >= 2 with more positions than the
+            backbone's `max_sequence_length`.
     """
     limit = sequence_limit(model)
     if limit is None or not isinstance(batch, dict):
         return
+    ids = batch.get("token_ids")
+    for key in ("padding_mask", "segment_ids"):  # keras-hub's per-position companions
+        if ids is not None and key in batch and np.shape(batch[key]) != np.shape(ids):
+            raise ValueError(
+                f"{where}: input {key!r} has shape {tuple(np.shape(batch[key]))} but "
+                f"'token_ids' has {tuple(np.shape(ids))}; they go position for position, so "
+                "their shapes must be equal.")
     name, positions = limit
     for key, value in batch.items():
         shape = np.shape(value)

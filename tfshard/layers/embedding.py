@@ -35,6 +35,8 @@ def _check_ids(layer, ids):
     spec = layer._shard_spec
     where = f"layer {layer.path!r} on rank {spec.rank}"
     ids = tf.convert_to_tensor(ids)
+    if ids.dtype == tf.bool:  # ids 0 and 1, as keras.layers.Embedding takes them
+        ids = tf.cast(ids, tf.int32)
     if not (ids.dtype.is_integer or ids.dtype.is_floating):
         raise ValueError(
             f"Token ids fed to {where} must be integers; got dtype {ids.dtype.name} "
@@ -48,12 +50,15 @@ def _check_ids(layer, ids):
                     f"(shape {ids.shape}); pass integer ids.",
         ))
     vocab = spec.full_size
+    # Compared in a dtype that holds the vocabulary size: cast to uint8, 50257 is 81, and
+    # valid uint8 ids above it were refused (found by tests/test_fuzz.py).
+    wide = tf.cast(ids, tf.float64 if ids.dtype.is_floating else tf.int64)
     checks.append(tf.debugging.assert_greater_equal(
-        ids, tf.cast(0, ids.dtype),
+        wide, tf.cast(0, wide.dtype),
         message=f"Token ids fed to {where} (shape {ids.shape}) must be >= 0.",
     ))
     checks.append(tf.debugging.assert_less(
-        ids, tf.cast(vocab, ids.dtype),
+        wide, tf.cast(vocab, wide.dtype),
         message=f"Token ids fed to {where} (shape {ids.shape}) must be < the vocabulary "
                 f"size {vocab}.",
     ))
