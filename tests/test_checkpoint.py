@@ -103,6 +103,8 @@ ERRORS = {
     "truncated_safetensors": ("model.safetensors", "truncated or corrupt"),
     "safe_mode": ("lambda.keras", "safe_mode"),
     "missing_file": ("nope.keras", "no such file"),
+    # Was a silent wrong answer: each rank read its slices from a different file.
+    "source_differs": ("seeded.keras", "source file differs on rank(s) [1] from rank 0"),
     "ckpt-newer": ("tfshard.json", "newer"),
     "ckpt-missing": ("rank-00001-of-00002.h5", "missing"),
     "ckpt-truncated": ("rank-00001-of-00002.h5", "truncated"),

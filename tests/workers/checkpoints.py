@@ -310,6 +310,12 @@ def run_errors(world, results, shared):
                            num_layers=3, num_heads=6, hidden_dim=48, intermediate_dim=96,
                            max_sequence_length=32)
 
+    from tfshard.models import from_config
+
+    # The same architecture, other values: what each rank loads differs (rank 0 its good.keras).
+    from_config("GPT2Backbone", "GPT2CausalLM", seed=8 + world.rank, vocabulary_size=1003,
+                num_layers=2, num_heads=6, hidden_dim=48, intermediate_dim=96,
+                max_sequence_length=32).save(os.path.join(work, "seeded.keras"))
     lam = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
                             keras.layers.Lambda(lambda t: t * 2.0)])
     lam.save(os.path.join(work, "lambda.keras"))
@@ -327,6 +333,7 @@ def run_errors(world, results, shared):
         "truncated_safetensors": lambda: tfshard.load(hf),
         "safe_mode": lambda: tfshard.load(os.path.join(work, "lambda.keras")),
         "missing_file": lambda: tfshard.load(os.path.join(work, "nope.keras")),
+        "source_differs": lambda: tfshard.load(os.path.join(work, "seeded.keras")),
     }
     # A sharded checkpoint, then broken copies of it.
     world.comm.barrier()
