@@ -58,6 +58,25 @@ def test_bad_input_raises_value_error_on_every_rank(suite_runs, np_, case):
             assert word in rec["message"], f"{case} rank {rank}: {word!r} not in {rec['message']!r}"
 
 
+def test_quantized_layer_messages_agree(suite_runs):
+    """Sharding a quantized model said "shard the float model, then quantize"; quantizing a
+    sharded one said "quantize the model before sharding it": neither order works yet, and
+    both messages now say so (issue 16)."""
+    ranks = suite_runs("checks", 2)
+    before = case_on_all_ranks(ranks, "err_shard_quantized")
+    after = case_on_all_ranks(ranks, "err_quantize_sharded")
+    for rank, (b, a) in enumerate(zip(before, after)):
+        assert not b["ok"] and b["error_type"] == "ValueError", (rank, b)
+        # keras.Model.quantize turns a NotImplementedError into a warning and goes on.
+        assert not a["ok"] and a["error_type"] == "ValueError", (rank, a)
+        assert "tfshard does not shard quantized layers yet" in b["message"], b["message"]
+        assert "tfshard does not quantize sharded layers yet" in a["message"], a["message"]
+        for rec in (a, b):
+            assert "float32" in rec["message"]
+            assert "then quantize" not in rec["message"]
+            assert "before sharding" not in rec["message"]
+
+
 @pytest.mark.parametrize("np_", [2, 3])
 def test_world_still_works_after_errors(suite_runs, np_):
     for rec in case_on_all_ranks(suite_runs("checks", np_), "after_errors"):

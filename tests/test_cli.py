@@ -122,6 +122,27 @@ def test_predict_cli_under_tfshard_launch_multiworker(tmp_path):
     assert logits.shape == (3, 16, 50257) and np.isfinite(logits).all()
 
 
+def test_predict_cli_on_a_users_own_functional_keras_model(tmp_path):
+    """A plain Keras model (Dense layers, no keras-hub backbone) saved as .keras, its input from
+    a .npy: crashed on every rank with "'Functional' object has no attribute
+    'vocabulary_size'" (issue 16)."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((12,))
+    model = keras.Model(inp, keras.layers.Dense(6)(keras.layers.Dense(32, activation="relu")(inp)))
+    model.save(tmp_path / "mine.keras")
+    x = np.random.default_rng(0).normal(size=(7, 12)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    out_file = tmp_path / "out.npy"
+    code, out, secs = launch(2, ["-m", "tfshard", "predict", tmp_path / "mine.keras", "--input",
+                                 tmp_path / "x.npy", "--output", out_file], timeout=300)
+    assert code == 0, out[-4000:]
+    assert "MATCH" in out and "MISMATCH" not in out, out[-3000:]
+    np.testing.assert_allclose(np.load(out_file), model.predict(x, verbose=0), rtol=0,
+                               atol=1e-5 * (1 + float(np.abs(model.predict(x, verbose=0)).max())))
+
+
 def test_predict_cli_text_prompts_real_smollm2(tmp_path):
     # A .txt of prompts (one per line, different lengths: right-padded), real weights.
     prompts = tmp_path / "prompts.txt"

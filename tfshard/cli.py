@@ -18,6 +18,9 @@ import sys
 import time
 
 
+_TOKEN_INPUTS = ("token_ids", "padding_mask", "segment_ids")
+
+
 def _inputs(input_names, vocab, rows, seq_len, seed, path=None, tokenizer=None):
     """The model's inputs: from a .npy / .npz / .txt file, or random token ids."""
     import numpy as np
@@ -28,11 +31,17 @@ def _inputs(input_names, vocab, rows, seq_len, seed, path=None, tokenizer=None):
         if not prompts:
             raise ValueError(f"{path}: no prompts (one per line expected).")
         return _prompt_inputs(tokenizer, prompts, path)
+    token_model = set(input_names) <= set(_TOKEN_INPUTS)
     if path:
         data = _load_array_file(path)
         if hasattr(data, "files"):
             return {k: data[k] for k in data.files}
+        if not token_model:  # a model of the user's own: the array is its input, checked by predict
+            return data
         ids = _checked_token_ids(data, path, vocab)
+    elif not token_model:
+        raise ValueError(f"the model's inputs {input_names} are not token ids; pass them with "
+                         "--input FILE.npy (one input) or FILE.npz (one array per input name).")
     else:
         ids = np.random.default_rng(seed).integers(0, vocab, (rows, seq_len)).astype("int32")
     x = {}
@@ -403,11 +412,12 @@ def _inspect_check(args):
 
 
 def _vocab_and_inputs(model):
-    """A loaded keras-hub model's vocabulary size and input names (as `models.build` gives)."""
+    """A loaded model's vocabulary size (None unless a keras-hub backbone) and input names."""
     import keras
 
     backbone = getattr(model, "backbone", model)
-    return backbone.vocabulary_size, [t.name for t in keras.tree.flatten(model.inputs)]
+    return (getattr(backbone, "vocabulary_size", None),
+            [t.name for t in keras.tree.flatten(model.inputs)])
 
 
 def _bench(argv):

@@ -236,6 +236,25 @@ def run_errors(world, results):
         return {"no_error": True}
     results["err_inputs_disagree"] = guarded(different_inputs, expect_error=True)
 
+    def small():
+        keras.utils.set_random_seed(4)
+        inp = keras.Input((8,))
+        return keras.Model(inp, keras.layers.Dense(4, name="b")(
+            keras.layers.Dense(16, name="a")(inp)))
+
+    def shard_quantized():
+        model = small()
+        model.quantize("int8")
+        # The auto plan leaves quantized layers whole; an explicit rule must refuse them.
+        tfshard.shard(model, plan={".*a$": "column", ".*b$": "row"})
+        return {"no_error": True}
+    results["err_shard_quantized"] = guarded(shard_quantized, expect_error=True)
+
+    def quantize_sharded():
+        tfshard.shard(small()).inner.quantize("int8")
+        return {"no_error": True}
+    results["err_quantize_sharded"] = guarded(quantize_sharded, expect_error=True)
+
     # The world still works after all the errors above.
     results["after_errors"] = guarded(lambda: compare(*_roundtrip(models.mlp)))
 

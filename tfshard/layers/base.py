@@ -318,8 +318,11 @@ class ShardedLayerMixin:
         )
 
     def quantize(self, *args, **kwargs):
-        raise NotImplementedError(
-            f"Layer {self.path!r} is sharded; quantize the model before sharding it."
+        # A ValueError, not NotImplementedError: keras.Model.quantize turns the latter into a
+        # warning and goes on, leaving the sharded layers in float32 without a word.
+        raise ValueError(
+            f"Layer {self.path!r} is sharded, and tfshard does not quantize sharded layers "
+            "yet (nor shard quantized ones): keep the sharded model in float32."
         )
 
 
@@ -371,8 +374,9 @@ def check_convertible(layer, keras_base, path):
             )
     if getattr(layer, "quantization_mode", None):
         raise ValueError(
-            f"Layer {path!r} is quantized ({layer.quantization_mode}); shard the float "
-            "model, then quantize."
+            f"Layer {path!r} is quantized ({layer.quantization_mode}), and tfshard does not "
+            "shard quantized layers yet (nor quantize sharded ones): shard the float model and "
+            "keep it in float32."
         )
     if getattr(layer, "lora_enabled", False):
         raise ValueError(
