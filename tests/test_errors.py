@@ -110,3 +110,4 @@ def test_errors_while_tracing_keep_their_cause_and_layer():
                               "but are 4 and 5 with input shapes: [1,1,4], [1,5,5].")
     assert "(in TransformerDecoder.call)" in message and "token_ids (1, 5) int32" in message
     assert "in user code" not in message and "\x1b" not in message
+

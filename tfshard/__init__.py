@@ -8,8 +8,9 @@
 
 __version__ = "0.1.0"
 
-from tfshard.checkpoint import CheckpointError, load
+from tfshard.checkpoint import CheckpointError
 from tfshard.devices import cpu_devices
+from tfshard.loading import load
 from tfshard.model import ShardedModel, shard
 from tfshard.plan import Plan, PlanEntry
 from tfshard.tensorboard import TensorBoard

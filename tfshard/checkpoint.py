@@ -44,9 +44,7 @@ from keras.src.saving import saving_lib
 from tfshard import consistency
 from tfshard import sources
 from tfshard.layers.base import assign_slice
-from tfshard.model import ShardedModel, shard
-from tfshard.plan import _walk
-from tfshard.world import init
+from tfshard.plan import walk
 
 FORMAT = "tfshard-checkpoint"
 # 2: the index carries a checksum; every sharded dataset records its rank's range.
@@ -112,7 +110,7 @@ class _Constant:
         return keras.ops.convert_to_tensor(np.asarray(self.value), dtype=dtype or self.value.dtype)
 
 
-def _materialize(created, weights):
+def materialize(created, weights):
     """Gives memory to deferred variables that survived sharding.
 
     Model weights start at zero (the source fills them); other variables
@@ -577,7 +575,7 @@ def fill_from_views(model, views, label):
         CheckpointError: a variable has no view, or a shape disagrees.
     """
     done = set()
-    for node in [None] + _walk(model):
+    for node in [None] + walk(model):
         layer = model if node is None else node.layer
         entries = getattr(layer, "_tfshard_saved", None)
         if entries is None or getattr(layer, "_shard_spec", None) is None:
@@ -825,12 +823,12 @@ def build_deferred(source, model=None, safe_mode=True, custom_objects=None):
     """
     src = resolve_source(source, model=model, safe_mode=safe_mode, custom_objects=custom_objects)
     try:
-        return _build(src)[0]
+        return build_model(src)[0]
     finally:
         src.close()
 
 
-def _build(src):
+def build_model(src):
     """Builds `src`'s model with deferred variables.
 
     Returns:
@@ -846,7 +844,7 @@ def _build(src):
     return inner, created
 
 
-def _agree_on_failure(comm, error, what):
+def agree_on_failure(comm, error, what):
     """Every rank learns whether any rank failed; all raise the same error."""
     mine = None if error is None else f"{type(error).__name__}: {error}"
     reports = comm.allgather_object(mine) if comm.size > 1 else [mine]
@@ -858,81 +856,6 @@ def _agree_on_failure(comm, error, what):
     details = "; ".join(f"rank {r}: {m}" for r, m in failed)
     raise CheckpointError(f"{what} failed on rank(s) {[r for r, _ in failed]} "
                           f"(seen from rank {comm.rank}): {details}") from error
-
-
-def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None, world=None,
-         safe_mode=True, custom_objects=None):
-    """Loads a model sharded from the start: each rank reads only its slices.
-
-    Args:
-        source: a `.keras` file, a `.weights.h5` file (with `model=`), a
-            keras-hub preset directory (Keras format or Hugging Face
-            safetensors), a GGUF file (Llama architecture), a checkpoint
-            folder written by `ShardedModel.save`, or a named real model:
-            "smollm2" (SmolLM2-135M-Instruct) or "minilm" (all-MiniLM-L6-v2).
-        plan: "auto", a `tfshard.Plan` or a `{regex: rule}` dict.
-        tensor_parallel: ranks per tensor-parallel group (see `tfshard.shard`).
-        strategy: a tf.distribute strategy (not available yet).
-        model: for `.weights.h5` only: a callable that builds the model (it
-            is called with deferred variables), or a model config dict.
-        world: the `World` (from `tfshard.init()` when None).
-        safe_mode: Keras safe mode for configs (refuses stored code such as
-            lambda bytecode).
-        custom_objects: custom classes needed by the config.
-
-    Returns:
-        A `ShardedModel`.
-
-    Raises:
-        CheckpointError: (a ValueError) on every rank when any rank finds the
-            file missing, truncated, corrupt, from a newer format, or not
-            matching the model (the message names the file and the tensor).
-        NotImplementedError: `strategy`.
-    """
-    if strategy is not None:
-        raise NotImplementedError("tfshard.load(strategy=...) waits for the tf.distribute backend; "
-                                  "launch with ./horovodrun.sh -np N instead.")
-    world = world or init()
-    with world.comm.section(f"tfshard.load({os.fspath(source)!r})"):
-        return _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects)
-
-
-def _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects):
-    src, error, inner = None, None, None
-    created = []
-    identity = 0
-    try:
-        src = resolve_source(source, model=model, safe_mode=safe_mode, custom_objects=custom_objects)
-        if world.comm.size > 1:
-            identity = consistency.source_identity(src.label)
-        inner, created = _build(src)
-        src.prepare(inner)
-    except Exception as e:  # reported to every rank below
-        error = e
-    _agree_on_failure(world.comm, error, f"tfshard.load({source!r})")
-    try:
-        # The variables are still deferred: ranks agree on the file they will read
-        # (name, size, sampled contents) instead of on weight values.
-        consistency.agree(world.comm, {"source file": identity}, f"tfshard.load({source!r})")
-        sharded = shard(inner, plan, world=world, tensor_parallel=tensor_parallel,
-                        check_weights=False)
-    except Exception:
-        if src is not None:
-            src.close()
-        raise
-    try:
-        _materialize(created, inner.weights)
-        src.fill(inner)
-    except Exception as e:
-        error = e
-    finally:
-        src.close()
-    _agree_on_failure(world.comm, error, f"tfshard.load({source!r})")
-    object.__setattr__(sharded, "source", src.label)
-    preprocessor = src.preprocessor()
-    object.__setattr__(sharded, "preprocessor", preprocessor)
-    object.__setattr__(sharded, "tokenizer", getattr(preprocessor, "tokenizer", None))
-    return sharded
 
 
 def load_into(sharded, source):
@@ -949,7 +872,7 @@ def load_into(sharded, source):
     finally:
         if src is not None:
             src.close()
-    _agree_on_failure(sharded.world.comm, error, f"load_weights({source!r})")
+    agree_on_failure(sharded.world.comm, error, f"load_weights({source!r})")
 
 
 # ----------------------------------------------------------------------------
@@ -1043,7 +966,7 @@ def _fsync(path):
 
 def save(sharded, path, gather=False, overwrite=True):
     """Saves a `ShardedModel`; see `ShardedModel.save`."""
-    if not isinstance(sharded, ShardedModel):
+    if not all(hasattr(sharded, a) for a in ("inner", "plan", "world", "tp_comm", "group")):
         raise TypeError(f"tfshard save needs a ShardedModel; got {type(sharded).__name__}.")
     path = os.path.abspath(os.fspath(path))
     world = sharded.world
@@ -1069,30 +992,30 @@ def save(sharded, path, gather=False, overwrite=True):
     token = comm.allgather_object(
         f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}" if comm.rank == 0 else None)[0]
     tmp = f"{path}{PARTIAL}{token}"
-    error = None
+    error = tensors = None
     try:
         if gather:
             _save_gathered(sharded, tmp, config)
         else:
-            _save_sharded(sharded, tmp, config)
+            tensors = _save_sharded(sharded, tmp, config)
     except Exception as e:
         error = e
     try:
-        _agree_on_failure(comm, error, f"save({path!r})")
+        agree_on_failure(comm, error, f"save({path!r})")
     except Exception:
         if comm.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else (
                 os.path.exists(tmp) and os.remove(tmp))
         raise
     if comm.rank == 0 and not gather:
-        _write_index(sharded, tmp, config)
+        _write_index(sharded, tmp, config, tensors)
     error = None
     if comm.rank == 0:
         try:
             _replace(tmp, path)
         except Exception as e:
             error = e
-    _agree_on_failure(comm, error, f"save({path!r})")
+    agree_on_failure(comm, error, f"save({path!r})")
     return path
 
 
@@ -1161,37 +1084,42 @@ def _rank_file(rank, size):
 
 
 def _save_sharded(sharded, tmp, config):
+    """Writes this rank's file of a sharded checkpoint into `tmp`.
+
+    Returns:
+        The index's tensor table (`{key: shape, dtype, axis, ranges}`) on ranks
+        that wrote a file, else None.
+    """
     tp = sharded.tp_comm
     if sharded.world.comm.rank == 0:
         os.makedirs(tmp)
     sharded.world.comm.barrier()
     if sharded.group != 0:
-        return  # data-parallel replicas hold the same slices as group 0
+        return None  # data-parallel replicas hold the same slices as group 0
     name = os.path.join(tmp, _rank_file(tp.rank, tp.size))
     store = _WriteStore(name, gather=False, write_replicated=tp.rank == 0)
     store.h5_file.attrs[RANK_ATTR] = tp.rank
     store.h5_file.attrs[TP_ATTR] = tp.size
-    assets = None
+    assets = archive = None
     try:
         if tp.rank == 0:
-            sharded._assets_zip = zipfile.ZipFile(os.path.join(tmp, "assets.zip"), "w")
-            assets = saving_lib.DiskIOStore("assets", archive=sharded._assets_zip, mode="w")
+            archive = zipfile.ZipFile(os.path.join(tmp, "assets.zip"), "w")
+            assets = saving_lib.DiskIOStore("assets", archive=archive, mode="w")
         saving_lib._save_state(sharded.inner, weights_store=store, assets_store=assets,
                                inner_path="", visited_saveables=set())
     finally:
         store.close()
         if assets is not None:
             assets.close()
-            empty = not sharded._assets_zip.namelist()
-            sharded._assets_zip.close()
-            del sharded._assets_zip
+            empty = not archive.namelist()
+            archive.close()
             if empty:
                 os.remove(os.path.join(tmp, "assets.zip"))
     _fsync(name)
-    sharded._saved_tensors = store.tensors
+    return store.tensors
 
 
-def _write_index(sharded, tmp, config):
+def _write_index(sharded, tmp, config, tensors):
     tp = sharded.tp_comm
     files = [_rank_file(r, tp.size) for r in range(tp.size)]
     index = {
@@ -1204,7 +1132,7 @@ def _write_index(sharded, tmp, config):
         "date_saved": datetime.datetime.now().isoformat(timespec="seconds"),
         "model_config": config,
         "plan": sharded.plan.to_dict(),
-        "tensors": sharded._saved_tensors,
+        "tensors": tensors,
     }
     index = json.loads(json.dumps(index, default=str))  # the checksum covers what is written
     index["checksum"] = index_checksum(index)

@@ -206,7 +206,7 @@ def generate(sharded, inputs, max_length=None, stop_token_ids="auto", strip_prom
              sampler=None):
     """`ShardedModel.generate` (see there)."""
     model = sharded.inner
-    where = sharded._where("generate")
+    where = sharded.call_site("generate")
     if not (hasattr(model, "generate_step") and hasattr(model, "call_with_cache")):
         raise ValueError(
             f"{where}: generate() needs a keras-hub CausalLM (GPT2CausalLM, LlamaCausalLM, ...); "

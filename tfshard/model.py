@@ -16,7 +16,7 @@ from tfshard import generation
 from tfshard import predict as predict_lib
 from tfshard.schedule import Scheduler, validate as validate_schedule
 from tfshard.layers import ShardSpec, shard_layer
-from tfshard.plan import Plan, _walk
+from tfshard.plan import Plan, walk
 from tfshard.world import World, init
 
 
@@ -52,7 +52,7 @@ def _set_head_counts(parent, counts, rank):
 
 def _reset_compiled_functions(model):
     """Drops cached traced functions and XLA, which would bypass or break the cut."""
-    for layer in [model] + [n.layer for n in _walk(model)]:
+    for layer in [model] + [n.layer for n in walk(model)]:
         if isinstance(layer, keras.Model):
             for attr in ("predict_function", "test_function", "train_function",
                          "generate_function"):
@@ -186,7 +186,7 @@ def _convert(model, plan, comm, world):
     plan = plan.resolve(model, comm.size, comm.rank)
     meter = comm_lib.metered(comm)
     consistency.agree(world.comm, {"plan": consistency.digest(plan.to_dict())}, "tfshard.shard()")
-    by_path = {n.path: n.layer for n in _walk(model)}
+    by_path = {n.path: n.layer for n in walk(model)}
     for e in plan.sharded:
         spec = ShardSpec(rule=e.rule, axis=e.axis, ranges=e.ranges, rank=comm.rank,
                          gather_output=e.gather_output, input_is_parallel=e.input_is_parallel,
@@ -286,7 +286,7 @@ _DROPPED_ARGUMENTS = ("tie_word_embeddings",)
 
 
 def _restore_missing_arguments(config, model):
-    layers = [model] + [n.layer for n in _walk(model)]
+    layers = [model] + [n.layer for n in walk(model)]
     for layer in layers:
         missing = [a for a in _DROPPED_ARGUMENTS if hasattr(layer, a)]
         if not missing:
@@ -356,6 +356,18 @@ class ShardedModel(keras.Model):
         self._jit_compile = False
         self._predict_step = None
 
+    def attach_source(self, label, preprocessor=None):
+        """Records where the weights came from and the preprocessor (and tokenizer) the
+        source carried; `tfshard.load` calls it.
+
+        Args:
+            label: the file or folder read (shown by the CLI and in errors).
+            preprocessor: a keras-hub preprocessor, or None.
+        """
+        object.__setattr__(self, "source", label)
+        object.__setattr__(self, "preprocessor", preprocessor)
+        object.__setattr__(self, "tokenizer", getattr(preprocessor, "tokenizer", None))
+
     @property
     def rank(self):
         return self.world.rank
@@ -421,7 +433,8 @@ class ShardedModel(keras.Model):
                 "(./horovodrun.sh -np N) for it."
             )
 
-    def _where(self, what):
+    def call_site(self, what):
+        """How errors name a call on this rank: "NAME.WHAT (rank r of n)"."""
         if len(self.replicas) > 1:
             return (f"{self.name}.{what} ({len(self.replicas)} replicas of "
                     f"{type(self.strategy).__name__} in this process)")
@@ -490,7 +503,7 @@ class ShardedModel(keras.Model):
                                  gather)
 
     def _predict(self, x, batch_size, verbose, steps, callbacks, schedule, weights, gather):
-        where = self._where("predict")
+        where = self.call_site("predict")
         world = self.world.comm
         if gather not in ("all", "rank0"):
             raise ValueError(f"{where}: gather must be 'all' or 'rank0'; got {gather!r}.")
@@ -556,7 +569,7 @@ class ShardedModel(keras.Model):
 
     def predict_on_batch(self, x):
         """`keras.Model.predict_on_batch`, sharded (every group computes the batch)."""
-        where = self._where("predict_on_batch")
+        where = self.call_site("predict_on_batch")
         specs = predict_lib.model_input_specs(self.inner)
         with self.world.comm.section(f"{self.name}.predict_on_batch"):
             x = predict_lib.lists_to_arrays(x, specs, where)

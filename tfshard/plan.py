@@ -69,7 +69,7 @@ def _layer_path(layer, parent_path):
     return f"{parent_path}/{layer.name}" if parent_path else layer.name
 
 
-def _walk(model):
+def walk(model):
     """Every layer below `model` once, depth first, with its path and parent."""
     nodes, seen = [], {id(model)}
 
@@ -522,7 +522,7 @@ class Plan:
             raise ValueError(
                 f"Model {model.name!r} is not built; call it on an input first."
             )
-        nodes = _walk(model)
+        nodes = walk(model)
         targets = [n for n in nodes if kind_of(n.layer) is not None]
         by_path = {n.path: n for n in targets}
         by_id = {id(n.layer): n.path for n in targets}

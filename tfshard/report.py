@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfshard.plan import _walk
+from tfshard.plan import walk
 
 #: A layer "parts" when max|Δ| exceeds this × (1 + max|reference|).
 TOLERANCE = 1e-5
@@ -23,7 +23,7 @@ TOLERANCE = 1e-5
 
 def _record(model, outputs, rank):
     """Makes every layer of `model` record its float outputs in
-    `outputs[(rank, layer index, call index)]` (the index in `_walk` order,
+    `outputs[(rank, layer index, call index)]` (the index in `walk` order,
     which is the same for the model and its sharded copies, whatever names
     Keras gave their layers).
 
@@ -31,7 +31,7 @@ def _record(model, outputs, rank):
         A function that removes the hooks.
     """
     hooked = []
-    for i, node in enumerate(_walk(model)):
+    for i, node in enumerate(walk(model)):
         layer = node.layer
         original = layer.call
 
@@ -117,7 +117,7 @@ def layer_drift(sharded, reference, x):
     rules, specs = {}, {}
     for rank, replica in replicas.items():
         by_path = {e.path: e.rule for e in replica.plan.entries}
-        for i, node in enumerate(_walk(replica.model)):
+        for i, node in enumerate(walk(replica.model)):
             specs[(rank, i)] = getattr(node.layer, "_shard_spec", None)
             rules[i] = by_path.get(node.path, "")
     mine = {}
@@ -132,7 +132,7 @@ def layer_drift(sharded, reference, x):
     for table in sharded.world.comm.allgather_object(mine):
         for key, value in table.items():
             merged[key] = _worse(merged.get(key), value)
-    nodes = _walk(reference)
+    nodes = walk(reference)
     rows = []
     for (_, i, index), ref in want.items():
         value = merged.get(f"{i}#{index}")

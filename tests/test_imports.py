@@ -1,0 +1,106 @@
+"""The package's import rules, read from its source so they cannot silently rot.
+
+Imports point down the data path (docs/architecture.md): tools -> runtime -> plan ->
+layers -> comm, with the communication backends as leaves. Function-local imports
+count like module-level ones. Checked: no import circle, no import of a higher
+level, nothing below the public root package imports it, and no `from tfshard.x
+import _private` (modules pass state by API).
+"""
+
+import ast
+import pathlib
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "tfshard"
+
+# Level of each module (higher may import lower or equal, never higher). Unlisted
+# modules fail the test: a new module must say where it lives.
+LEVELS = {
+    "tfshard": 9, "tfshard.__main__": 8, "tfshard.cli": 8, "tfshard.launch": 8,
+    "tfshard.report": 7, "tfshard.tensorboard": 7,
+    "tfshard.loading": 6,  # load = resolve + build + shard + fill: above model and readers
+    "tfshard.model": 5,
+    "tfshard.checkpoint": 4, "tfshard.generation": 4, "tfshard.copying": 4,
+    "tfshard.predict": 3, "tfshard.schedule": 3, "tfshard.consistency": 3,
+    "tfshard.sources": 3, "tfshard.world": 3, "tfshard.devices": 3,
+    "tfshard.models": 3, "tfshard.models.real": 3, "tfshard.models.gguf_llama": 3,
+    "tfshard.plan": 2,
+    "tfshard.layers": 1, "tfshard.layers.base": 1, "tfshard.layers.dense": 1,
+    "tfshard.layers.einsum_dense": 1, "tfshard.layers.embedding": 1,
+    "tfshard.comm": 0, "tfshard.comm.base": 0, "tfshard.comm.metered": 0,
+    "tfshard.comm.watchdog": 0, "tfshard.comm.local": 0, "tfshard.comm.mpi": 0,
+    "tfshard.comm.horovod": 0, "tfshard.comm.distribute": 0,
+}
+TOOLS = 8  # tools may use the public API (the root package)
+
+
+def _modules():
+    mods = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(("tfshard",) + path.relative_to(PACKAGE).with_suffix("").parts)
+        mods[name.removesuffix(".__init__")] = path
+    return mods
+
+
+def _imports(mods):
+    """`{module: {(imported module, [names])}}` for imports of tfshard modules."""
+    graph = {}
+    for name, path in mods.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [(a.name, ()) for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                targets = []
+                for a in node.names:
+                    sub = f"{node.module}.{a.name}"
+                    targets.append((sub, ()) if sub in mods else (node.module, (a.name,)))
+            else:
+                continue
+            for target, names in targets:
+                while target and target not in mods:
+                    target = target.rpartition(".")[0]
+                if target.startswith("tfshard") and target != name:
+                    edges.add((target, names))
+        graph[name] = edges
+    return graph
+
+
+def test_every_module_has_a_level():
+    missing = sorted(set(_modules()) - set(LEVELS))
+    assert not missing, f"modules without a level in tests/test_imports.py: {missing}"
+
+
+def test_imports_point_down_and_name_no_private_names():
+    graph = _imports(_modules())
+    upward, private, root = [], [], []
+    for name, edges in graph.items():
+        for target, names in edges:
+            is_child = target.startswith(name + ".")  # a package re-exporting its modules
+            if target == "tfshard" and LEVELS[name] < TOOLS:
+                root.append(name)
+            elif target != "tfshard" and not is_child and LEVELS[target] > LEVELS[name]:
+                upward.append(f"{name} (level {LEVELS[name]}) imports {target} "
+                              f"(level {LEVELS[target]})")
+            private += [f"{name}: from {target} import {n}" for n in names if n.startswith("_")]
+    assert not upward, "upward imports:\n" + "\n".join(sorted(upward))
+    assert not root, f"modules importing the root package: {root}"
+    assert not private, "private names imported across modules:\n" + "\n".join(sorted(private))
+
+
+def test_no_import_circle():
+    graph = {n: {t for t, _ in e if not t.startswith(n + ".")} for n, e in _imports(_modules()).items()}
+    state, circles = {}, []
+
+    def visit(node, trail):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                circles.append(trail[trail.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)

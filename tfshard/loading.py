@@ -1,0 +1,86 @@
+"""`tfshard.load`: a model sharded from the start, each rank reading only its slices.
+
+The runtime's entry point for files. It sits above both the model (`shard`) and the
+readers (`tfshard.checkpoint`): it resolves the source, builds the model with
+deferred variables, has the ranks agree on the file, shards the model, then fills
+each rank's slices from the file.
+"""
+
+import os
+
+from tfshard import checkpoint
+from tfshard import consistency
+from tfshard.model import shard
+from tfshard.world import init
+
+
+def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None, world=None,
+         safe_mode=True, custom_objects=None):
+    """Loads a model sharded from the start: each rank reads only its slices.
+
+    Args:
+        source: a `.keras` file, a `.weights.h5` file (with `model=`), a
+            keras-hub preset directory (Keras format or Hugging Face
+            safetensors), a GGUF file (Llama architecture), a checkpoint
+            folder written by `ShardedModel.save`, or a named real model:
+            "smollm2" (SmolLM2-135M-Instruct) or "minilm" (all-MiniLM-L6-v2).
+        plan: "auto", a `tfshard.Plan` or a `{regex: rule}` dict.
+        tensor_parallel: ranks per tensor-parallel group (see `tfshard.shard`).
+        strategy: a tf.distribute strategy (not available yet).
+        model: for `.weights.h5` only: a callable that builds the model (it
+            is called with deferred variables), or a model config dict.
+        world: the `World` (from `tfshard.init()` when None).
+        safe_mode: Keras safe mode for configs (refuses stored code such as
+            lambda bytecode).
+        custom_objects: custom classes needed by the config.
+
+    Returns:
+        A `ShardedModel`.
+
+    Raises:
+        CheckpointError: (a ValueError) on every rank when any rank finds the
+            file missing, truncated, corrupt, from a newer format, or not
+            matching the model (the message names the file and the tensor).
+        NotImplementedError: `strategy`.
+    """
+    if strategy is not None:
+        raise NotImplementedError("tfshard.load(strategy=...) waits for the tf.distribute backend; "
+                                  "launch with ./horovodrun.sh -np N instead.")
+    world = world or init()
+    with world.comm.section(f"tfshard.load({os.fspath(source)!r})"):
+        return _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects)
+
+
+def _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects):
+    src, error, inner = None, None, None
+    created = []
+    identity = 0
+    try:
+        src = checkpoint.resolve_source(source, model=model, safe_mode=safe_mode, custom_objects=custom_objects)
+        if world.comm.size > 1:
+            identity = consistency.source_identity(src.label)
+        inner, created = checkpoint.build_model(src)
+        src.prepare(inner)
+    except Exception as e:  # reported to every rank below
+        error = e
+    checkpoint.agree_on_failure(world.comm, error, f"tfshard.load({source!r})")
+    try:
+        # The variables are still deferred: ranks agree on the file they will read
+        # (name, size, sampled contents) instead of on weight values.
+        consistency.agree(world.comm, {"source file": identity}, f"tfshard.load({source!r})")
+        sharded = shard(inner, plan, world=world, tensor_parallel=tensor_parallel,
+                        check_weights=False)
+    except Exception:
+        if src is not None:
+            src.close()
+        raise
+    try:
+        checkpoint.materialize(created, inner.weights)
+        src.fill(inner)
+    except Exception as e:
+        error = e
+    finally:
+        src.close()
+    checkpoint.agree_on_failure(world.comm, error, f"tfshard.load({source!r})")
+    sharded.attach_source(src.label, src.preprocessor())
+    return sharded
