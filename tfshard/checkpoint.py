@@ -41,7 +41,6 @@ from keras.src.backend.common import global_state
 from keras.src.backend.common.variables import Variable as _KerasVariable
 from keras.src.saving import saving_lib
 
-from tfshard import consistency
 from tfshard import sources
 from tfshard.layers.base import assign_slice
 from tfshard.plan import walk

@@ -22,8 +22,6 @@ rank holds. Auto-planning reads the model's structure, never its class names:
 """
 
 import dataclasses
-import hashlib
-import json
 import math
 import re
 
@@ -811,11 +809,6 @@ class Plan:
             ],
             "attention": [dataclasses.asdict(h) for h in self.attention],
         }
-
-    def fingerprint(self):
-        """A short digest of the resolved plan (identical on every rank)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
     def __repr__(self):
         if not self.resolved:

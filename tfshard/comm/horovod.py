@@ -1,6 +1,6 @@
 """Horovod (Gloo) communicator: core ops only, never Horovod's Keras wrappers.
 
-Horovod's Keras wrappers are broken on Keras 3 (see shared/horovod.md); its core
+Horovod's Keras wrappers are broken on Keras 3 (they import `keras.optimizers.legacy`); its core
 TensorFlow ops work eagerly and inside `tf.function`. Two facts shape this file:
 `hvd.allreduce` averages by default (we always pass `op=hvd.Sum`), and
 `hvd.allgather` concatenates on axis 0 only (other axes: `gather_on_axis`).
@@ -62,10 +62,6 @@ class HorovodCommunicator(Communicator):
             return super().section(what)
         return self._watchdog.section(what)
 
-    @property
-    def world_rank(self):
-        """This process's rank among all Horovod processes."""
-        return self._hvd.rank()
 
     def allreduce_sum(self, x, name=None):
         return self._hvd.allreduce(

@@ -2,7 +2,7 @@
 
 import keras
 
-from tfshard.layers.base import RULES, ShardSpec, even_ranges
+from tfshard.layers.base import ShardSpec, even_ranges
 from tfshard.layers.dense import ColumnParallelDense, RowParallelDense, shard_dense
 from tfshard.layers.einsum_dense import ParallelEinsumDense, einsum_axes, shard_einsum_dense
 from tfshard.layers.embedding import (
@@ -40,7 +40,7 @@ def shard_layer(layer, spec, comm, path=""):
 
 
 __all__ = [
-    "RULES", "ShardSpec", "even_ranges", "shard_layer",
+    "ShardSpec", "even_ranges", "shard_layer",
     "ColumnParallelDense", "RowParallelDense", "ParallelEinsumDense",
     "VocabParallelEmbedding", "VocabParallelReversibleEmbedding", "einsum_axes",
 ]

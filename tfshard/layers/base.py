@@ -14,8 +14,6 @@ import dataclasses
 import keras
 import numpy as np
 
-RULES = ("column", "row", "vocab", "replicate")
-
 
 @dataclasses.dataclass(frozen=True)
 class ShardSpec:

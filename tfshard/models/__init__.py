@@ -1,7 +1,8 @@
 """Named models tfshard can build with no download.
 
 Built from keras-hub configurations with random weights (seeded, so every rank
-builds the same model). Real pretrained weights arrive with the loading issue.
+builds the same model). Real pretrained weights: `tfshard.load("smollm2" | "minilm")`
+(see real.py).
 """
 
 import keras

@@ -2,8 +2,8 @@
 
 The tensors stay memory-mapped (`gguf.GGUFReader`); each Keras variable gets a
 lazy `MappedView` of its GGUF tensor, so a rank dequantises only the rows
-(and quantisation blocks) of its own slice. The mapping (see
-../shared/models.md): q/k rows are put back from llama.cpp's RoPE order
+(and quantisation blocks) of its own slice. The mapping, as llama.cpp's
+convert_hf_to_gguf.py writes it: q/k rows are put back from llama.cpp's RoPE order
 (`unpermute`), kernels are transposed and split into heads; norms copy.
 """
 
