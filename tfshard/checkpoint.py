@@ -41,6 +41,7 @@ from keras.src.backend.common import global_state
 from keras.src.backend.common.variables import Variable as _KerasVariable
 from keras.src.saving import saving_lib
 
+from tfshard import consistency
 from tfshard import sources
 from tfshard.layers.base import assign_slice
 from tfshard.plan import walk
@@ -846,8 +847,7 @@ def build_model(src):
 def agree_on_failure(comm, error, what):
     """Every rank learns whether any rank failed; all raise the same error."""
     mine = None if error is None else f"{type(error).__name__}: {error}"
-    reports = comm.allgather_object(mine) if comm.size > 1 else [mine]
-    failed = [(r, m) for r, m in enumerate(reports) if m]
+    failed = consistency.gather_failures(comm, mine)
     if not failed:
         return
     if error is not None and len(failed) == 1:

@@ -133,6 +133,31 @@ def source_identity(path):
     return _signed(h.intdigest())
 
 
+def gather_failures(comm, failure, any_failed=None):
+    """Which ranks failed, and why: the same list on every rank.
+
+    The one way tfshard reports a failure that happened on some ranks only (a
+    batch only one group computed, a file one rank cannot read): every rank
+    takes part, so none is left waiting in a collective, and every rank can
+    raise the same error.
+
+    Args:
+        comm: the `Communicator`.
+        failure: this rank's message, or None when it succeeded.
+        any_failed: whether any rank failed, when the caller already gathered
+            that (e.g. as a column of a table it exchanges anyway); False
+            skips the exchange.
+
+    Returns:
+        `[(rank, message)]` of the ranks that failed, in rank order.
+    """
+    if comm.size == 1:
+        return [(0, failure)] if failure else []
+    if any_failed is False:
+        return []
+    return [(r, m) for r, m in enumerate(comm.allgather_object(failure)) if m]
+
+
 def agree(comm, parts, context):
     """Checks that every rank has the same digest for every part.
 

@@ -276,10 +276,9 @@ def generate(sharded, inputs, max_length=None, stop_token_ids="auto", strip_prom
     # of one group that diverged, raises everywhere instead of leaving a wait.
     digest = consistency.digest(_describe(out)) if failure is None else 0
     table = world.allgather_numpy(np.array([failure is not None, digest], np.int64))
-    if table[:, 0].any():
-        messages = world.allgather_object(failure)
-        bad = next(r for r, m in enumerate(messages) if m)
-        raise ValueError(f"{where}: rank {bad} failed: {messages[bad]}")
+    failed = consistency.gather_failures(world, failure, bool(table[:, 0].any()))
+    if failed:
+        raise ValueError(f"{where}: rank {failed[0][0]} failed: {failed[0][1]}")
     tp = sharded.tensor_parallel
     for g in range(sharded.groups):
         group_digests = table[g * tp:(g + 1) * tp, 1]

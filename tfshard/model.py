@@ -2,11 +2,8 @@
 
 import collections
 import gc
-import itertools
-import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tfshard import comm as comm_lib
@@ -14,7 +11,6 @@ from tfshard import consistency
 from tfshard import copying
 from tfshard import generation
 from tfshard import predict as predict_lib
-from tfshard.schedule import Scheduler, validate as validate_schedule
 from tfshard.layers import ShardSpec, shard_layer
 from tfshard.plan import Plan, walk
 from tfshard.world import World, init
@@ -440,12 +436,12 @@ class ShardedModel(keras.Model):
                     f"{type(self.strategy).__name__} in this process)")
         return f"{self.name}.{what} (rank {self.rank} of {self.size})"
 
-    def _agree_on_inputs(self, items, what):
+    def agree_on_inputs(self, items, what):
         """All ranks check they were given the same arrays (see `consistency.agree`)."""
         consistency.agree(self.world.comm, {f"input {n!r}": consistency.array_digest(a)
                                             for n, a, _ in items}, f"{self.name}.{what}")
 
-    def _step(self, batch, where):
+    def run_batch(self, batch, where):
         """One forward pass of a batch on this rank's group; numpy out."""
         preprocessor = getattr(self.inner, "preprocessor", None)
         if preprocessor is not None:
@@ -499,73 +495,9 @@ class ShardedModel(keras.Model):
                 that could mismatch.
         """
         with self.world.comm.section(f"{self.name}.predict"):
-            return self._predict(x, batch_size, verbose, steps, callbacks, schedule, weights,
-                                 gather)
-
-    def _predict(self, x, batch_size, verbose, steps, callbacks, schedule, weights, gather):
-        where = self.call_site("predict")
-        world = self.world.comm
-        if gather not in ("all", "rank0"):
-            raise ValueError(f"{where}: gather must be 'all' or 'rank0'; got {gather!r}.")
-        validate_schedule(schedule, weights, self.groups)
-        source, total, items = predict_lib.batch_source(
-            x, batch_size, steps, predict_lib.model_input_specs(self.inner), where)
-        if items is not None:
-            self._agree_on_inputs(items, "predict")
-        scheduler = Scheduler(schedule, self.groups, weights, total)
-        cbs = keras.callbacks.CallbackList(callbacks, model=self)
-        show = verbose not in (0, "0") and self.rank == 0
-        # Rank 0 counts its own group's batches; with several groups their number
-        # is only known as the schedule unfolds.
-        target = total if self.groups == 1 else None
-        bar = keras.utils.Progbar(target, verbose=2 if verbose in (2, "2") else 1) if show else None
-        cbs.on_predict_begin()
-        done, seen = [], 0
-        while True:
-            batch_round = list(itertools.islice(source, scheduler.round_size()))
-            if items is None:  # streamed input: agree on every round, the last (empty) one too
-                consistency.agree(world, {"batches": consistency.digest(
-                    [predict_lib.batch_digest(i, b) for i, b in batch_round])},
-                    f"{self.name}.predict")
-            if not batch_round:
-                break
-            assignment = scheduler.assign(len(batch_round))
-            n_batches = n_rows = 0
-            failure = None
-            t0 = time.perf_counter()
-            for (index, batch), g in zip(batch_round, assignment):
-                if g != self.group:
-                    continue
-                cbs.on_predict_batch_begin(index)
-                try:
-                    out = self._step(batch, where)
-                except ValueError as err:
-                    # Only this group computes the batch: report through the
-                    # round's all-gather so every rank raises, none waits.
-                    failure = f"batch {index}: " + str(err).replace(f"{where}: ", "")
-                    break
-                done.append((index, out))
-                n_batches += 1
-                n_rows += predict_lib.rows_of(batch)
-                cbs.on_predict_batch_end(index, {"outputs": out})
-                if bar is not None:
-                    seen += 1
-                    bar.update(seen)
-            seconds = time.perf_counter() - t0
-            table = world.allgather_numpy(
-                np.array([n_batches, n_rows, seconds, failure is not None], np.float64))
-            if table[:, 3].any():
-                messages = world.allgather_object(failure)
-                bad = next(r for r, m in enumerate(messages) if m)
-                raise ValueError(f"{where}: rank {bad} failed on {messages[bad]}")
-            leaders = [g * self.tensor_parallel for g in range(self.groups)]
-            scheduler.observe([(int(table[r, 0]), int(table[r, 1]), float(table[r, 2]))
-                               for r in leaders])
-        cbs.on_predict_end()
-        self.last_schedule = scheduler.report()
-        if self.groups == 1:  # every rank computed every batch: nothing to exchange
-            return predict_lib.local_outputs(done, where, gather != "rank0" or world.rank == 0)
-        return predict_lib.gather_outputs(world, self.tp_comm.rank == 0, done, where, gather)
+            out, self.last_schedule = predict_lib.run(
+                self, x, batch_size, verbose, steps, callbacks, schedule, weights, gather)
+        return out
 
     def predict_on_batch(self, x):
         """`keras.Model.predict_on_batch`, sharded (every group computes the batch)."""
@@ -573,8 +505,8 @@ class ShardedModel(keras.Model):
         specs = predict_lib.model_input_specs(self.inner)
         with self.world.comm.section(f"{self.name}.predict_on_batch"):
             x = predict_lib.lists_to_arrays(x, specs, where)
-            self._agree_on_inputs(predict_lib.check_arrays(x, specs, where), "predict_on_batch")
-            return self._step(predict_lib.to_numpy(x), where)
+            self.agree_on_inputs(predict_lib.check_arrays(x, specs, where), "predict_on_batch")
+            return self.run_batch(predict_lib.to_numpy(x), where)
 
     def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False,
                  sampler=None):

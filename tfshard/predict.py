@@ -1,16 +1,22 @@
-"""Input checks for `ShardedModel.predict`: clear errors before any collective.
+"""`ShardedModel.predict`: input checks (clear errors before any collective), the loop
+over batches and groups (`run`), and the ordered gather of the outputs.
 
 Every rank runs these checks on the same inputs (the inputs' digest is agreed
 on first), so a bad input raises the same ValueError on every rank instead of
 leaving some ranks waiting in a collective.
 """
 
+import itertools
 import math
 import re
+import time
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from tfshard import consistency
+from tfshard.schedule import Scheduler, validate as validate_schedule
 
 
 def model_input_specs(model):
@@ -373,8 +379,6 @@ def rows_of(batch):
 
 
 def batch_digest(index, batch):
-    from tfshard import consistency
-
     leaves = keras.tree.flatten(batch)
     return consistency.digest([index] + [consistency.array_digest(np.asarray(a)) for a in leaves])
 
@@ -515,3 +519,78 @@ def gather_outputs(world, is_leader, done, where, gather="all"):
     if gather == "rank0" and world.rank != 0:
         return None
     return _pack(ref["template"], results)
+
+
+def run(sharded, x, batch_size, verbose, steps, callbacks, schedule, weights, gather):
+    """The loop of `ShardedModel.predict` (see there for the arguments).
+
+    Batches are shared among the data-parallel groups round by round
+    (`tfshard.schedule`); each round ends with one small all-gather of every
+    rank's counts, times and failure flag, so a failure on any rank raises on
+    every rank. Streamed input is agreed on round by round.
+
+    Returns:
+    `(outputs, schedule report)`.
+    """
+    where = sharded.call_site("predict")
+    world = sharded.world.comm
+    if gather not in ("all", "rank0"):
+        raise ValueError(f"{where}: gather must be 'all' or 'rank0'; got {gather!r}.")
+    validate_schedule(schedule, weights, sharded.groups)
+    source, total, items = batch_source(
+        x, batch_size, steps, model_input_specs(sharded.inner), where)
+    if items is not None:
+        sharded.agree_on_inputs(items, "predict")
+    scheduler = Scheduler(schedule, sharded.groups, weights, total)
+    cbs = keras.callbacks.CallbackList(callbacks, model=sharded)
+    show = verbose not in (0, "0") and sharded.rank == 0
+    # Rank 0 counts its own group's batches; with several groups their number
+    # is only known as the schedule unfolds.
+    target = total if sharded.groups == 1 else None
+    bar = keras.utils.Progbar(target, verbose=2 if verbose in (2, "2") else 1) if show else None
+    cbs.on_predict_begin()
+    done, seen = [], 0
+    while True:
+        batch_round = list(itertools.islice(source, scheduler.round_size()))
+        if items is None:  # streamed input: agree on every round, the last (empty) one too
+            consistency.agree(world, {"batches": consistency.digest(
+                [batch_digest(i, b) for i, b in batch_round])},
+                f"{sharded.name}.predict")
+        if not batch_round:
+            break
+        assignment = scheduler.assign(len(batch_round))
+        n_batches = n_rows = 0
+        failure = None
+        t0 = time.perf_counter()
+        for (index, batch), g in zip(batch_round, assignment):
+            if g != sharded.group:
+                continue
+            cbs.on_predict_batch_begin(index)
+            try:
+                out = sharded.run_batch(batch, where)
+            except ValueError as err:
+                # Only this group computes the batch: report through the
+                # round's all-gather so every rank raises, none waits.
+                failure = f"batch {index}: " + str(err).replace(f"{where}: ", "")
+                break
+            done.append((index, out))
+            n_batches += 1
+            n_rows += rows_of(batch)
+            cbs.on_predict_batch_end(index, {"outputs": out})
+            if bar is not None:
+                seen += 1
+                bar.update(seen)
+        seconds = time.perf_counter() - t0
+        table = world.allgather_numpy(
+            np.array([n_batches, n_rows, seconds, failure is not None], np.float64))
+        failed = consistency.gather_failures(world, failure, bool(table[:, 3].any()))
+        if failed:
+            raise ValueError(f"{where}: rank {failed[0][0]} failed on {failed[0][1]}")
+        leaders = [g * sharded.tensor_parallel for g in range(sharded.groups)]
+        scheduler.observe([(int(table[r, 0]), int(table[r, 1]), float(table[r, 2]))
+                           for r in leaders])
+    cbs.on_predict_end()
+    report = scheduler.report()
+    if sharded.groups == 1:  # every rank computed every batch: nothing to exchange
+        return local_outputs(done, where, gather != "rank0" or world.rank == 0), report
+    return gather_outputs(world, sharded.tp_comm.rank == 0, done, where, gather), report
