@@ -19,7 +19,9 @@ LEVELS = {
     "tfshard.report": 7, "tfshard.tensorboard": 7,
     "tfshard.loading": 6,  # load = resolve + build + shard + fill: above model and readers
     "tfshard.model": 5,
-    "tfshard.checkpoint": 4, "tfshard.generation": 4, "tfshard.copying": 4,
+    "tfshard.io": 4, "tfshard.io.deferred": 4, "tfshard.io.stores": 4,
+    "tfshard.io.sharded": 4, "tfshard.io.formats": 4, "tfshard.io.save": 4,
+    "tfshard.generation": 4, "tfshard.copying": 4,
     "tfshard.predict": 3, "tfshard.schedule": 3, "tfshard.consistency": 3,
     "tfshard.sources": 3, "tfshard.world": 3, "tfshard.devices": 3,
     "tfshard.models": 3, "tfshard.models.real": 3, "tfshard.models.gguf_llama": 3,

@@ -8,7 +8,7 @@
 
 __version__ = "0.1.0"
 
-from tfshard.checkpoint import CheckpointError
+from tfshard.io import CheckpointError
 from tfshard.devices import cpu_devices
 from tfshard.loading import load
 from tfshard.model import ShardedModel, shard

@@ -352,13 +352,13 @@ def cmd_inspect(args):
     if args.source in models.NAMES:
         model, _, _ = models.build(args.source, seed=args.seed)
     else:
-        from tfshard import checkpoint
+        from tfshard import io as tfio
 
-        if not os.path.exists(args.source) and args.source not in checkpoint.NAMED:
+        if not os.path.exists(args.source) and args.source not in tfio.NAMED:
             raise ValueError(
                 f"Unknown model {args.source!r}: no such file or folder, and not a built-in "
-                f"model ({', '.join(models.NAMES)}) or a real one ({', '.join(sorted(checkpoint.NAMED))}).")
-        model = checkpoint.build_deferred(args.source)  # shapes only: nothing is read
+                f"model ({', '.join(models.NAMES)}) or a real one ({', '.join(sorted(tfio.NAMED))}).")
+        model = tfio.build_deferred(args.source)  # shapes only: nothing is read
     plan = Plan.auto(model, args.tensor_parallel)
     for rank in range(args.tensor_parallel) if args.all_ranks else [0]:
         print(plan.summary(rank=rank))

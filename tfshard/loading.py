@@ -1,14 +1,14 @@
 """`tfshard.load`: a model sharded from the start, each rank reading only its slices.
 
 The runtime's entry point for files. It sits above both the model (`shard`) and the
-readers (`tfshard.checkpoint`): it resolves the source, builds the model with
+readers (`tfshard.io`): it resolves the source, builds the model with
 deferred variables, has the ranks agree on the file, shards the model, then fills
 each rank's slices from the file.
 """
 
 import os
 
-from tfshard import checkpoint
+from tfshard import io as tfio
 from tfshard import consistency
 from tfshard.model import shard
 from tfshard.world import init
@@ -56,14 +56,14 @@ def _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects
     created = []
     identity = 0
     try:
-        src = checkpoint.resolve_source(source, model=model, safe_mode=safe_mode, custom_objects=custom_objects)
+        src = tfio.resolve_source(source, model=model, safe_mode=safe_mode, custom_objects=custom_objects)
         if world.comm.size > 1:
             identity = consistency.source_identity(src.label)
-        inner, created = checkpoint.build_model(src)
+        inner, created = tfio.build_model(src)
         src.prepare(inner)
     except Exception as e:  # reported to every rank below
         error = e
-    checkpoint.agree_on_failure(world.comm, error, f"tfshard.load({source!r})")
+    tfio.agree_on_failure(world.comm, error, f"tfshard.load({source!r})")
     try:
         # The variables are still deferred: ranks agree on the file they will read
         # (name, size, sampled contents) instead of on weight values.
@@ -75,12 +75,12 @@ def _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects
             src.close()
         raise
     try:
-        checkpoint.materialize(created, inner.weights)
+        tfio.materialize(created, inner.weights)
         src.fill(inner)
     except Exception as e:
         error = e
     finally:
         src.close()
-    checkpoint.agree_on_failure(world.comm, error, f"tfshard.load({source!r})")
+    tfio.agree_on_failure(world.comm, error, f"tfshard.load({source!r})")
     sharded.attach_source(src.label, src.preprocessor())
     return sharded

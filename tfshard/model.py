@@ -572,10 +572,10 @@ class ShardedModel(keras.Model):
         if kwargs:
             raise TypeError(f"ShardedModel.save got unexpected arguments {sorted(kwargs)}.")
         self._refuse_strategy("save")
-        from tfshard import checkpoint
+        from tfshard import io as tfio
 
         with self.world.comm.section(f"{self.name}.save"):
-            return checkpoint.save(self, filepath, gather=gather, overwrite=overwrite)
+            return tfio.save(self, filepath, gather=gather, overwrite=overwrite)
 
     def save_weights(self, filepath, overwrite=True, **kwargs):
         """Saves the weights: a sharded checkpoint folder, like `save`."""
@@ -590,7 +590,7 @@ class ShardedModel(keras.Model):
             NotImplementedError: under a tf.distribute strategy.
         """
         self._refuse_strategy("load_weights")
-        from tfshard import checkpoint
+        from tfshard import io as tfio
 
         with self.world.comm.section(f"{self.name}.load_weights"):
-            checkpoint.load_into(self, filepath)
+            tfio.load_into(self, filepath)

@@ -64,12 +64,12 @@ def smollm2_reference():
 
     from tfshard.models import gguf_llama, real
 
-    from tfshard.checkpoint import _materialize, deferred_variables
+    from tfshard.io import deferred_variables, materialize
 
     reader = gguf.GGUFReader(real.path_of("smollm2"))
     with deferred_variables() as created:  # skip 135M random draws; every weight is assigned
         model = gguf_llama.build_causal_lm(gguf_llama.open_gguf(real.path_of("smollm2")))
-    _materialize(created, model.weights)
+    materialize(created, model.weights)
     t = {x.name: x for x in reader.tensors}
 
     def w(name):
@@ -369,11 +369,11 @@ def run_errors(world, results, shared):
 
 def _tamper(ckpt, shared):
     """Index edits a checksum alone catches, and ones made with the checksum redone."""
-    from tfshard import checkpoint
+    from tfshard import io as tfio
 
     def write(name, index, redo_checksum=True):
         if redo_checksum:
-            index["checksum"] = checkpoint.index_checksum(index)
+            index["checksum"] = tfio.index_checksum(index)
         json.dump(index, open(os.path.join(shared, name, "tfshard.json"), "w"))
 
     def index():

@@ -115,7 +115,7 @@ def build_causal_lm(gguf_file):
     """A `LlamaCausalLM` (no preprocessor) with the file's configuration.
 
     Its weights are whatever the variables' initialisers give; call it inside
-    `tfshard.checkpoint.deferred_variables()` to give them no memory.
+    `tfshard.io.deferred_variables()` to give them no memory.
     """
     import keras_hub
 

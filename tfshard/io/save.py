@@ -1,0 +1,315 @@
+"""Saving a sharded model: a sharded checkpoint folder, or a gathered `.keras` file.
+
+Written into `PATH.incomplete-HOST-PID-ID` and renamed into place after every
+rank has finished and the index is on disk, so a crash never leaves a folder
+that loads at PATH; the next save of PATH removes what dead saves left.
+"""
+
+import datetime
+import json
+import os
+import shutil
+import socket
+import uuid
+import zipfile
+
+import h5py
+import keras
+import numpy as np
+from keras.src.saving import saving_lib
+
+from tfshard.io.formats import agree_on_failure
+from tfshard.io.sharded import AXIS_ATTR, FORMAT, INDEX, RANGE_ATTR, RANK_ATTR, TP_ATTR, VERSION, index_checksum
+from tfshard.io.stores import Store
+
+
+class _WriteStore(Store):
+    """A Keras weights store (write mode) that sharded layers write slices to.
+
+    Args:
+        path: the HDF5 file to write, or None on ranks that write nothing.
+        gather: True: sharded weights are gathered to full tensors (written by
+            the rank with a file); False: each rank writes its own slices and
+            replicated weights are written only where `write_replicated`.
+        write_replicated: write the weights of plain (replicated) layers.
+    """
+
+    def __init__(self, path, gather, write_replicated):
+        self._init_store("w", h5py.File(path, "w") if path else None, label=path)
+        self.path_or_io = path
+        self.gather, self.write_replicated = gather, write_replicated
+        self.tensors = {}
+
+    def make(self, path, metadata=None):
+        self._h5_entry_path = path
+        self._h5_entry_group = {}
+        self._h5_entry_initialized = False
+        self._metadata = metadata
+        return self
+
+    def _key(self, key):
+        return f"{self._h5_entry_path}/vars/{key}" if self._h5_entry_path else f"vars/{key}"
+
+    def _write(self, key, value):
+        if self.h5_file is None:
+            return
+        if not self._h5_entry_initialized:
+            self._create_h5_group(self._h5_entry_path, metadata=self._metadata)
+        value = np.asarray(value)
+        if value.ndim and value.size:
+            self._h5_entry_group.create_dataset(key, data=value, chunks=True, fletcher32=not self.gather)
+        else:
+            self._h5_entry_group[key] = value
+
+    def __setitem__(self, key, value):
+        value = keras.ops.convert_to_numpy(value)
+        self.tensors[self._key(key)] = {"shape": list(value.shape), "dtype": value.dtype.name,
+                                        "axis": None, "ranges": None}
+        if self.gather or self.write_replicated:
+            self._write(key, value)
+
+    def write_shard(self, key, value, axis, ranges, rank, full_shape, comm, name):
+        """Called by sharded layers: this rank's slice of one weight."""
+        if axis is None:
+            self.__setitem__(key, value)
+            return
+        self.tensors[self._key(key)] = {"shape": list(full_shape), "dtype": value.dtype.name,
+                                        "axis": axis, "ranges": [list(r) for r in ranges]}
+        if not self.gather:
+            self._write(key, value)
+            if self.h5_file is not None and value.ndim and value.size:
+                ds = self._h5_entry_group[key]
+                ds.attrs[RANGE_ATTR] = np.asarray(ranges[rank], dtype=np.int64)
+                ds.attrs[AXIS_ATTR] = int(axis)
+            return
+        moved = np.ascontiguousarray(np.moveaxis(value, axis, 0))
+        rows = comm.gather_to_root(moved)
+        if rows is None or self.h5_file is None:
+            return
+        full = np.empty(np.moveaxis(np.empty(full_shape, dtype=np.bool_), axis, 0).shape, value.dtype)
+        offset = 0
+        for start, stop in ranges:
+            full[start:stop] = rows[offset:offset + stop - start]
+            offset += stop - start
+        self._write(key, np.moveaxis(full, 0, axis))
+
+    def close(self):
+        if self.h5_file is not None:
+            self.h5_file.flush()
+            self.h5_file.close()
+            self.h5_file = None
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(sharded, path, gather=False, overwrite=True):
+    """Saves a `ShardedModel`; see `ShardedModel.save`."""
+    if not all(hasattr(sharded, a) for a in ("inner", "plan", "world", "tp_comm", "group")):
+        raise TypeError(f"tfshard save needs a ShardedModel; got {type(sharded).__name__}.")
+    path = os.path.abspath(os.fspath(path))
+    world = sharded.world
+    comm = world.comm
+    config = sharded.source_config
+    if config is None:
+        raise ValueError(
+            f"{path}: model {sharded.inner.name!r} has no serializable config "
+            f"({sharded.source_config_error}); tfshard saves models that keras.saving can "
+            "serialize (implement get_config on custom layers).")
+    if gather and not path.endswith(".keras"):
+        raise ValueError(f"{path}: save(gather=True) writes a .keras file; end the path with .keras.")
+    if not gather and path.endswith((".keras", ".h5")):
+        raise ValueError(f"{path}: a sharded checkpoint is a folder; use a path without .keras/.h5, "
+                         "or gather=True for a single .keras file.")
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"{path} exists; pass overwrite=True to replace it.")
+    if comm.rank == 0:
+        remove_stale_partials(path)
+    # The name says what it is, and who wrote it: a save killed midway leaves
+    # PATH.incomplete-HOST-PID-ID, which loads never read and the next save of
+    # PATH removes once that process is gone.
+    token = comm.allgather_object(
+        f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}" if comm.rank == 0 else None)[0]
+    tmp = f"{path}{PARTIAL}{token}"
+    error = tensors = None
+    try:
+        if gather:
+            _save_gathered(sharded, tmp, config)
+        else:
+            tensors = _save_sharded(sharded, tmp, config)
+    except Exception as e:
+        error = e
+    try:
+        agree_on_failure(comm, error, f"save({path!r})")
+    except Exception:
+        if comm.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else (
+                os.path.exists(tmp) and os.remove(tmp))
+        raise
+    if comm.rank == 0 and not gather:
+        _write_index(sharded, tmp, config, tensors)
+    error = None
+    if comm.rank == 0:
+        try:
+            _replace(tmp, path)
+        except Exception as e:
+            error = e
+    agree_on_failure(comm, error, f"save({path!r})")
+    return path
+
+
+PARTIAL = ".incomplete-"
+
+
+def remove_stale_partials(path):
+    """Removes what killed saves of `path` left: `PATH.incomplete-HOST-PID-ID[.old]`
+    written by a process of this host that no longer runs.
+
+    Returns:
+        The paths removed.
+    """
+    folder, base = os.path.split(os.path.abspath(path))
+    removed = []
+    try:
+        names = os.listdir(folder or ".")
+    except OSError:
+        return removed
+    host = socket.gethostname()
+    for name in names:
+        if not name.startswith(base + PARTIAL):
+            continue
+        owner = name[len(base + PARTIAL):].rsplit("-", 2)
+        if len(owner) != 3 or owner[0] != host or not owner[1].isdigit():
+            continue  # another host's save, or not ours: leave it
+        if _alive(int(owner[1])):
+            continue  # a save in progress
+        full = os.path.join(folder, name)
+        shutil.rmtree(full, ignore_errors=True) if os.path.isdir(full) else os.remove(full)
+        removed.append(full)
+    return removed
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _replace(tmp, path):
+    """Moves `tmp` to `path`; an existing `path` is removed only after."""
+    if os.path.isdir(tmp):
+        old = None
+        if os.path.exists(path):
+            old = f"{tmp}.old"
+            os.rename(path, old)
+        os.rename(tmp, path)
+        if old:
+            shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
+    else:
+        os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _rank_file(rank, size):
+    return f"rank-{rank:05d}-of-{size:05d}.h5"
+
+
+def _save_sharded(sharded, tmp, config):
+    """Writes this rank's file of a sharded checkpoint into `tmp`.
+
+    Returns:
+        The index's tensor table (`{key: shape, dtype, axis, ranges}`) on ranks
+        that wrote a file, else None.
+    """
+    tp = sharded.tp_comm
+    if sharded.world.comm.rank == 0:
+        os.makedirs(tmp)
+    sharded.world.comm.barrier()
+    if sharded.group != 0:
+        return None  # data-parallel replicas hold the same slices as group 0
+    name = os.path.join(tmp, _rank_file(tp.rank, tp.size))
+    store = _WriteStore(name, gather=False, write_replicated=tp.rank == 0)
+    store.h5_file.attrs[RANK_ATTR] = tp.rank
+    store.h5_file.attrs[TP_ATTR] = tp.size
+    assets = archive = None
+    try:
+        if tp.rank == 0:
+            archive = zipfile.ZipFile(os.path.join(tmp, "assets.zip"), "w")
+            assets = saving_lib.DiskIOStore("assets", archive=archive, mode="w")
+        saving_lib._save_state(sharded.inner, weights_store=store, assets_store=assets,
+                               inner_path="", visited_saveables=set())
+    finally:
+        store.close()
+        if assets is not None:
+            assets.close()
+            empty = not archive.namelist()
+            archive.close()
+            if empty:
+                os.remove(os.path.join(tmp, "assets.zip"))
+    _fsync(name)
+    return store.tensors
+
+
+def _write_index(sharded, tmp, config, tensors):
+    tp = sharded.tp_comm
+    files = [_rank_file(r, tp.size) for r in range(tp.size)]
+    index = {
+        "format": FORMAT,
+        "version": VERSION,
+        "tensor_parallel": tp.size,
+        "files": files,
+        "file_bytes": [os.path.getsize(os.path.join(tmp, f)) for f in files],
+        "keras_version": keras.__version__,
+        "date_saved": datetime.datetime.now().isoformat(timespec="seconds"),
+        "model_config": config,
+        "plan": sharded.plan.to_dict(),
+        "tensors": tensors,
+    }
+    index = json.loads(json.dumps(index, default=str))  # the checksum covers what is written
+    index["checksum"] = index_checksum(index)
+    with open(os.path.join(tmp, INDEX + ".tmp"), "w") as f:
+        json.dump(index, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(os.path.join(tmp, INDEX + ".tmp"), os.path.join(tmp, INDEX))
+
+
+def _save_gathered(sharded, tmp, config):
+    root = sharded.world.comm.rank == 0
+    weights = f"{tmp}.weights.h5" if root else None
+    store = _WriteStore(weights, gather=True, write_replicated=False)
+    zf = zipfile.ZipFile(tmp, "w") if root else None
+    assets = saving_lib.DiskIOStore("assets", archive=zf, mode="w") if root else None
+    try:
+        saving_lib._save_state(sharded.inner, weights_store=store, assets_store=assets,
+                               inner_path="", visited_saveables=set())
+        store.close()
+        if root:
+            meta = {"keras_version": keras.__version__,
+                    "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S")}
+            zf.writestr("metadata.json", json.dumps(meta))
+            zf.writestr("config.json", json.dumps(config, default=str))
+            zf.write(weights, "model.weights.h5")
+    finally:
+        store.close()
+        if assets is not None:
+            assets.close()
+        if zf is not None:
+            zf.close()
+        if weights and os.path.exists(weights):
+            os.remove(weights)
+    if root:
+        _fsync(tmp)
