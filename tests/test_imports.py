@@ -25,7 +25,7 @@ LEVELS = {
     "tfshard.predict": 3, "tfshard.schedule": 3, "tfshard.consistency": 3,
     "tfshard.sources": 3, "tfshard.world": 3, "tfshard.devices": 3,
     "tfshard.models": 3, "tfshard.models.real": 3, "tfshard.models.gguf_llama": 3,
-    "tfshard.plan": 2,
+    "tfshard.plan": 2, "tfshard.rules": 2,
     "tfshard.layers": 1, "tfshard.layers.base": 1, "tfshard.layers.dense": 1,
     "tfshard.layers.einsum_dense": 1, "tfshard.layers.embedding": 1,
     "tfshard.comm": 0, "tfshard.comm.base": 0, "tfshard.comm.metered": 0,

@@ -134,3 +134,31 @@ def test_local_world_is_a_no_op():
     sharded = tfshard.shard(model)
     assert sharded.size == 1 and not sharded.plan.sharded
     np.testing.assert_array_equal(sharded.predict(x, verbose=0), ref)
+
+
+def test_rule_objects_resolve_like_their_shorthand():
+    """Column(gather=...), Row(), Vocab(), Replicate() (issue 16); strings stay shorthand."""
+    model, _ = models.gpt2()
+    layers = {
+        r".*feedforward_intermediate_dense": ("column", tfshard.Column()),
+        r".*feedforward_output_dense": ("row", tfshard.Row()),
+        r".*token_embedding": ("vocab", tfshard.Vocab()),
+        r".*position_embedding": ("replicate", tfshard.Replicate()),
+        r".*attention_output.*": ("column:gather", tfshard.Column(gather=True)),
+    }
+    as_strings = Plan.from_rules({p: s for p, (s, _) in layers.items()}).resolve(model, 2, 1)
+    as_objects = Plan.from_rules({p: o for p, (_, o) in layers.items()}).resolve(model, 2, 1)
+    assert as_objects.to_dict() == as_strings.to_dict()
+    rules = {e.rule for e in as_objects.sharded}
+    assert {"column", "row", "vocab"} <= rules
+    assert any(e.gather_output for e in as_objects.sharded), "Column(gather=True) did not gather"
+    assert tfshard.Column(gather=True).shorthand() == "column:gather"
+    # The auto plan is unchanged by the rules becoming objects.
+    assert Plan.auto(model, 2, 1).to_dict() == Plan.auto(model, 2, 1).to_dict()
+
+
+@pytest.mark.parametrize("rule", ["colum", 3, None, tfshard.rules.Rule()])
+def test_unknown_rules_name_the_pattern_and_what_works(rule):
+    with pytest.raises(ValueError, match=r"Unknown rule .* for pattern '\.\*x'; expected "
+                                         r"Column\(gather=False\|True\), Row\(\)"):
+        Plan.from_rules({".*x": rule})

@@ -28,10 +28,11 @@ import re
 import keras
 import numpy as np
 
+from tfshard import rules as rules_lib
+
 from tfshard.layers import even_ranges
 from tfshard.layers.einsum_dense import einsum_axes
 
-RULES = ("column", "row", "vocab", "replicate")
 
 # Parameter-free layers that act element-wise on the feature axis: a column
 # output may flow through them into a row layer.
@@ -435,13 +436,8 @@ class Plan:
 
     def __init__(self, rules=None, min_vocab_rows=64, min_gather_params=1 << 20):
         if rules is not None:
-            rules = dict(rules)
-            for pattern, rule in rules.items():
-                if rule not in RULES + ("column:gather",):
-                    raise ValueError(
-                        f"Unknown rule {rule!r} for pattern {pattern!r}; expected one of "
-                        f"{RULES + ('column:gather',)}."
-                    )
+            rules = {pattern: rules_lib.parse(rule, pattern) for pattern, rule in dict(rules).items()}
+            for pattern in rules:
                 try:
                     re.compile(pattern)
                 except re.error as e:
@@ -533,8 +529,8 @@ class Plan:
 
         resolved = Plan(self.rules, self.min_vocab_rows, self.min_gather_params)
         entries, heads = {}, []
-        gathered = {p for p, r in rules.items() if r == "column:gather"}
-        rules = {p: ("column" if r == "column:gather" else r) for p, r in rules.items()}
+        gathered = {p for p, r in rules.items() if isinstance(r, rules_lib.Column) and r.gather}
+        rules = {p: r.shorthand().split(":")[0] for p, r in rules.items()}
 
         def fail(path, msg):
             raise ValueError(f"Layer {path!r} (rank {rank} of {size}): {msg}")
@@ -657,29 +653,29 @@ class Plan:
                 except ValueError:
                     continue
                 for p in blk.q + blk.kv:
-                    rules[p] = "column"
-                rules[blk.out] = "row"
+                    rules[p] = rules_lib.Column()
+                rules[blk.out] = rules_lib.Row()
         taken = set(rules)
         by_path = {n.path: n.layer for n in targets}
         for cols, row in pairs:
             if taken.intersection(cols + [row]):
                 continue
             if size > 1 and _linear_dims(by_path[row])[0] >= size:
-                rules.update({c: "column" for c in cols})
-                rules[row] = "row"
+                rules.update({c: rules_lib.Column() for c in cols})
+                rules[row] = rules_lib.Row()
                 taken.update(cols + [row])
         for n in targets:
             if n.path in taken or size == 1:
                 continue
             kind, shape = kind_of(n.layer), _full_shape(n.layer)
             if kind == "ReversibleEmbedding" and shape[0] >= size:
-                rules[n.path] = "vocab"
+                rules[n.path] = rules_lib.Vocab()
             elif kind == "Embedding" and shape[0] >= max(size, self.min_vocab_rows):
-                rules[n.path] = "vocab"
+                rules[n.path] = rules_lib.Vocab()
             elif _linear_dims(n.layer) is not None:
                 dims = _linear_dims(n.layer)
                 if dims[1] >= size and math.prod(shape) >= self.min_gather_params:
-                    rules[n.path] = "column:gather"
+                    rules[n.path] = rules_lib.Column(gather=True)
         return rules
 
     # -- reporting --------------------------------------------------------- #
