@@ -27,7 +27,7 @@ LEVELS = {
     "tfshard.models": 3, "tfshard.models.real": 3, "tfshard.models.gguf_llama": 3,
     "tfshard.plan": 2, "tfshard.rules": 2,
     "tfshard.layers": 1, "tfshard.layers.base": 1, "tfshard.layers.dense": 1,
-    "tfshard.layers.einsum_dense": 1, "tfshard.layers.embedding": 1,
+    "tfshard.layers.einsum_dense": 1, "tfshard.layers.embedding": 1, "tfshard.layers.tree": 1,
     "tfshard.comm": 0, "tfshard.comm.base": 0, "tfshard.comm.metered": 0,
     "tfshard.comm.watchdog": 0, "tfshard.comm.local": 0, "tfshard.comm.mpi": 0,
     "tfshard.comm.horovod": 0, "tfshard.comm.distribute": 0,

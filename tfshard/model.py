@@ -11,8 +11,8 @@ from tfshard import consistency
 from tfshard import copying
 from tfshard import generation
 from tfshard import predict as predict_lib
-from tfshard.layers import ShardSpec, shard_layer
-from tfshard.plan import Plan, walk
+from tfshard.layers import shard_layer, walk
+from tfshard.plan import Plan
 from tfshard.world import World, init
 
 
@@ -184,10 +184,7 @@ def _convert(model, plan, comm, world):
     consistency.agree(world.comm, {"plan": consistency.digest(plan.to_dict())}, "tfshard.shard()")
     by_path = {n.path: n.layer for n in walk(model)}
     for e in plan.sharded:
-        spec = ShardSpec(rule=e.rule, axis=e.axis, ranges=e.ranges, rank=comm.rank,
-                         gather_output=e.gather_output, input_is_parallel=e.input_is_parallel,
-                         full_shape=e.full_shape, path=e.path)
-        shard_layer(by_path[e.path], spec, meter, e.path)
+        shard_layer(by_path[e.path], e.spec(comm.rank), meter, e.path)
     by_path.setdefault(model.name, model)  # attention owned by the root model itself
     for counts in plan.attention:
         _set_head_counts(by_path[counts.path], counts, comm.rank)

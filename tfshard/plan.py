@@ -30,8 +30,8 @@ import numpy as np
 
 from tfshard import rules as rules_lib
 
-from tfshard.layers import even_ranges
-from tfshard.layers.einsum_dense import einsum_axes
+from tfshard.layers import ShardSpec, even_ranges, kind_of, walk
+from tfshard.layers.einsum_dense import bias_axis, einsum_axes
 
 
 # Parameter-free layers that act element-wise on the feature axis: a column
@@ -54,48 +54,6 @@ _ELEMENTWISE_ACTIVATIONS = {
 # --------------------------------------------------------------------------- #
 
 
-@dataclasses.dataclass
-class _Node:
-    layer: object
-    path: str
-    parent: object
-
-
-def _layer_path(layer, parent_path):
-    path = getattr(layer, "path", None)
-    if path:
-        return path
-    return f"{parent_path}/{layer.name}" if parent_path else layer.name
-
-
-def walk(model):
-    """Every layer below `model` once, depth first, with its path and parent."""
-    nodes, seen = [], {id(model)}
-
-    def visit(layer, parent_path):
-        for child in getattr(layer, "_layers", []):
-            if id(child) in seen or not isinstance(child, keras.layers.Layer):
-                continue
-            seen.add(id(child))
-            path = _layer_path(child, parent_path)
-            nodes.append(_Node(child, path, layer))
-            visit(child, path)
-
-    visit(model, "")
-    return nodes
-
-
-def kind_of(layer):
-    """The supported kind of a layer, or None."""
-    if isinstance(layer, keras.layers.ReversibleEmbedding):
-        return "ReversibleEmbedding"
-    if isinstance(layer, keras.layers.Embedding):
-        return "Embedding"
-    if isinstance(layer, keras.layers.EinsumDense):
-        return "EinsumDense"
-    if isinstance(layer, keras.layers.Dense):
-        return "Dense"
-    return None
 
 
 def _main_weight(layer):
@@ -389,6 +347,13 @@ class PlanEntry:
     full_bytes: int = 0
     local_bytes: tuple = ()
     note: str = ""
+
+    def spec(self, rank):
+        """This cut as the `ShardSpec` the sharded layer of `rank` is built from."""
+        return ShardSpec(rule=self.rule, axis=self.axis, ranges=self.ranges, rank=rank,
+                         gather_output=self.gather_output,
+                         input_is_parallel=self.input_is_parallel,
+                         full_shape=self.full_shape, path=self.path)
 
     def local_shape(self, rank):
         if self.ranges is None:
@@ -850,15 +815,10 @@ def _column_bias_bytes(layer, e, var, a, b):
     n = int(np.prod(var.shape))
     if kind_of(layer) == "Dense":
         return (b - a) * itemsize
-    from tfshard.layers.einsum_dense import parse_equation
-
-    _, ker, out = parse_equation(layer.equation)
-    char = ker[e["axis"]]
-    if char not in (layer.bias_axes or ""):
+    axis = bias_axis(layer.equation, layer.bias_axes, e["axis"])
+    if axis is None:
         return n * itemsize
-    first = min(out.index(c) for c in layer.bias_axes)
-    dim = var.shape[out[first:].index(char)]
-    return n // dim * (b - a) * itemsize
+    return n // var.shape[axis] * (b - a) * itemsize
 
 
 def _fmt_bytes(n):

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfshard.plan import walk
+from tfshard.layers import walk
 
 #: A layer "parts" when max|Δ| exceeds this × (1 + max|reference|).
 TOLERANCE = 1e-5

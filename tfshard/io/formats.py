@@ -21,8 +21,8 @@ from keras.src.saving import saving_lib
 
 from tfshard import consistency
 from tfshard import sources
+from tfshard.layers import walk
 from tfshard.layers.base import assign_slice
-from tfshard.plan import walk
 
 from tfshard.io.deferred import deferred_variables
 from tfshard.io.sharded import FORMAT, INDEX, VERSION, ShardedStore, check_index

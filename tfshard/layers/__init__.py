@@ -10,6 +10,7 @@ from tfshard.layers.embedding import (
     VocabParallelReversibleEmbedding,
     shard_embedding,
 )
+from tfshard.layers.tree import Node, kind_of, walk
 
 
 def shard_layer(layer, spec, comm, path=""):
@@ -40,7 +41,7 @@ def shard_layer(layer, spec, comm, path=""):
 
 
 __all__ = [
-    "ShardSpec", "even_ranges", "shard_layer",
+    "ShardSpec", "even_ranges", "shard_layer", "Node", "kind_of", "walk",
     "ColumnParallelDense", "RowParallelDense", "ParallelEinsumDense",
     "VocabParallelEmbedding", "VocabParallelReversibleEmbedding", "einsum_axes",
 ]

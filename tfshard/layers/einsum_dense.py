@@ -51,6 +51,25 @@ def einsum_axes(equation):
     return free, contracted
 
 
+def bias_axis(equation, bias_axes, kernel_axis):
+    """The bias axis that follows kernel axis `kernel_axis` of an EinsumDense.
+
+    Keras gives the bias the output axes from the first one named in
+    `bias_axes` to the end; a column cut of kernel axis k cuts the bias on the
+    position of k's letter among those.
+
+    Returns:
+        The bias axis, or None when the bias does not vary along that letter
+        (it is then replicated whole).
+    """
+    _, ker, out = parse_equation(equation)
+    char = ker[kernel_axis]
+    if not bias_axes or char not in bias_axes:
+        return None
+    first = min(out.index(c) for c in bias_axes)
+    return out[first:].index(char)
+
+
 class ParallelEinsumDense(ShardedLayerMixin, keras.layers.EinsumDense):
     """An EinsumDense holding one rank's slice of its kernel along one axis.
 
@@ -138,17 +157,12 @@ def shard_einsum_dense(layer, spec, comm, path=""):
             f"rule {spec.rule!r} cannot cut kernel axis {spec.axis}; "
             f"column may cut axes {free}, row axes {contracted}."
         )
-    _, ker, out = parse_equation(layer.equation)
-    char = ker[spec.axis]
-    bias_axes = layer.bias_axes or ""
+    cut_bias = bias_axis(layer.equation, layer.bias_axes, spec.axis) \
+        if spec.rule == "column" else None
 
     def build_local(lyr, full):
         lyr._kernel = add_local_weight(lyr, "kernel", full["_kernel"], axis=spec.axis)
         bias = full.get("bias")
-        bias_axis = None
-        if spec.rule == "column" and char in bias_axes:
-            first = min(out.index(c) for c in bias_axes)
-            bias_axis = out[first:].index(char)
-        lyr.bias = None if bias is None else add_local_weight(lyr, "bias", bias, axis=bias_axis)
+        lyr.bias = None if bias is None else add_local_weight(lyr, "bias", bias, axis=cut_bias)
 
     return rebuild_in_place(layer, ParallelEinsumDense, spec, comm, build_local)
