@@ -12,9 +12,9 @@ from tfshard.io import CheckpointError
 from tfshard.devices import cpu_devices
 from tfshard.loading import load
 from tfshard.model import ShardedModel, shard
-from tfshard.plan import Plan, PlanEntry
+from tfshard.plan import Plan, PlanEntry, ResolvedPlan
 from tfshard.rules import Column, Replicate, Row, Vocab
 from tfshard.tensorboard import TensorBoard
 from tfshard.world import World, init
 
-__all__ = ["init", "shard", "cpu_devices", "load", "CheckpointError", "Plan", "PlanEntry", "Column", "Row", "Vocab", "Replicate", "TensorBoard", "ShardedModel", "World", "__version__"]
+__all__ = ["init", "shard", "cpu_devices", "load", "CheckpointError", "Plan", "PlanEntry", "ResolvedPlan", "Column", "Row", "Vocab", "Replicate", "TensorBoard", "ShardedModel", "World", "__version__"]

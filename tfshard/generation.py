@@ -46,7 +46,7 @@ def cache_heads(model, plan, rank):
 
     Args:
         model: the keras-hub CausalLM (sharded in place).
-        plan: its resolved `Plan`.
+        plan: its `ResolvedPlan`.
         rank: the rank in the tensor-parallel group.
 
     Returns:
@@ -83,7 +83,7 @@ def install_cache(model, plan, rank):
 
     Args:
         model: the task, already sharded in place by `shard()`.
-        plan: its resolved `Plan`.
+        plan: its `ResolvedPlan`.
         rank: the rank in the tensor-parallel group.
     """
     if not (hasattr(model, "_build_cache") and hasattr(model, "call_with_cache")):

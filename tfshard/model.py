@@ -12,7 +12,7 @@ from tfshard import copying
 from tfshard import generation
 from tfshard import predict as predict_lib
 from tfshard.layers import shard_layer, walk
-from tfshard.plan import Plan
+from tfshard.plan import Plan, ResolvedPlan
 from tfshard.world import World, init
 
 
@@ -153,6 +153,8 @@ def _as_plan(plan):
         return Plan.auto()
     if isinstance(plan, dict):
         return Plan.from_rules(plan)
+    if isinstance(plan, ResolvedPlan):
+        return plan.request
     if not isinstance(plan, Plan):
         raise ValueError(f"plan must be 'auto', a dict of rules or a tfshard.Plan; got {plan!r}.")
     return plan
@@ -318,7 +320,7 @@ class ShardedModel(keras.Model):
 
     Args:
         model: the converted (sharded in place) Keras model.
-        plan: the resolved `Plan`.
+        plan: the `ResolvedPlan`.
         world: the `World`.
         tp_comm: the `Communicator` of this rank's tensor-parallel group.
         group: the index of this rank's data-parallel group.

@@ -64,7 +64,7 @@ def _main_weight(layer):
 
 
 def _full_shape(layer):
-    spec = getattr(layer, "_shard_spec", None)
+    spec = getattr(layer, "shard_spec", None)
     if spec is not None:
         return tuple(spec.full_shape)
     return tuple(int(d) for d in _main_weight(layer).shape)
@@ -410,11 +410,6 @@ class Plan:
         self.rules = rules
         self.min_vocab_rows = min_vocab_rows
         self.min_gather_params = min_gather_params
-        self.entries = None
-        self.attention = ()
-        self.size = None
-        self.rank = 0
-        self.total_bytes = 0
 
     # -- construction ------------------------------------------------------ #
 
@@ -444,7 +439,7 @@ class Plan:
             **kwargs: `min_vocab_rows`, `min_gather_params`.
 
         Returns:
-            A `Plan`.
+            A `ResolvedPlan` when `model` is given, else the `Plan` to resolve.
         """
         plan = cls(rules=None, **kwargs)
         if model is not None:
@@ -455,12 +450,17 @@ class Plan:
 
     @property
     def resolved(self):
-        return self.entries is not None
+        """False: a `Plan` is a request; `resolve` returns a `ResolvedPlan`."""
+        return False
 
     # -- resolution -------------------------------------------------------- #
 
     def resolve(self, model, size, rank=0):
         """Resolves the plan against `model` for `size` ranks.
+
+        Four steps: find the structure (attention blocks, column -> row
+        pairs), choose a rule per layer (the plan's rules, or the auto plan's),
+        cut (attention by heads, pairs, then single layers), and count bytes.
 
         Args:
             model: a built Keras model.
@@ -468,7 +468,7 @@ class Plan:
             rank: the rank this plan is for (local shapes, bytes).
 
         Returns:
-            A new, resolved `Plan`.
+            A `ResolvedPlan`.
 
         Raises:
             ValueError: a rule that cannot apply (a dimension smaller than
@@ -483,122 +483,25 @@ class Plan:
             )
         nodes = walk(model)
         targets = [n for n in nodes if kind_of(n.layer) is not None]
-        by_path = {n.path: n for n in targets}
         by_id = {id(n.layer): n.path for n in targets}
         attention = _find_attention(nodes)
         pairs = [([by_id[id(c)] for c in cols], by_id[id(row)])
                  for cols, row in _find_pairs(targets)]
 
-        rules = self._auto_rules(targets, attention, pairs, size) if self.rules is None \
+        chosen = self._auto_rules(targets, attention, pairs, size) if self.rules is None \
             else self._match_rules(targets)
-
-        resolved = Plan(self.rules, self.min_vocab_rows, self.min_gather_params)
-        entries, heads = {}, []
-        gathered = {p for p, r in rules.items() if isinstance(r, rules_lib.Column) and r.gather}
-        rules = {p: r.shorthand().split(":")[0] for p, r in rules.items()}
+        gathered = {p for p, r in chosen.items() if isinstance(r, rules_lib.Column) and r.gather}
+        rules = {p: r.shorthand().split(":")[0] for p, r in chosen.items()}
 
         def fail(path, msg):
             raise ValueError(f"Layer {path!r} (rank {rank} of {size}): {msg}")
 
-        # Attention blocks cut by heads.
-        in_attention = set()
-        for blk in attention:
-            members = blk.q + blk.kv + [blk.out]
-            want = all(rules.get(p) == "column" for p in blk.q + blk.kv) and rules.get(blk.out) == "row"
-            if not want:
-                continue
-            try:
-                q_r, kv_r = attention_ranges(blk.heads_q, blk.heads_kv, size)
-            except ValueError as e:
-                fail(blk.parent_path,
-                     f"attention with {blk.heads_q} query / {blk.heads_kv} K/V heads cannot be "
-                     f"cut over {size} ranks ({e}); sizes that work: 1..{blk.heads_q}. "
-                     "Replicate its projections or use fewer ranks.")
-            for p in members:
-                r = q_r if (p in blk.q or p == blk.out) else kv_r
-                entries[p] = dict(rule=rules[p], axis=blk.axes[p], ranges=r,
-                                  input_is_parallel=(p == blk.out),
-                                  note=f"attention {blk.heads_q}q/{blk.heads_kv}kv heads")
-            heads.append(HeadCounts(blk.parent_path, blk.heads_q, blk.heads_kv, q_r, kv_r,
-                                    blk.head_dim))
-            in_attention.update(members)
-
-        # Column → row pairs.
-        for cols, row in pairs:
-            if row in in_attention or any(c in in_attention for c in cols):
-                continue
-            paired = rules.get(row) == "row" and all(rules.get(c) == "column" and c not in gathered
-                                                      for c in cols)
-            if not paired:
-                continue
-            width = _linear_dims(by_path[row].layer)[0]
-            if width < size:
-                fail(row, f"the paired width {width} is smaller than {size} ranks; "
-                          f"sizes that work: 1..{width}.")
-            r = even_ranges(width, size)
-            for c in cols:
-                entries[c] = dict(rule="column", axis=_linear_dims(by_path[c].layer)[3],
-                                  ranges=r, note=f"pair -> {row.rsplit('/', 1)[-1]}")
-            entries[row] = dict(rule="row", axis=_linear_dims(by_path[row].layer)[2], ranges=r,
-                                input_is_parallel=True, note="pair (input parallel)")
-
-        # Everything else, one layer at a time.
-        for n in targets:
-            p, layer, kind = n.path, n.layer, kind_of(n.layer)
-            rule = rules.get(p, "replicate")
-            if p in entries or rule == "replicate":
-                continue
-            shape = _full_shape(layer)
-            if kind in ("Embedding", "ReversibleEmbedding"):
-                if rule != "vocab":
-                    fail(p, f"{kind} {shape} takes 'vocab' or 'replicate', not {rule!r}.")
-                if shape[0] < size:
-                    fail(p, f"vocab {shape[0]} is smaller than {size} ranks; sizes that work: "
-                            f"1..{shape[0]}, or replicate it.")
-                entries[p] = dict(rule="vocab", axis=0, ranges=even_ranges(shape[0], size),
-                                  note="vocab-parallel")
-                continue
-            if rule == "vocab":
-                fail(p, f"{kind} {shape} cannot take 'vocab'; use column, row or replicate.")
-            if kind == "Dense":
-                axis = 1 if rule == "column" else 0
-            else:
-                free, contracted = einsum_axes(layer.equation)
-                pool = free if rule == "column" else contracted
-                if not pool:
-                    fail(p, f"equation {layer.equation!r} has no {rule} axis to cut.")
-                axis = pool[0]
-            if shape[axis] < size:
-                fail(p, f"kernel {shape} axis {axis} has {shape[axis]} < {size} ranks; sizes "
-                        f"that work: 1..{shape[axis]}, or replicate it.")
-            entries[p] = dict(rule=rule, axis=axis, ranges=even_ranges(shape[axis], size),
-                              gather_output=(rule == "column"), input_is_parallel=False,
-                              note="gathered" if rule == "column" else "slices its input")
-
-        # Materialise entries (every supported layer gets one) and byte counts.
-        out = []
-        for n in targets:
-            p, layer = n.path, n.layer
-            shape = _full_shape(layer)
-            full_bytes = _var_bytes(layer.weights) if not hasattr(layer, "_shard_spec") else None
-            e = entries.get(p)
-            if full_bytes is None:
-                raise ValueError(f"Layer {p!r} is already sharded; shard a fresh model.")
-            if e is None:
-                out.append(PlanEntry(p, kind_of(layer), "replicate", full_shape=shape,
-                                     full_bytes=full_bytes, local_bytes=(full_bytes,) * size))
-                continue
-            local = tuple(_local_bytes(layer, e, r) for r in range(size))
-            out.append(PlanEntry(p, kind_of(layer), e["rule"], e["axis"], tuple(e["ranges"]),
-                                 bool(e.get("gather_output", False)),
-                                 bool(e.get("input_is_parallel", False)),
-                                 shape, full_bytes, local, e.get("note", "")))
-        resolved.entries = out
-        resolved.attention = tuple(heads)
-        resolved.size = size
-        resolved.rank = rank
-        resolved.total_bytes = _var_bytes(model.weights)
-        return resolved
+        entries, heads = _cut_attention(attention, rules, size, fail)
+        _cut_pairs(pairs, rules, gathered, {n.path: n.layer for n in targets}, size, entries,
+                   fail)
+        _cut_single_layers(targets, rules, size, entries, fail)
+        return ResolvedPlan(self, _plan_entries(targets, entries, size), tuple(heads), size,
+                            rank, _var_bytes(model.weights))
 
     def _match_rules(self, targets):
         rules = {}
@@ -643,24 +546,63 @@ class Plan:
                     rules[n.path] = rules_lib.Column(gather=True)
         return rules
 
-    # -- reporting --------------------------------------------------------- #
+    def _not_resolved(self, *args, **kwargs):
+        raise ValueError(
+            "This plan is not resolved yet: pass it to tfshard.shard(model, plan=...) "
+            "or call plan.resolve(model, size) for a ResolvedPlan."
+        )
 
-    def _require_resolved(self):
-        if not self.resolved:
-            raise ValueError(
-                "This plan is not resolved yet: pass it to tfshard.shard(model, plan=...) "
-                "or call plan.resolve(model, size)."
-            )
+    # A request has no cuts to report; these say how to get them.
+    summary = totals = markdown = communication = local_bytes = to_dict = _not_resolved
+
+    def __repr__(self):
+        return f"<Plan {'auto' if self.rules is None else 'rules'} (unresolved)>"
+
+
+class ResolvedPlan:
+    """A plan resolved against a model and a world size: what each layer's cut is.
+
+    Returned by `Plan.resolve` (and `Plan.auto(model, size)`); a sharded
+    model's `plan`. Passing it to `tfshard.shard` again resolves its request
+    anew for that model.
+
+    Attributes:
+        request: the `Plan` it was resolved from.
+        entries: one `PlanEntry` per supported layer, in model order.
+        attention: `HeadCounts` of the attention blocks cut by heads.
+        size: the number of tensor-parallel ranks.
+        rank: the rank whose local shapes and bytes the summaries show.
+        total_bytes: the unsharded model's bytes.
+    """
+
+    resolved = True
+
+    def __init__(self, request, entries, attention, size, rank, total_bytes):
+        self.request = request
+        self.entries = list(entries)
+        self.attention = tuple(attention)
+        self.size = size
+        self.rank = rank
+        self.total_bytes = total_bytes
+
+    @property
+    def rules(self):
+        """The request's rules (None: the auto plan)."""
+        return self.request.rules
+
+    def resolve(self, model, size, rank=0):
+        """Resolves this plan's request again (see `Plan.resolve`)."""
+        return self.request.resolve(model, size, rank)
+
+    # -- reporting --------------------------------------------------------- #
 
     @property
     def sharded(self):
         """Entries that are cut (not replicated)."""
-        self._require_resolved()
         return [e for e in self.entries if e.rule != "replicate"]
 
     def local_bytes(self, rank=None):
         """Parameter bytes this rank holds after the cut (all variables)."""
-        self._require_resolved()
         rank = self.rank if rank is None else rank
         sharded_full = sum(e.full_bytes for e in self.sharded)
         return self.total_bytes - sharded_full + sum(e.local_bytes[rank] for e in self.sharded)
@@ -678,7 +620,6 @@ class Plan:
             `collective` is "all-reduce", "all-gather" or "all-gather (logits)"
             and `elements_per_token` the size of the full result per token.
         """
-        self._require_resolved()
         out = []
         for e in self.sharded:
             if e.rule == "row":
@@ -706,7 +647,6 @@ class Plan:
     def totals(self, rank=None):
         """Two lines: this rank's bytes (sharded, replicated, total) and the collectives
         of one forward pass (count and fp32 bytes per token)."""
-        self._require_resolved()
         rank = self.rank if rank is None else rank
         sharded_full = sum(e.full_bytes for e in self.sharded)
         sharded_local = sum(e.local_bytes[rank] for e in self.sharded)
@@ -729,7 +669,6 @@ class Plan:
         Returns:
             The table (the columns of `summary`), then the `totals` lines.
         """
-        self._require_resolved()
         rank = self.rank if rank is None else rank
         header, *rows = self._rows(rank)
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -747,7 +686,6 @@ class Plan:
             replicated bytes, and the collectives of one forward pass (count
             and fp32 bytes per token).
         """
-        self._require_resolved()
         rank = self.rank if rank is None else rank
         rows = list(self._rows(rank))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -758,7 +696,6 @@ class Plan:
 
     def to_dict(self):
         """A JSON-able description of the resolved plan."""
-        self._require_resolved()
         return {
             "size": self.size,
             "entries": [
@@ -772,9 +709,123 @@ class Plan:
         }
 
     def __repr__(self):
-        if not self.resolved:
-            return f"<Plan {'auto' if self.rules is None else 'rules'} (unresolved)>"
-        return f"<Plan size={self.size} cut={len(self.sharded)}/{len(self.entries)}>"
+        return f"<ResolvedPlan size={self.size} cut={len(self.sharded)}/{len(self.entries)}>"
+
+
+# --------------------------------------------------------------------------- #
+# Resolution steps (Plan.resolve)
+# --------------------------------------------------------------------------- #
+
+
+def _cut_attention(attention, rules, size, fail):
+    """Attention blocks whose q/k/v are ruled column and output row: cut by heads.
+
+    Returns:
+        `(entries, heads)`: `{path: cut}` of the blocks' projections and their
+        `HeadCounts`.
+    """
+    entries, heads = {}, []
+    for blk in attention:
+        members = blk.q + blk.kv + [blk.out]
+        want = all(rules.get(p) == "column" for p in blk.q + blk.kv) and rules.get(blk.out) == "row"
+        if not want:
+            continue
+        try:
+            q_r, kv_r = attention_ranges(blk.heads_q, blk.heads_kv, size)
+        except ValueError as e:
+            fail(blk.parent_path,
+                 f"attention with {blk.heads_q} query / {blk.heads_kv} K/V heads cannot be "
+                 f"cut over {size} ranks ({e}); sizes that work: 1..{blk.heads_q}. "
+                 "Replicate its projections or use fewer ranks.")
+        for p in members:
+            r = q_r if (p in blk.q or p == blk.out) else kv_r
+            entries[p] = dict(rule=rules[p], axis=blk.axes[p], ranges=r,
+                              input_is_parallel=(p == blk.out),
+                              note=f"attention {blk.heads_q}q/{blk.heads_kv}kv heads")
+        heads.append(HeadCounts(blk.parent_path, blk.heads_q, blk.heads_kv, q_r, kv_r,
+                                blk.head_dim))
+    return entries, heads
+
+
+def _cut_pairs(pairs, rules, gathered, layers, size, entries, fail):
+    """Column -> row pairs ruled so: the column outputs stay local, the row
+    input is parallel (Megatron's MLP). Adds to `entries`."""
+    in_attention = set(entries)
+    for cols, row in pairs:
+        if row in in_attention or any(c in in_attention for c in cols):
+            continue
+        paired = rules.get(row) == "row" and all(rules.get(c) == "column" and c not in gathered
+                                                  for c in cols)
+        if not paired:
+            continue
+        width = _linear_dims(layers[row])[0]
+        if width < size:
+            fail(row, f"the paired width {width} is smaller than {size} ranks; "
+                      f"sizes that work: 1..{width}.")
+        r = even_ranges(width, size)
+        for c in cols:
+            entries[c] = dict(rule="column", axis=_linear_dims(layers[c])[3],
+                              ranges=r, note=f"pair -> {row.rsplit('/', 1)[-1]}")
+        entries[row] = dict(rule="row", axis=_linear_dims(layers[row])[2], ranges=r,
+                            input_is_parallel=True, note="pair (input parallel)")
+
+
+def _cut_single_layers(targets, rules, size, entries, fail):
+    """Every other ruled layer on its own: vocab tables, gathered columns, rows
+    that slice their own input. Adds to `entries`."""
+    for n in targets:
+        p, layer, kind = n.path, n.layer, kind_of(n.layer)
+        rule = rules.get(p, "replicate")
+        if p in entries or rule == "replicate":
+            continue
+        shape = _full_shape(layer)
+        if kind in ("Embedding", "ReversibleEmbedding"):
+            if rule != "vocab":
+                fail(p, f"{kind} {shape} takes 'vocab' or 'replicate', not {rule!r}.")
+            if shape[0] < size:
+                fail(p, f"vocab {shape[0]} is smaller than {size} ranks; sizes that work: "
+                        f"1..{shape[0]}, or replicate it.")
+            entries[p] = dict(rule="vocab", axis=0, ranges=even_ranges(shape[0], size),
+                              note="vocab-parallel")
+            continue
+        if rule == "vocab":
+            fail(p, f"{kind} {shape} cannot take 'vocab'; use column, row or replicate.")
+        if kind == "Dense":
+            axis = 1 if rule == "column" else 0
+        else:
+            free, contracted = einsum_axes(layer.equation)
+            pool = free if rule == "column" else contracted
+            if not pool:
+                fail(p, f"equation {layer.equation!r} has no {rule} axis to cut.")
+            axis = pool[0]
+        if shape[axis] < size:
+            fail(p, f"kernel {shape} axis {axis} has {shape[axis]} < {size} ranks; sizes "
+                    f"that work: 1..{shape[axis]}, or replicate it.")
+        entries[p] = dict(rule=rule, axis=axis, ranges=even_ranges(shape[axis], size),
+                          gather_output=(rule == "column"), input_is_parallel=False,
+                          note="gathered" if rule == "column" else "slices its input")
+
+
+def _plan_entries(targets, entries, size):
+    """A `PlanEntry` for every supported layer (replicated ones too), with bytes."""
+    out = []
+    for n in targets:
+        p, layer = n.path, n.layer
+        shape = _full_shape(layer)
+        full_bytes = _var_bytes(layer.weights) if getattr(layer, "shard_spec", None) is None else None
+        e = entries.get(p)
+        if full_bytes is None:
+            raise ValueError(f"Layer {p!r} is already sharded; shard a fresh model.")
+        if e is None:
+            out.append(PlanEntry(p, kind_of(layer), "replicate", full_shape=shape,
+                                 full_bytes=full_bytes, local_bytes=(full_bytes,) * size))
+            continue
+        local = tuple(_local_bytes(layer, e, r) for r in range(size))
+        out.append(PlanEntry(p, kind_of(layer), e["rule"], e["axis"], tuple(e["ranges"]),
+                             bool(e.get("gather_output", False)),
+                             bool(e.get("input_is_parallel", False)),
+                             shape, full_bytes, local, e.get("note", "")))
+    return out
 
 
 def _communication_line(ops):

@@ -118,7 +118,7 @@ def layer_drift(sharded, reference, x):
     for rank, replica in replicas.items():
         by_path = {e.path: e.rule for e in replica.plan.entries}
         for i, node in enumerate(walk(replica.model)):
-            specs[(rank, i)] = getattr(node.layer, "_shard_spec", None)
+            specs[(rank, i)] = getattr(node.layer, "shard_spec", None)
             rules[i] = by_path.get(node.path, "")
     mine = {}
     for (rank, i, index), outs in got.items():

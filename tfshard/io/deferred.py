@@ -13,6 +13,8 @@ import numpy as np
 from keras.src.backend.common import global_state
 from keras.src.backend.common.variables import Variable as _KerasVariable
 
+from tfshard.layers.base import was_dropped
+
 
 
 @contextlib.contextmanager
@@ -63,7 +65,7 @@ def materialize(created, weights):
     """
     weight_ids = {id(v) for v in weights}
     for v in created:
-        if v._value is None and not getattr(v, "_tfshard_dropped", False):
+        if v._value is None and not was_dropped(v):
             if id(v) in weight_ids:
                 v._initializer = keras.initializers.Zeros()
             v._deferred_initialize()

@@ -22,7 +22,7 @@ from keras.src.saving import saving_lib
 from tfshard import consistency
 from tfshard import sources
 from tfshard.layers import walk
-from tfshard.layers.base import assign_slice
+from tfshard.layers.base import assign_slice, sliced_variables
 
 from tfshard.io.deferred import deferred_variables
 from tfshard.io.sharded import FORMAT, INDEX, VERSION, ShardedStore, check_index
@@ -191,10 +191,10 @@ def fill_from_views(model, views, label):
     done = set()
     for node in [None] + walk(model):
         layer = model if node is None else node.layer
-        entries = getattr(layer, "_tfshard_saved", None)
-        if entries is None or getattr(layer, "_shard_spec", None) is None:
+        entries = sliced_variables(layer)
+        if entries is None:
             continue
-        spec = layer._shard_spec
+        spec = layer.shard_spec
         for var, axis, full_shape in entries:
             view = _view_for(views, var, label)
             if tuple(view.shape) != tuple(full_shape):

@@ -347,6 +347,20 @@ def sharded_class(sharded_base, original_cls):
     return _MIXED_CLASSES[key]
 
 
+def was_dropped(variable):
+    """Whether `shard()` dropped this full variable for a local slice (so it must
+    never be given memory)."""
+    return bool(getattr(variable, "_tfshard_dropped", False))
+
+
+def sliced_variables(layer):
+    """`[(variable, axis, full_shape)]` of a sharded layer's sliced weights (axis
+    None: held whole), or None when the layer is not sharded by tfshard."""
+    if getattr(layer, "shard_spec", None) is None:
+        return None
+    return getattr(layer, "_tfshard_saved", None)
+
+
 def check_convertible(layer, keras_base, path):
     """Refuses layers whose computation tfshard cannot reproduce sliced.
 
