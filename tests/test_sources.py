@@ -1,14 +1,14 @@
-"""Lazy slice views (tfshard/sources.py): a slice equals the same slice of the
+"""Lazy slice views (tfshard/io/views.py): a slice equals the same slice of the
 whole tensor, and only the needed part of the source is read."""
 
 import numpy as np
 import pytest
 
-from tfshard import sources
-from tfshard.models import gguf_llama, real
+from tfshard.io import views
+from tfshard.io import gguf_llama, named
 
 
-class Recorded(sources.TensorView):
+class Recorded(views.TensorView):
     """An in-memory source that records what is read."""
 
     def __init__(self, array):
@@ -39,7 +39,7 @@ def test_mapped_view_slices_equal_whole_and_read_only_the_slice(name):
     shape, fn, axis = TRANSFORMS[name]
     w = np.random.default_rng(0).standard_normal(shape).astype("float32")
     src = Recorded(w)
-    view = sources.MappedView(src, fn)
+    view = views.MappedView(src, fn)
     full = np.asarray(fn(w))
     assert view.shape == full.shape
     n = full.shape[axis]
@@ -57,19 +57,19 @@ def test_mapped_view_slices_equal_whole_and_read_only_the_slice(name):
 
 def test_mapped_view_falls_back_to_whole_reads_for_other_ops():
     w = np.arange(12, dtype="float32").reshape(3, 4)
-    view = sources.MappedView(Recorded(w), lambda x: np.asarray(x) * 2.0)
+    view = views.MappedView(Recorded(w), lambda x: np.asarray(x) * 2.0)
     assert np.array_equal(view[1:2], w[1:2] * 2.0)
 
 
 def test_gguf_view_dequantises_only_the_asked_rows_and_blocks():
     import gguf
 
-    path = real.path_of("smollm2")
+    path = named.path_of("smollm2")
     reader = gguf.GGUFReader(path)
     tensors = {t.name: t for t in reader.tensors}
     for name in ("blk.0.ffn_down.weight", "token_embd.weight", "blk.0.attn_norm.weight"):
         t = tensors[name]
-        view = sources.GGUFView(t, path)
+        view = views.GGUFView(t, path)
         whole = gguf.quants.dequantize(t.data, t.tensor_type).reshape(view.shape)
         assert np.array_equal(view[()], whole), name
         if len(view.shape) == 2:

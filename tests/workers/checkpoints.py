@@ -52,9 +52,9 @@ def smollm2_inputs():
 def minilm_reference():
     import keras_hub
 
-    from tfshard.models import real
+    from tfshard.io import named
 
-    model = keras_hub.models.BertBackbone.from_preset(real.path_of("minilm"))
+    model = keras_hub.models.BertBackbone.from_preset(named.path_of("minilm"))
     return model.predict(minilm_inputs(), verbose=0)
 
 
@@ -62,13 +62,13 @@ def smollm2_reference():
     """SmolLM2 built unsharded, weights dequantised whole (no tfshard loader code)."""
     import gguf
 
-    from tfshard.models import gguf_llama, real
+    from tfshard.io import gguf_llama, named
 
     from tfshard.io import deferred_variables, materialize
 
-    reader = gguf.GGUFReader(real.path_of("smollm2"))
+    reader = gguf.GGUFReader(named.path_of("smollm2"))
     with deferred_variables() as created:  # skip 135M random draws; every weight is assigned
-        model = gguf_llama.build_causal_lm(gguf_llama.open_gguf(real.path_of("smollm2")))
+        model = gguf_llama.build_causal_lm(gguf_llama.open_gguf(named.path_of("smollm2")))
     materialize(created, model.weights)
     t = {x.name: x for x in reader.tensors}
 
@@ -279,7 +279,7 @@ def _flip(path, offset_fraction):
 
 def run_errors(world, results, shared):
     """Broken files fail on every rank with the file and tensor named; nothing hangs."""
-    from tfshard.models import real
+    from tfshard.io import named
 
     work = os.path.join(shared, f"errors-rank{world.rank}")
     os.makedirs(work, exist_ok=True)
@@ -290,10 +290,10 @@ def run_errors(world, results, shared):
     _truncate(os.path.join(work, "good.weights.h5"), os.path.join(work, "cut.weights.h5"))
     shutil.copy(os.path.join(work, "good.keras"), os.path.join(work, "flipped.keras"))
     _flip(os.path.join(work, "flipped.keras"), 0.6)
-    _truncate(real.path_of("smollm2"), os.path.join(work, "cut.gguf"), keep=0.3)
+    _truncate(named.path_of("smollm2"), os.path.join(work, "cut.gguf"), keep=0.3)
     hf = os.path.join(work, "minilm-cut")
-    shutil.copytree(real.path_of("minilm"), hf, dirs_exist_ok=True)
-    _truncate(os.path.join(real.path_of("minilm"), "model.safetensors"),
+    shutil.copytree(named.path_of("minilm"), hf, dirs_exist_ok=True)
+    _truncate(os.path.join(named.path_of("minilm"), "model.safetensors"),
               os.path.join(hf, "model.safetensors"))
 
     def wrong_shape_model():

@@ -5,6 +5,9 @@ stores.py     Keras weight stores over HDF5, CheckpointError
 sharded.py    tfshard's sharded checkpoint format (index, rank files), read
 formats.py    one reader per file kind; resolve_source, build_deferred, load_into
 save.py       atomic sharded and gathered saves
+views.py      lazy slice views (HDF5, safetensors, GGUF, traced reshapes)
+gguf_llama.py GGUF files of the Llama architecture as keras-hub models
+named.py      the named real models ("smollm2", "minilm") from their PyPI wheels
 
 `tfshard.load` (tfshard/loading.py) sits above: it builds, shards, then fills.
 """

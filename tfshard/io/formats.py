@@ -20,7 +20,7 @@ import numpy as np
 from keras.src.saving import saving_lib
 
 from tfshard import consistency
-from tfshard import sources
+from tfshard.io import views as lazy
 from tfshard.layers import walk
 from tfshard.layers.base import assign_slice, sliced_variables
 
@@ -299,8 +299,8 @@ def _recording_loader_class():
             handle, key, path = self._handle(hf_weight_key)
             shape = list(keras_variable.shape)
             transform = (lambda x: hook_fn(x, shape)) if hook_fn else (lambda x: x)
-            self.views[keras_variable.path] = sources.MappedView(
-                sources.SafetensorsView(handle, key, source=path), transform,
+            self.views[keras_variable.path] = lazy.MappedView(
+                lazy.SafetensorsView(handle, key, source=path), transform,
                 name=keras_variable.path)
 
     return RecordingSafetensorLoader
@@ -312,24 +312,24 @@ def _RecordingSafetensorLoader(preset):
 
 class _GGUFSource(_ViewsSource):
     def __init__(self, path):
-        from tfshard.models import gguf_llama
+        from tfshard.io import gguf_llama
 
         self.label = path
         self.path = path
         self.gguf = gguf_llama.open_gguf(path)
 
     def build(self):
-        from tfshard.models import gguf_llama
+        from tfshard.io import gguf_llama
 
         return gguf_llama.build_causal_lm(self.gguf)
 
     def prepare(self, model):
-        from tfshard.models import gguf_llama
+        from tfshard.io import gguf_llama
 
         self.views = gguf_llama.views(self.gguf, model, self.path)
 
     def preprocessor(self):
-        from tfshard.models import gguf_llama
+        from tfshard.io import gguf_llama
 
         return gguf_llama.preprocessor(self.gguf)
 
@@ -394,9 +394,9 @@ def resolve_source(source, model=None, safe_mode=True, custom_objects=None):
     """
     source = os.fspath(source)
     if source in NAMED:
-        from tfshard.models import real
+        from tfshard.io import named
 
-        source = real.path_of(source)
+        source = named.path_of(source)
     if not os.path.exists(source):
         raise CheckpointError(
             f"{source}: no such file or directory; give a .keras / .weights.h5 / .gguf file, "

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from tfshard import sources
+from tfshard.io import views as lazy
 
 from tfshard.io.stores import CheckpointError, Store, open_h5
 
@@ -37,7 +37,7 @@ def index_checksum(index):
 
 
 
-class ShardedView(sources.TensorView):
+class ShardedView(lazy.TensorView):
     """A full tensor of a sharded checkpoint, assembled from rank files."""
 
     def __init__(self, key, info, files, label):

@@ -1,7 +1,7 @@
 """Keras weight stores over HDF5, and `CheckpointError`.
 
 Keras's own `saving_lib._load_state` / `_save_state` walk a model and talk to a
-weights store; these stores give it lazy views (`tfshard.sources`) instead of
+weights store; these stores give it lazy views (`tfshard.io.views`) instead of
 whole arrays, so a sharded layer reads only its slice.
 """
 
@@ -10,7 +10,7 @@ import os
 import h5py
 from keras.src.saving import saving_lib
 
-from tfshard import sources
+from tfshard.io import views as lazy
 
 
 class CheckpointError(ValueError):
@@ -89,7 +89,7 @@ class SliceStore(Store):
     def view(self, key):
         if key not in self._h5_entry_group:
             raise CheckpointError(f"{self.describe()} has no tensor {key!r}.")
-        return sources.H5View(self._h5_entry_group[key], source=self.label)
+        return lazy.H5View(self._h5_entry_group[key], source=self.label)
 
     def __getitem__(self, key):
         return self.view(key)[()]

@@ -2,7 +2,7 @@
 
 Built from keras-hub configurations with random weights (seeded, so every rank
 builds the same model). Real pretrained weights: `tfshard.load("smollm2" | "minilm")`
-(see real.py).
+(see tfshard/io/named.py).
 """
 
 import keras

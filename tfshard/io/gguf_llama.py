@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from tfshard import sources
+from tfshard.io import views as lazy
 
 
 class GGUFError(ValueError):
@@ -154,7 +154,7 @@ def views(gguf_file, model, path=""):
     def add(variable, name, transform=lambda w: w):
         if name not in tensors:
             raise GGUFError(f"{path}: tensor {name!r} (for {variable.path!r}) is missing.")
-        out[variable.path] = sources.MappedView(sources.GGUFView(tensors[name], gguf_file.tfshard_path, source=path),
+        out[variable.path] = lazy.MappedView(lazy.GGUFView(tensors[name], gguf_file.tfshard_path, source=path),
                                                 transform, name=variable.path)
 
     embedding = backbone.token_embedding
