@@ -1,0 +1,183 @@
+"""`ResolvedPlan`: a plan resolved for a model and a world size, and how it reports
+itself (summary, totals, markdown, the collectives per token, to_dict)."""
+
+import dataclasses
+
+import numpy as np
+
+
+class ResolvedPlan:
+    """A plan resolved against a model and a world size: what each layer's cut is.
+
+    Returned by `Plan.resolve` (and `Plan.auto(model, size)`); a sharded
+    model's `plan`. Passing it to `tfshard.shard` again resolves its request
+    anew for that model.
+
+    Attributes:
+        request: the `Plan` it was resolved from.
+        entries: one `PlanEntry` per supported layer, in model order.
+        attention: `HeadCounts` of the attention blocks cut by heads.
+        size: the number of tensor-parallel ranks.
+        rank: the rank whose local shapes and bytes the summaries show.
+        total_bytes: the unsharded model's bytes.
+    """
+
+    resolved = True
+
+    def __init__(self, request, entries, attention, size, rank, total_bytes):
+        self.request = request
+        self.entries = list(entries)
+        self.attention = tuple(attention)
+        self.size = size
+        self.rank = rank
+        self.total_bytes = total_bytes
+
+    @property
+    def rules(self):
+        """The request's rules (None: the auto plan)."""
+        return self.request.rules
+
+    def resolve(self, model, size, rank=0):
+        """Resolves this plan's request again (see `Plan.resolve`)."""
+        return self.request.resolve(model, size, rank)
+
+    # -- reporting --------------------------------------------------------- #
+
+    @property
+    def sharded(self):
+        """Entries that are cut (not replicated)."""
+        return [e for e in self.entries if e.rule != "replicate"]
+
+    def local_bytes(self, rank=None):
+        """Parameter bytes this rank holds after the cut (all variables)."""
+        rank = self.rank if rank is None else rank
+        sharded_full = sum(e.full_bytes for e in self.sharded)
+        return self.total_bytes - sharded_full + sum(e.local_bytes[rank] for e in self.sharded)
+
+    def communication(self):
+        """The collectives one forward pass makes, per cut layer, in Megatron's terms.
+
+        A row-parallel layer all-reduces its output; a vocab-parallel lookup
+        all-reduces the embeddings; a column-parallel layer that gathers its
+        output all-gathers it; a vocab-parallel `ReversibleEmbedding` also
+        all-gathers the logits when called with `reverse=True` (tied LM heads).
+
+        Returns:
+            A list of `(path, collective, elements_per_token)`, where
+            `collective` is "all-reduce", "all-gather" or "all-gather (logits)"
+            and `elements_per_token` the size of the full result per token.
+        """
+        out = []
+        for e in self.sharded:
+            if e.rule == "row":
+                out.append((e.path, "all-reduce", int(e.full_shape[-1])))
+            elif e.rule == "vocab":
+                out.append((e.path, "all-reduce", int(e.full_shape[-1])))
+                if e.kind == "ReversibleEmbedding":
+                    out.append((e.path, "all-gather (logits)", int(e.full_shape[0])))
+            elif e.gather_output:
+                out.append((e.path, "all-gather", int(np.prod(e.full_shape[1:]))))
+        return out
+
+    def _rows(self, rank):
+        """Header and one row of cells per layer, shared by `summary` and `markdown`."""
+        by_path = {}
+        for path, op, n in self.communication():
+            by_path.setdefault(path, []).append(f"{op} {n}")
+        yield ("layer", "kind", "rule", "full shape", "local shape", "bytes here",
+               "collective/token", "note")
+        for e in self.entries:
+            yield (e.path, e.kind, e.rule + (":gather" if e.gather_output else ""),
+                   str(e.full_shape), str(e.local_shape(rank)), format_bytes(e.local_bytes[rank]),
+                   ", ".join(by_path.get(e.path, [])), e.note)
+
+    def totals(self, rank=None):
+        """Two lines: this rank's bytes (sharded, replicated, total) and the collectives
+        of one forward pass (count and fp32 bytes per token)."""
+        rank = self.rank if rank is None else rank
+        sharded_full = sum(e.full_bytes for e in self.sharded)
+        sharded_local = sum(e.local_bytes[rank] for e in self.sharded)
+        replicated = self.total_bytes - sharded_full
+        memory = (
+            f"rank {rank} of {self.size}: sharded {format_bytes(sharded_full)} -> "
+            f"{format_bytes(sharded_local)} here; replicated {format_bytes(replicated)}; "
+            f"total here {format_bytes(sharded_local + replicated)} of "
+            f"{format_bytes(self.total_bytes)} unsharded "
+            f"({len(self.sharded)} of {len(self.entries)} layers cut)"
+        )
+        return [memory, communication_line(self.communication())]
+
+    def markdown(self, rank=None):
+        """The plan as a markdown table (TensorBoard's text dashboard renders it).
+
+        Args:
+            rank: whose local shapes and bytes to show (default: this plan's rank).
+
+        Returns:
+            The table (the columns of `summary`), then the `totals` lines.
+        """
+        rank = self.rank if rank is None else rank
+        header, *rows = self._rows(rank)
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines + [""] + self.totals(rank))
+
+    def summary(self, rank=None):
+        """A table of the plan: layer path, rule, full shape, local shape, bytes.
+
+        Args:
+            rank: whose local shapes and bytes to show (default: this plan's rank).
+
+        Returns:
+            The table as a string, then the `totals` lines: sharded and
+            replicated bytes, and the collectives of one forward pass (count
+            and fp32 bytes per token).
+        """
+        rank = self.rank if rank is None else rank
+        rows = list(self._rows(rank))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.append("-" * len(lines[0]))
+        return "\n".join(lines + self.totals(rank))
+
+    def to_dict(self):
+        """A JSON-able description of the resolved plan."""
+        return {
+            "size": self.size,
+            "entries": [
+                {"path": e.path, "kind": e.kind, "rule": e.rule, "axis": e.axis,
+                 "ranges": [list(r) for r in e.ranges] if e.ranges else None,
+                 "gather_output": e.gather_output, "input_is_parallel": e.input_is_parallel,
+                 "full_shape": list(e.full_shape)}
+                for e in self.entries
+            ],
+            "attention": [dataclasses.asdict(h) for h in self.attention],
+        }
+
+    def __repr__(self):
+        return f"<ResolvedPlan size={self.size} cut={len(self.sharded)}/{len(self.entries)}>"
+
+
+
+def communication_line(ops):
+    """One line totalling a forward pass's collectives (fp32 bytes per token)."""
+    if not ops:
+        return "per forward: no collectives"
+    parts = []
+    for op in ("all-reduce", "all-gather", "all-gather (logits)"):
+        sizes = [n for _, o, n in ops if o == op]
+        if sizes:
+            parts.append(f"{len(sizes)} {op}{'s' if len(sizes) > 1 and '(' not in op else ''} "
+                         f"({format_bytes(4 * sum(sizes))}/token)")
+    tied = any(o == "all-gather (logits)" for _, o, _ in ops)
+    return ("per forward: " + ", ".join(parts) + " in fp32"
+            + ("; the logits gather only when a tied head computes logits" if tied else ""))
+
+
+
+def format_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
