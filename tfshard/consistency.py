@@ -57,8 +57,9 @@ def weights_digest(model):
 
     Two ranks that built the same architecture with different seeds, or
     loaded different files into it, differ here. Costs one pass over the
-    weights (about 40 ms for SmolLM2-135M's 538 MB in float32 on this
-    machine's CPU); no copy beyond what reading a variable makes.
+    weights: 70 ms for GPT-2's 475 MiB in float32 on this project's 2-vCPU
+    machine (XXH3 itself runs at ~28 GB/s; the rest is reading each variable
+    into numpy).
     """
     h = xxhash.xxh3_64()
     for v in model.weights:

@@ -100,7 +100,7 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
             ranks (Horovod process sets), which share the rows in `predict`.
             None: one group of all ranks (the only choice under a strategy).
         check_weights: before cutting, ranks compare a digest of every weight
-            (XXH3 over paths, shapes, dtypes and values; ~40 ms for 538 MB)
+            (XXH3 over paths, shapes, dtypes and values; 70 ms for GPT-2)
             and refuse to go on if any rank holds other values. False skips
             it (`tfshard.load` does, and agrees on the source file instead).
 
