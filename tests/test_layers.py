@@ -97,3 +97,17 @@ def test_layer_overriding_call_is_refused():
     layer, _ = _fresh(lambda: Odd(4), X)
     with pytest.raises(TypeError, match="overrides call"):
         shard_layer(layer, _spec("column", 1, 4, 0, full_shape=(12, 4)), COMM, "odd")
+
+
+def test_sharded_layers_are_made_only_by_conversion():
+    """Their constructor + build path (issue 16: nothing called it) is gone; constructing,
+    building or rebuilding one from its config says how sharded models are saved and loaded."""
+    from tfshard.layers import ColumnParallelDense, VocabParallelEmbedding
+
+    layer, _ = _fresh(lambda: keras.layers.Dense(4), X)
+    shard_layer(layer, _spec("column", 1, 4, 0, full_shape=(12, 4)), COMM)
+    for make in (lambda: ColumnParallelDense(4), lambda: VocabParallelEmbedding(10, 4),
+                 lambda: type(layer).from_config(layer.get_config())):
+        with pytest.raises(TypeError, match=r"A sharded \w+ is made by tfshard.shard\(\) / "
+                                            r"tfshard.load\(\) converting a built layer in place"):
+            make()

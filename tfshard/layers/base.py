@@ -209,6 +209,12 @@ def even_ranges(total, size):
     return tuple(ranges)
 
 
+_MADE_BY_SHARD = (
+    "A sharded {name} is made by tfshard.shard() / tfshard.load() converting a built layer in "
+    "place (it needs the rank's communicator); it cannot be constructed, built or rebuilt from "
+    "a config. Save a sharded model with sharded.save(path) and load it with tfshard.load(path).")
+
+
 class ShardedLayerMixin:
     """What every sharded layer class shares: its spec, its config, its refusals.
 
@@ -228,14 +234,17 @@ class ShardedLayerMixin:
         config["shard"] = None if spec is None else spec.to_config()
         return config
 
+    def __init__(self, *args, **kwargs):
+        # Sharded layers are made only by converting a built layer in place
+        # (`rebuild_in_place` swaps the class and never calls a constructor).
+        raise TypeError(_MADE_BY_SHARD.format(name=type(self).__name__))
+
+    def build(self, input_shape=None):
+        raise TypeError(_MADE_BY_SHARD.format(name=type(self).__name__))
+
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        shard = config.pop("shard", None)
-        layer = super().from_config(config)
-        layer._shard_spec = None if shard is None else ShardSpec.from_config(shard)
-        layer._comm = None
-        return layer
+        raise TypeError(_MADE_BY_SHARD.format(name=cls.__name__))
 
     def _saved_entries(self):
         entries = getattr(self, "_tfshard_saved", None)

@@ -22,11 +22,6 @@ class _ParallelDenseBase(ShardedLayerMixin, keras.layers.Dense):
         **kwargs: the `keras.layers.Dense` arguments.
     """
 
-    def __init__(self, units, shard=None, comm=None, **kwargs):
-        super().__init__(units, **kwargs)
-        self._shard_spec = shard
-        self._comm = comm
-
 
 class ColumnParallelDense(_ParallelDenseBase):
     """A Dense whose kernel `[in, out]` is split on its output axis.
@@ -43,19 +38,6 @@ class ColumnParallelDense(_ParallelDenseBase):
         `(..., stop - start)` or, when gathering, `(..., units)`.
     """
 
-    def build(self, input_shape):
-        spec = self._shard_spec
-        kernel_shape = (input_shape[-1], spec.local_size)
-        self._kernel = self.add_weight(
-            name="kernel", shape=kernel_shape, initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer, constraint=self.kernel_constraint,
-        )
-        self.bias = self.add_weight(
-            name="bias", shape=(spec.local_size,), initializer=self.bias_initializer,
-            regularizer=self.bias_regularizer, constraint=self.bias_constraint,
-        ) if self.use_bias else None
-        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_shape[-1]})
-        self.built = True
 
     def call(self, inputs, training=None):
         x = ops.matmul(inputs, self._kernel)
@@ -89,20 +71,6 @@ class RowParallelDense(_ParallelDenseBase):
         `(..., units)`, identical on every rank.
     """
 
-    def build(self, input_shape):
-        spec = self._shard_spec
-        self._kernel = self.add_weight(
-            name="kernel", shape=(spec.local_size, self.units),
-            initializer=self.kernel_initializer, regularizer=self.kernel_regularizer,
-            constraint=self.kernel_constraint,
-        )
-        self.bias = self.add_weight(
-            name="bias", shape=(self.units,), initializer=self.bias_initializer,
-            regularizer=self.bias_regularizer, constraint=self.bias_constraint,
-        ) if self.use_bias else None
-        width = spec.local_size if spec.input_is_parallel else spec.full_size
-        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: width})
-        self.built = True
 
     def call(self, inputs, training=None):
         spec = self._shard_spec

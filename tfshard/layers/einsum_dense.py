@@ -89,20 +89,10 @@ class ParallelEinsumDense(ShardedLayerMixin, keras.layers.EinsumDense):
         `shard.gather_output`). Row: the full output, identical on every rank.
     """
 
-    def __init__(self, equation, output_shape, shard=None, comm=None, **kwargs):
-        super().__init__(equation, output_shape, **kwargs)
-        self._shard_spec = shard
-        self._comm = comm
-
     def _letters(self):
         inp, ker, out = parse_equation(self.equation)
         char = ker[self._shard_spec.axis]
         return inp, ker, out, char
-
-    def build(self, input_shape):
-        raise NotImplementedError(
-            "ParallelEinsumDense is created by tfshard.shard() from a built EinsumDense."
-        )
 
     def call(self, inputs, training=None):
         spec = self._shard_spec

@@ -82,19 +82,6 @@ class VocabParallelEmbedding(ShardedLayerMixin, keras.layers.Embedding):
         `inputs.shape + (output_dim,)`, identical on every rank.
     """
 
-    def __init__(self, input_dim, output_dim, shard=None, comm=None, **kwargs):
-        super().__init__(input_dim, output_dim, **kwargs)
-        self._shard_spec = shard
-        self._comm = comm
-
-    def build(self, input_shape=None):
-        self._embeddings = self.add_weight(
-            name="embeddings", shape=(self._shard_spec.local_size, self.output_dim),
-            initializer=self.embeddings_initializer, regularizer=self.embeddings_regularizer,
-            constraint=self.embeddings_constraint, trainable=True,
-        )
-        self.built = True
-
     def _vocab_lookup(self, inputs):
         spec = self._shard_spec
         ids = _check_ids(self, inputs)
@@ -117,20 +104,6 @@ class VocabParallelReversibleEmbedding(VocabParallelEmbedding, keras.layers.Reve
     original vocab size (uneven slices allowed; no padding ever reaches the
     output).
     """
-
-    def __init__(self, input_dim, output_dim, shard=None, comm=None, **kwargs):
-        keras.layers.ReversibleEmbedding.__init__(self, input_dim, output_dim, **kwargs)
-        self._shard_spec = shard
-        self._comm = comm
-
-    def build(self, input_shape=None):
-        VocabParallelEmbedding.build(self, input_shape)
-        if not self.tie_weights:
-            self.reverse_embeddings = self.add_weight(
-                name="reverse_embeddings",
-                shape=(self.output_dim, self._shard_spec.local_size),
-                initializer=self.embeddings_initializer, trainable=True,
-            )
 
     def call(self, inputs, reverse=False):
         if not reverse:
