@@ -11,7 +11,7 @@ cross-rank check, a save):
 * Every rank on this host has a 128-byte slot in a file under /dev/shm keyed
   by the job: its pid, the number of the step it is in, whether it is inside
   it, since when, and what it is.
-* While a rank is inside step k, a thread looks once a second at its peers. A
+* While a rank is inside step k, a thread looks at its peers every POLL_SECONDS (0.5 s). A
   peer whose process is gone, or stopped (SIGSTOP, three looks in a row), ends
   this rank at once; a peer that is neither inside step k nor past it ("busy
   elsewhere") ends it after the deadline (TFSHARD_COLLECTIVE_TIMEOUT_SECONDS,
