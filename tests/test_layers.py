@@ -19,8 +19,8 @@ def _fresh(make, x):
     return layer, ref
 
 
-def _spec(rule, axis, total, rank, size=2, **kw):
-    return ShardSpec(rule=rule, axis=axis, ranges=even_ranges(total, size), rank=rank,
+def _spec(rule, axis, total, size=2, **kw):
+    return ShardSpec(rule=rule, axis=axis, ranges=even_ranges(total, size),
                      full_shape=kw.pop("full_shape"), path="t", **kw)
 
 
@@ -31,7 +31,7 @@ def test_column_dense_slices_and_row_dense_partials_sum(size):
     for rank in range(size):
         layer, ref = _fresh(make, X)
         path_before = [v.path for v in layer.weights]
-        shard_layer(layer, _spec("column", 1, 10, rank, size, full_shape=(12, 10)), COMM)
+        shard_layer(layer, _spec("column", 1, 10, size, full_shape=(12, 10)), COMM, rank=rank)
         assert [v.path for v in layer.weights] == path_before
         a, b = even_ranges(10, size)[rank]
         np.testing.assert_allclose(np.asarray(layer(X)), ref[..., a:b], rtol=1e-6, atol=1e-6)
@@ -39,7 +39,7 @@ def test_column_dense_slices_and_row_dense_partials_sum(size):
 
         layer, ref = _fresh(lambda: keras.layers.Dense(7), X)
         bias = np.asarray(layer.bias)
-        shard_layer(layer, _spec("row", 0, 12, rank, size, full_shape=(12, 7)), COMM)
+        shard_layer(layer, _spec("row", 0, 12, size, full_shape=(12, 7)), COMM, rank=rank)
         parts.append(np.asarray(layer(X)) - bias)  # identity "all-reduce", then bias
     np.testing.assert_allclose(sum(parts) + bias, ref, rtol=1e-5, atol=1e-5)
 
@@ -51,14 +51,14 @@ def test_einsum_heads_column_and_row():
     parts = []
     for rank in range(2):
         layer, ref = _fresh(make_q, X)
-        shard_layer(layer, _spec("column", 1, 4, rank, full_shape=(12, 4, 3)), COMM)
+        shard_layer(layer, _spec("column", 1, 4, full_shape=(12, 4, 3)), COMM, rank=rank)
         a, b = even_ranges(4, 2)[rank]
         np.testing.assert_allclose(np.asarray(layer(X)), ref[:, :, a:b], rtol=1e-6, atol=1e-6)
         assert tuple(layer.bias.shape) == (b - a, 3)
 
         layer, ref_o = _fresh(make_o, h)
         bias = np.asarray(layer.bias)
-        shard_layer(layer, _spec("row", 0, 4, rank, full_shape=(4, 3, 6)), COMM)  # slices its input
+        shard_layer(layer, _spec("row", 0, 4, full_shape=(4, 3, 6)), COMM, rank=rank)  # slices its input
         parts.append(np.asarray(layer(h)) - bias)
     np.testing.assert_allclose(sum(parts) + bias, ref_o, rtol=1e-5, atol=1e-5)
 
@@ -68,7 +68,7 @@ def test_vocab_embedding_partials_sum_and_ids_are_checked():
     parts = []
     for rank in range(2):
         layer, ref = _fresh(lambda: keras.layers.Embedding(10, 4), ids)
-        shard_layer(layer, _spec("vocab", 0, 10, rank, full_shape=(10, 4)), COMM)
+        shard_layer(layer, _spec("vocab", 0, 10, full_shape=(10, 4)), COMM, rank=rank)
         parts.append(np.asarray(layer(ids)))
     np.testing.assert_array_equal(sum(parts), ref)
     with pytest.raises(Exception, match="must be < the vocabulary size 10"):
@@ -77,8 +77,8 @@ def test_vocab_embedding_partials_sum_and_ids_are_checked():
 
 def test_spec_config_round_trip_and_refusals():
     layer, _ = _fresh(lambda: keras.layers.Dense(4), X)
-    spec = _spec("column", 1, 4, 1, full_shape=(12, 4), gather_output=True)
-    shard_layer(layer, spec, COMM)
+    spec = _spec("column", 1, 4, full_shape=(12, 4), gather_output=True)
+    shard_layer(layer, spec, COMM, rank=1)
     assert ShardSpec.from_config(layer.get_config()["shard"]) == spec
     # Issue 16: it said "quantize the model before sharding", while sharding a quantized
     # model said the opposite; neither order works yet, and a ValueError (keras.Model.quantize
@@ -86,7 +86,7 @@ def test_spec_config_round_trip_and_refusals():
     with pytest.raises(ValueError, match="does not quantize sharded layers yet"):
         layer.quantize("int8")
     with pytest.raises(ValueError, match="every rank needs a non-empty slice"):
-        ShardSpec(rule="column", axis=1, ranges=((0, 0), (0, 4)), rank=0)
+        ShardSpec(rule="column", axis=1, ranges=((0, 0), (0, 4)))
 
 
 def test_layer_overriding_call_is_refused():
@@ -96,7 +96,7 @@ def test_layer_overriding_call_is_refused():
 
     layer, _ = _fresh(lambda: Odd(4), X)
     with pytest.raises(TypeError, match="overrides call"):
-        shard_layer(layer, _spec("column", 1, 4, 0, full_shape=(12, 4)), COMM, "odd")
+        shard_layer(layer, _spec("column", 1, 4, full_shape=(12, 4)), COMM, "odd", rank=0)
 
 
 def test_sharded_layers_are_made_only_by_conversion():
@@ -105,7 +105,7 @@ def test_sharded_layers_are_made_only_by_conversion():
     from tfshard.layers import ColumnParallelDense, VocabParallelEmbedding
 
     layer, _ = _fresh(lambda: keras.layers.Dense(4), X)
-    shard_layer(layer, _spec("column", 1, 4, 0, full_shape=(12, 4)), COMM)
+    shard_layer(layer, _spec("column", 1, 4, full_shape=(12, 4)), COMM, rank=0)
     for make in (lambda: ColumnParallelDense(4), lambda: VocabParallelEmbedding(10, 4),
                  lambda: type(layer).from_config(layer.get_config())):
         with pytest.raises(TypeError, match=r"A sharded \w+ is made by tfshard.shard\(\) / "

@@ -186,7 +186,7 @@ def _convert(model, plan, comm, world):
     consistency.agree(world.comm, {"plan": consistency.digest(plan.to_dict())}, "tfshard.shard()")
     by_path = {n.path: n.layer for n in walk(model)}
     for e in plan.sharded:
-        shard_layer(by_path[e.path], e.spec(comm.rank), meter, e.path)
+        shard_layer(by_path[e.path], e, meter, e.path)
     by_path.setdefault(model.name, model)  # attention owned by the root model itself
     for counts in plan.attention:
         _set_head_counts(by_path[counts.path], counts, comm.rank)

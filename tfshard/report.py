@@ -68,8 +68,11 @@ def _run(model, x, hooked):
     return outputs
 
 
-def _compare(got, want, spec):
-    """`(max_abs, max_ref, how)` of one layer's outputs on one rank, or None."""
+def _compare(got, want, own):
+    """`(max_abs, max_ref, how)` of one layer's outputs on one rank, or None.
+
+    `own` is the layer's `(start, stop)` when it is sharded (its outputs may be
+    its own slice of the reference), else None."""
     if len(got) != len(want) or not got:
         return None
     worst, ref_max, how = 0.0, 0.0, "full"
@@ -77,10 +80,10 @@ def _compare(got, want, spec):
         if g.shape != w.shape:
             differ = [a for a in range(w.ndim) if g.shape[a] != w.shape[a]] if g.ndim == w.ndim \
                 else []
-            if len(differ) != 1 or spec is None or g.shape[differ[0]] != spec.local_size:
+            if len(differ) != 1 or own is None or g.shape[differ[0]] != own[1] - own[0]:
                 return None
             axis = differ[0]
-            w = np.take(w, np.arange(spec.start, spec.stop), axis=axis)
+            w = np.take(w, np.arange(*own), axis=axis)
             how = f"own slice, axis {axis - w.ndim}"
         worst = max(worst, float(np.max(np.abs(g.astype(np.float64) - w))) if g.size else 0.0)
         ref_max = max(ref_max, float(np.max(np.abs(w))) if w.size else 0.0)
@@ -118,7 +121,7 @@ def layer_drift(sharded, reference, x):
     for rank, replica in replicas.items():
         by_path = {e.path: e.rule for e in replica.plan.entries}
         for i, node in enumerate(walk(replica.model)):
-            specs[(rank, i)] = getattr(node.layer, "shard_spec", None)
+            specs[(rank, i)] = getattr(node.layer, "shard_range", None)
             rules[i] = by_path.get(node.path, "")
     mine = {}
     for (rank, i, index), outs in got.items():

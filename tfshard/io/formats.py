@@ -194,14 +194,14 @@ def fill_from_views(model, views, label):
         entries = sliced_variables(layer)
         if entries is None:
             continue
-        spec = layer.shard_spec
+        start, stop = layer.shard_range
         for var, axis, full_shape in entries:
             view = _view_for(views, var, label)
             if tuple(view.shape) != tuple(full_shape):
                 raise CheckpointError(
                     f"{label}: tensor {view.name!r} for {var.path!r} has shape "
                     f"{tuple(view.shape)}, the model needs {tuple(full_shape)}.")
-            assign_slice(var, view, axis, spec.start, spec.stop)
+            assign_slice(var, view, axis, start, stop)
             done.add(id(var))
     for var in model.weights:
         if id(var) in done:

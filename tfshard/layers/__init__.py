@@ -13,27 +13,33 @@ from tfshard.layers.embedding import (
 from tfshard.layers.tree import Node, kind_of, walk
 
 
-def shard_layer(layer, spec, comm, path=""):
+def shard_layer(layer, spec, comm, path="", rank=None):
     """Converts one built layer in place according to `spec`.
 
     Args:
         layer: a built Dense, EinsumDense, Embedding or ReversibleEmbedding.
-        spec: its `ShardSpec` on this rank.
-        comm: the `Communicator`.
+        spec: its `ShardSpec` (a `PlanEntry` is one), with a cut rule.
+        comm: the `Communicator` of the tensor-parallel group.
         path: layer path for error messages.
+        rank: the rank whose slice the layer keeps; default `comm.rank`.
 
     Returns:
         The same layer object, sharded.
 
     Raises:
         TypeError: the layer is not of a supported kind.
+        ValueError: `spec` replicates the layer, or has no range for `rank`.
     """
+    rank = comm.rank if rank is None else rank
+    if not spec.is_cut:
+        raise ValueError(f"Layer {path!r}: its spec replicates it; there is nothing to cut.")
+    spec.bounds(rank)  # a rank outside the spec's ranges is named here
     if isinstance(layer, keras.layers.Embedding):
-        return shard_embedding(layer, spec, comm, path)
+        return shard_embedding(layer, spec, rank, comm, path)
     if isinstance(layer, keras.layers.EinsumDense):
-        return shard_einsum_dense(layer, spec, comm, path)
+        return shard_einsum_dense(layer, spec, rank, comm, path)
     if isinstance(layer, keras.layers.Dense):
-        return shard_dense(layer, spec, comm, path)
+        return shard_dense(layer, spec, rank, comm, path)
     raise TypeError(
         f"Layer {path!r} is a {type(layer).__name__}; tfshard shards Dense, EinsumDense, "
         "Embedding and ReversibleEmbedding. Use the 'replicate' rule for it."

@@ -15,39 +15,54 @@ import keras
 import numpy as np
 
 
+RULES = ("column", "row", "vocab", "replicate")
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardSpec:
-    """How one layer is cut, as seen from one rank.
+    """How one layer is cut across the ranks of its tensor-parallel group.
+
+    The one description of a cut: the planner's `PlanEntry` is a `ShardSpec`
+    plus what the planner measured, and a sharded layer holds the spec with its
+    rank. It says nothing about any one rank; `bounds(rank)` and friends give a
+    rank's view.
 
     Args:
-        rule: "column", "row" or "vocab".
-        axis: the axis of the main weight (kernel or embedding table) that is split.
-        ranges: per-rank `(start, stop)` along `axis`, in rank order. Ranges of
-            a row or vocab layer are disjoint and cover the axis; column ranges
-            may overlap (K/V heads replicated across the ranks of one GQA group).
-        rank: the rank this spec is for.
+        path: the layer path, used in error messages.
+        rule: "column", "row", "vocab" or "replicate".
+        axis: the axis of the main weight (kernel or embedding table) that is
+            split (None when replicated).
+        ranges: per-rank `(start, stop)` along `axis`, in rank order (None when
+            replicated). Ranges of a row or vocab layer are disjoint and cover
+            the axis; column ranges may overlap (K/V heads replicated across the
+            ranks of one GQA group).
         gather_output: column only: all-gather the output so the next layer sees
             the full width.
         input_is_parallel: row only: the input already carries only this rank's
             slice of the contracted axis (it comes from a column layer).
         full_shape: shape of the unsharded main weight.
-        path: the layer path, used in error messages.
+
+    Raises:
+        ValueError: an unknown rule, or a cut rule whose ranges leave a rank
+            with an empty slice.
     """
 
-    rule: str
-    axis: int
-    ranges: tuple
-    rank: int
+    path: str = ""
+    rule: str = "replicate"
+    axis: object = None
+    ranges: object = None
     gather_output: bool = False
     input_is_parallel: bool = False
     full_shape: tuple = ()
-    path: str = ""
 
     def __post_init__(self):
-        if self.rule not in ("column", "row", "vocab"):
-            raise ValueError(f"{self.path}: ShardSpec rule must be column, row or vocab; got {self.rule!r}.")
-        if not 0 <= self.rank < len(self.ranges):
-            raise ValueError(f"{self.path}: rank {self.rank} outside 0..{len(self.ranges) - 1}.")
+        if self.rule not in RULES:
+            raise ValueError(f"{self.path}: ShardSpec rule must be one of {', '.join(RULES)}; "
+                             f"got {self.rule!r}.")
+        if self.rule == "replicate":
+            return
+        if self.axis is None or not self.ranges:
+            raise ValueError(f"{self.path}: a {self.rule} cut needs an axis and per-rank ranges.")
         for start, stop in self.ranges:
             if not 0 <= start < stop:
                 raise ValueError(
@@ -55,17 +70,14 @@ class ShardSpec:
                 )
 
     @property
+    def is_cut(self):
+        """False for a replicated layer."""
+        return self.rule != "replicate"
+
+    @property
     def size(self):
-        """Number of ranks."""
-        return len(self.ranges)
-
-    @property
-    def start(self):
-        return self.ranges[self.rank][0]
-
-    @property
-    def stop(self):
-        return self.ranges[self.rank][1]
+        """Number of ranks (None when replicated)."""
+        return None if self.ranges is None else len(self.ranges)
 
     @property
     def sizes(self):
@@ -73,40 +85,44 @@ class ShardSpec:
         return [stop - start for start, stop in self.ranges]
 
     @property
-    def local_size(self):
-        return self.stop - self.start
-
-    @property
     def full_size(self):
         return self.full_shape[self.axis] if self.full_shape else max(s for _, s in self.ranges)
 
-    def local_shape(self, shape=None):
-        """The local shape of a weight split on `self.axis`."""
+    def bounds(self, rank):
+        """`(start, stop)` of `rank` along `axis`.
+
+        Raises:
+            ValueError: `rank` is outside the spec's ranks.
+        """
+        if not 0 <= rank < len(self.ranges):
+            raise ValueError(f"{self.path}: rank {rank} outside 0..{len(self.ranges) - 1}.")
+        return tuple(self.ranges[rank])
+
+    def local_size(self, rank):
+        start, stop = self.bounds(rank)
+        return stop - start
+
+    def local_shape(self, rank, shape=None):
+        """`rank`'s shape of a weight split on `axis` (default: the main weight)."""
         shape = list(self.full_shape if shape is None else shape)
-        shape[self.axis] = self.local_size
+        if self.is_cut:
+            shape[self.axis] = self.local_size(rank)
         return tuple(shape)
 
     def to_config(self):
-        """A JSON-able dict of this spec."""
-        return {"rule": self.rule, "axis": self.axis, "ranges": [list(r) for r in self.ranges],
-                "rank": self.rank, "gather_output": self.gather_output,
+        """A JSON-able dict of this spec (a `PlanEntry`'s planner facts left out)."""
+        return {"path": self.path, "rule": self.rule, "axis": self.axis,
+                "ranges": None if self.ranges is None else [list(r) for r in self.ranges],
+                "gather_output": self.gather_output,
                 "input_is_parallel": self.input_is_parallel,
-                "full_shape": list(self.full_shape), "path": self.path}
+                "full_shape": list(self.full_shape)}
 
     @classmethod
     def from_config(cls, config):
         """The inverse of `to_config`."""
-        return cls(**{**config, "ranges": tuple(tuple(r) for r in config["ranges"]),
+        ranges = config.get("ranges")
+        return cls(**{**config, "ranges": None if ranges is None else tuple(tuple(r) for r in ranges),
                       "full_shape": tuple(config["full_shape"])})
-
-    def take(self, array, axis=None):
-        """This rank's slice of `array` along `axis` (default: `self.axis`).
-
-        `array` may be a numpy array or any lazy view with `shape` and numpy
-        indexing (an h5py dataset, a `Placeholder`): only the slice is read.
-        """
-        axis = self.axis if axis is None else axis
-        return read_slice(array, axis, self.start, self.stop)
 
 
 def read_slice(array, axis, start, stop):
@@ -225,13 +241,30 @@ class ShardedLayerMixin:
 
     @property
     def shard_spec(self):
-        """This rank's `ShardSpec`."""
+        """The layer's `ShardSpec` (the cut across all ranks)."""
         return self._shard_spec
+
+    @property
+    def shard_rank(self):
+        """The rank, within the tensor-parallel group, whose slice this layer holds."""
+        return self._shard_rank
+
+    @property
+    def shard_range(self):
+        """`(start, stop)` of this layer's slice on `shard_spec.axis`."""
+        return self._shard_spec.bounds(self._shard_rank)
+
+    @property
+    def shard_width(self):
+        """`stop - start` of this layer's slice."""
+        start, stop = self.shard_range
+        return stop - start
 
     def get_config(self):
         config = super().get_config()
         spec = getattr(self, "_shard_spec", None)
         config["shard"] = None if spec is None else spec.to_config()
+        config["shard_rank"] = getattr(self, "_shard_rank", None)
         return config
 
     def __init__(self, *args, **kwargs):
@@ -279,14 +312,14 @@ class ShardedLayerMixin:
                 f"({', '.join(v.name for v, _, _ in entries)}) but {source} has "
                 f"{len(keys)} for it; the checkpoint does not match the model."
             )
-        spec = self._shard_spec
+        start, stop = self.shard_range
         for i, (var, axis, full_shape) in enumerate(entries):
             src = store.view(str(i)) if hasattr(store, "view") else store[str(i)]
             if tuple(src.shape) != tuple(full_shape):
                 raise ValueError(
                     f"Layer {self.path!r}, weight {var.name!r} (key {i}): {source} holds "
                     f"shape {tuple(src.shape)}, the model needs {tuple(full_shape)} "
-                    f"(rank {spec.rank} would read [{spec.start}:{spec.stop}] on axis {axis})."
+                    f"(rank {self.shard_rank} would read [{start}:{stop}] on axis {axis})."
                 )
             kind = np.dtype(src.dtype).kind
             if kind not in "fiu" and str(src.dtype) != "bfloat16":
@@ -294,7 +327,7 @@ class ShardedLayerMixin:
                     f"Layer {self.path!r}, weight {var.name!r}: {source} holds dtype "
                     f"{src.dtype}, not a number type the model ({var.dtype}) can take."
                 )
-            assign_slice(var, src, axis, spec.start, spec.stop)
+            assign_slice(var, src, axis, start, stop)
 
     def save_own_variables(self, store):
         """Writes this rank's slices through a tfshard store.
@@ -308,15 +341,15 @@ class ShardedLayerMixin:
         write = getattr(store, "write_shard", None)
         if write is None:
             raise ValueError(
-                f"Layer {self.path!r} is sharded (rank {self._shard_spec.rank} holds "
-                f"[{self._shard_spec.start}:{self._shard_spec.stop}] of axis "
+                f"Layer {self.path!r} is sharded (rank {self.shard_rank} holds "
+                f"[{self.shard_range[0]}:{self.shard_range[1]}] of axis "
                 f"{self._shard_spec.axis}); Keras's save would write one slice as the whole "
                 "weight. Use sharded.save(path) for a sharded checkpoint or "
                 "sharded.save(path, gather=True) for a .keras file plain Keras loads."
             )
         spec = self._shard_spec
         for i, (var, axis, full_shape) in enumerate(self._saved_entries()):
-            write(str(i), np.asarray(var), axis=axis, ranges=spec.ranges, rank=spec.rank,
+            write(str(i), np.asarray(var), axis=axis, ranges=spec.ranges, rank=self.shard_rank,
                   full_shape=full_shape, comm=self._comm, name=f"{self.path}/{var.name}")
 
     def enable_lora(self, *args, **kwargs):
@@ -406,13 +439,14 @@ def check_convertible(layer, keras_base, path):
         )
 
 
-def rebuild_in_place(layer, sharded_base, spec, comm, build_local):
+def rebuild_in_place(layer, sharded_base, spec, rank, comm, build_local):
     """Turns a built Keras layer into its sharded form without copying the model.
 
     Args:
         layer: a built Keras layer.
         sharded_base: the sharded class (e.g. `ColumnParallelDense`).
-        spec: the `ShardSpec` for this rank.
+        spec: the layer's `ShardSpec`.
+        rank: the rank whose slice the layer keeps.
         comm: the `Communicator` to use.
         build_local: callable `(layer, full_values) -> None` that creates the
             local variables with `layer.add_weight` and assigns the slices;
@@ -442,6 +476,7 @@ def rebuild_in_place(layer, sharded_base, spec, comm, build_local):
         # instance at construction; it would bypass the sharded class.
         layer.__dict__.pop("quantize", None)
         layer._shard_spec = spec
+        layer._shard_rank = rank
         layer._comm = comm
         layer._tfshard_saved = []
         build_local(layer, full_values)
@@ -459,7 +494,7 @@ def add_local_weight(layer, name, full, axis=None, trainable=True):
     a checkpoint of the unsharded model.
 
     Args:
-        layer: the layer being converted (its `_shard_spec` set).
+        layer: the layer being converted (its spec and rank set).
         name: the weight name ("kernel", "bias", ...).
         full: the full value: a numpy array or a lazy view (only the slice is
             read).
@@ -469,8 +504,7 @@ def add_local_weight(layer, name, full, axis=None, trainable=True):
     Returns:
         The new variable.
     """
-    spec = layer._shard_spec
-    value = read_slice(full, axis, spec.start, spec.stop) if axis is not None else None
+    value = read_slice(full, axis, *layer.shard_range) if axis is not None else None
     shape = value.shape if value is not None else tuple(full.shape)
     var = layer.add_weight(name=name, shape=shape, initializer="zeros",
                            dtype=layer.variable_dtype, trainable=trainable)

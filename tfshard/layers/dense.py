@@ -52,7 +52,7 @@ class ColumnParallelDense(_ParallelDenseBase):
         return x
 
     def compute_output_shape(self, input_shape):
-        width = self.units if self._shard_spec.gather_output else self._shard_spec.local_size
+        width = self.units if self._shard_spec.gather_output else self.shard_width
         return tuple(input_shape[:-1]) + (width,)
 
 
@@ -75,7 +75,8 @@ class RowParallelDense(_ParallelDenseBase):
     def call(self, inputs, training=None):
         spec = self._shard_spec
         if not spec.input_is_parallel:
-            inputs = inputs[..., spec.start:spec.stop]
+            start, stop = self.shard_range
+            inputs = inputs[..., start:stop]
         x = self._comm.allreduce_sum(ops.matmul(inputs, self._kernel))
         if self.bias is not None:
             x = ops.add(x, self.bias)
@@ -84,12 +85,13 @@ class RowParallelDense(_ParallelDenseBase):
         return x
 
 
-def shard_dense(layer, spec, comm, path=""):
+def shard_dense(layer, spec, rank, comm, path=""):
     """Converts a built `keras.layers.Dense` in place to its parallel form.
 
     Args:
         layer: a built Dense.
         spec: `ShardSpec` with rule "column" (axis 1) or "row" (axis 0).
+        rank: the rank whose slice the layer keeps.
         comm: the `Communicator`.
         path: layer path for error messages.
 
@@ -116,7 +118,7 @@ def shard_dense(layer, spec, comm, path=""):
             lyr, "bias", bias, axis=0 if spec.rule == "column" else None)
         in_width = kernel.shape[0]
         if spec.rule == "row":
-            in_width = spec.local_size if spec.input_is_parallel else in_width
+            in_width = lyr.shard_width if spec.input_is_parallel else in_width
         lyr.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: in_width})
 
-    return rebuild_in_place(layer, sharded_base, spec, comm, build_local)
+    return rebuild_in_place(layer, sharded_base, spec, rank, comm, build_local)

@@ -100,7 +100,7 @@ class ParallelEinsumDense(ShardedLayerMixin, keras.layers.EinsumDense):
         if spec.rule == "row" and not spec.input_is_parallel:
             axis = inp.index(char) - len(inp)
             index = [slice(None)] * len(inputs.shape)
-            index[axis] = slice(spec.start, spec.stop)
+            index[axis] = slice(*self.shard_range)
             inputs = inputs[tuple(index)]
         x = ops.einsum(self.equation, inputs, self._kernel)
         if spec.rule == "row":
@@ -118,17 +118,18 @@ class ParallelEinsumDense(ShardedLayerMixin, keras.layers.EinsumDense):
         spec = self._shard_spec
         if spec.rule == "column" and not spec.gather_output:
             _, _, out, char = self._letters()
-            shape[out.index(char) - len(out)] = spec.local_size
+            shape[out.index(char) - len(out)] = self.shard_width
         return tuple(shape)
 
 
-def shard_einsum_dense(layer, spec, comm, path=""):
+def shard_einsum_dense(layer, spec, rank, comm, path=""):
     """Converts a built `keras.layers.EinsumDense` in place to its parallel form.
 
     Args:
         layer: a built EinsumDense.
         spec: `ShardSpec`; rule "column" needs a free kernel axis, "row" a
             contracted one.
+        rank: the rank whose slice the layer keeps.
         comm: the `Communicator`.
         path: layer path for error messages.
 
@@ -155,4 +156,4 @@ def shard_einsum_dense(layer, spec, comm, path=""):
         bias = full.get("bias")
         lyr.bias = None if bias is None else add_local_weight(lyr, "bias", bias, axis=cut_bias)
 
-    return rebuild_in_place(layer, ParallelEinsumDense, spec, comm, build_local)
+    return rebuild_in_place(layer, ParallelEinsumDense, spec, rank, comm, build_local)

@@ -32,8 +32,8 @@ def _check_ids(layer, ids):
             the layer, the vocab size and the rank. `ShardedModel.predict`
             re-raises it as a ValueError.
     """
-    spec = layer._shard_spec
-    where = f"layer {layer.path!r} on rank {spec.rank}"
+    spec = layer.shard_spec
+    where = f"layer {layer.path!r} on rank {layer.shard_rank}"
     ids = tf.convert_to_tensor(ids)
     if ids.dtype == tf.bool:  # ids 0 and 1, as keras.layers.Embedding takes them
         ids = tf.cast(ids, tf.int32)
@@ -83,10 +83,10 @@ class VocabParallelEmbedding(ShardedLayerMixin, keras.layers.Embedding):
     """
 
     def _vocab_lookup(self, inputs):
-        spec = self._shard_spec
+        start, stop = self.shard_range
         ids = _check_ids(self, inputs)
-        owned = ops.logical_and(ops.greater_equal(ids, spec.start), ops.less(ids, spec.stop))
-        local_ids = ops.where(owned, ids - spec.start, ops.zeros_like(ids))
+        owned = ops.logical_and(ops.greater_equal(ids, start), ops.less(ids, stop))
+        local_ids = ops.where(owned, ids - start, ops.zeros_like(ids))
         rows = ops.take(self._embeddings, local_ids, axis=0)
         rows = ops.multiply(rows, ops.cast(ops.expand_dims(owned, -1), rows.dtype))
         rows = self._comm.allreduce_sum(rows)
@@ -129,12 +129,13 @@ class VocabParallelReversibleEmbedding(VocabParallelEmbedding, keras.layers.Reve
         return logits
 
 
-def shard_embedding(layer, spec, comm, path=""):
+def shard_embedding(layer, spec, rank, comm, path=""):
     """Converts a built Embedding / ReversibleEmbedding in place to vocab-parallel.
 
     Args:
         layer: a built `keras.layers.Embedding` (or subclass).
         spec: `ShardSpec` with rule "vocab", axis 0.
+        rank: the rank whose slice the layer keeps.
         comm: the `Communicator`.
         path: layer path for error messages.
 
@@ -161,4 +162,4 @@ def shard_embedding(layer, spec, comm, path=""):
                 lyr, "reverse_embeddings", full["reverse_embeddings"], axis=1
             )
 
-    return rebuild_in_place(layer, sharded_base, spec, comm, build_local)
+    return rebuild_in_place(layer, sharded_base, spec, rank, comm, build_local)

@@ -318,12 +318,14 @@ def _plan_entries(targets, entries, size):
         if full_bytes is None:
             raise ValueError(f"Layer {p!r} is already sharded; shard a fresh model.")
         if e is None:
-            out.append(PlanEntry(p, kind_of(layer), "replicate", full_shape=shape,
+            out.append(PlanEntry(path=p, kind=kind_of(layer), rule="replicate", full_shape=shape,
                                  full_bytes=full_bytes, local_bytes=(full_bytes,) * size))
             continue
         local = tuple(slice_bytes(layer, e, r) for r in range(size))
-        out.append(PlanEntry(p, kind_of(layer), e["rule"], e["axis"], tuple(e["ranges"]),
-                             bool(e.get("gather_output", False)),
-                             bool(e.get("input_is_parallel", False)),
-                             shape, full_bytes, local, e.get("note", "")))
+        out.append(PlanEntry(path=p, kind=kind_of(layer), rule=e["rule"], axis=e["axis"],
+                             ranges=tuple(e["ranges"]),
+                             gather_output=bool(e.get("gather_output", False)),
+                             input_is_parallel=bool(e.get("input_is_parallel", False)),
+                             full_shape=shape, full_bytes=full_bytes, local_bytes=local,
+                             note=e.get("note", "")))
     return out
