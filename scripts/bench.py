@@ -36,6 +36,13 @@ decode steps, and prefill = the first time minus one step.
 
     .venv/bin/python scripts/bench.py generate --np 2 3
 
+Suite `precision`: SmolLM2 at TP=N (MPI) loaded in float32 and in `--dtype`
+(bfloat16): weight bytes held per rank, the load's peak RSS rise, decode latency
+per token and prefill time (as `generate`), and the greedy agreement of 22 fixed
+prompts x 16 new tokens between the two precisions.
+
+    .venv/bin/python scripts/bench.py precision --np 2
+
 Suite `plot`: PNG charts (matplotlib) of the JSON files the other suites wrote, into
 docs/images/ by default.
 
@@ -183,10 +190,10 @@ def _generate_child(args):
             tf.config.threading.set_inter_op_parallelism_threads(args.threads)
         world = tfshard.World(comm_lib.create("local"), "local")
     if args.source in models.NAMES:
-        model, vocab, _ = models.build(args.source, seed=0)
+        model, vocab, _ = models.build(args.source, seed=0, dtype=args.dtype)
         target = tfshard.shard(model, world=world)
     else:
-        target = tfshard.load(args.source, world=world)
+        target = tfshard.load(args.source, world=world, dtype=args.dtype)
         vocab = target.inner.backbone.vocabulary_size
     length, new = args.length, args.new_tokens
     ids = np.random.default_rng(1).integers(1, vocab, (args.batch, length)).astype("int32")
@@ -278,7 +285,7 @@ def _load_child(args):
         model = keras.saving.load_model(args.source)
         held = sum(v.numpy().nbytes for v in model.weights)
     else:
-        model = tfshard.load(args.source, world=world)
+        model = tfshard.load(args.source, world=world, dtype=args.dtype)
         held = sum(v.numpy().nbytes for v in model.inner.weights)
     seconds = time.perf_counter() - t0
     result = {"rise_mib": _hwm_mib() - base, "after_mib": _rss_mib() - base,
@@ -325,6 +332,81 @@ def suite_load(args):
                   f"{r['after_mib']:>9.0f} {r['weights_mib']:>12.0f} {r['seconds']:>7.1f}")
         report[label] = dict(rows)
     _write_report("load", args, report)
+
+
+#: Fixed prompts for the precision suite's greedy agreement (>= 20, varied).
+PROMPTS = [
+    "The capital of France is", "Water boils at", "The largest planet in the solar system is",
+    "def fibonacci(n):", "Once upon a time", "The chemical symbol for gold is",
+    "In 1969, the first man to walk on the moon was", "The square root of 144 is",
+    "My favourite recipe for pancakes", "The theory of relativity was proposed by",
+    "import numpy as np\n", "The quick brown fox", "To be or not to be,",
+    "The main ingredient of guacamole is", "The speed of light is about",
+    "Photosynthesis is the process", "The Great Wall of China", "A haiku about autumn:",
+    "The best way to learn a language is", "Mount Everest is located in",
+    "The tallest animal on Earth is the", "SELECT name FROM users WHERE",
+]
+
+
+def _agree_child(args):
+    """Greedy continuations of PROMPTS in float32 and in `--dtype`, on these ranks."""
+    import tfshard
+    from tfshard.generation import decode_text
+
+    world = tfshard.init()
+    texts = {}
+    for dtype in ("float32", args.dtype):
+        model = tfshard.load(args.source, world=world, dtype=dtype)
+        tok = (model.inner.preprocessor or model.preprocessor).tokenizer
+        out = model.generate(PROMPTS, max_length=48, strip_prompt=True, sampler="greedy")
+        texts[dtype] = [decode_text(t) for t in out]
+        ids = [list(tok(t)) for t in texts[dtype]]
+        texts[dtype + "_ids"] = [[int(i) for i in row[:args.new_tokens]] for row in ids]
+        del model
+    a, b = texts["float32_ids"], texts[args.dtype + "_ids"]
+    same_tokens = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+    total = sum(min(len(ra), len(rb)) for ra, rb in zip(a, b))
+    prefix = [next((k for k, (x, y) in enumerate(zip(ra, rb)) if x != y), min(len(ra), len(rb)))
+              for ra, rb in zip(a, b)]
+    result = {"prompts": len(PROMPTS), "tokens_compared": total, "tokens_same": same_tokens,
+              "identical_continuations": sum(ra == rb for ra, rb in zip(a, b)),
+              "mean_common_prefix": sum(prefix) / len(prefix),
+              "paris": texts[args.dtype][0], "paris_fp32": texts["float32"][0]}
+    if world.rank == 0:
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+def suite_precision(args):
+    """SmolLM2 at TP=n in float32 and bf16: bytes, load memory, decode, greedy agreement."""
+    me = [sys.executable, str(Path(__file__).resolve())]
+    n = args.np
+    rows = {}
+    for dtype in ("float32", args.dtype):
+        rows[f"load {dtype}"] = _run(_launch("mpi", n, me + [
+            "_load", "--source", args.source, "--mode", "sharded", "--dtype", dtype]), args.timeout)
+        rows[f"generate {dtype}"] = _run(_launch("mpi", n, me + [
+            "_generate", "--source", args.source, "--mode", "sharded", "--dtype", dtype,
+            "--repeats", str(args.repeats)]), args.timeout)
+    rows["agreement"] = _run(_launch("mpi", n, me + [
+        "_agree", "--source", args.source, "--dtype", args.dtype,
+        "--new-tokens", str(args.new_tokens)]), args.timeout)
+    lo, hi = args.dtype, "float32"
+    print(f"\nprecision: {args.source} at TP={n} (MPI), {lo} against float32, {_cpu_model()}")
+    print(f"{'':<34} {'float32':>10} {lo:>10} {'ratio':>8}")
+    for label, key, field, scale in (
+            ("weights held per rank (MiB)", "load", "weights_mib", 1),
+            ("load: peak RSS rise, worst rank (MiB)", "load", "rise_mib", 1),
+            ("decode per token (ms)", "generate", "decode_ms", 1),
+            ("prefill of 64 tokens (s)", "generate", "prefill_s", 1)):
+        a, b = rows[f"{key} {hi}"][field] * scale, rows[f"{key} {lo}"][field] * scale
+        print(f"{label:<38} {a:>10.1f} {b:>10.1f} {b / a:>7.2f}x")
+    g = rows["agreement"]
+    print(f"greedy, {g['prompts']} prompts x {args.new_tokens} new tokens, {lo} vs float32: "
+          f"{g['tokens_same']}/{g['tokens_compared']} tokens the same "
+          f"({g['tokens_same'] / g['tokens_compared']:.1%}), {g['identical_continuations']} "
+          f"continuations identical, mean common prefix {g['mean_common_prefix']:.1f} tokens; "
+          f"'The capital of France is' -> {g['paris']!r} ({hi}: {g['paris_fp32']!r})")
+    _write_report(f"precision-{Path(args.source).name}", args, rows)
 
 
 def _write_report(stem, args, runs):
@@ -619,6 +701,16 @@ def main():
     p = sub.add_parser("_load")
     p.add_argument("--source", required=True)
     p.add_argument("--mode", choices=["keras", "unsharded", "sharded"], required=True)
+    p.add_argument("--dtype", default=None)
+    for name in ("precision", "_agree"):
+        p = sub.add_parser(name)
+        p.add_argument("--source", default="smollm2")
+        p.add_argument("--dtype", default="bfloat16")
+        p.add_argument("--new-tokens", type=int, default=16)
+        if name == "precision":
+            p.add_argument("--np", type=int, default=2)
+            p.add_argument("--repeats", type=int, default=3)
+            p.add_argument("--timeout", type=int, default=1800)
     for name in ("generate", "_generate"):
         p = sub.add_parser(name)
         p.add_argument("--source", default="smollm2")
@@ -626,6 +718,7 @@ def main():
         p.add_argument("--new-tokens", type=int, default=32)
         p.add_argument("--batch", type=int, default=1)
         p.add_argument("--repeats", type=int, default=3)
+        p.add_argument("--dtype", default=None)
         if name == "generate":
             p.add_argument("--np", type=int, nargs="+", default=[2, 3])
             p.add_argument("--backends", nargs="+", choices=("mpi", "horovod-mpi", "gloo"),
@@ -685,6 +778,10 @@ def main():
         _generate_child(args)
     elif args.suite == "_load":
         _load_child(args)
+    elif args.suite == "precision":
+        suite_precision(args)
+    elif args.suite == "_agree":
+        _agree_child(args)
     elif args.suite == "_child":
         _measure(args, sharded=args.mode != "unsharded")
     elif args.suite == "predict":

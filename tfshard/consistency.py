@@ -40,7 +40,7 @@ def _signed(value):
 
 def _update(h, array):
     array = np.ascontiguousarray(array)
-    h.update(f"{array.dtype.str}{array.shape}".encode())
+    h.update(f"{array.dtype.name}{array.shape}".encode())
     if array.size:
         h.update(array.reshape(-1).view(np.uint8))
 

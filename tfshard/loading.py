@@ -15,7 +15,7 @@ from tfshard.world import init
 
 
 def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None, world=None,
-         safe_mode=True, custom_objects=None):
+         safe_mode=True, custom_objects=None, dtype=None):
     """Loads a model sharded from the start: each rank reads only its slices.
 
     Args:
@@ -33,6 +33,12 @@ def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None
         safe_mode: Keras safe mode for configs (refuses stored code such as
             lambda bytecode).
         custom_objects: custom classes needed by the config.
+        dtype: the float precision to load in: "float32", "bfloat16",
+            "float16", "mixed_bfloat16" or "mixed_float16" (None: as saved).
+            The model is built under that Keras dtype policy, so each rank's
+            slices are created in it, and the file's tensors (float32, bfloat16,
+            GGUF blocks) are converted a few MiB at a time: no rank holds a
+            whole tensor in float32 on the way.
 
     Returns:
         A `ShardedModel`.
@@ -41,6 +47,7 @@ def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None
         CheckpointError: (a ValueError) on every rank when any rank finds the
             file missing, truncated, corrupt, from a newer format, or not
             matching the model (the message names the file and the tensor).
+        ValueError: (on every rank) `dtype` is not one of those above.
         NotImplementedError: `strategy`.
     """
     if strategy is not None:
@@ -48,18 +55,20 @@ def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None
                                   "launch with ./horovodrun.sh -np N instead.")
     world = world or init()
     with world.comm.section(f"tfshard.load({os.fspath(source)!r})"):
-        return _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects)
+        return _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects,
+                     dtype)
 
 
-def _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects):
+def _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects, dtype):
     src, error, inner = None, None, None
     created = []
     identity = 0
     try:
+        dtype = tfio.check_dtype(dtype)
         src = tfio.resolve_source(source, model=model, safe_mode=safe_mode, custom_objects=custom_objects)
         if world.comm.size > 1:
             identity = consistency.source_identity(src.label)
-        inner, created = tfio.build_model(src)
+        inner, created = tfio.build_model(src, dtype)
         src.prepare(inner)
     except Exception as e:  # reported to every rank below
         error = e
@@ -67,7 +76,9 @@ def _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects
     try:
         # The variables are still deferred: ranks agree on the file they will read
         # (name, size, sampled contents) instead of on weight values.
-        consistency.agree(world.comm, {"source file": identity}, f"tfshard.load({source!r})")
+        consistency.agree(world.comm, {"source file": identity,
+                                       "dtype": consistency.digest(str(dtype))},
+                          f"tfshard.load({source!r})")
         sharded = shard(inner, plan, world=world, tensor_parallel=tensor_parallel,
                         check_weights=False)
     except Exception:

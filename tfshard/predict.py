@@ -404,7 +404,7 @@ def _concat(batches, k, trailing=None, dtype=None):
 
 def _spec(out):
     """Shapes past the rows and dtypes of an output structure's leaves."""
-    return [(list(np.shape(a)[1:]), np.asarray(a).dtype.str) for a in keras.tree.flatten(out)]
+    return [(list(np.shape(a)[1:]), np.asarray(a).dtype.name) for a in keras.tree.flatten(out)]
 
 
 def _check_joinable(specs, where):
@@ -485,7 +485,7 @@ def gather_outputs(world, is_leader, done, where, gather="all"):
         "batches": [i for i, _ in mine],
         "rows": [rows_of(o) for _, o in mine],
         "spec": None if first is None else [
-            (list(np.shape(a)[1:]), np.asarray(a).dtype.str) for a in keras.tree.flatten(first)],
+            (list(np.shape(a)[1:]), np.asarray(a).dtype.name) for a in keras.tree.flatten(first)],
         "template": None if first is None else _template(first),
         "specs": [(i, _spec(o)) for i, o in mine],
     })

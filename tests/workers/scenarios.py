@@ -558,7 +558,98 @@ def run_strategy_errors(world, results):
     results["after_errors"] = guarded(lambda: compare(*_roundtrip(models.mlp)))
 
 
+PRECISION_MODELS = ("mlp", "gpt2", "llama", "bert")
+
+
+def _bf16_twin(builder):
+    """`(m32, m16, x)`: the model in float32 and the same weights in bfloat16."""
+    import ml_dtypes
+
+    from tfshard.io.dtypes import policy_scope
+
+    m32, x = builder()
+    with policy_scope("bfloat16"):
+        m16, _ = builder()
+    m16.set_weights([np.asarray(w).astype(ml_dtypes.bfloat16) for w in m32.get_weights()])
+    return m32, m16, x
+
+
+def _first_output(out):
+    ls = leaves(out)
+    return ls[sorted(ls)[0]]
+
+
+def run_precision(world, results):
+    """bfloat16 models sharded against the same model unsharded in bfloat16 and in
+    float32 (tfshard.precision's envelope), then saved, reloaded and loaded in bf16."""
+    from tfshard import precision
+
+    for name in PRECISION_MODELS:
+        if ONLY and name not in ONLY:
+            continue
+        def case(builder=models.EQUIVALENCE[name]):
+            m32, m16, x = _bf16_twin(builder)
+            r32 = _first_output(m32.predict(x, batch_size=2, verbose=0))
+            r16 = _first_output(m16.predict(x, batch_size=2, verbose=0))
+            sharded = SHARD(m16)
+            out = _first_output(sharded.predict(x, batch_size=2, verbose=0))
+            vs16 = precision.compare(r16, out, "bfloat16")
+            return {"vs_bf16": vs16,
+                    "sharded_vs_fp32": precision.compare(r32, out, "bfloat16")["max_diff"],
+                    "unsharded_vs_fp32": precision.compare(r32, r16, "bfloat16")["max_diff"],
+                    "out_dtype": str(out.dtype), "ref_dtype": str(r16.dtype),
+                    "weight_dtypes": sorted({str(v.dtype) for v in sharded.inner.weights}),
+                    "plan_dtypes": sorted({e.dtype for e in sharded.plan.entries}),
+                    "local_bytes": sharded.plan.local_bytes(), "total_bytes": sharded.plan.total_bytes,
+                    "bytes_fp32_plan": tfshard.Plan.auto(m32, sharded.plan.size).local_bytes(
+                        sharded.plan.rank)}
+        results[f"bf16_{name}"] = guarded(case)
+
+    def checkpoints():
+        from tfshard import comm as comm_lib
+
+        m32, m16, x = _bf16_twin(models.gpt2)
+        r16 = _first_output(m16.predict(x, batch_size=2, verbose=0))
+        base = os.path.join(OUT, "bf16")
+        folder, gathered = os.path.join(base, "sharded"), os.path.join(base, "gathered.keras")
+        fp32_file = os.path.join(base, "fp32.keras")
+        if world.rank == 0:
+            os.makedirs(base, exist_ok=True)
+            m32.save(fp32_file)
+        sharded = SHARD(m16)
+        sharded.save(folder)
+        sharded.save(gathered, gather=True)
+        world.comm.barrier()
+        res = {}
+        # Reloaded at another layout (one rank per group): the unsharded bf16 model, exactly.
+        again = tfshard.load(folder, tensor_parallel=1)
+        out = _first_output(again.predict(x, batch_size=2, verbose=0))
+        res["reload_tp1_dtype"] = str(out.dtype)
+        res["reload_tp1_bitwise"] = bool(np.array_equal(np.asarray(out), np.asarray(r16)))
+        # Reloaded in float32: the bf16 weights widened, against that model unsharded.
+        wide = tfshard.load(folder, dtype="float32")
+        w32 = tfshard.load(folder, world=tfshard.World(comm_lib.create("local"), "local"),
+                           dtype="float32")
+        res["reload_fp32"] = precision.compare(
+            _first_output(w32.predict(x, batch_size=2, verbose=0)),
+            _first_output(wide.predict(x, batch_size=2, verbose=0)), "float32")
+        res["reload_fp32_dtypes"] = sorted({str(v.dtype) for v in wide.inner.weights})
+        # The gathered file is a plain Keras bf16 model.
+        plain = keras.saving.load_model(gathered)
+        res["gathered_bitwise"] = bool(np.array_equal(
+            np.asarray(_first_output(plain.predict(x, batch_size=2, verbose=0))), np.asarray(r16)))
+        # A float32 file loaded straight into bf16 slices: the same as m16 unsharded.
+        narrow = tfshard.load(fp32_file, dtype="bfloat16")
+        res["fp32_file_as_bf16"] = precision.compare(
+            r16, _first_output(narrow.predict(x, batch_size=2, verbose=0)), "bfloat16")
+        res["fp32_file_as_bf16_dtypes"] = sorted({str(v.dtype) for v in narrow.inner.weights})
+        return res
+    if STRATEGY is None and not ONLY:  # saving is Horovod/MPI-only for now
+        results["bf16_checkpoints"] = guarded(checkpoints)
+
+
 SUITES = {
+    "precision": [run_precision],
     "equivalence": [run_equivalence],
     "gpt2": [lambda world, results: run_equivalence(world, results, only={"gpt2"})],
     "dp": [run_dp],

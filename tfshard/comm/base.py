@@ -207,6 +207,30 @@ def gather_on_axis(x, axis, sizes, size, gather_rows):
     return tf.concat(parts, axis)
 
 
+def sum_in_float32(reduce_sum, x):
+    """`reduce_sum(x)`, with 16-bit floats summed in float32 and rounded once.
+
+    Partial sums of a bfloat16 (or float16) row-parallel layer are widened
+    before the all-reduce and the total is rounded back once, as DeepSpeed's
+    CPU all-reduce and tfshard's MPI op do: summing in 16 bits would round at
+    every step of the reduction, so the result would depend on the number of
+    ranks.
+
+    Args:
+        reduce_sum: the backend's all-reduce (sum) of one tensor.
+        x: this rank's partial.
+
+    Returns:
+        The sum, in `x`'s dtype.
+    """
+    import tensorflow as tf
+
+    x = tf.convert_to_tensor(x)
+    if x.dtype in (tf.bfloat16, tf.float16):
+        return tf.cast(reduce_sum(tf.cast(x, tf.float32)), x.dtype)
+    return reduce_sum(x)
+
+
 #: The environment variable that bounds how long one collective may wait, in seconds.
 TIMEOUT_ENV = "TFSHARD_COLLECTIVE_TIMEOUT_SECONDS"
 

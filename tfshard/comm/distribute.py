@@ -15,14 +15,20 @@ collective; asking for one raises.
 
 import tensorflow as tf
 
-from tfshard.comm.base import Communicator, collective_timeout, gather_on_axis, normalize_axis
+from tfshard.comm.base import (
+    Communicator,
+    collective_timeout,
+    gather_on_axis,
+    normalize_axis,
+    sum_in_float32,
+)
 
 # A collective that a peer never joins fails after this long instead of
 # waiting forever (tf.distribute's CommunicationOptions.timeout_seconds).
 DEFAULT_TIMEOUT_SECONDS = 30.0
 
 # Collective ops carry these dtypes; the host-side helpers send others widened.
-_WIRE_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64, tf.int32, tf.int64)
+_WIRE_DTYPES = (tf.float16, tf.float32, tf.float64, tf.int32, tf.int64)
 
 
 def timeout_seconds():
@@ -173,11 +179,15 @@ class ReplicaCommunicator(Communicator):
         return tf.cast(self.strategy.experimental_local_results(out)[0], x.dtype)
 
     def allreduce_sum(self, x, name=None):
-        return self._collective(
-            lambda ctx, v: ctx.all_reduce(tf.distribute.ReduceOp.SUM, v, options=self._options), x)
+        return sum_in_float32(lambda v: self._collective(
+            lambda ctx, w: ctx.all_reduce(tf.distribute.ReduceOp.SUM, w, options=self._options), v),
+            x)
 
     def allgather(self, x, axis=0, name=None, sizes=None):
         x = tf.convert_to_tensor(x)
+        if x.dtype == tf.bfloat16:
+            # tf.distribute's gather takes no bfloat16; widening to float32 is exact.
+            return tf.cast(self.allgather(tf.cast(x, tf.float32), axis, name, sizes), tf.bfloat16)
         axis = normalize_axis(axis, x.shape.rank)
         rows = lambda ctx, v: ctx.all_gather(v, 0, options=self._options)  # noqa: E731
         if axis == 0:

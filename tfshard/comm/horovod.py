@@ -10,7 +10,13 @@ import os
 
 import tensorflow as tf
 
-from tfshard.comm.base import Communicator, collective_timeout, gather_on_axis, normalize_axis
+from tfshard.comm.base import (
+    Communicator,
+    collective_timeout,
+    gather_on_axis,
+    normalize_axis,
+    sum_in_float32,
+)
 
 #: Seconds a rank may be absent from a step the others wait in (watchdog).
 WATCHDOG_TIMEOUT_SECONDS = 30.0
@@ -64,12 +70,15 @@ class HorovodCommunicator(Communicator):
 
 
     def allreduce_sum(self, x, name=None):
-        return self._hvd.allreduce(
-            x, op=self._hvd.Sum, name=name, process_set=self._process_set
-        )
+        return sum_in_float32(lambda v: self._hvd.allreduce(
+            v, op=self._hvd.Sum, name=name, process_set=self._process_set), x)
 
     def allgather(self, x, axis=0, name=None, sizes=None):
         x = tf.convert_to_tensor(x)
+        if x.dtype == tf.bfloat16:
+            # Horovod's ops take no bfloat16; a gather moves bits, so send them as uint16.
+            return tf.bitcast(self.allgather(tf.bitcast(x, tf.uint16), axis, name, sizes),
+                              tf.bfloat16)
         axis = normalize_axis(axis, x.shape.rank)
         def gather(v, part=None):
             op_name = name if name is None or part is None else f"{name}_{part}"
@@ -80,6 +89,9 @@ class HorovodCommunicator(Communicator):
         return gather_on_axis(x, axis, sizes, self._size, gather)
 
     def broadcast(self, x, root=0, name=None):
+        x = tf.convert_to_tensor(x)
+        if x.dtype == tf.bfloat16:
+            return tf.bitcast(self.broadcast(tf.bitcast(x, tf.uint16), root, name), tf.bfloat16)
         # Horovod names the root by its global rank, even inside a process set.
         return self._hvd.broadcast(
             x, root_rank=self._global_ranks[root], name=name, process_set=self._process_set

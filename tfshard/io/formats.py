@@ -25,6 +25,7 @@ from tfshard.layers import walk
 from tfshard.layers.base import assign_slice, sliced_variables
 
 from tfshard.io.deferred import deferred_variables
+from tfshard.io.dtypes import policy_scope, with_float_dtype
 from tfshard.io.sharded import FORMAT, INDEX, VERSION, ShardedStore, check_index
 from tfshard.io.stores import CheckpointError, OffsetFile, SliceStore, open_h5, run_keras_load
 
@@ -34,7 +35,7 @@ class _Source:
 
     label = ""
 
-    def build(self):
+    def build(self, dtype=None):
         raise NotImplementedError
 
     def prepare(self, model):
@@ -52,8 +53,8 @@ class _Source:
         return None
 
 
-def _deserialize(config, safe_mode, custom_objects, label):
-    config = dict(config)
+def _deserialize(config, safe_mode, custom_objects, label, dtype=None):
+    config = dict(with_float_dtype(config, dtype))
     config.pop("compile_config", None)
     try:
         with keras.saving.CustomObjectScope(custom_objects or {}):
@@ -83,12 +84,12 @@ class _KerasFile(_Source):
             raise CheckpointError(
                 f"{path}: a .keras archive needs config.json and model.weights.h5; it has {names}.")
 
-    def build(self):
+    def build(self, dtype=None):
         try:
             config = json.loads(self.zip.read("config.json"))
         except ValueError as e:
             raise CheckpointError(f"{self.path}: config.json is not valid JSON: {e}") from e
-        return _deserialize(config, self.safe_mode, self.custom_objects, self.path)
+        return _deserialize(config, self.safe_mode, self.custom_objects, self.path, dtype)
 
     def fill(self, model):
         info = self.zip.getinfo("model.weights.h5")
@@ -136,9 +137,9 @@ class _WeightsFile(_Source):
                 "model, or a model config dict) to tfshard.load.")
         self.h5 = open_h5(path)
 
-    def build(self):
+    def build(self, dtype=None):
         if isinstance(self.model, dict):
-            return _deserialize(self.model, True, None, self.path)
+            return _deserialize(self.model, True, None, self.path, dtype)
         if callable(self.model) and not isinstance(self.model, keras.layers.Layer):
             return self.model()
         return self.model
@@ -159,10 +160,10 @@ class _KerasPreset(_Source):
         self.safe_mode, self.custom_objects = safe_mode, custom_objects
         self.h5 = open_h5(os.path.join(path, "model.weights.h5"))
 
-    def build(self):
+    def build(self, dtype=None):
         import keras_hub  # noqa: F401  (registers the keras-hub classes)
 
-        return _deserialize(self.config, self.safe_mode, self.custom_objects, self.path)
+        return _deserialize(self.config, self.safe_mode, self.custom_objects, self.path, dtype)
 
     def fill(self, model):
         run_keras_load(model, SliceStore(self.h5, os.path.join(self.path, "model.weights.h5")),
@@ -237,7 +238,7 @@ class _HFPreset(_ViewsSource):
             raise CheckpointError(
                 f"{path}: keras-hub cannot convert model_type {config.get('model_type')!r}: {e}") from e
 
-    def build(self):
+    def build(self, dtype=None):
         cls = self.converter.backbone_cls
         return cls(**self.converter.convert_backbone_config(self.config))
 
@@ -318,7 +319,7 @@ class _GGUFSource(_ViewsSource):
         self.path = path
         self.gguf = gguf_llama.open_gguf(path)
 
-    def build(self):
+    def build(self, dtype=None):
         from tfshard.io import gguf_llama
 
         return gguf_llama.build_causal_lm(self.gguf)
@@ -360,10 +361,11 @@ class _ShardedCheckpoint(_Source):
                     f"{p}: {os.path.getsize(p)} bytes, the index says {size} (truncated or "
                     "overwritten).")
 
-    def build(self):
+    def build(self, dtype=None):
         import keras_hub  # noqa: F401
 
-        return _deserialize(self.index["model_config"], self.safe_mode, self.custom_objects, self.path)
+        return _deserialize(self.index["model_config"], self.safe_mode, self.custom_objects,
+                            self.path, dtype)
 
     def fill(self, model):
         store = ShardedStore(self.path, self.index)
@@ -426,7 +428,7 @@ def resolve_source(source, model=None, safe_mode=True, custom_objects=None):
                           ".gguf, keras-hub preset folders and its own checkpoint folders.")
 
 
-def build_deferred(source, model=None, safe_mode=True, custom_objects=None):
+def build_deferred(source, model=None, safe_mode=True, custom_objects=None, dtype=None):
     """The model `source` describes, with full shapes but no values: nothing is read.
 
     For looking at a model (its plan) without loading it; see `load` for the
@@ -437,13 +439,18 @@ def build_deferred(source, model=None, safe_mode=True, custom_objects=None):
     """
     src = resolve_source(source, model=model, safe_mode=safe_mode, custom_objects=custom_objects)
     try:
-        return build_model(src)[0]
+        return build_model(src, dtype)[0]
     finally:
         src.close()
 
 
-def build_model(src):
+def build_model(src, dtype=None):
     """Builds `src`'s model with deferred variables.
+
+    Args:
+        src: the `_Source`.
+        dtype: a float policy name to build in (see `io.dtypes`), or None: as
+            the source says.
 
     Returns:
         `(model, variables)`: the model and the deferred variables created.
@@ -451,8 +458,8 @@ def build_model(src):
     Raises:
         CheckpointError: the source builds something that is not a Keras model.
     """
-    with deferred_variables() as created:
-        inner = src.build()
+    with deferred_variables() as created, policy_scope(dtype):
+        inner = src.build(dtype)
     if not isinstance(inner, keras.layers.Layer):
         raise CheckpointError(f"{src.label}: builds a {type(inner).__name__}, not a Keras model.")
     return inner, created

@@ -57,9 +57,13 @@ class _WriteStore(Store):
             self._create_h5_group(self._h5_entry_path, metadata=self._metadata)
         value = np.asarray(value)
         if value.ndim and value.size:
-            self._h5_entry_group.create_dataset(key, data=value, chunks=True, fletcher32=not self.gather)
+            ds = self._h5_entry_group.create_dataset(key, data=value, chunks=True,
+                                                     fletcher32=not self.gather)
         else:
             self._h5_entry_group[key] = value
+            ds = self._h5_entry_group[key]
+        if value.dtype.name == "bfloat16":
+            ds.attrs["dtype"] = "bfloat16"  # as Keras marks it (HDF5 has no bfloat16)
 
     def __setitem__(self, key, value):
         value = keras.ops.convert_to_numpy(value)

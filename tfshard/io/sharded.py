@@ -66,7 +66,8 @@ class ShardedView(lazy.TensorView):
 
     def _read(self, ds, index):
         try:
-            return np.asarray(ds[index])
+            value = ds[index]
+            return lazy.as_bfloat16(value) if lazy.is_bfloat16(ds) else np.asarray(value)
         except OSError as e:
             raise CheckpointError(f"{ds.file.filename}: tensor {self.key!r} cannot be read "
                                   f"(corrupt data, checksum failed?): {e}") from e

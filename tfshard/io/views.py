@@ -64,24 +64,33 @@ class TensorView:
         return f"<{type(self).__name__} {self.source}:{self.name} {self.shape} {self.dtype}>"
 
 
+def is_bfloat16(dataset):
+    """Whether an HDF5 dataset holds bfloat16: HDF5 has no such type, so Keras (and
+    tfshard) store its raw 16 bits with the attribute dtype="bfloat16"."""
+    return dataset.attrs.get("dtype", None) == "bfloat16"
+
+
+def as_bfloat16(raw):
+    """The raw 16-bit values of a bfloat16 dataset, read as bfloat16 (no copy)."""
+    import ml_dtypes
+
+    return np.asarray(raw).view(ml_dtypes.bfloat16)
+
+
 class H5View(TensorView):
-    """An h5py dataset (Keras stores bfloat16 as raw 16-bit with a `dtype` attr)."""
+    """An h5py dataset; bfloat16 ones (see `is_bfloat16`) read as bfloat16."""
 
     def __init__(self, dataset, source=""):
         self.dataset = dataset
         self.shape = tuple(dataset.shape)
-        self.bfloat16 = dataset.attrs.get("dtype", None) == "bfloat16"
-        self.dtype = np.dtype("float32") if self.bfloat16 else dataset.dtype
+        self.bfloat16 = is_bfloat16(dataset)
+        self.dtype = as_bfloat16(np.zeros(0, np.uint16)).dtype if self.bfloat16 else dataset.dtype
         self.name = dataset.name
         self.source = source
 
     def read(self, index):
         value = self.dataset[index] if self.shape else self.dataset[()]
-        if self.bfloat16:
-            import ml_dtypes
-
-            value = np.asarray(value).view(ml_dtypes.bfloat16).astype(np.float32)
-        return np.asarray(value)
+        return as_bfloat16(value) if self.bfloat16 else np.asarray(value)
 
 
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "float32",

@@ -26,12 +26,13 @@ _CONFIGS = {
 NAMES = tuple(_CONFIGS)
 
 
-def build(name, seed=0):
+def build(name, seed=0, dtype=None):
     """Builds a named model from its configuration with seeded random weights.
 
     Args:
         name: one of `NAMES`.
         seed: the weight seed (must be the same on every rank).
+        dtype: a Keras dtype policy name ("bfloat16", ...); None: float32.
 
     Returns:
         `(model, vocabulary_size, input_names)`.
@@ -42,7 +43,8 @@ def build(name, seed=0):
     if name not in _CONFIGS:
         raise ValueError(f"Unknown model {name!r}; built-in models: {', '.join(NAMES)}.")
     backbone_cls, task_cls, config = _CONFIGS[name]
-    model = from_config(backbone_cls, task_cls, seed=seed, **config)
+    model = from_config(backbone_cls, task_cls, seed=seed, **config,
+                        **({"dtype": dtype} if dtype else {}))
     return model, config["vocabulary_size"], [t.name for t in keras.tree.flatten(model.inputs)]
 
 

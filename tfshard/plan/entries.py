@@ -2,6 +2,8 @@
 
 import dataclasses
 
+import numpy as np
+
 from tfshard.layers import ShardSpec
 
 
@@ -19,12 +21,22 @@ class PlanEntry(ShardSpec):
         full_bytes: bytes of all the layer's variables, unsharded.
         local_bytes: per-rank bytes of the layer's variables after the cut.
         note: why the planner chose this.
+        dtype: the main weight's dtype ("float32", "bfloat16", ...).
+        compute_dtype: the dtype of the layer's outputs, which its collectives carry.
     """
 
     kind: str = ""
     full_bytes: int = 0
     local_bytes: tuple = ()
     note: str = ""
+    dtype: str = "float32"
+    compute_dtype: str = "float32"
+
+    def wire_itemsize(self, collective):
+        """Bytes per element `collective` moves: all-gathers carry the output's
+        dtype; all-reduces of 16-bit floats are summed (and sent) in float32."""
+        size = np.dtype(self.compute_dtype).itemsize
+        return max(size, 4) if collective == "all-reduce" and size < 4 else size
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,11 +84,12 @@ class ResolvedPlan:
         by_path = {}
         for path, op, n in self.communication():
             by_path.setdefault(path, []).append(f"{op} {n}")
-        yield ("layer", "kind", "rule", "full shape", "local shape", "bytes here",
+        yield ("layer", "kind", "rule", "full shape", "local shape", "dtype", "bytes here",
                "collective/token", "note")
         for e in self.entries:
             yield (e.path, e.kind, e.rule + (":gather" if e.gather_output else ""),
-                   str(e.full_shape), str(e.local_shape(rank)), format_bytes(e.local_bytes[rank]),
+                   str(e.full_shape), str(e.local_shape(rank)), e.dtype,
+                   format_bytes(e.local_bytes[rank]),
                    ", ".join(by_path.get(e.path, [])), e.note)
 
     def totals(self, rank=None):
@@ -105,7 +106,12 @@ class ResolvedPlan:
             f"{format_bytes(self.total_bytes)} unsharded "
             f"({len(self.sharded)} of {len(self.entries)} layers cut)"
         )
-        return [memory, communication_line(self.communication())]
+        return [memory, communication_line(self.communication(), self.wire_itemsizes())]
+
+    def wire_itemsizes(self):
+        """`{(path, collective): bytes per element}` of `communication()`'s entries."""
+        by_path = {e.path: e for e in self.sharded}
+        return {(p, op): by_path[p].wire_itemsize(op.split()[0]) for p, op, _ in self.communication()}
 
     def markdown(self, rank=None):
         """The plan as a markdown table (TensorBoard's text dashboard renders it).
@@ -160,18 +166,26 @@ class ResolvedPlan:
 
 
 
-def communication_line(ops):
-    """One line totalling a forward pass's collectives (fp32 bytes per token)."""
+def communication_line(ops, itemsizes=None):
+    """One line totalling a forward pass's collectives (bytes per token on the wire).
+
+    Args:
+        ops: `ResolvedPlan.communication()`.
+        itemsizes: `{(path, collective): bytes per element}`; default 4 (fp32).
+    """
     if not ops:
         return "per forward: no collectives"
-    parts = []
+    itemsizes = itemsizes or {}
+    parts, widths = [], set()
     for op in ("all-reduce", "all-gather", "all-gather (logits)"):
-        sizes = [n for _, o, n in ops if o == op]
+        sizes = [n * itemsizes.get((p, o), 4) for p, o, n in ops if o == op]
+        widths.update(itemsizes.get((p, o), 4) for p, o, _ in ops if o == op)
         if sizes:
             parts.append(f"{len(sizes)} {op}{'s' if len(sizes) > 1 and '(' not in op else ''} "
-                         f"({format_bytes(4 * sum(sizes))}/token)")
+                         f"({format_bytes(sum(sizes))}/token)")
     tied = any(o == "all-gather (logits)" for _, o, _ in ops)
-    return ("per forward: " + ", ".join(parts) + " in fp32"
+    how = " in fp32" if widths == {4} else " (16-bit activations; all-reduces summed in fp32)"
+    return ("per forward: " + ", ".join(parts) + how
             + ("; the logits gather only when a tied head computes logits" if tied else ""))
 
 

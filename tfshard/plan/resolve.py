@@ -31,7 +31,7 @@ from tfshard.layers.einsum_dense import einsum_axes
 from tfshard.plan.entries import HeadCounts, PlanEntry
 from tfshard.plan.report import ResolvedPlan
 from tfshard.plan.structure import (attention_ranges, find_attention, find_pairs, full_shape,
-                                    linear_dims, slice_bytes, var_bytes)
+                                    linear_dims, main_dtype, slice_bytes, var_bytes)
 
 
 class Plan:
@@ -315,11 +315,13 @@ def _plan_entries(targets, entries, size):
         shape = full_shape(layer)
         full_bytes = var_bytes(layer.weights) if getattr(layer, "shard_spec", None) is None else None
         e = entries.get(p)
+        dtypes = {"dtype": main_dtype(layer), "compute_dtype": str(layer.compute_dtype)}
         if full_bytes is None:
             raise ValueError(f"Layer {p!r} is already sharded; shard a fresh model.")
         if e is None:
             out.append(PlanEntry(path=p, kind=kind_of(layer), rule="replicate", full_shape=shape,
-                                 full_bytes=full_bytes, local_bytes=(full_bytes,) * size))
+                                 full_bytes=full_bytes, local_bytes=(full_bytes,) * size,
+                                 **dtypes))
             continue
         local = tuple(slice_bytes(layer, e, r) for r in range(size))
         out.append(PlanEntry(path=p, kind=kind_of(layer), rule=e["rule"], axis=e["axis"],
@@ -327,5 +329,5 @@ def _plan_entries(targets, entries, size):
                              gather_output=bool(e.get("gather_output", False)),
                              input_is_parallel=bool(e.get("input_is_parallel", False)),
                              full_shape=shape, full_bytes=full_bytes, local_bytes=local,
-                             note=e.get("note", "")))
+                             note=e.get("note", ""), **dtypes))
     return out

@@ -39,6 +39,12 @@ def _main_weight(layer):
     return layer.__dict__.get("_kernel")
 
 
+def main_dtype(layer):
+    """The dtype of a supported layer's main weight (kernel or embedding table)."""
+    weight = _main_weight(layer)
+    return str(weight.dtype) if weight is not None else str(layer.variable_dtype)
+
+
 def full_shape(layer):
     spec = getattr(layer, "shard_spec", None)
     if spec is not None:
