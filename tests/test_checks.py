@@ -60,8 +60,9 @@ def test_bad_input_raises_value_error_on_every_rank(suite_runs, np_, case):
 
 def test_quantized_layer_messages_agree(suite_runs):
     """Sharding a quantized model said "shard the float model, then quantize"; quantizing a
-    sharded one said "quantize the model before sharding it": neither order works yet, and
-    both messages now say so (issue 16)."""
+    sharded one said "quantize the model before sharding it" (issue 16). Since issue 17,
+    int8 models shard: both messages name the one order that works (quantize to int8,
+    then shard), for an int4 layer and for quantizing a sharded model alike."""
     ranks = suite_runs("checks", 2)
     before = case_on_all_ranks(ranks, "err_shard_quantized")
     after = case_on_all_ranks(ranks, "err_quantize_sharded")
@@ -69,12 +70,11 @@ def test_quantized_layer_messages_agree(suite_runs):
         assert not b["ok"] and b["error_type"] == "ValueError", (rank, b)
         # keras.Model.quantize turns a NotImplementedError into a warning and goes on.
         assert not a["ok"] and a["error_type"] == "ValueError", (rank, a)
-        assert "tfshard does not shard quantized layers yet" in b["message"], b["message"]
-        assert "tfshard does not quantize sharded layers yet" in a["message"], a["message"]
+        assert "is quantized in mode 'int4'" in b["message"], b["message"]
+        assert "is sharded; quantize the model before sharding it" in a["message"], a["message"]
         for rec in (a, b):
-            assert "float32" in rec["message"]
+            assert "model.quantize('int8')" in rec["message"] and "tfshard.shard" in rec["message"]
             assert "then quantize" not in rec["message"]
-            assert "before sharding" not in rec["message"]
 
 
 @pytest.mark.parametrize("np_", [2, 3])

@@ -80,10 +80,10 @@ def test_spec_config_round_trip_and_refusals():
     spec = _spec("column", 1, 4, full_shape=(12, 4), gather_output=True)
     shard_layer(layer, spec, COMM, rank=1)
     assert ShardSpec.from_config(layer.get_config()["shard"]) == spec
-    # Issue 16: it said "quantize the model before sharding", while sharding a quantized
-    # model said the opposite; neither order works yet, and a ValueError (keras.Model.quantize
+    # Issue 16: the two quantize messages contradicted each other; issue 17: int8 models
+    # shard, so the message names that order; a ValueError (keras.Model.quantize
     # turns NotImplementedError into a warning and leaves the layer in float32).
-    with pytest.raises(ValueError, match="does not quantize sharded layers yet"):
+    with pytest.raises(ValueError, match="quantize the model before sharding it"):
         layer.quantize("int8")
     with pytest.raises(ValueError, match="every rank needs a non-empty slice"):
         ShardSpec(rule="column", axis=1, ranges=((0, 0), (0, 4)))

@@ -3,6 +3,7 @@
 import keras
 
 from tfshard.layers.base import ShardSpec, even_ranges
+from tfshard.layers import dense, einsum_dense
 from tfshard.layers.dense import ColumnParallelDense, RowParallelDense, shard_dense
 from tfshard.layers.einsum_dense import ParallelEinsumDense, einsum_axes, shard_einsum_dense
 from tfshard.layers.embedding import (
@@ -10,6 +11,7 @@ from tfshard.layers.embedding import (
     VocabParallelReversibleEmbedding,
     shard_embedding,
 )
+from tfshard.layers.quantized import check_quantization
 from tfshard.layers.tree import Node, kind_of, walk
 
 
@@ -46,7 +48,26 @@ def shard_layer(layer, spec, comm, path="", rank=None):
     )
 
 
+def scale_axis(layer, spec):
+    """The axis of a quantized layer's per-channel scale that `spec` cuts (None: whole).
+
+    Args:
+        layer: a built, unsharded layer (int8-quantized or not).
+        spec: its `ShardSpec` (a cut rule).
+
+    Returns:
+        For `kernel_scale` (Dense, EinsumDense) its cut axis or None; embedding
+        scales (one per vocabulary row) are always cut on axis 0.
+    """
+    if isinstance(layer, keras.layers.Embedding):
+        return 0
+    if isinstance(layer, keras.layers.EinsumDense):
+        return einsum_dense.scale_axis(layer, spec)
+    return dense.scale_axis(layer, spec)
+
+
 __all__ = [
+    "scale_axis", "check_quantization",
     "ShardSpec", "even_ranges", "shard_layer", "Node", "kind_of", "walk",
     "ColumnParallelDense", "RowParallelDense", "ParallelEinsumDense",
     "VocabParallelEmbedding", "VocabParallelReversibleEmbedding", "einsum_axes",

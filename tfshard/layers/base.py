@@ -14,6 +14,8 @@ import dataclasses
 import keras
 import numpy as np
 
+from tfshard.layers import quantized
+
 
 RULES = ("column", "row", "vocab", "replicate")
 
@@ -361,8 +363,9 @@ class ShardedLayerMixin:
         # A ValueError, not NotImplementedError: keras.Model.quantize turns the latter into a
         # warning and goes on, leaving the sharded layers in float32 without a word.
         raise ValueError(
-            f"Layer {self.path!r} is sharded, and tfshard does not quantize sharded layers "
-            "yet (nor shard quantized ones): keep the sharded model in float32."
+            f"Layer {self.path!r} is sharded; quantize the model before sharding it: "
+            "model.quantize('int8'), then tfshard.shard(model). (Quantizing needs each "
+            "output channel's whole column, which a row-parallel rank does not hold.)"
         )
 
 
@@ -408,7 +411,8 @@ def check_convertible(layer, keras_base, path):
 
     Raises:
         TypeError: the layer overrides `call` of its Keras base class.
-        ValueError: the layer is quantized or has LoRA enabled, or is not built.
+        ValueError: the layer is quantized in a mode other than int8, has LoRA enabled,
+            or is not built.
     """
     if not layer.built:
         raise ValueError(
@@ -426,12 +430,7 @@ def check_convertible(layer, keras_base, path):
                 f"{keras_base.__name__}; tfshard cannot shard it faithfully. Replicate "
                 f"it with a rule {{{path!r}: 'replicate'}}."
             )
-    if getattr(layer, "quantization_mode", None):
-        raise ValueError(
-            f"Layer {path!r} is quantized ({layer.quantization_mode}), and tfshard does not "
-            "shard quantized layers yet (nor quantize sharded ones): shard the float model and "
-            "keep it in float32."
-        )
+    quantized.check_quantization(layer, path)
     if getattr(layer, "lora_enabled", False):
         raise ValueError(
             f"Layer {path!r} has LoRA enabled; merge the LoRA weights into the kernel "
@@ -456,7 +455,7 @@ def rebuild_in_place(layer, sharded_base, spec, rank, comm, build_local):
         The same layer object, now sharded.
     """
     names = [n for n in ("_kernel", "bias", "_embeddings", "embeddings", "reverse_embeddings")
-             if n in layer.__dict__]
+             + quantized.SCALE_NAMES if n in layer.__dict__]
     full_values = {n: full_value(layer.__dict__[n]) for n in names
                    if layer.__dict__[n] is not None}
     was_locked = layer._tracker.locked
@@ -486,7 +485,7 @@ def rebuild_in_place(layer, sharded_base, spec, rank, comm, build_local):
     return layer
 
 
-def add_local_weight(layer, name, full, axis=None, trainable=True):
+def add_local_weight(layer, name, full, axis=None, trainable=None):
     """Adds this rank's slice of `full` as a weight of a layer being converted.
 
     The weight is also recorded, in Keras's serialization order, with its full
@@ -499,15 +498,19 @@ def add_local_weight(layer, name, full, axis=None, trainable=True):
         full: the full value: a numpy array or a lazy view (only the slice is
             read).
         axis: the axis of `full` cut with the layer's ranges; None keeps it whole.
-        trainable: passed to `add_weight`.
+        trainable: passed to `add_weight`; default: float weights are trainable,
+            quantized (integer) ones are not, as Keras makes them.
 
     Returns:
         The new variable.
     """
     value = read_slice(full, axis, *layer.shard_range) if axis is not None else None
     shape = value.shape if value is not None else tuple(full.shape)
+    dtype = np.dtype(full.dtype).name  # int8 kernels stay int8; scales keep theirs
+    if trainable is None:
+        trainable = np.dtype(full.dtype).kind == "f" and name not in quantized.SCALE_NAMES
     var = layer.add_weight(name=name, shape=shape, initializer="zeros",
-                           dtype=layer.variable_dtype, trainable=trainable)
+                           dtype=dtype, trainable=trainable)
     if not isinstance(full, Placeholder):
         var.assign((value if value is not None else np.asarray(full)).astype(var.dtype))
     layer._tfshard_saved.append((var, axis, tuple(full.shape)))

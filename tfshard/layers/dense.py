@@ -10,6 +10,7 @@ from tfshard.layers.base import (
     check_convertible,
     rebuild_in_place,
 )
+from tfshard.layers.quantized import global_quantize
 
 
 class _ParallelDenseBase(ShardedLayerMixin, keras.layers.Dense):
@@ -40,7 +41,18 @@ class ColumnParallelDense(_ParallelDenseBase):
 
 
     def call(self, inputs, training=None):
-        x = ops.matmul(inputs, self._kernel)
+        return self._finish(ops.matmul(inputs, self._kernel))
+
+    def _int8_call(self, inputs, training=None):
+        # The input is whole on every rank: quantized as unsharded (see layers/quantized.py).
+        scale = self.kernel_scale
+        if self.inputs_quantizer:
+            inputs, inputs_scale = self.inputs_quantizer(inputs, axis=-1)
+            scale = ops.multiply(scale, inputs_scale)
+        x = ops.cast(ops.matmul(inputs, self._kernel), self.compute_dtype)
+        return self._finish(ops.divide(x, scale))
+
+    def _finish(self, x):
         if self.bias is not None:
             x = ops.add(x, self.bias)
         if self._shard_spec.gather_output:
@@ -73,16 +85,42 @@ class RowParallelDense(_ParallelDenseBase):
 
 
     def call(self, inputs, training=None):
-        spec = self._shard_spec
-        if not spec.input_is_parallel:
-            start, stop = self.shard_range
-            inputs = inputs[..., start:stop]
+        x = self._comm.allreduce_sum(ops.matmul(self._own_slice(inputs), self._kernel))
+        return self._finish(x)
+
+    def _int8_call(self, inputs, training=None):
+        # The input scale is the whole input's and the int32 partials are summed
+        # exactly, then dequantized once: the unsharded result (layers/quantized.py).
+        scale = self.kernel_scale
+        if self.inputs_quantizer and self._shard_spec.input_is_parallel:
+            inputs, inputs_scale = global_quantize(self, inputs, -1, self._comm)
+        elif self.inputs_quantizer:
+            inputs, inputs_scale = self.inputs_quantizer(inputs, axis=-1)
+            inputs = self._own_slice(inputs)
+        else:
+            inputs, inputs_scale = self._own_slice(inputs), None
         x = self._comm.allreduce_sum(ops.matmul(inputs, self._kernel))
+        if inputs_scale is not None:
+            scale = ops.multiply(scale, inputs_scale)
+        return self._finish(ops.divide(ops.cast(x, self.compute_dtype), scale))
+
+    def _own_slice(self, inputs):
+        if self._shard_spec.input_is_parallel:
+            return inputs
+        start, stop = self.shard_range
+        return inputs[..., start:stop]
+
+    def _finish(self, x):
         if self.bias is not None:
             x = ops.add(x, self.bias)
         if self.activation is not None:
             x = self.activation(x)
         return x
+
+
+def scale_axis(layer, spec):
+    """The axis of an int8 Dense's `kernel_scale` (`[units]`) cut with `spec`, or None."""
+    return 0 if spec.rule == "column" else None
 
 
 def shard_dense(layer, spec, rank, comm, path=""):
@@ -116,6 +154,9 @@ def shard_dense(layer, spec, rank, comm, path=""):
         bias = full.get("bias")
         lyr.bias = None if bias is None else add_local_weight(
             lyr, "bias", bias, axis=0 if spec.rule == "column" else None)
+        if "kernel_scale" in full:  # int8: one scale per output unit, cut with the columns
+            lyr.kernel_scale = add_local_weight(lyr, "kernel_scale", full["kernel_scale"],
+                                                axis=scale_axis(layer, spec))
         in_width = kernel.shape[0]
         if spec.rule == "row":
             in_width = lyr.shard_width if spec.input_is_parallel else in_width

@@ -20,6 +20,7 @@ from tfshard.layers.base import (
     check_convertible,
     rebuild_in_place,
 )
+from tfshard.layers.quantized import global_quantize
 
 
 def parse_equation(equation):
@@ -94,17 +95,43 @@ class ParallelEinsumDense(ShardedLayerMixin, keras.layers.EinsumDense):
         char = ker[self._shard_spec.axis]
         return inp, ker, out, char
 
-    def call(self, inputs, training=None):
+    def _own_slice(self, inputs):
+        """The input as this rank's kernel slice contracts it (row: its slice)."""
         spec = self._shard_spec
-        inp, _, out, char = self._letters()
-        if spec.rule == "row" and not spec.input_is_parallel:
-            axis = inp.index(char) - len(inp)
-            index = [slice(None)] * len(inputs.shape)
-            index[axis] = slice(*self.shard_range)
-            inputs = inputs[tuple(index)]
-        x = ops.einsum(self.equation, inputs, self._kernel)
+        if spec.rule != "row" or spec.input_is_parallel:
+            return inputs
+        inp, _, _, char = self._letters()
+        index = [slice(None)] * len(inputs.shape)
+        index[inp.index(char) - len(inp)] = slice(*self.shard_range)
+        return inputs[tuple(index)]
+
+    def call(self, inputs, training=None):
+        x = ops.einsum(self.equation, self._own_slice(inputs), self._kernel)
+        if self._shard_spec.rule == "row":
+            x = self._comm.allreduce_sum(x)
+        return self._finish(x)
+
+    def _int8_call(self, inputs, training=None):
+        # Column: the input quantized as unsharded; row: with the whole input's scale and
+        # the int32 partials summed exactly, then dequantized once (layers/quantized.py).
+        spec = self._shard_spec
+        row_parallel_input = spec.rule == "row" and spec.input_is_parallel
+        scale = self.kernel_scale
+        if self.inputs_quantizer and row_parallel_input:
+            inputs, inputs_scale = global_quantize(self, inputs, self.quantization_axis,
+                                                   self._comm)
+        elif self.inputs_quantizer:
+            inputs, inputs_scale = self.inputs_quantizer(inputs, axis=self.quantization_axis)
+        if self.inputs_quantizer:
+            scale = ops.multiply(self._adjust_scale_for_quant(inputs_scale, "input"), scale)
+        x = ops.einsum(self.equation, self._own_slice(inputs), self._kernel)
         if spec.rule == "row":
             x = self._comm.allreduce_sum(x)
+        return self._finish(ops.divide(ops.cast(x, self.compute_dtype), scale))
+
+    def _finish(self, x):
+        spec = self._shard_spec
+        _, _, out, char = self._letters()
         if self.bias is not None:
             x = ops.add(x, self.bias)
         if spec.rule == "column" and spec.gather_output:
@@ -120,6 +147,25 @@ class ParallelEinsumDense(ShardedLayerMixin, keras.layers.EinsumDense):
             _, _, out, char = self._letters()
             shape[out.index(char) - len(out)] = self.shard_width
         return tuple(shape)
+
+
+def scale_axis(layer, spec):
+    """The axis of an int8 EinsumDense's `kernel_scale` cut with `spec`, or None.
+
+    Keras shapes the per-channel scale to broadcast against the output (reduced
+    kernel axes of size 1, the rest in output order), so a column cut's letter
+    sits at the same distance from the end in the scale as in the output. A row
+    cut contracts its letter, whose scale axis has size 1: the scale stays whole.
+    """
+    if spec.rule != "column" or "kernel_scale" not in layer.__dict__:
+        return None
+    _, ker, out = parse_equation(layer.equation)
+    shape = tuple(layer.__dict__["kernel_scale"].shape)
+    pos = out.index(ker[spec.axis]) - len(out)
+    full = tuple(layer.__dict__["_kernel"].shape)[spec.axis]
+    if len(shape) >= -pos and shape[pos] == full:
+        return len(shape) + pos
+    return None
 
 
 def shard_einsum_dense(layer, spec, rank, comm, path=""):
@@ -151,9 +197,14 @@ def shard_einsum_dense(layer, spec, rank, comm, path=""):
     cut_bias = bias_axis(layer.equation, layer.bias_axes, spec.axis) \
         if spec.rule == "column" else None
 
+    cut_scale = scale_axis(layer, spec)
+
     def build_local(lyr, full):
         lyr._kernel = add_local_weight(lyr, "kernel", full["_kernel"], axis=spec.axis)
         bias = full.get("bias")
         lyr.bias = None if bias is None else add_local_weight(lyr, "bias", bias, axis=cut_bias)
+        if "kernel_scale" in full:
+            lyr.kernel_scale = add_local_weight(lyr, "kernel_scale", full["kernel_scale"],
+                                                axis=cut_scale)
 
     return rebuild_in_place(layer, ParallelEinsumDense, spec, rank, comm, build_local)

@@ -88,11 +88,17 @@ class VocabParallelEmbedding(ShardedLayerMixin, keras.layers.Embedding):
         owned = ops.logical_and(ops.greater_equal(ids, start), ops.less(ids, stop))
         local_ids = ops.where(owned, ids - start, ops.zeros_like(ids))
         rows = ops.take(self._embeddings, local_ids, axis=0)
+        if self.quantization_mode == "int8":  # dequantized as Keras does, before the sum
+            rows = ops.divide(ops.cast(rows, self.compute_dtype), ops.expand_dims(
+                ops.take(self.embeddings_scale, local_ids, axis=0), axis=-1))
         rows = ops.multiply(rows, ops.cast(ops.expand_dims(owned, -1), rows.dtype))
         rows = self._comm.allreduce_sum(rows)
         return ops.cast(rows, self.compute_dtype)
 
     def call(self, inputs):
+        return self._vocab_lookup(inputs)
+
+    def _int8_call(self, inputs, training=None):
         return self._vocab_lookup(inputs)
 
 
@@ -111,6 +117,32 @@ class VocabParallelReversibleEmbedding(VocabParallelEmbedding, keras.layers.Reve
             if self.mask_zero:
                 set_keras_mask(result, ops.not_equal(inputs, 0))
             return result
+        return self._reverse(inputs)
+
+    def _int8_call(self, inputs, reverse=False):
+        if not reverse:
+            return self._vocab_lookup(inputs)
+        # Keras's int8 logits with this rank's vocab columns and their scales: the input
+        # is whole on every rank, so it is quantized as unsharded.
+        if self.tie_weights:
+            kernel, scale = ops.transpose(self._embeddings), self.embeddings_scale
+        else:
+            kernel, scale = self.reverse_embeddings, self.reverse_embeddings_scale
+        if self.inputs_quantizer:
+            inputs, inputs_scale = self.inputs_quantizer(inputs)
+        else:
+            inputs_scale = ops.ones((1,), dtype=self.compute_dtype)
+        local = ops.cast(ops.matmul(inputs, kernel), self.compute_dtype)
+        local = ops.divide(local, ops.multiply(inputs_scale, scale))
+        return self._soft_cap(self._comm.allgather(local, axis=-1, sizes=self._shard_spec.sizes))
+
+    def _soft_cap(self, logits):
+        if self.logit_soft_cap is not None:
+            cap = self.logit_soft_cap
+            logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
+        return logits
+
+    def _reverse(self, inputs):
         # Logits of the local vocab slice, [M, V_local], gathered on the vocab
         # axis (block copies, no transpose of the logits).
         table = self._embeddings if self.tie_weights else ops.transpose(self.reverse_embeddings)
@@ -123,10 +155,7 @@ class VocabParallelReversibleEmbedding(VocabParallelEmbedding, keras.layers.Reve
         local = tf.matmul(x2d, table, transpose_b=True)
         logits = self._comm.allgather(local, axis=-1, sizes=self._shard_spec.sizes)
         logits = tf.reshape(logits, tf.concat([lead_shape, [self.input_dim]], axis=0))
-        if self.logit_soft_cap is not None:
-            cap = self.logit_soft_cap
-            logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
-        return logits
+        return self._soft_cap(logits)
 
 
 def shard_embedding(layer, spec, rank, comm, path=""):
@@ -157,9 +186,15 @@ def shard_embedding(layer, spec, rank, comm, path=""):
 
     def build_local(lyr, full):
         lyr._embeddings = add_local_weight(lyr, "embeddings", full["_embeddings"], axis=0)
+        if "embeddings_scale" in full:  # int8: one scale per row, cut with the rows
+            lyr.embeddings_scale = add_local_weight(
+                lyr, "embeddings_scale", full["embeddings_scale"], axis=0)
         if reversible and not lyr.tie_weights:
             lyr.reverse_embeddings = add_local_weight(
                 lyr, "reverse_embeddings", full["reverse_embeddings"], axis=1
             )
+            if "reverse_embeddings_scale" in full:
+                lyr.reverse_embeddings_scale = add_local_weight(
+                    lyr, "reverse_embeddings_scale", full["reverse_embeddings_scale"], axis=0)
 
     return rebuild_in_place(layer, sharded_base, spec, rank, comm, build_local)

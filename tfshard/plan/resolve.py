@@ -26,7 +26,7 @@ import math
 import re
 
 from tfshard import rules as rules_lib
-from tfshard.layers import even_ranges, kind_of, walk
+from tfshard.layers import check_quantization, even_ranges, kind_of, walk
 from tfshard.layers.einsum_dense import einsum_axes
 from tfshard.plan.entries import HeadCounts, PlanEntry
 from tfshard.plan.report import ResolvedPlan
@@ -125,7 +125,9 @@ class Plan:
         Raises:
             ValueError: a rule that cannot apply (a dimension smaller than
                 `size`, a rule that does not fit the layer kind); the message
-                names the layer, its shape and the sizes that would work.
+                names the layer, its shape and the sizes that would work. The
+                auto plan also refuses layers quantized in a mode tfshard does
+                not cut (int4, float8, GPTQ, AWQ); explicit rules may replicate them.
         """
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive int; got {size!r}.")
@@ -135,6 +137,10 @@ class Plan:
             )
         nodes = walk(model)
         targets = [n for n in nodes if kind_of(n.layer) is not None]
+        if self.rules is None and size > 1:
+            # The auto plan would silently replicate what it cannot cut: say so instead.
+            for n in targets:
+                check_quantization(n.layer, n.path)
         by_id = {id(n.layer): n.path for n in targets}
         attention = find_attention(nodes)
         pairs = [([by_id[id(c)] for c in cols], by_id[id(row)])

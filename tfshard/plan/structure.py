@@ -6,7 +6,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from tfshard.layers import even_ranges, kind_of
+from tfshard.layers import ShardSpec, even_ranges, kind_of, scale_axis
 from tfshard.layers.einsum_dense import bias_axis, einsum_axes
 
 
@@ -310,6 +310,10 @@ def slice_bytes(layer, e, rank):
             total += n // v.shape[1] * (b - a) * itemsize
         elif vname == "bias" and e["rule"] == "column":
             total += _column_bias_bytes(layer, e, v, a, b)
+        elif vname.endswith("_scale"):  # int8 per-channel scales, cut as the layer says
+            spec = ShardSpec(rule=e["rule"], axis=e["axis"], ranges=tuple(e["ranges"]))
+            axis = scale_axis(layer, spec)
+            total += n * itemsize if axis is None else n // v.shape[axis] * (b - a) * itemsize
         else:
             total += n * itemsize
     return total

@@ -1,0 +1,81 @@
+"""Keras int8-quantized layers, sharded: the pieces every parallel layer kind shares.
+
+`model.quantize("int8")` gives a Dense / EinsumDense kernel int8 values and one
+float scale per output channel (`kernel_scale`), an embedding table one scale
+per row (`embeddings_scale`), and -- by default -- quantizes each input on the
+fly per token with an AbsMax quantizer (scale 127 / max|x|). Cut in the
+Megatron way, every rank computes exactly the unsharded model's numbers:
+
+- column (and vocab): the kernel and its per-channel scale are cut together;
+  the input, the same on every rank, is quantized as unsharded, so a rank's
+  outputs are the unsharded outputs' slice, bit for bit.
+- row: the kernel is cut on the contracted axis and its scale kept whole. The
+  input's scale must be that of the *whole* input: a rank that holds only a
+  slice of it (the output of a column layer) all-gathers the per-token max |x|
+  of its slice -- one number per token and rank -- and takes the largest. The
+  int32 partial products are then summed exactly by the all-reduce and
+  dequantized once, as the unsharded layer does, so the sum is bit for bit
+  the unsharded one too.
+
+int4, float8, GPTQ and AWQ layers are refused by name (`check_convertible`).
+"""
+
+from keras import ops
+
+from keras.src.quantizers.quantizers import AbsMaxQuantizer
+
+#: The quantization modes tfshard shards.
+SHARDED_MODES = ("int8",)
+
+
+#: Attributes holding the per-channel scales int8 quantization adds.
+SCALE_NAMES = ("kernel_scale", "embeddings_scale", "reverse_embeddings_scale")
+
+
+def global_quantize(layer, inputs, axis, comm):
+    """Quantizes `inputs`, one rank's slice of the contracted axes, with the scale
+    of the whole input, as `layer.inputs_quantizer` would quantize the whole input.
+
+    Args:
+        layer: the quantized layer (its `inputs_quantizer` an `AbsMaxQuantizer`).
+        inputs: this rank's slice of the input.
+        axis: the axes the quantizer reduces (an int or a tuple).
+        comm: the tensor-parallel group's communicator.
+
+    Returns:
+        `(quantized, scale)` as the quantizer returns them.
+
+    Raises:
+        ValueError: the layer's input quantizer is not an AbsMax quantizer (its
+            scale cannot be assembled from per-rank maxima).
+    """
+    quantizer = layer.inputs_quantizer
+    if not isinstance(quantizer, AbsMaxQuantizer):
+        raise ValueError(
+            f"Layer {layer.path!r}: row-parallel with an input quantizer "
+            f"{type(quantizer).__name__}; tfshard assembles the input scale from per-rank "
+            "maxima, which only the AbsMax quantizer (Keras's default) allows. Replicate "
+            "the layer with a rule {path: 'replicate'} or quantize with the default config.")
+    low, high = quantizer.value_range
+    local = ops.max(ops.abs(inputs), axis=axis, keepdims=True)
+    every = comm.allgather(ops.expand_dims(local, -1), axis=-1, sizes=[1] * comm.size)
+    amax = ops.max(every, axis=-1)
+    # The arithmetic of keras.quantizers.abs_max_quantize, with the global maximum.
+    scale = ops.divide(high, ops.add(amax, quantizer.epsilon))
+    scale = ops.cast(scale, inputs.dtype)
+    outputs = ops.clip(ops.round(ops.multiply(inputs, scale)), low, high)
+    return ops.cast(outputs, quantizer.output_dtype), scale
+
+
+def check_quantization(layer, path):
+    """Refuses a quantized layer tfshard cannot cut.
+
+    Raises:
+        ValueError: the layer is quantized in a mode other than `SHARDED_MODES`.
+    """
+    mode = getattr(layer, "quantization_mode", None)
+    if mode and mode not in SHARDED_MODES:
+        raise ValueError(
+            f"Layer {path!r} is quantized in mode {mode!r}; tfshard shards int8-quantized "
+            "layers (and float ones). Quantize with model.quantize('int8') before "
+            f"tfshard.shard, or replicate this layer with a rule {{{path!r}: 'replicate'}}.")
