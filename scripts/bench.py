@@ -36,10 +36,10 @@ decode steps, and prefill = the first time minus one step.
 
     .venv/bin/python scripts/bench.py generate --np 2 3
 
-Suite `precision`: SmolLM2 at TP=N (MPI) loaded in float32 and in `--dtype`
-(bfloat16): weight bytes held per rank, the load's peak RSS rise, decode latency
-per token and prefill time (as `generate`), and the greedy agreement of 22 fixed
-prompts x 16 new tokens between the two precisions.
+Suite `precision`: SmolLM2 at TP=N (MPI) loaded in float32, bfloat16 and int8
+(`quantize="int8"`): weight bytes held per rank, the load's peak RSS rise, decode
+latency per token and prefill time (as `generate`), and the greedy agreement of 22
+fixed prompts x 16 new tokens of each against float32.
 
     .venv/bin/python scripts/bench.py precision --np 2
 
@@ -193,7 +193,8 @@ def _generate_child(args):
         model, vocab, _ = models.build(args.source, seed=0, dtype=args.dtype)
         target = tfshard.shard(model, world=world)
     else:
-        target = tfshard.load(args.source, world=world, dtype=args.dtype)
+        target = tfshard.load(args.source, world=world, dtype=args.dtype,
+                              quantize=args.quantize)
         vocab = target.inner.backbone.vocabulary_size
     length, new = args.length, args.new_tokens
     ids = np.random.default_rng(1).integers(1, vocab, (args.batch, length)).astype("int32")
@@ -285,7 +286,8 @@ def _load_child(args):
         model = keras.saving.load_model(args.source)
         held = sum(v.numpy().nbytes for v in model.weights)
     else:
-        model = tfshard.load(args.source, world=world, dtype=args.dtype)
+        model = tfshard.load(args.source, world=world, dtype=args.dtype,
+                             quantize=args.quantize)
         held = sum(v.numpy().nbytes for v in model.inner.weights)
     seconds = time.perf_counter() - t0
     result = {"rise_mib": _hwm_mib() - base, "after_mib": _rss_mib() - base,
@@ -348,30 +350,37 @@ PROMPTS = [
 ]
 
 
+#: The precisions the precision suite compares: name -> tfshard.load arguments.
+VARIANTS = {"float32": {"dtype": "float32"}, "bfloat16": {"dtype": "bfloat16"},
+            "int8": {"quantize": "int8"}}
+
+
 def _agree_child(args):
-    """Greedy continuations of PROMPTS in float32 and in `--dtype`, on these ranks."""
+    """Greedy continuations of PROMPTS in every VARIANT, against float32, on these ranks."""
     import tfshard
     from tfshard.generation import decode_text
 
     world = tfshard.init()
-    texts = {}
-    for dtype in ("float32", args.dtype):
-        model = tfshard.load(args.source, world=world, dtype=dtype)
+    texts, ids = {}, {}
+    for name, kwargs in VARIANTS.items():
+        model = tfshard.load(args.source, world=world, **kwargs)
         tok = (model.inner.preprocessor or model.preprocessor).tokenizer
         out = model.generate(PROMPTS, max_length=48, strip_prompt=True, sampler="greedy")
-        texts[dtype] = [decode_text(t) for t in out]
-        ids = [list(tok(t)) for t in texts[dtype]]
-        texts[dtype + "_ids"] = [[int(i) for i in row[:args.new_tokens]] for row in ids]
+        texts[name] = [decode_text(t) for t in out]
+        ids[name] = [[int(i) for i in list(tok(t))[:args.new_tokens]] for t in texts[name]]
         del model
-    a, b = texts["float32_ids"], texts[args.dtype + "_ids"]
-    same_tokens = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
-    total = sum(min(len(ra), len(rb)) for ra, rb in zip(a, b))
-    prefix = [next((k for k, (x, y) in enumerate(zip(ra, rb)) if x != y), min(len(ra), len(rb)))
-              for ra, rb in zip(a, b)]
-    result = {"prompts": len(PROMPTS), "tokens_compared": total, "tokens_same": same_tokens,
-              "identical_continuations": sum(ra == rb for ra, rb in zip(a, b)),
-              "mean_common_prefix": sum(prefix) / len(prefix),
-              "paris": texts[args.dtype][0], "paris_fp32": texts["float32"][0]}
+    result = {}
+    a = ids["float32"]
+    for name in VARIANTS:
+        b = ids[name]
+        prefix = [next((k for k, (x, y) in enumerate(zip(ra, rb)) if x != y),
+                       min(len(ra), len(rb))) for ra, rb in zip(a, b)]
+        result[name] = {
+            "prompts": len(PROMPTS),
+            "tokens_compared": sum(min(len(ra), len(rb)) for ra, rb in zip(a, b)),
+            "tokens_same": sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)),
+            "identical_continuations": sum(ra == rb for ra, rb in zip(a, b)),
+            "mean_common_prefix": sum(prefix) / len(prefix), "paris": texts[name][0]}
     if world.rank == 0:
         print("RESULT " + json.dumps(result), flush=True)
 
@@ -381,31 +390,35 @@ def suite_precision(args):
     me = [sys.executable, str(Path(__file__).resolve())]
     n = args.np
     rows = {}
-    for dtype in ("float32", args.dtype):
-        rows[f"load {dtype}"] = _run(_launch("mpi", n, me + [
-            "_load", "--source", args.source, "--mode", "sharded", "--dtype", dtype]), args.timeout)
-        rows[f"generate {dtype}"] = _run(_launch("mpi", n, me + [
-            "_generate", "--source", args.source, "--mode", "sharded", "--dtype", dtype,
-            "--repeats", str(args.repeats)]), args.timeout)
+    for name, kwargs in VARIANTS.items():
+        flags = [f"--{k}={v}" for k, v in kwargs.items()]
+        rows[f"load {name}"] = _run(_launch("mpi", n, me + [
+            "_load", "--source", args.source, "--mode", "sharded"] + flags), args.timeout)
+        rows[f"generate {name}"] = _run(_launch("mpi", n, me + [
+            "_generate", "--source", args.source, "--mode", "sharded",
+            "--repeats", str(args.repeats)] + flags), args.timeout)
     rows["agreement"] = _run(_launch("mpi", n, me + [
-        "_agree", "--source", args.source, "--dtype", args.dtype,
-        "--new-tokens", str(args.new_tokens)]), args.timeout)
-    lo, hi = args.dtype, "float32"
-    print(f"\nprecision: {args.source} at TP={n} (MPI), {lo} against float32, {_cpu_model()}")
-    print(f"{'':<34} {'float32':>10} {lo:>10} {'ratio':>8}")
-    for label, key, field, scale in (
-            ("weights held per rank (MiB)", "load", "weights_mib", 1),
-            ("load: peak RSS rise, worst rank (MiB)", "load", "rise_mib", 1),
-            ("decode per token (ms)", "generate", "decode_ms", 1),
-            ("prefill of 64 tokens (s)", "generate", "prefill_s", 1)):
-        a, b = rows[f"{key} {hi}"][field] * scale, rows[f"{key} {lo}"][field] * scale
-        print(f"{label:<38} {a:>10.1f} {b:>10.1f} {b / a:>7.2f}x")
-    g = rows["agreement"]
-    print(f"greedy, {g['prompts']} prompts x {args.new_tokens} new tokens, {lo} vs float32: "
-          f"{g['tokens_same']}/{g['tokens_compared']} tokens the same "
-          f"({g['tokens_same'] / g['tokens_compared']:.1%}), {g['identical_continuations']} "
-          f"continuations identical, mean common prefix {g['mean_common_prefix']:.1f} tokens; "
-          f"'The capital of France is' -> {g['paris']!r} ({hi}: {g['paris_fp32']!r})")
+        "_agree", "--source", args.source, "--new-tokens", str(args.new_tokens)]), args.timeout)
+    names = list(VARIANTS)
+    print(f"\nprecision: {args.source} at TP={n} (MPI), {_cpu_model()}; ratios against float32")
+    print(f"{'':<38} " + " ".join(f"{v:>10}" for v in names) + "  "
+          + " ".join(f"{v + '/fp32':>13}" for v in names[1:]))
+    for label, key, field in (
+            ("weights held per rank (MiB)", "load", "weights_mib"),
+            ("load: peak RSS rise, worst rank (MiB)", "load", "rise_mib"),
+            ("decode per token (ms)", "generate", "decode_ms"),
+            ("prefill of 64 tokens (s)", "generate", "prefill_s")):
+        vals = [rows[f"{key} {v}"][field] for v in names]
+        print(f"{label:<38} " + " ".join(f"{x:>10.2f}" for x in vals) + "  "
+              + " ".join(f"{x / vals[0]:>12.2f}x" for x in vals[1:]))
+    for name in names[1:]:
+        g = rows["agreement"][name]
+        print(f"greedy, {g['prompts']} prompts x {args.new_tokens} new tokens, {name} vs float32: "
+              f"{g['tokens_same']}/{g['tokens_compared']} tokens the same "
+              f"({g['tokens_same'] / g['tokens_compared']:.1%}), {g['identical_continuations']} "
+              f"continuations identical, mean common prefix {g['mean_common_prefix']:.1f} tokens; "
+              f"'The capital of France is' -> {g['paris']!r}")
+    print(f"float32: 'The capital of France is' -> {rows['agreement']['float32']['paris']!r}")
     _write_report(f"precision-{Path(args.source).name}", args, rows)
 
 
@@ -702,10 +715,10 @@ def main():
     p.add_argument("--source", required=True)
     p.add_argument("--mode", choices=["keras", "unsharded", "sharded"], required=True)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--quantize", default=None)
     for name in ("precision", "_agree"):
         p = sub.add_parser(name)
         p.add_argument("--source", default="smollm2")
-        p.add_argument("--dtype", default="bfloat16")
         p.add_argument("--new-tokens", type=int, default=16)
         if name == "precision":
             p.add_argument("--np", type=int, default=2)
@@ -719,6 +732,7 @@ def main():
         p.add_argument("--batch", type=int, default=1)
         p.add_argument("--repeats", type=int, default=3)
         p.add_argument("--dtype", default=None)
+        p.add_argument("--quantize", default=None)
         if name == "generate":
             p.add_argument("--np", type=int, nargs="+", default=[2, 3])
             p.add_argument("--backends", nargs="+", choices=("mpi", "horovod-mpi", "gloo"),

@@ -80,13 +80,35 @@ def test_spec_config_round_trip_and_refusals():
     spec = _spec("column", 1, 4, full_shape=(12, 4), gather_output=True)
     shard_layer(layer, spec, COMM, rank=1)
     assert ShardSpec.from_config(layer.get_config()["shard"]) == spec
-    # Issue 16: the two quantize messages contradicted each other; issue 17: int8 models
-    # shard, so the message names that order; a ValueError (keras.Model.quantize
-    # turns NotImplementedError into a warning and leaves the layer in float32).
-    with pytest.raises(ValueError, match="quantize the model before sharding it"):
-        layer.quantize("int8")
+    # Issue 16: the two quantize messages contradicted each other; issue 17: sharded
+    # layers quantize to int8, other modes are a ValueError (keras.Model.quantize turns
+    # NotImplementedError into a warning and leaves the layer in float32).
+    with pytest.raises(ValueError, match="tfshard quantizes sharded layers to int8"):
+        layer.quantize("int4")
     with pytest.raises(ValueError, match="every rank needs a non-empty slice"):
         ShardSpec(rule="column", axis=1, ranges=((0, 0), (0, 4)))
+
+
+@pytest.mark.parametrize("make, rule, axis, total, full", [
+    (lambda: keras.layers.Dense(10, activation="relu"), "column", 1, 10, (12, 10)),
+    (lambda: keras.layers.EinsumDense("abc,cde->abde", (None, 4, 3), bias_axes="de"),
+     "column", 1, 4, (12, 4, 3)),
+])
+def test_column_layers_quantized_after_sharding_equal_quantized_then_cut(make, rule, axis,
+                                                                          total, full):
+    """Issue 17: a column slice quantized on its own is the whole layer's quantization
+    cut (each channel's scale needs only its own column), bit for bit."""
+    for rank in range(3):
+        layer, _ = _fresh(make, X)
+        layer.quantize("int8")
+        ref = np.asarray(layer(X))
+        later, _ = _fresh(make, X)
+        shard_layer(later, _spec(rule, axis, total, 3, full_shape=full), COMM, rank=rank)
+        later.quantize("int8")
+        a, b = even_ranges(total, 3)[rank]
+        want = ref[..., a:b] if len(full) == 2 else ref[:, :, a:b]
+        assert later.quantization_mode == "int8" and later.kernel.dtype == "int8"
+        np.testing.assert_array_equal(np.asarray(later(X)), want)
 
 
 def test_layer_overriding_call_is_refused():

@@ -62,6 +62,10 @@ def _check_int8(ranks, name, np_):
         assert rec["held_bytes"] == rec["local_bytes"], f"{where}: holds {rec['held_bytes']} B, plan says {rec['local_bytes']}"
         for path, s in rec["slices"].items():
             assert s["local"] == s["planned"] != s["full"], f"{where}: {path} {s}"
+        if "shard_then_quantize_bitwise" in rec:  # Horovod/MPI only
+            assert rec["shard_then_quantize_bitwise"], f"{where}: shard, then quantize differs"
+            planned, held = rec["shard_then_quantize_plan"]
+            assert planned == held == rec["held_bytes"], f"{where}: {planned} {held}"
 
 
 @pytest.mark.parametrize("np_", [2, 3])
@@ -77,15 +81,16 @@ def test_int8_over_horovod_gloo_and_mirrored(suite_runs, name):
                            models=("gpt2", "llama")), name, 2)
 
 
-def test_int8_checkpoint_and_refusals(suite_runs):
+def test_int8_checkpoint_load_quantize_and_refusals(suite_runs):
     for rank, rec in enumerate(case_on_all_ranks(suite_runs("precision", 2), "int8_checkpoint")):
         _ok(rec, rank)
         assert rec["bitwise"] and rec["kernel_dtypes"] == ["int8"], rec
+        assert rec["load_quantize_bitwise"] and rec["load_quantize_dtypes"] == ["int8"], rec
     for rank, rec in enumerate(case_on_all_ranks(suite_runs("precision", 2), "int8_refusals")):
         _ok(rec, rank)
-        # One order works (quantize, then shard); the other says which order to use.
-        assert "quantize the model before sharding it: model.quantize('int8'), then " \
-               "tfshard.shard(model)" in rec["quantize_after"], rec["quantize_after"]
+        # Both orders work for int8; another mode on a sharded model names what works.
+        assert "tfshard quantizes sharded layers to int8" in rec["quantize_after"], rec
+        assert "got mode='int4'" in rec["quantize_after"], rec["quantize_after"]
         # int4 is not cut: a named error, not a silent replication.
         assert "is quantized in mode 'int4'; tfshard shards int8-quantized layers" in rec["int4"]
 
@@ -122,3 +127,38 @@ def test_load_refuses_a_dtype_it_cannot_build_in(tmp_path):
 
     with pytest.raises(ValueError, match="dtype='int8': tfshard loads models in one of float32, bfloat16"):
         tfshard.load("smollm2", dtype="int8")
+
+
+def _mlp_file(tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((12,))
+    model = keras.Model(inp, keras.layers.Dense(6)(keras.layers.Dense(32, activation="relu")(inp)))
+    model.save(tmp_path / "mine.keras")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(7, 12)).astype("float32"))
+    return tmp_path / "mine.keras", tmp_path / "x.npy"
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--dtype", "bfloat16"], "bfloat16), argmax agrees at"),
+    (["--quantize", "int8"], "float32), argmax identical: True"),
+])
+def test_predict_cli_in_bf16_and_int8(tmp_path, flags, says):
+    from conftest import launch
+
+    model, x = _mlp_file(tmp_path)
+    code, out, secs = launch(2, ["-m", "tfshard", "predict", model, "--input", x] + flags,
+                             timeout=300)
+    assert code == 0, out[-4000:]
+    assert "MATCH" in out and "MISMATCH" not in out and says in out, out[-3000:]
+
+
+def test_generate_cli_real_smollm2_in_bf16_still_says_paris():
+    from conftest import launch
+
+    code, out, secs = launch(2, ["-m", "tfshard", "generate", "smollm2", "--dtype", "bfloat16",
+                                 "--prompt", "The capital of France is"], timeout=900)
+    assert code == 0, out[-4000:]
+    assert "total here 136.8 MiB of 256.6 MiB" in out, out[-3000:]  # fp32: 273.5 of 513.1
+    assert "'The capital of France is' -> ' Paris" in out, out[-3000:]

@@ -179,7 +179,8 @@ def cmd_predict(args):
     sharded = None
     if args.source in models.NAMES:
         say(f"[tfshard] {world.backend} world of {world.size} rank(s); building {args.source}")
-        model, vocab, input_names = models.build(args.source, seed=args.seed, dtype=args.dtype)
+        model, vocab, input_names = models.build(args.source, seed=args.seed, dtype=args.dtype,
+                                                 quantize=args.quantize)
     else:
         # Real weights: each rank loads only its slices; the reference is the
         # same file loaded whole in this process.
@@ -282,11 +283,14 @@ def _load_both(args, world, say):
 
     say(f"[tfshard] {world.backend} world of {world.size} rank(s); loading {args.source} sharded")
     t0 = time.perf_counter()
-    sharded = tfshard.load(args.source, tensor_parallel=args.tensor_parallel, dtype=args.dtype)
+    quantize = getattr(args, "quantize", None)
+    sharded = tfshard.load(args.source, tensor_parallel=args.tensor_parallel, dtype=args.dtype,
+                           quantize=quantize)
     memory, comm = sharded.plan.totals()
     say(f"[tfshard] loaded in {time.perf_counter() - t0:.1f} s; {memory}\n[tfshard] {comm}")
     reference = None if args.no_compare else tfshard.load(
-        args.source, world=tfshard.World(comm_lib.create("local"), "local"), dtype=args.dtype)
+        args.source, world=tfshard.World(comm_lib.create("local"), "local"), dtype=args.dtype,
+        quantize=quantize)
     return sharded, reference
 
 
@@ -452,6 +456,9 @@ def build_parser():
     p.add_argument("--dtype", choices=FLOAT_POLICIES, default=None,
                    help="precision to build or load the model in (default: as saved; "
                    "built-ins: float32); bfloat16 halves every rank's weight bytes")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="quantize with Keras's int8 (per-channel weights, per-token inputs) "
+                   "before sharding; files are quantized slice by slice as they load")
     p.add_argument("--prompt", help="text to feed (sources with a tokenizer: smollm2, .gguf)")
     p.add_argument("--output", help="write the global output here (rank 0, atomically)")
     p.add_argument("--rows", type=int, default=8)
@@ -474,6 +481,9 @@ def build_parser():
     p.add_argument("--dtype", choices=FLOAT_POLICIES, default=None,
                    help="precision to build or load the model in (default: as saved; "
                    "built-ins: float32); bfloat16 halves every rank's weight bytes")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="quantize with Keras's int8 (per-channel weights, per-token inputs) "
+                   "before sharding; files are quantized slice by slice as they load")
     p.add_argument("--prompt", action="append", required=True,
                    help="text to continue (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=16)

@@ -15,7 +15,7 @@ from tfshard.world import init
 
 
 def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None, world=None,
-         safe_mode=True, custom_objects=None, dtype=None):
+         safe_mode=True, custom_objects=None, dtype=None, quantize=None):
     """Loads a model sharded from the start: each rank reads only its slices.
 
     Args:
@@ -39,6 +39,10 @@ def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None
             slices are created in it, and the file's tensors (float32, bfloat16,
             GGUF blocks) are converted a few MiB at a time: no rank holds a
             whole tensor in float32 on the way.
+        quantize: "int8" to quantize the loaded model (see
+            `ShardedModel.quantize`): each rank quantizes its own slices after
+            reading them, so no rank holds a whole float kernel; the result
+            equals the unsharded model quantized, bit for bit.
 
     Returns:
         A `ShardedModel`.
@@ -47,7 +51,8 @@ def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None
         CheckpointError: (a ValueError) on every rank when any rank finds the
             file missing, truncated, corrupt, from a newer format, or not
             matching the model (the message names the file and the tensor).
-        ValueError: (on every rank) `dtype` is not one of those above.
+        ValueError: (on every rank) `dtype` is not one of those above, or
+            `quantize` is not None or "int8".
         NotImplementedError: `strategy`.
     """
     if strategy is not None:
@@ -55,8 +60,13 @@ def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None
                                   "launch with ./horovodrun.sh -np N instead.")
     world = world or init()
     with world.comm.section(f"tfshard.load({os.fspath(source)!r})"):
-        return _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects,
-                     dtype)
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize={quantize!r}: tfshard.load quantizes to 'int8' (or None).")
+        sharded = _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects,
+                        dtype)
+        if quantize is not None:
+            sharded.quantize(quantize)
+        return sharded
 
 
 def _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects, dtype):

@@ -4,6 +4,7 @@ import collections
 import gc
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tfshard import comm as comm_lib
@@ -12,7 +13,9 @@ from tfshard import copying
 from tfshard import generation
 from tfshard import predict as predict_lib
 from tfshard.layers import shard_layer, walk
+from tfshard.layers.base import sliced_variables
 from tfshard.plan import Plan, ResolvedPlan
+from tfshard.plan.structure import main_dtype, var_bytes
 from tfshard.world import World, init
 
 
@@ -44,6 +47,22 @@ def _set_head_counts(parent, counts, rank):
             object.__setattr__(parent, name, new)
             changed[name] = (value, new)
     return changed
+
+
+def _measure_plan_layers(model, plan, comm):
+    """`{path: (dtype, full bytes, local bytes per rank)}` of the plan's layers as they
+    are now (one small exchange within the tensor-parallel group)."""
+    layers = {n.path: n.layer for n in walk(model)}
+    mine = {}
+    for e in plan.entries:
+        layer = layers[e.path]
+        local = var_bytes(layer.weights)
+        saved = sliced_variables(layer)
+        full = local if saved is None else sum(
+            int(np.prod(shape)) * np.dtype(var.dtype).itemsize for var, _, shape in saved)
+        mine[e.path] = (main_dtype(layer), full, local)
+    every = comm.allgather_object(mine)
+    return {p: (d, f, [ranks[p][2] for ranks in every]) for p, (d, f, _) in mine.items()}
 
 
 def _reset_compiled_functions(model):
@@ -547,6 +566,37 @@ class ShardedModel(keras.Model):
             return generation.generate(self, inputs, max_length=max_length,
                                        stop_token_ids=stop_token_ids, strip_prompt=strip_prompt,
                                        sampler=sampler)
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Quantizes the sharded model to int8 in place. Every rank must call it.
+
+        The result equals quantizing the unsharded model and then sharding it,
+        bit for bit: each sharded layer quantizes its slice with the scales of
+        the whole weight (a row cut gathers each output channel's maximum from
+        its group), replicated layers quantize as Keras does. `plan` is updated
+        with the new dtypes and bytes.
+
+        Args:
+            mode: "int8" (the mode tfshard shards).
+            config: must be None (Keras's default int8 configuration).
+            filters: must be None.
+
+        Raises:
+            ValueError: another mode, a config or filters, or a layer already
+                quantized.
+            NotImplementedError: under a tf.distribute strategy.
+        """
+        if filters is not None or kwargs:
+            raise ValueError(f"{self.name}.quantize takes mode='int8' only; got filters="
+                             f"{filters!r} {sorted(kwargs)}.")
+        self._refuse_strategy("quantize")
+        with self.world.comm.section(f"{self.name}.quantize"):
+            self.inner.quantize(mode, config=config)
+            self._predict_step = None
+            _reset_compiled_functions(self.inner)
+            self.plan = self.plan.with_bytes(_measure_plan_layers(self.inner, self.plan,
+                                                                  self.tp_comm))
+            self.replicas[0] = self.replicas[0]._replace(plan=self.plan)
 
     def save(self, filepath, gather=False, overwrite=True, **kwargs):
         """Saves the sharded model. Every rank must call it.

@@ -251,7 +251,7 @@ def run_errors(world, results):
     results["err_shard_quantized"] = guarded(shard_quantized, expect_error=True)
 
     def quantize_sharded():
-        tfshard.shard(small()).inner.quantize("int8")
+        tfshard.shard(small()).quantize("int4")
         return {"no_error": True}
     results["err_quantize_sharded"] = guarded(quantize_sharded, expect_error=True)
 
@@ -671,6 +671,16 @@ def run_int8(world, results):
             res["local_bytes"] = sharded.plan.local_bytes()
             res["held_bytes"] = param_bytes(sharded.inner)
             res["cut"] = len(sharded.plan.sharded)
+            # The other order: shard the float model, then quantize the sharded one.
+            model2, _ = builder()
+            later = SHARD(model2)
+            if STRATEGY is None:
+                later.quantize("int8")
+                got = _first_output(later.predict(x, batch_size=2, verbose=0))
+                res["shard_then_quantize_bitwise"] = bool(np.array_equal(np.asarray(got),
+                                                                         np.asarray(ref)))
+                res["shard_then_quantize_plan"] = [later.plan.local_bytes(),
+                                                   param_bytes(later.inner)]
             return res
         results[f"int8_{name}"] = guarded(case)
 
@@ -679,13 +689,22 @@ def run_int8(world, results):
         model.quantize("int8")
         ref = _first_output(model.predict(x, batch_size=2, verbose=0))
         folder = os.path.join(OUT, "int8-ckpt")
+        fp32_file = os.path.join(OUT, "llama-fp32.keras")
+        if world.rank == 0:
+            models.llama()[0].save(fp32_file)
         SHARD(model).save(folder)
         world.comm.barrier()
         again = tfshard.load(folder, tensor_parallel=1)
         out = _first_output(again.predict(x, batch_size=2, verbose=0))
+        # A float file loaded and quantized slice by slice: the same int8 model.
+        loaded = tfshard.load(fp32_file, quantize="int8")
+        got = _first_output(loaded.predict(x, batch_size=2, verbose=0))
         return {"bitwise": bool(np.array_equal(np.asarray(out), np.asarray(ref))),
                 "kernel_dtypes": sorted({str(v.dtype) for v in again.inner.weights
-                                         if v.name == "kernel"})}
+                                         if v.name == "kernel"}),
+                "load_quantize_bitwise": bool(np.array_equal(np.asarray(got), np.asarray(ref))),
+                "load_quantize_dtypes": sorted({str(v.dtype) for v in loaded.inner.weights
+                                                if v.name == "kernel"})}
     if STRATEGY is None and not ONLY:
         results["int8_checkpoint"] = guarded(checkpoint)
 
@@ -694,7 +713,7 @@ def run_int8(world, results):
         sharded = SHARD(model)
         after = int4 = None
         try:
-            sharded.inner.quantize("int8")
+            sharded.quantize("int4")
         except ValueError as e:
             after = str(e)
         model4, _ = models.mlp()

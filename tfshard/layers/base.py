@@ -359,14 +359,31 @@ class ShardedLayerMixin:
             f"Layer {self.path!r} is sharded; enable LoRA (and merge it) before sharding."
         )
 
-    def quantize(self, *args, **kwargs):
-        # A ValueError, not NotImplementedError: keras.Model.quantize turns the latter into a
-        # warning and goes on, leaving the sharded layers in float32 without a word.
-        raise ValueError(
-            f"Layer {self.path!r} is sharded; quantize the model before sharding it: "
-            "model.quantize('int8'), then tfshard.shard(model). (Quantizing needs each "
-            "output channel's whole column, which a row-parallel rank does not hold.)"
-        )
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Quantizes this rank's slice to int8, exactly as quantizing the whole layer
+        and then cutting it would (see `tfshard.layers.quantized`).
+
+        Every rank of the group must call it (a row cut gathers each output
+        channel's maximum); `ShardedModel.quantize` does.
+
+        Raises:
+            ValueError: a mode other than "int8", a custom config, or a layer
+                already quantized. A ValueError, not NotImplementedError:
+                `keras.Model.quantize` turns the latter into a warning and goes
+                on, leaving the layer in float.
+        """
+        quantized.check_quantize_args(self, mode, config)
+        self._quantize_int8()
+
+    def _quantize_int8(self):
+        raise NotImplementedError
+
+    def saved_full_shape(self, variable):
+        """The unsharded shape of one of this layer's variables."""
+        for var, _, full_shape in self._saved_entries():
+            if var is variable:
+                return full_shape
+        raise KeyError(f"{self.path}: {variable.name} is not one of its sharded weights")
 
 
 _MIXED_CLASSES = {}
@@ -483,6 +500,49 @@ def rebuild_in_place(layer, sharded_base, spec, rank, comm, build_local):
         if was_locked:
             layer._tracker.lock()
     return layer
+
+
+def replace_local_weight(layer, attr, name, value, axis, full_shape, after=None):
+    """Puts a new variable holding `value` at `layer.<attr>`, in the place of the
+    one there (if any) in the layer's checkpoint order, or right after `after`.
+
+    Args:
+        layer: a sharded layer.
+        attr: the attribute ("_kernel", "kernel_scale", ...).
+        name: the variable name.
+        value: this rank's value (numpy).
+        axis: its cut axis (None: held whole).
+        full_shape: the unsharded shape.
+        after: for a new variable, the variable it follows in the checkpoint order
+            (None: last).
+
+    Returns:
+        The new variable.
+    """
+    old = layer.__dict__.get(attr)
+    was_locked = layer._tracker.locked
+    layer._tracker.unlock()
+    try:
+        if old is not None:
+            old._tfshard_dropped = True
+            layer._untrack_variable(old)
+            super(keras.layers.Layer, layer).__delattr__(attr)
+        var = layer.add_weight(name=name, shape=value.shape, initializer="zeros",
+                               dtype=np.dtype(value.dtype).name, trainable=False)
+        var.assign(value)
+        setattr(layer, attr, var)
+    finally:
+        if was_locked:
+            layer._tracker.lock()
+    entries, entry = layer._tfshard_saved, (var, axis, tuple(full_shape))
+    held = [v for v, _, _ in entries]
+    if old is not None and any(v is old for v in held):
+        entries[next(i for i, v in enumerate(held) if v is old)] = entry
+    elif after is not None:
+        entries.insert(next(i for i, v in enumerate(held) if v is after) + 1, entry)
+    else:
+        entries.append(entry)
+    return var
 
 
 def add_local_weight(layer, name, full, axis=None, trainable=None):

@@ -2,6 +2,7 @@
 and RowParallelLinear)."""
 
 import keras
+import numpy as np
 from keras import ops
 
 from tfshard.layers.base import (
@@ -9,8 +10,9 @@ from tfshard.layers.base import (
     add_local_weight,
     check_convertible,
     rebuild_in_place,
+    replace_local_weight,
 )
-from tfshard.layers.quantized import global_quantize
+from tfshard.layers.quantized import AbsMaxQuantizer, global_quantize, mark_int8, quantize_weight
 
 
 class _ParallelDenseBase(ShardedLayerMixin, keras.layers.Dense):
@@ -22,6 +24,19 @@ class _ParallelDenseBase(ShardedLayerMixin, keras.layers.Dense):
         comm: the `Communicator`.
         **kwargs: the `keras.layers.Dense` arguments.
     """
+
+
+    def _quantize_int8(self):
+        # As Dense.quantize("int8"): AbsMax over the input axis, one scale per unit. A row
+        # cut holds part of that axis, so the ranks' maxima are gathered first.
+        spec = self._shard_spec
+        row = spec.rule == "row"
+        q, scale = quantize_weight(np.asarray(self._kernel), 0, self._comm if row else None)
+        full = self.saved_full_shape(self._kernel)
+        replace_local_weight(self, "_kernel", "kernel", q, spec.axis, full)
+        replace_local_weight(self, "kernel_scale", "kernel_scale", np.squeeze(scale, 0),
+                             None if row else 0, (self.units,))
+        mark_int8(self, AbsMaxQuantizer())
 
 
 class ColumnParallelDense(_ParallelDenseBase):

@@ -12,6 +12,7 @@ The cut is chosen on a kernel axis, named by its equation letter:
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from tfshard.layers.base import (
@@ -19,8 +20,9 @@ from tfshard.layers.base import (
     add_local_weight,
     check_convertible,
     rebuild_in_place,
+    replace_local_weight,
 )
-from tfshard.layers.quantized import global_quantize
+from tfshard.layers.quantized import AbsMaxQuantizer, global_quantize, mark_int8, quantize_weight
 
 
 def parse_equation(equation):
@@ -128,6 +130,29 @@ class ParallelEinsumDense(ShardedLayerMixin, keras.layers.EinsumDense):
         if spec.rule == "row":
             x = self._comm.allreduce_sum(x)
         return self._finish(ops.divide(ops.cast(x, self.compute_dtype), scale))
+
+    def _quantize_int8(self):
+        # As EinsumDense.quantize("int8"): AbsMax over the kernel's contracted axes, the
+        # scale laid out against the output; a row cut gathers the ranks' maxima first.
+        spec = self._shard_spec
+        row = spec.rule == "row"
+        self._set_quantization_info()
+        q, scale = quantize_weight(np.asarray(self._kernel), self._kernel_reduced_axes,
+                                   self._comm if row else None)
+        scale = np.asarray(self._adjust_scale_for_quant(scale, "kernel"))
+        axis = None  # a row cut contracts its letter: the scale stays whole
+        if not row:
+            _, ker, out = parse_equation(self.equation)
+            pos = out.index(ker[spec.axis]) - len(out)
+            axis = len(scale.shape) + pos if len(scale.shape) >= -pos else None
+        full_scale = list(scale.shape)
+        if axis is not None:
+            full_scale[axis] = spec.full_shape[spec.axis]
+        full = self.saved_full_shape(self._kernel)
+        replace_local_weight(self, "_kernel", "kernel", q, spec.axis, full)
+        replace_local_weight(self, "kernel_scale", "kernel_scale", scale, axis, full_scale)
+        self.quantization_axis = tuple(self._input_reduced_axes)
+        mark_int8(self, AbsMaxQuantizer())
 
     def _finish(self, x):
         spec = self._shard_spec

@@ -10,6 +10,7 @@ the slices are all-gathered to the exact original vocab size, in rank order.
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 from keras.src.backend import set_keras_mask
@@ -19,7 +20,9 @@ from tfshard.layers.base import (
     add_local_weight,
     check_convertible,
     rebuild_in_place,
+    replace_local_weight,
 )
+from tfshard.layers.quantized import AbsMaxQuantizer, mark_int8, quantize_weight
 
 
 def _check_ids(layer, ids):
@@ -97,6 +100,23 @@ class VocabParallelEmbedding(ShardedLayerMixin, keras.layers.Embedding):
 
     def call(self, inputs):
         return self._vocab_lookup(inputs)
+
+    def _quantize_int8(self):
+        # As (Reversible)Embedding.quantize("int8"): one scale per vocabulary row, and per
+        # vocabulary column of an untied reverse table; both are whole on this rank.
+        q, scale = quantize_weight(np.asarray(self._embeddings), -1)
+        table = replace_local_weight(self, "_embeddings", "embeddings", q, 0,
+                                     self.saved_full_shape(self._embeddings))
+        replace_local_weight(self, "embeddings_scale", "embeddings_scale", np.squeeze(scale, -1),
+                             0, (self.input_dim,), after=table)
+        reversible = isinstance(self, keras.layers.ReversibleEmbedding)
+        if reversible and not self.tie_weights:
+            q, scale = quantize_weight(np.asarray(self.reverse_embeddings), 0)
+            replace_local_weight(self, "reverse_embeddings", "reverse_embeddings", q, 1,
+                                 self.saved_full_shape(self.reverse_embeddings))
+            replace_local_weight(self, "reverse_embeddings_scale", "reverse_embeddings_scale",
+                                 np.squeeze(scale, 0), 0, (self.input_dim,))
+        mark_int8(self, AbsMaxQuantizer(axis=-1) if reversible else None)
 
     def _int8_call(self, inputs, training=None):
         return self._vocab_lookup(inputs)

@@ -20,9 +20,12 @@ Megatron way, every rank computes exactly the unsharded model's numbers:
 int4, float8, GPTQ and AWQ layers are refused by name (`check_convertible`).
 """
 
+import keras
+import numpy as np
 from keras import ops
 
-from keras.src.quantizers.quantizers import AbsMaxQuantizer
+from keras.src.quantizers.quantizers import (AbsMaxQuantizer, abs_max_quantize,
+                                             standardize_axis_for_numpy)
 
 #: The quantization modes tfshard shards.
 SHARDED_MODES = ("int8",)
@@ -65,6 +68,75 @@ def global_quantize(layer, inputs, axis, comm):
     scale = ops.cast(scale, inputs.dtype)
     outputs = ops.clip(ops.round(ops.multiply(inputs, scale)), low, high)
     return ops.cast(outputs, quantizer.output_dtype), scale
+
+
+def quantize_weight(value, axis, comm=None):
+    """int8 values and scale of one rank's slice of a weight, as Keras's default
+    int8 weight quantizer (`AbsMaxQuantizer(axis)`) gives them for the whole weight.
+
+    Args:
+        value: this rank's slice (numpy).
+        axis: the axes the quantizer reduces (one scale per other index).
+        comm: None when the slice holds the reduced axes whole (column and vocab
+            cuts); else the group whose ranks hold the other parts of them (a row
+            cut), whose per-channel maxima are gathered first.
+
+    Returns:
+        `(int8 values, scale)`, the scale with the reduced axes kept (size 1).
+    """
+    if comm is None:
+        q, scale = abs_max_quantize(value, axis, to_numpy=True)
+        return np.asarray(q), np.asarray(scale)
+    value = np.asarray(value)
+    local = np.max(np.abs(value), axis=standardize_axis_for_numpy(axis), keepdims=True)
+    amax = np.max(comm.allgather_numpy(local), axis=0)
+    # The arithmetic of abs_max_quantize(to_numpy=True), with the group's maximum.
+    scale = np.divide(127, np.add(amax, keras.backend.epsilon()))
+    q = np.clip(np.round(np.multiply(value, scale)), -127, 127).astype("int8")
+    return q, scale.astype(value.dtype)
+
+
+def mark_int8(layer, inputs_quantizer):
+    """Sets what Keras's `quantize("int8")` sets besides the variables: the input
+    quantizer, the `int8_from_...` dtype policy, the quantized flag."""
+    from keras import dtype_policies
+
+    layer.quantization_config = None
+    layer.inputs_quantizer = inputs_quantizer
+    layer._is_quantized = True
+    layer.dtype_policy = dtype_policies.get(f"int8_from_{layer.dtype_policy.name}")
+
+
+def _is_default_int8(config):
+    """Whether `config` is None or Keras's default `Int8QuantizationConfig` (which
+    `keras.Model.quantize("int8")` hands every layer)."""
+    if config is None:
+        return True
+    from keras.src.quantizers.quantization_config import Int8QuantizationConfig
+
+    act = getattr(config, "activation_quantizer", None)
+    return (isinstance(config, Int8QuantizationConfig) and config.weight_quantizer is None
+            and isinstance(act, AbsMaxQuantizer) and act.axis is None
+            and tuple(act.value_range) == (-127, 127) and act.epsilon == keras.backend.epsilon()
+            and act.output_dtype == "int8")
+
+
+def check_quantize_args(layer, mode, config):
+    """Refuses what a sharded layer's `quantize` cannot do.
+
+    Raises:
+        ValueError: a mode other than int8, a custom config, or a layer already
+            quantized.
+    """
+    if mode != "int8" or not _is_default_int8(config):
+        raise ValueError(
+            f"Layer {layer.path!r} is sharded; tfshard quantizes sharded layers to int8 with "
+            f"Keras's default config (got mode={mode!r}"
+            f"{', a custom config' if config is not None else ''}). Use quantize('int8'), or "
+            "quantize the model before sharding it (int8 is the mode tfshard shards).")
+    if layer.quantization_mode is not None:
+        raise ValueError(f"Layer {layer.path!r} is already quantized "
+                         f"({layer.quantization_mode}).")
 
 
 def check_quantization(layer, path):

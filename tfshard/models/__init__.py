@@ -26,13 +26,14 @@ _CONFIGS = {
 NAMES = tuple(_CONFIGS)
 
 
-def build(name, seed=0, dtype=None):
+def build(name, seed=0, dtype=None, quantize=None):
     """Builds a named model from its configuration with seeded random weights.
 
     Args:
         name: one of `NAMES`.
         seed: the weight seed (must be the same on every rank).
         dtype: a Keras dtype policy name ("bfloat16", ...); None: float32.
+        quantize: "int8" to quantize the model (Keras's `model.quantize`), or None.
 
     Returns:
         `(model, vocabulary_size, input_names)`.
@@ -45,6 +46,8 @@ def build(name, seed=0, dtype=None):
     backbone_cls, task_cls, config = _CONFIGS[name]
     model = from_config(backbone_cls, task_cls, seed=seed, **config,
                         **({"dtype": dtype} if dtype else {}))
+    if quantize:
+        model.quantize(quantize)
     return model, config["vocabulary_size"], [t.name for t in keras.tree.flatten(model.inputs)]
 
 

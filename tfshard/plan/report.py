@@ -41,6 +41,22 @@ class ResolvedPlan:
         """Resolves this plan's request again (see `Plan.resolve`)."""
         return self.request.resolve(model, size, rank)
 
+    def with_bytes(self, measured):
+        """This plan with layers' dtypes and bytes measured anew (after quantizing).
+
+        Args:
+            measured: `{path: (dtype, full_bytes, local_bytes per rank)}`.
+
+        Returns:
+            A `ResolvedPlan` with the same cuts.
+        """
+        entries = [dataclasses.replace(e, dtype=measured[e.path][0], full_bytes=measured[e.path][1],
+                                       local_bytes=tuple(measured[e.path][2]))
+                   if e.path in measured else e for e in self.entries]
+        total = self.total_bytes + sum(a.full_bytes - b.full_bytes
+                                       for a, b in zip(entries, self.entries))
+        return ResolvedPlan(self.request, entries, self.attention, self.size, self.rank, total)
+
     # -- reporting --------------------------------------------------------- #
 
     @property
