@@ -95,6 +95,17 @@ def test_int8_checkpoint_load_quantize_and_refusals(suite_runs):
         assert "is quantized in mode 'int4'; tfshard shards int8-quantized layers" in rec["int4"]
 
 
+def test_bf16_bytes_on_the_wire_are_what_the_plan_says(suite_runs):
+    for rank, rec in enumerate(case_on_all_ranks(suite_runs("precision", 2), "bf16_wire_bytes")):
+        _ok(rec, rank)
+        for key in ("gpt2 float32", "gpt2 bfloat16", "llama float32", "llama bfloat16"):
+            metered, planned = rec[key]
+            assert metered == planned, f"{key} rank {rank}: metered {metered} B, plan {planned} B"
+        # The logits gather (most of GPT-2's bytes) halves; the all-reduces stay fp32.
+        assert rec["gpt2 bfloat16"][0] < 0.51 * rec["gpt2 float32"][0], rec
+        assert rec["llama bfloat16"][0] > 0.5 * rec["llama float32"][0], rec
+
+
 def test_bf16_checkpoints_reload_across_layouts_and_precisions(suite_runs):
     for rank, rec in enumerate(case_on_all_ranks(suite_runs("precision", 2), "bf16_checkpoints")):
         _ok(rec, rank)

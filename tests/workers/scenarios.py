@@ -605,6 +605,25 @@ def run_precision(world, results):
                         sharded.plan.rank)}
         results[f"bf16_{name}"] = guarded(case)
 
+    def wire_bytes():
+        """Bytes the sharded layers' collectives moved in one predict, metered, against the
+        plan's count (bf16: gathers in 16 bits, all-reduces summed in fp32)."""
+        out = {}
+        for name in ("gpt2", "llama"):
+            m32, m16, x = _bf16_twin(models.EQUIVALENCE[name])
+            tokens = int(np.prod(x["token_ids"].shape))
+            for label, m in (("float32", m32), ("bfloat16", m16)):
+                s = SHARD(m)
+                before = s.collective_counters()[world.rank]["bytes"]
+                s.predict(x, batch_size=2, verbose=0)
+                sizes = s.plan.wire_itemsizes()
+                out[f"{name} {label}"] = [
+                    s.collective_counters()[world.rank]["bytes"] - before,
+                    tokens * sum(n * sizes[(p, op)] for p, op, n in s.plan.communication())]
+        return out
+    if STRATEGY is None and not ONLY:
+        results["bf16_wire_bytes"] = guarded(wire_bytes)
+
     def checkpoints():
         from tfshard import comm as comm_lib
 
