@@ -44,15 +44,6 @@ def test_bf16_sharded_matches_unsharded_bf16(suite_runs, np_, name):
     _check_bf16(suite_runs("precision", np_), name, np_)
 
 
-# The other backends' all-reduce widens bf16 partials to fp32 in Python (MPI does it in
-# its op): Horovod over Gloo, and MirroredStrategy replicas in one process.
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_bf16_over_horovod_gloo_and_mirrored(suite_runs, name):
-    _check_bf16(suite_runs("precision", 2, launcher="gloo", models=("gpt2", "llama")), name, 2)
-    _check_bf16(suite_runs("precision", 1, launcher="none", mirrored=2,
-                           models=("gpt2", "llama")), name, 2)
-
-
 def _check_int8(ranks, name, np_):
     for rank, rec in enumerate(case_on_all_ranks(ranks, f"int8_{name}")):
         _ok(rec, rank)
@@ -74,11 +65,14 @@ def test_int8_sharded_equals_unsharded_int8_bit_for_bit(suite_runs, np_, name):
     _check_int8(suite_runs("precision", np_), name, np_)
 
 
+# The other backends: Horovod over Gloo and MirroredStrategy replicas in one process widen
+# bf16 partials to fp32 in Python (MPI does it in its op) and all-reduce int8's int32 sums.
+@pytest.mark.parametrize("check", [_check_bf16, _check_int8], ids=["bf16", "int8"])
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_int8_over_horovod_gloo_and_mirrored(suite_runs, name):
-    _check_int8(suite_runs("precision", 2, launcher="gloo", models=("gpt2", "llama")), name, 2)
-    _check_int8(suite_runs("precision", 1, launcher="none", mirrored=2,
-                           models=("gpt2", "llama")), name, 2)
+def test_over_horovod_gloo_and_mirrored(suite_runs, check, name):
+    check(suite_runs("precision", 2, launcher="gloo", models=("gpt2", "llama")), name, 2)
+    check(suite_runs("precision", 1, launcher="none", mirrored=2, models=("gpt2", "llama")),
+          name, 2)
 
 
 def test_int8_checkpoint_load_quantize_and_refusals(suite_runs):

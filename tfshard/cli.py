@@ -442,9 +442,20 @@ def _bench(argv):
     return subprocess.call([sys.executable, str(script), *argv])
 
 
-def build_parser():
+def _precision_arguments(parser, quantize):
+    """--dtype (and --quantize) of the commands that build or load a model."""
     from tfshard.io import FLOAT_POLICIES
 
+    parser.add_argument("--dtype", choices=FLOAT_POLICIES, default=None,
+                        help="precision to build or load the model in (default: as saved; "
+                        "built-ins: float32); bfloat16 halves every rank's weight bytes")
+    if quantize:
+        parser.add_argument("--quantize", choices=["int8"], default=None,
+                            help="quantize with Keras's int8 (per-channel weights, per-token "
+                            "inputs); files are quantized slice by slice as they load")
+
+
+def build_parser():
     parser = argparse.ArgumentParser(prog="tfshard", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -453,12 +464,7 @@ def build_parser():
                    "bert-tiny), a real one (smollm2, minilm), or a file/folder tfshard.load reads")
     p.add_argument("--input", help=".npy of token ids, .npz of named inputs, or .txt of "
                    "prompts, one per line (sources with a tokenizer)")
-    p.add_argument("--dtype", choices=FLOAT_POLICIES, default=None,
-                   help="precision to build or load the model in (default: as saved; "
-                   "built-ins: float32); bfloat16 halves every rank's weight bytes")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="quantize with Keras's int8 (per-channel weights, per-token inputs) "
-                   "before sharding; files are quantized slice by slice as they load")
+    _precision_arguments(p, quantize=True)
     p.add_argument("--prompt", help="text to feed (sources with a tokenizer: smollm2, .gguf)")
     p.add_argument("--output", help="write the global output here (rank 0, atomically)")
     p.add_argument("--rows", type=int, default=8)
@@ -478,12 +484,7 @@ def build_parser():
     p = sub.add_parser("generate", help="sharded text generation; run under ./horovodrun.sh -np N")
     p.add_argument("source", help="a model with a tokenizer: smollm2, a .gguf file, or a .keras "
                    "CausalLM saved with its preprocessor")
-    p.add_argument("--dtype", choices=FLOAT_POLICIES, default=None,
-                   help="precision to build or load the model in (default: as saved; "
-                   "built-ins: float32); bfloat16 halves every rank's weight bytes")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="quantize with Keras's int8 (per-channel weights, per-token inputs) "
-                   "before sharding; files are quantized slice by slice as they load")
+    _precision_arguments(p, quantize=True)
     p.add_argument("--prompt", action="append", required=True,
                    help="text to continue (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=16)
@@ -498,9 +499,7 @@ def build_parser():
                        "per-layer drift of the sharded model against the unsharded one")
     p.add_argument("source", help="a built-in model name or a file/folder tfshard.load reads "
                    "(only its shapes are read)")
-    p.add_argument("--dtype", choices=FLOAT_POLICIES, default=None,
-                   help="precision to build or load the model in (default: as saved; "
-                   "built-ins: float32); bfloat16 halves every rank's weight bytes")
+    _precision_arguments(p, quantize=False)
     p.add_argument("--tensor-parallel", type=int, default=2)
     p.add_argument("--all-ranks", action="store_true")
     p.add_argument("--check", action="store_true",
