@@ -1,4 +1,5 @@
-"""Copies of a Keras model for the replicas of a MirroredStrategy.
+"""Copies of a Keras model for the replicas of a MirroredStrategy, and the model's
+config as `shard` records it for saving.
 
 Each replica of a `MirroredStrategy` computes with its own converted copy of
 the model, whose variables are created on the replica's device. Keras's own
@@ -17,9 +18,12 @@ import copy
 import types
 import warnings
 
+import keras
 import tensorflow as tf
 from keras.src.saving.keras_saveable import KerasSaveable
 from keras.src.utils import tracking
+
+from tfshard.layers import walk
 
 # Keras's tracked containers and the builtin type that holds their items.
 _TRACKED = {
@@ -114,3 +118,77 @@ def _structural_copy(model):
         new_tracker.stored_ids = {name: {id(memo[i]) for i in ids if i in memo}
                                   for name, ids in old.stored_ids.items()}
     return new
+
+
+def same_device(a, b):
+    """Whether two device strings can name the same device (unset fields match)."""
+    a, b = tf.DeviceSpec.from_string(a or ""), tf.DeviceSpec.from_string(b or "")
+    for field in ("job", "replica", "task", "device_type", "device_index"):
+        x, y = getattr(a, field), getattr(b, field)
+        if x is not None and y is not None and x != y:
+            return False
+    return True
+
+
+def placed_on(model, device):
+    """Whether every variable of `model` lives on `device`."""
+    return all(same_device(getattr(v, "value", v).device, device) for v in model.weights)
+
+
+def copy_to(model, where, device):
+    """A copy of `model` (weights included) whose variables live on `device`."""
+    try:
+        with tf.device(device):
+            return copy_model(model)
+    except ValueError as err:
+        raise ValueError(
+            f"{where}: each replica needs its own copy of the model on {device}. {err} Use "
+            "horovodrun or tfshard launch (one process per rank), which need no copy."
+        ) from None
+
+
+def serialize_model(model):
+    """The unsharded model's Keras config (for saving), or None and why not."""
+    try:
+        config = keras.saving.serialize_keras_object(model)
+    except Exception as e:  # a custom layer without get_config, ...
+        return None, f"{type(e).__name__}: {e}"
+    _restore_missing_arguments(config, model)
+    return config, None
+
+
+# Constructor arguments some keras-hub 0.32 backbones keep as attributes but
+# leave out of get_config() (LlamaBackbone drops tie_word_embeddings, so a
+# saved tied model reloads untied with a reverse table the file lacks).
+_DROPPED_ARGUMENTS = ("tie_word_embeddings",)
+
+
+def _restore_missing_arguments(config, model):
+    layers = [model] + [n.layer for n in walk(model)]
+    for layer in layers:
+        missing = [a for a in _DROPPED_ARGUMENTS if hasattr(layer, a)]
+        if not missing:
+            continue
+        try:
+            own = layer.get_config()
+        except Exception:  # noqa: BLE001 - nothing to restore
+            continue
+        missing = [a for a in missing if a not in own]
+        if not missing:
+            continue
+        for entry in _config_entries(config):
+            if entry.get("class_name") == type(layer).__name__ and \
+                    entry.get("config", {}).get("name") == layer.name:
+                for a in missing:
+                    entry["config"][a] = getattr(layer, a)
+
+
+def _config_entries(tree):
+    if isinstance(tree, dict):
+        if "class_name" in tree and isinstance(tree.get("config"), dict):
+            yield tree
+        for value in tree.values():
+            yield from _config_entries(value)
+    elif isinstance(tree, list):
+        for value in tree:
+            yield from _config_entries(value)

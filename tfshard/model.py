@@ -4,7 +4,6 @@ import collections
 import gc
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tfshard import comm as comm_lib
@@ -13,9 +12,7 @@ from tfshard import copying
 from tfshard import generation
 from tfshard import predict as predict_lib
 from tfshard.layers import shard_layer, walk
-from tfshard.layers.base import sliced_variables
 from tfshard.plan import Plan, ResolvedPlan
-from tfshard.plan.structure import main_dtype, var_bytes
 from tfshard.world import World, init
 
 
@@ -47,22 +44,6 @@ def _set_head_counts(parent, counts, rank):
             object.__setattr__(parent, name, new)
             changed[name] = (value, new)
     return changed
-
-
-def _measure_plan_layers(model, plan, comm):
-    """`{path: (dtype, full bytes, local bytes per rank)}` of the plan's layers as they
-    are now (one small exchange within the tensor-parallel group)."""
-    layers = {n.path: n.layer for n in walk(model)}
-    mine = {}
-    for e in plan.entries:
-        layer = layers[e.path]
-        local = var_bytes(layer.weights)
-        saved = sliced_variables(layer)
-        full = local if saved is None else sum(
-            int(np.prod(shape)) * np.dtype(var.dtype).itemsize for var, _, shape in saved)
-        mine[e.path] = (main_dtype(layer), full, local)
-    every = comm.allgather_object(mine)
-    return {p: (d, f, [ranks[p][2] for ranks in every]) for p, (d, f, _) in mine.items()}
 
 
 def _reset_compiled_functions(model):
@@ -154,7 +135,7 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
             f"{[d for d in range(1, world.size + 1) if world.size % d == 0]} (None = {world.size})."
         )
     plan = _as_plan(plan)
-    source_config, config_error = _serialize(model)
+    source_config, config_error = copying.serialize_model(model)
     # Agree before splitting: ranks that disagree on tensor_parallel would otherwise form
     # different groups (MPI) or process sets (Horovod) and wait for each other there.
     _agree_on_model(world, model, tensor_parallel or world.size, check_weights)
@@ -240,15 +221,15 @@ def _shard_replicas(model, plan, strategy, world, tensor_parallel, check_weights
     if world is None or world.strategy is not strategy:
         world = World(comm=comms[0] if kind == "multiworker" else comm_lib.create("local"),
                       backend=kind)
-    source_config, config_error = _serialize(model)
+    source_config, config_error = copying.serialize_model(model)
     _agree_on_model(world, model, size, check_weights)
     devices = list(strategy.extended.worker_devices)
     replicas = [None] * len(comms)
     # The copies are made from the whole model, so it is cut last (as replica 0).
     for i in reversed(range(len(comms))):
-        own = i == 0 and _placed_on(model, devices[0])
+        own = i == 0 and copying.placed_on(model, devices[0])
         with tf.device(devices[i]):
-            replica_model = model if own else _copy(model, where, devices[i])
+            replica_model = model if own else copying.copy_to(model, where, devices[i])
             local_plan, meter = _convert(replica_model, plan, comms[i], world)
             replicas[i] = Replica(replica_model, local_plan, comms[i], devices[i], meter)
     sharded = ShardedModel(replicas[0].model, replicas[0].plan, world, comms[0],
@@ -256,78 +237,6 @@ def _shard_replicas(model, plan, strategy, world, tensor_parallel, check_weights
     object.__setattr__(sharded, "source_config", source_config)
     object.__setattr__(sharded, "source_config_error", config_error)
     return sharded
-
-
-def _same_device(a, b):
-    a, b = tf.DeviceSpec.from_string(a or ""), tf.DeviceSpec.from_string(b or "")
-    for field in ("job", "replica", "task", "device_type", "device_index"):
-        x, y = getattr(a, field), getattr(b, field)
-        if x is not None and y is not None and x != y:
-            return False
-    return True
-
-
-def _placed_on(model, device):
-    return all(_same_device(getattr(v, "value", v).device, device) for v in model.weights)
-
-
-def _copy(model, where, device):
-    """A copy of `model` (weights included) whose variables live on `device`."""
-    try:
-        with tf.device(device):
-            return copying.copy_model(model)
-    except ValueError as err:
-        raise ValueError(
-            f"{where}: each replica needs its own copy of the model on {device}. {err} Use "
-            "horovodrun or tfshard launch (one process per rank), which need no copy."
-        ) from None
-
-
-def _serialize(model):
-    """The unsharded model's Keras config (for saving), or None and why not."""
-    try:
-        config = keras.saving.serialize_keras_object(model)
-    except Exception as e:  # a custom layer without get_config, ...
-        return None, f"{type(e).__name__}: {e}"
-    _restore_missing_arguments(config, model)
-    return config, None
-
-
-# Constructor arguments some keras-hub 0.32 backbones keep as attributes but
-# leave out of get_config() (LlamaBackbone drops tie_word_embeddings, so a
-# saved tied model reloads untied with a reverse table the file lacks).
-_DROPPED_ARGUMENTS = ("tie_word_embeddings",)
-
-
-def _restore_missing_arguments(config, model):
-    layers = [model] + [n.layer for n in walk(model)]
-    for layer in layers:
-        missing = [a for a in _DROPPED_ARGUMENTS if hasattr(layer, a)]
-        if not missing:
-            continue
-        try:
-            own = layer.get_config()
-        except Exception:  # noqa: BLE001 - nothing to restore
-            continue
-        missing = [a for a in missing if a not in own]
-        if not missing:
-            continue
-        for entry in _config_entries(config):
-            if entry.get("class_name") == type(layer).__name__ and \
-                    entry.get("config", {}).get("name") == layer.name:
-                for a in missing:
-                    entry["config"][a] = getattr(layer, a)
-
-
-def _config_entries(tree):
-    if isinstance(tree, dict):
-        if "class_name" in tree and isinstance(tree.get("config"), dict):
-            yield tree
-        for value in tree.values():
-            yield from _config_entries(value)
-    elif isinstance(tree, list):
-        for value in tree:
-            yield from _config_entries(value)
 
 
 class ShardedModel(keras.Model):
@@ -594,8 +503,10 @@ class ShardedModel(keras.Model):
             self.inner.quantize(mode, config=config)
             self._predict_step = None
             _reset_compiled_functions(self.inner)
-            self.plan = self.plan.with_bytes(_measure_plan_layers(self.inner, self.plan,
-                                                                  self.tp_comm))
+            mine = self.plan.measure(self.inner)
+            every = self.tp_comm.allgather_object(mine)
+            self.plan = self.plan.with_bytes({p: (d, f, [ranks[p][2] for ranks in every])
+                                              for p, (d, f, _) in mine.items()})
             self.replicas[0] = self.replicas[0]._replace(plan=self.plan)
 
     def save(self, filepath, gather=False, overwrite=True, **kwargs):

@@ -5,6 +5,10 @@ import dataclasses
 
 import numpy as np
 
+from tfshard.layers import walk
+from tfshard.layers.base import sliced_variables
+from tfshard.plan.structure import main_dtype, var_bytes
+
 
 class ResolvedPlan:
     """A plan resolved against a model and a world size: what each layer's cut is.
@@ -40,6 +44,20 @@ class ResolvedPlan:
     def resolve(self, model, size, rank=0):
         """Resolves this plan's request again (see `Plan.resolve`)."""
         return self.request.resolve(model, size, rank)
+
+    def measure(self, model):
+        """`{path: (dtype, full bytes, this rank's bytes)}` of the plan's layers as they
+        are in `model` now (a sharded model, after quantizing)."""
+        layers = {n.path: n.layer for n in walk(model)}
+        out = {}
+        for e in self.entries:
+            layer = layers[e.path]
+            local = var_bytes(layer.weights)
+            saved = sliced_variables(layer)
+            full = local if saved is None else sum(
+                int(np.prod(shape)) * np.dtype(var.dtype).itemsize for var, _, shape in saved)
+            out[e.path] = (main_dtype(layer), full, local)
+        return out
 
     def with_bytes(self, measured):
         """This plan with layers' dtypes and bytes measured anew (after quantizing).
