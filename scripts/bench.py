@@ -11,6 +11,8 @@ and parameter bytes per rank; writes JSON to bench-results/.
 
 Suite `predict`: the same, over several batches, for the layouts unsharded,
 TP=2 (2 ranks), DP=2 (2 ranks, tensor_parallel=1) and DP=2 x TP=2 (4 ranks).
+`--comm-dtype bfloat16` adds each tensor-parallel layout again with its float32
+all-gathers (the logits) sent in 16 bits (`shard(..., comm_dtype=...)`).
 
     .venv/bin/python scripts/bench.py predict --model gpt2 --rows 32
 
@@ -92,7 +94,8 @@ def _measure(args, sharded):
     minimum = _megatron_minimum(model, args.batch_size, args.seq_len)
     target = model
     if sharded:
-        target = tfshard.shard(model, tensor_parallel=args.tp or None, strategy=strategy)
+        target = tfshard.shard(model, tensor_parallel=args.tp or None, strategy=strategy,
+                               comm_dtype=args.comm_dtype)
         param_bytes = sum(np.asarray(v).nbytes for v in target.inner.weights)
     target.predict(x, batch_size=args.batch_size, verbose=0)  # trace + warm up
     before = target.collective_counters() if sharded else {}
@@ -599,6 +602,10 @@ def suite_forward(args, layouts=None):
         child = me + ["_child", "--mode", "sharded", "--tp", str(tp)] + common
         label = name if backend == "mpi" else f"{name} {backend}"
         commands.append((label, _launch(backend, n, child), BACKEND_ENV.get(backend)))
+        if getattr(args, "comm_dtype", None) and tp > 1:  # the same, gathers in 16 bits
+            commands.append((f"{label} {args.comm_dtype[:4]} gathers",
+                             _launch(backend, n, child + ["--comm-dtype", args.comm_dtype]),
+                             BACKEND_ENV.get(backend)))
     # Rounds interleave the runs, so a slow spell of a shared machine hits them
     # alike; each run's ratio is taken against the unsharded run of its round.
     rounds = []
@@ -753,6 +760,8 @@ def main():
             p.add_argument("--timeout", type=int, default=1800)
             p.add_argument("--rounds", type=int, default=1,
                            help="interleaved rounds of every run (ratios: median over rounds)")
+        p.add_argument("--comm-dtype", choices=["bfloat16", "float16"], default=None,
+                       help="also run each TP layout with all-gathers sent in this dtype")
         if name in ("forward", "predict"):
             p.add_argument("--backends", nargs="+", choices=BACKENDS, default=["mpi"])
         elif name == "_child":

@@ -31,6 +31,7 @@ LEVELS = {
     "tfshard.layers.einsum_dense": 1, "tfshard.layers.embedding": 1, "tfshard.layers.tree": 1,
     "tfshard.layers.quantized": 1,
     "tfshard.comm": 0, "tfshard.comm.base": 0, "tfshard.comm.metered": 0,
+    "tfshard.comm.compressed": 0,
     "tfshard.comm.watchdog": 0, "tfshard.comm.local": 0, "tfshard.comm.mpi": 0,
     "tfshard.comm.horovod": 0, "tfshard.comm.distribute": 0,
 }

@@ -205,7 +205,8 @@ def cmd_predict(args):
         ref_secs = time.perf_counter() - t0
 
     if sharded is None:
-        sharded = tfshard.shard(model, tensor_parallel=args.tensor_parallel)
+        sharded = tfshard.shard(model, tensor_parallel=args.tensor_parallel,
+                                comm_dtype=args.comm_dtype)
         say("\n".join(sharded.plan.totals()))
     sharded.predict(x, batch_size=args.batch_size, verbose=0)  # trace + warm up
     callbacks = []
@@ -237,6 +238,8 @@ def cmd_predict(args):
         f"({tokens / secs:.0f} tokens/s, TP={world.size})")
     if ref is not None:
         dtype = precision.compute_dtype(sharded.inner)
+        if dtype == "float32" and sharded.plan.comm_dtype:  # gathers rounded to 16 bits
+            dtype = sharded.plan.comm_dtype
         c = precision.compare(_first(ref), logits, dtype)
         argmax = (f"argmax identical: {c['decided_equal']}" if dtype in ("float32", "float64")
                   else f"argmax agrees at {c['argmax_agree']:.1%} of positions, identical "
@@ -285,7 +288,7 @@ def _load_both(args, world, say):
     t0 = time.perf_counter()
     quantize = getattr(args, "quantize", None)
     sharded = tfshard.load(args.source, tensor_parallel=args.tensor_parallel, dtype=args.dtype,
-                           quantize=quantize)
+                           quantize=quantize, comm_dtype=getattr(args, "comm_dtype", None))
     memory, comm = sharded.plan.totals()
     say(f"[tfshard] loaded in {time.perf_counter() - t0:.1f} s; {memory}\n[tfshard] {comm}")
     reference = None if args.no_compare else tfshard.load(
@@ -453,6 +456,8 @@ def _precision_arguments(parser, quantize):
         parser.add_argument("--quantize", choices=["int8"], default=None,
                             help="quantize with Keras's int8 (per-channel weights, per-token "
                             "inputs); files are quantized slice by slice as they load")
+        parser.add_argument("--comm-dtype", choices=["bfloat16", "float16"], default=None,
+                            help="send float32 all-gathers (the logits) in 16 bits")
 
 
 def build_parser():

@@ -15,7 +15,7 @@ from tfshard.world import init
 
 
 def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None, world=None,
-         safe_mode=True, custom_objects=None, dtype=None, quantize=None):
+         safe_mode=True, custom_objects=None, dtype=None, quantize=None, comm_dtype=None):
     """Loads a model sharded from the start: each rank reads only its slices.
 
     Args:
@@ -43,6 +43,8 @@ def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None
             `ShardedModel.quantize`): each rank quantizes its own slices after
             reading them, so no rank holds a whole float kernel; the result
             equals the unsharded model quantized, bit for bit.
+        comm_dtype: send float32 all-gathers in "bfloat16" or "float16" (see
+            `tfshard.shard`).
 
     Returns:
         A `ShardedModel`.
@@ -63,13 +65,14 @@ def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize={quantize!r}: tfshard.load quantizes to 'int8' (or None).")
         sharded = _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects,
-                        dtype)
+                        dtype, comm_dtype)
         if quantize is not None:
             sharded.quantize(quantize)
         return sharded
 
 
-def _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects, dtype):
+def _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects, dtype,
+          comm_dtype):
     src, error, inner = None, None, None
     created = []
     identity = 0
@@ -90,7 +93,7 @@ def _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects
                                        "dtype": consistency.digest(str(dtype))},
                           f"tfshard.load({source!r})")
         sharded = shard(inner, plan, world=world, tensor_parallel=tensor_parallel,
-                        check_weights=False)
+                        check_weights=False, comm_dtype=comm_dtype)
     except Exception:
         if src is not None:
             src.close()

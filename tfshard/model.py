@@ -72,7 +72,7 @@ Attributes:
 
 
 def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None,
-          check_weights=True):
+          check_weights=True, comm_dtype=None):
     """Cuts a built Keras model's big kernels across the ranks of this job.
 
     The model is converted in place (as Keras's own `quantize()` does): each
@@ -103,6 +103,11 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
             (XXH3 over paths, shapes, dtypes and values; 70 ms for GPT-2)
             and refuse to go on if any rank holds other values. False skips
             it (`tfshard.load` does, and agrees on the source file instead).
+        comm_dtype: "bfloat16" or "float16" to send float32 all-gathers (the
+            tied head's logits, gathered column outputs) in 16 bits, halving
+            their bytes; the outputs are then rounded to that precision
+            (`tfshard.precision`'s envelope for it). All-reduces stay float32.
+            None (default): collectives carry the activations' own dtype.
 
     Returns:
         A `ShardedModel` wrapping the converted model(s).
@@ -126,7 +131,7 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
         )
     if strategy is not None:
         return _shard_replicas(model, _as_plan(plan), strategy, world, tensor_parallel,
-                               check_weights)
+                               check_weights, comm_lib.check_comm_dtype(comm_dtype))
     if tensor_parallel is not None and (not isinstance(tensor_parallel, int) or tensor_parallel < 1
                                         or world.size % tensor_parallel):
         raise ValueError(
@@ -138,9 +143,10 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
     source_config, config_error = copying.serialize_model(model)
     # Agree before splitting: ranks that disagree on tensor_parallel would otherwise form
     # different groups (MPI) or process sets (Horovod) and wait for each other there.
-    _agree_on_model(world, model, tensor_parallel or world.size, check_weights)
+    comm_dtype = comm_lib.check_comm_dtype(comm_dtype)
+    _agree_on_model(world, model, tensor_parallel or world.size, check_weights, comm_dtype)
     comm, group = world.comm.split(tensor_parallel or world.size)
-    plan, meter = _convert(model, plan, comm, world)
+    plan, meter = _convert(model, plan, comm, world, comm_dtype)
     sharded = ShardedModel(model, plan, world, comm, group,
                            replicas=[Replica(model, plan, comm, None, meter)])
     object.__setattr__(sharded, "source_config", source_config)
@@ -160,7 +166,7 @@ def _as_plan(plan):
     return plan
 
 
-def _agree_on_model(world, model, tp_size, check_weights):
+def _agree_on_model(world, model, tp_size, check_weights, comm_dtype=None):
     """Ranks agree on the model (class, structure and, unless told not to, its
     weight values) and on the mesh before anything else collective."""
     if world.comm.size == 1:
@@ -168,25 +174,27 @@ def _agree_on_model(world, model, tp_size, check_weights):
     parts = {"model structure": consistency.digest(consistency.model_structure(model)),
              "model class": consistency.digest(type(model).__qualname__),
              "world size": consistency.digest(world.comm.size),
-             "tensor_parallel": consistency.digest(tp_size)}
+             "tensor_parallel": consistency.digest(tp_size),
+             "comm_dtype": consistency.digest(str(comm_dtype))}
     if check_weights:
         parts["weight values"] = consistency.weights_digest(model)
     consistency.agree(world.comm, parts, "tfshard.shard()")
 
 
-def _convert(model, plan, comm, world):
+def _convert(model, plan, comm, world, comm_dtype=None):
     """Resolves `plan` for `comm`'s rank and cuts `model` in place.
 
     Returns:
         `(plan, meter)`: the resolved plan and the `MeteredCommunicator`
         around `comm` that the sharded layers call.
     """
-    plan = plan.resolve(model, comm.size, comm.rank)
+    plan = plan.resolve(model, comm.size, comm.rank).with_comm_dtype(comm_dtype)
     meter = comm_lib.metered(comm)
+    layer_comm = comm_lib.compressed(meter, comm_dtype)  # metered after the cast
     consistency.agree(world.comm, {"plan": consistency.digest(plan.to_dict())}, "tfshard.shard()")
     by_path = {n.path: n.layer for n in walk(model)}
     for e in plan.sharded:
-        shard_layer(by_path[e.path], e, meter, e.path)
+        shard_layer(by_path[e.path], e, layer_comm, e.path)
     by_path.setdefault(model.name, model)  # attention owned by the root model itself
     for counts in plan.attention:
         _set_head_counts(by_path[counts.path], counts, comm.rank)
@@ -196,7 +204,8 @@ def _convert(model, plan, comm, world):
     return plan, meter
 
 
-def _shard_replicas(model, plan, strategy, world, tensor_parallel, check_weights):
+def _shard_replicas(model, plan, strategy, world, tensor_parallel, check_weights,
+                    comm_dtype=None):
     """`shard()` under a tf.distribute strategy: one converted model per local replica."""
     comms = comm_lib.for_replicas(strategy)
     size, kind = strategy.num_replicas_in_sync, comms[0].backend
@@ -222,7 +231,7 @@ def _shard_replicas(model, plan, strategy, world, tensor_parallel, check_weights
         world = World(comm=comms[0] if kind == "multiworker" else comm_lib.create("local"),
                       backend=kind)
     source_config, config_error = copying.serialize_model(model)
-    _agree_on_model(world, model, size, check_weights)
+    _agree_on_model(world, model, size, check_weights, comm_dtype)
     devices = list(strategy.extended.worker_devices)
     replicas = [None] * len(comms)
     # The copies are made from the whole model, so it is cut last (as replica 0).
@@ -230,7 +239,7 @@ def _shard_replicas(model, plan, strategy, world, tensor_parallel, check_weights
         own = i == 0 and copying.placed_on(model, devices[0])
         with tf.device(devices[i]):
             replica_model = model if own else copying.copy_to(model, where, devices[i])
-            local_plan, meter = _convert(replica_model, plan, comms[i], world)
+            local_plan, meter = _convert(replica_model, plan, comms[i], world, comm_dtype)
             replicas[i] = Replica(replica_model, local_plan, comms[i], devices[i], meter)
     sharded = ShardedModel(replicas[0].model, replicas[0].plan, world, comms[0],
                            replicas=replicas, strategy=strategy)

@@ -624,6 +624,29 @@ def run_precision(world, results):
     if STRATEGY is None and not ONLY:
         results["bf16_wire_bytes"] = guarded(wire_bytes)
 
+    def comm_dtype():
+        """float32 models with comm_dtype="bfloat16": gathers sent in 16 bits, metered."""
+        from tfshard import precision
+
+        out = {}
+        for name in ("gpt2", "llama", "mlp"):
+            model, x = models.EQUIVALENCE[name]()
+            ref = _first_output(model.predict(x, batch_size=2, verbose=0))
+            s = SHARD(model, comm_dtype="bfloat16")
+            before = s.collective_counters()[world.rank]["bytes"]
+            got = _first_output(s.predict(x, batch_size=2, verbose=0))
+            sizes = s.plan.wire_itemsizes()
+            tokens = int(np.prod(x["token_ids"].shape)) if isinstance(x, dict) else len(x)
+            out[name] = {"vs_fp32": precision.compare(ref, got, "bfloat16"),
+                         "dtype": str(got.dtype),
+                         "metered": s.collective_counters()[world.rank]["bytes"] - before,
+                         "planned": tokens * sum(n * sizes[(p, op)]
+                                                 for p, op, n in s.plan.communication()),
+                         "line": s.plan.totals()[1]}
+        return out
+    if STRATEGY is None and not ONLY:
+        results["comm_dtype"] = guarded(comm_dtype)
+
     def checkpoints():
         from tfshard import comm as comm_lib
 

@@ -6,6 +6,7 @@ Nothing outside this package imports a backend module directly; use `create`.
 import os
 
 from tfshard.comm.base import Communicator
+from tfshard.comm.compressed import WIRE_DTYPES, check_comm_dtype, compressed
 from tfshard.comm.metered import MeteredCommunicator, metered
 
 BACKENDS = ("mpi", "horovod", "local", "multiworker")
@@ -101,4 +102,4 @@ def for_replicas(strategy):
 
 
 __all__ = ["Communicator", "MeteredCommunicator", "create", "detect_backend", "for_replicas",
-           "metered", "BACKENDS"]
+           "metered", "compressed", "check_comm_dtype", "WIRE_DTYPES", "BACKENDS"]

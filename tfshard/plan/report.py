@@ -24,12 +24,14 @@ class ResolvedPlan:
         size: the number of tensor-parallel ranks.
         rank: the rank whose local shapes and bytes the summaries show.
         total_bytes: the unsharded model's bytes.
+        comm_dtype: the 16-bit dtype float32 all-gathers are sent in (None: as is).
     """
 
     resolved = True
 
-    def __init__(self, request, entries, attention, size, rank, total_bytes):
+    def __init__(self, request, entries, attention, size, rank, total_bytes, comm_dtype=None):
         self.request = request
+        self.comm_dtype = comm_dtype
         self.entries = list(entries)
         self.attention = tuple(attention)
         self.size = size
@@ -73,7 +75,15 @@ class ResolvedPlan:
                    if e.path in measured else e for e in self.entries]
         total = self.total_bytes + sum(a.full_bytes - b.full_bytes
                                        for a, b in zip(entries, self.entries))
-        return ResolvedPlan(self.request, entries, self.attention, self.size, self.rank, total)
+        return ResolvedPlan(self.request, entries, self.attention, self.size, self.rank, total,
+                            self.comm_dtype)
+
+    def with_comm_dtype(self, comm_dtype):
+        """This plan with float32 all-gathers sent in `comm_dtype` (None: unchanged)."""
+        if comm_dtype is None:
+            return self
+        return ResolvedPlan(self.request, self.entries, self.attention, self.size, self.rank,
+                            self.total_bytes, comm_dtype)
 
     # -- reporting --------------------------------------------------------- #
 
@@ -145,7 +155,13 @@ class ResolvedPlan:
     def wire_itemsizes(self):
         """`{(path, collective): bytes per element}` of `communication()`'s entries."""
         by_path = {e.path: e for e in self.sharded}
-        return {(p, op): by_path[p].wire_itemsize(op.split()[0]) for p, op, _ in self.communication()}
+        out = {}
+        for p, op, _ in self.communication():
+            size = by_path[p].wire_itemsize(op.split()[0])
+            if self.comm_dtype and op != "all-reduce" and by_path[p].compute_dtype == "float32":
+                size = np.dtype(self.comm_dtype).itemsize  # CompressedCommunicator's cast
+            out[(p, op)] = size
+        return out
 
     def markdown(self, rank=None):
         """The plan as a markdown table (TensorBoard's text dashboard renders it).
@@ -218,7 +234,7 @@ def communication_line(ops, itemsizes=None):
             parts.append(f"{len(sizes)} {op}{'s' if len(sizes) > 1 and '(' not in op else ''} "
                          f"({format_bytes(sum(sizes))}/token)")
     tied = any(o == "all-gather (logits)" for _, o, _ in ops)
-    how = " in fp32" if widths == {4} else " (16-bit activations; all-reduces summed in fp32)"
+    how = " in fp32" if widths == {4} else " (all-reduces summed in fp32, 16-bit gathers)"
     return ("per forward: " + ", ".join(parts) + how
             + ("; the logits gather only when a tied head computes logits" if tied else ""))
 
