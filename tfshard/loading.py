@@ -65,14 +65,14 @@ def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize={quantize!r}: tfshard.load quantizes to 'int8' (or None).")
         sharded = _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects,
-                        dtype, comm_dtype)
+                        dtype, comm_dtype, quantize)
         if quantize is not None:
             sharded.quantize(quantize)
         return sharded
 
 
 def _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects, dtype,
-          comm_dtype):
+          comm_dtype, quantize):
     src, error, inner = None, None, None
     created = []
     identity = 0
@@ -90,7 +90,8 @@ def _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects
         # The variables are still deferred: ranks agree on the file they will read
         # (name, size, sampled contents) instead of on weight values.
         consistency.agree(world.comm, {"source file": identity,
-                                       "dtype": consistency.digest(str(dtype))},
+                                       "dtype": consistency.digest(str(dtype)),
+                                       "quantize": consistency.digest(str(quantize))},
                           f"tfshard.load({source!r})")
         sharded = shard(inner, plan, world=world, tensor_parallel=tensor_parallel,
                         check_weights=False, comm_dtype=comm_dtype)

@@ -509,6 +509,9 @@ class ShardedModel(keras.Model):
                              f"{filters!r} {sorted(kwargs)}.")
         self._refuse_strategy("quantize")
         with self.world.comm.section(f"{self.name}.quantize"):
+            # Before a row layer's gather of channel maxima: every rank quantizes alike.
+            consistency.agree(self.world.comm, {"mode": consistency.digest(str(mode))},
+                              f"{self.name}.quantize")
             self.inner.quantize(mode, config=config)
             self._predict_step = None
             _reset_compiled_functions(self.inner)

@@ -164,6 +164,24 @@ class Communicator(abc.ABC):
         return f"<{type(self).__name__} rank={self.rank} size={self.size}>"
 
 
+class Wrapper:
+    """A communicator around `inner` that delegates all it does not override.
+
+    The base of `MeteredCommunicator` and `CompressedCommunicator`: they change
+    what a collective counts or sends, and keep rank, size, broadcast and the
+    host-side helpers of the communicator they wrap.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+
 def gather_on_axis(x, axis, sizes, size, gather_rows):
     """A gather on any `axis` from a gather of flat rows: no transposes.
 

@@ -10,6 +10,8 @@ round without saving a byte.
 
 import tensorflow as tf
 
+from tfshard.comm.base import Wrapper
+
 #: The wire dtypes `comm_dtype` takes.
 WIRE_DTYPES = ("bfloat16", "float16")
 
@@ -29,7 +31,7 @@ def check_comm_dtype(comm_dtype):
     return name
 
 
-class CompressedCommunicator:
+class CompressedCommunicator(Wrapper):
     """Delegates to `comm`, all-gathering float32 tensors in `dtype`.
 
     Args:
@@ -39,14 +41,8 @@ class CompressedCommunicator:
     """
 
     def __init__(self, comm, dtype):
-        self.inner = comm
+        super().__init__(comm)
         self.wire_dtype = tf.as_dtype(check_comm_dtype(dtype))
-
-    def __getattr__(self, name):
-        inner = self.__dict__.get("inner")
-        if inner is None:
-            raise AttributeError(name)
-        return getattr(inner, name)
 
     def allreduce_sum(self, x, name=None):
         return self.inner.allreduce_sum(x, name=name)

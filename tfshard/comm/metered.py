@@ -18,12 +18,12 @@ wrapped communicator unmetered: the counters describe the forward alone.
 
 import tensorflow as tf
 
-from tfshard.comm.base import normalize_axis
+from tfshard.comm.base import Wrapper, normalize_axis
 
 COUNTERS = ("collectives", "bytes", "seconds")
 
 
-class MeteredCommunicator:
+class MeteredCommunicator(Wrapper):
     """Delegates to `comm`, metering `allreduce_sum` and `allgather`.
 
     Args:
@@ -34,7 +34,7 @@ class MeteredCommunicator:
     """
 
     def __init__(self, comm):
-        self.inner = comm
+        super().__init__(comm)
         # Plain (not Keras) variables: they are not model weights, are never
         # saved, and live on the device the caller's scope names.
         self._collectives = tf.Variable(0, dtype=tf.int64, trainable=False,
@@ -42,12 +42,6 @@ class MeteredCommunicator:
         self._bytes = tf.Variable(0, dtype=tf.int64, trainable=False, name="tfshard_bytes")
         self._seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False,
                                     name="tfshard_seconds")
-
-    def __getattr__(self, name):
-        inner = self.__dict__.get("inner")
-        if inner is None:
-            raise AttributeError(name)
-        return getattr(inner, name)
 
     def allreduce_sum(self, x, name=None):
         x = tf.convert_to_tensor(x)
