@@ -35,7 +35,7 @@ class _ParallelDenseBase(ShardedLayerMixin, keras.layers.Dense):
         full = self.saved_full_shape(self._kernel)
         replace_local_weight(self, "_kernel", "kernel", q, spec.axis, full)
         replace_local_weight(self, "kernel_scale", "kernel_scale", np.squeeze(scale, 0),
-                             None if row else 0, (self.units,))
+                             scale_axis(self, spec), (self.units,))
         mark_int8(self, AbsMaxQuantizer())
 
 

@@ -140,11 +140,7 @@ class ParallelEinsumDense(ShardedLayerMixin, keras.layers.EinsumDense):
         q, scale = quantize_weight(np.asarray(self._kernel), self._kernel_reduced_axes,
                                    self._comm if row else None)
         scale = np.asarray(self._adjust_scale_for_quant(scale, "kernel"))
-        axis = None  # a row cut contracts its letter: the scale stays whole
-        if not row:
-            _, ker, out = parse_equation(self.equation)
-            pos = out.index(ker[spec.axis]) - len(out)
-            axis = len(scale.shape) + pos if len(scale.shape) >= -pos else None
+        axis = _scale_cut_axis(self.equation, spec, scale.shape, self.shard_width)
         full_scale = list(scale.shape)
         if axis is not None:
             full_scale[axis] = spec.full_shape[spec.axis]
@@ -182,14 +178,20 @@ def scale_axis(layer, spec):
     sits at the same distance from the end in the scale as in the output. A row
     cut contracts its letter, whose scale axis has size 1: the scale stays whole.
     """
-    if spec.rule != "column" or "kernel_scale" not in layer.__dict__:
+    if "kernel_scale" not in layer.__dict__:
         return None
-    _, ker, out = parse_equation(layer.equation)
-    shape = tuple(layer.__dict__["kernel_scale"].shape)
+    return _scale_cut_axis(layer.equation, spec, tuple(layer.__dict__["kernel_scale"].shape),
+                           tuple(layer.__dict__["_kernel"].shape)[spec.axis])
+
+
+def _scale_cut_axis(equation, spec, scale_shape, width):
+    """`scale_axis` from the scale's shape and the cut letter's width in the kernel."""
+    if spec.rule != "column":
+        return None
+    _, ker, out = parse_equation(equation)
     pos = out.index(ker[spec.axis]) - len(out)
-    full = tuple(layer.__dict__["_kernel"].shape)[spec.axis]
-    if len(shape) >= -pos and shape[pos] == full:
-        return len(shape) + pos
+    if len(scale_shape) >= -pos and scale_shape[pos] == width:
+        return len(scale_shape) + pos
     return None
 
 
