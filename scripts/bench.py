@@ -12,7 +12,8 @@ and parameter bytes per rank; writes JSON to bench-results/.
 Suite `predict`: the same, over several batches, for the layouts unsharded,
 TP=2 (2 ranks), DP=2 (2 ranks, tensor_parallel=1) and DP=2 x TP=2 (4 ranks).
 `--comm-dtype bfloat16` adds each tensor-parallel layout again with its float32
-all-gathers (the logits) sent in 16 bits (`shard(..., comm_dtype=...)`).
+collectives sent in 16 bits (`shard(..., comm_dtype=...)`: the logits gather on
+every backend, the all-reduces too over MPI).
 
     .venv/bin/python scripts/bench.py predict --model gpt2 --rows 32
 
@@ -602,8 +603,8 @@ def suite_forward(args, layouts=None):
         child = me + ["_child", "--mode", "sharded", "--tp", str(tp)] + common
         label = name if backend == "mpi" else f"{name} {backend}"
         commands.append((label, _launch(backend, n, child), BACKEND_ENV.get(backend)))
-        if getattr(args, "comm_dtype", None) and tp > 1:  # the same, gathers in 16 bits
-            commands.append((f"{label} {args.comm_dtype[:4]} gathers",
+        if getattr(args, "comm_dtype", None) and tp > 1:  # the same, sent in 16 bits
+            commands.append((f"{label} {args.comm_dtype[:4]} wire",
                              _launch(backend, n, child + ["--comm-dtype", args.comm_dtype]),
                              BACKEND_ENV.get(backend)))
     # Rounds interleave the runs, so a slow spell of a shared machine hits them
@@ -634,7 +635,7 @@ def suite_forward(args, layouts=None):
         tps = r["tokens"] / r["seconds"]
         sent = r.get("collectives_per_forward")
         comm = (f"{sent['collectives']:>9.0f} {sent['bytes'] / 2**20:>8.2f} "
-                f"{str(_is_minimum(sent, minimum)):>6} {100 * r['collective_seconds_share']:>7.1f}%"
+                f"{str(_is_minimum(sent, minimum, 2 if ' wire' in name else 4)):>6} {100 * r['collective_seconds_share']:>7.1f}%"
                 if sent and sent["collectives"] else f"{'-':>9} {'-':>8} {'-':>6} {'-':>8}")
         print(f"{name:<22} {r['seconds']:>10.3f} {tps:>10.0f} {r['ratio']:>12.2f}x "
               f"{r['param_bytes_per_rank'] / 2**20:>10.1f}MiB {r['peak_rss_mib']:>7.0f}MiB "
@@ -643,10 +644,11 @@ def suite_forward(args, layouts=None):
     _write_report(f"{args.suite}-{args.model}", args, dict(rows))
 
 
-def _is_minimum(sent, minimum):
-    """Whether a run's per-forward collectives are exactly Megatron's minimum."""
+def _is_minimum(sent, minimum, itemsize=4):
+    """Whether a run's per-forward collectives are exactly Megatron's minimum (counted
+    in fp32; a 16-bit wire, `itemsize` 2, sends half its bytes)."""
     return (round(sent["collectives"]) == minimum["collectives"]
-            and round(sent["bytes"]) == minimum["bytes"])
+            and round(sent["bytes"]) == minimum["bytes"] * itemsize // 4)
 
 
 def suite_plot(args):
@@ -761,7 +763,7 @@ def main():
             p.add_argument("--rounds", type=int, default=1,
                            help="interleaved rounds of every run (ratios: median over rounds)")
         p.add_argument("--comm-dtype", choices=["bfloat16", "float16"], default=None,
-                       help="also run each TP layout with all-gathers sent in this dtype")
+                       help="also run each TP layout with its collectives sent in this dtype")
         if name in ("forward", "predict"):
             p.add_argument("--backends", nargs="+", choices=BACKENDS, default=["mpi"])
         elif name == "_child":

@@ -100,20 +100,27 @@ def test_bf16_bytes_on_the_wire_are_what_the_plan_says(suite_runs):
         assert rec["llama bfloat16"][0] > 0.5 * rec["llama float32"][0], rec
 
 
-def test_comm_dtype_sends_gathers_in_bf16(suite_runs):
+def test_comm_dtype_sends_collectives_in_16_bits(suite_runs):
     for rank, rec in enumerate(case_on_all_ranks(suite_runs("precision", 2), "comm_dtype")):
         _ok(rec, rank)
-        for name in ("gpt2", "llama", "mlp"):
+        for name in ("gpt2", "llama", "mlp", "gpt2 float16", "gpt2 int8"):
             r, where = rec[name], f"{name} rank {rank}"
             assert r["dtype"] == "float32", where  # the model's output dtype is kept
-            assert r["vs_fp32"]["ok"], f"{where}: {r['vs_fp32']}"  # bf16's envelope
+            assert r["vs_fp32"]["ok"], f"{where}: {r['vs_fp32']}"  # the 16-bit envelope
             assert r["metered"] == r["planned"], f"{where}: {r['metered']} vs {r['planned']}"
-            if name != "mlp":  # the MLP's plan gathers nothing
-                assert "16-bit gathers" in r["line"], r["line"]
-    # GPT-2's logits gather halves against the fp32 run of the wire-bytes case.
-    fp32 = case_on_all_ranks(suite_runs("precision", 2), "bf16_wire_bytes")[0]["gpt2 float32"][0]
-    gpt2 = case_on_all_ranks(suite_runs("precision", 2), "comm_dtype")[0]["gpt2"]["metered"]
-    assert gpt2 < 0.51 * fp32, (gpt2, fp32)
+        # Over MPI the all-reduces go in 16 bits too; int8's int32 partial sums do not.
+        assert "16-bit all-reduces" in rec["gpt2"]["line"], rec["gpt2"]["line"]
+        assert "16-bit gathers" in rec["gpt2"]["line"], rec["gpt2"]["line"]
+        assert "fp32 all-reduces" in rec["gpt2 int8"]["line"], rec["gpt2 int8"]["line"]
+        assert "overflowed float16 (|x| > 65504); use comm_dtype='bfloat16'" in \
+            rec["overflow"], rec["overflow"]
+    # Against the fp32 run of the wire-bytes case: every collective halves (GPT-2's logits
+    # gather and Llama's all-reduces alike).
+    wire = case_on_all_ranks(suite_runs("precision", 2), "bf16_wire_bytes")[0]
+    got = case_on_all_ranks(suite_runs("precision", 2), "comm_dtype")[0]
+    for name in ("gpt2", "llama"):
+        assert got[name]["metered"] == wire[f"{name} float32"][0] // 2, (name, got[name],
+                                                                         wire)
 
 
 def test_bf16_checkpoints_reload_across_layouts_and_precisions(suite_runs):

@@ -457,7 +457,7 @@ def _precision_arguments(parser, quantize):
                             help="quantize with Keras's int8 (per-channel weights, per-token "
                             "inputs); files are quantized slice by slice as they load")
         parser.add_argument("--comm-dtype", choices=["bfloat16", "float16"], default=None,
-                            help="send float32 all-gathers (the logits) in 16 bits")
+                            help="send float32 collectives in 16 bits (all-reduces too over MPI)")
 
 
 def build_parser():

@@ -43,7 +43,7 @@ def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None
             `ShardedModel.quantize`): each rank quantizes its own slices after
             reading them, so no rank holds a whole float kernel; the result
             equals the unsharded model quantized, bit for bit.
-        comm_dtype: send float32 all-gathers in "bfloat16" or "float16" (see
+        comm_dtype: send float32 collectives in "bfloat16" or "float16" (see
             `tfshard.shard`).
 
     Returns:

@@ -103,11 +103,13 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
             (XXH3 over paths, shapes, dtypes and values; 70 ms for GPT-2)
             and refuse to go on if any rank holds other values. False skips
             it (`tfshard.load` does, and agrees on the source file instead).
-        comm_dtype: "bfloat16" or "float16" to send float32 all-gathers (the
-            tied head's logits, gathered column outputs) in 16 bits, halving
-            their bytes; the outputs are then rounded to that precision
-            (`tfshard.precision`'s envelope for it). All-reduces stay float32.
-            None (default): collectives carry the activations' own dtype.
+        comm_dtype: "bfloat16" or "float16" to send float32 collectives in 16
+            bits, halving their bytes: all-gathers (the tied head's logits,
+            gathered column outputs) on every backend, all-reduces where the
+            backend sums on a 16-bit wire (MPI; `tfshard.comm.compressed`).
+            The outputs are then rounded to that precision
+            (`tfshard.precision`'s envelope for it). None (default):
+            collectives carry the activations' own dtype.
 
     Returns:
         A `ShardedModel` wrapping the converted model(s).
@@ -188,7 +190,8 @@ def _convert(model, plan, comm, world, comm_dtype=None):
         `(plan, meter)`: the resolved plan and the `MeteredCommunicator`
         around `comm` that the sharded layers call.
     """
-    plan = plan.resolve(model, comm.size, comm.rank).with_comm_dtype(comm_dtype)
+    plan = plan.resolve(model, comm.size, comm.rank).with_comm_dtype(comm_dtype,
+                                                                      comm.sends_16bit_sums)
     meter = comm_lib.metered(comm)
     layer_comm = comm_lib.compressed(meter, comm_dtype)  # metered after the cast
     consistency.agree(world.comm, {"plan": consistency.digest(plan.to_dict())}, "tfshard.shard()")

@@ -39,6 +39,32 @@ for mode, wrap in (("eager", lambda f: f), ("tf.function", graph)):
         out = wrap(lambda v: comm.allreduce_sum(v))(x)
         want = tf.cast(sum(data(r, (4, 6)) for r in range(size)), tf_dtype)
         assert out.dtype == tf_dtype and np.array_equal(out.numpy(), want.numpy()), mode
+    # 16 bits on the wire: each step adds two partials in float32 and rounds once. Every
+    # rank gets the same bits; with 2 ranks that is the float32 sum rounded once, with
+    # more it is within one rounding per step of it. Small and large (MPICH switches from
+    # recursive doubling to reduce-scatter + all-gather) tensors.
+    for tf_dtype, eps in ((tf.bfloat16, 2.0 ** -8), (tf.float16, 2.0 ** -11)):
+        for n in (37, 300_000):
+            parts = [np.random.default_rng(r).normal(size=n).astype(np.float32)
+                     for r in range(size)]
+            x = tf.cast(parts[rank], tf_dtype)
+            out = wrap(lambda v: comm.allreduce_sum_16bit(v))(x)
+            assert out.dtype == tf_dtype, (mode, out.dtype)
+            got = tf.cast(out, tf.float32).numpy()
+            every = comm.allgather_numpy(got)
+            assert all(np.array_equal(every[0], e) for e in every), f"{mode}: ranks differ"
+            sent = [tf.cast(tf.cast(p, tf_dtype), tf.float32).numpy() for p in parts]
+            exact = sum(sent)
+            if size == 2:
+                once = tf.cast(tf.cast(exact, tf_dtype), tf.float32).numpy()
+                assert np.array_equal(got, once), (mode, tf_dtype, n)
+            bound = (size - 1) * eps * sum(np.abs(p) for p in sent)
+            assert np.all(np.abs(got - exact) <= bound), (mode, tf_dtype, n)
+    try:
+        comm.allreduce_sum_16bit(tf.zeros([2], tf.float32))
+        raise AssertionError("allreduce_sum_16bit took float32")
+    except ValueError as e:
+        assert "takes bfloat16 or float16" in str(e), e
     # Gathers on every axis, lengths differing per rank, with and without sizes=.
     for axis in range(3):
         def part(r):

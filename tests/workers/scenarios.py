@@ -625,24 +625,37 @@ def run_precision(world, results):
         results["bf16_wire_bytes"] = guarded(wire_bytes)
 
     def comm_dtype():
-        """float32 models with comm_dtype="bfloat16": gathers sent in 16 bits, metered."""
+        """float32 models with comm_dtype: collectives sent in 16 bits (all-reduces too
+        over MPI), metered against the plan; an int8 model's int32 sums and exact scales
+        untouched; float16 overflow a named error on every rank."""
         from tfshard import precision
 
         out = {}
-        for name in ("gpt2", "llama", "mlp"):
+        for label in ("gpt2", "llama", "mlp", "gpt2 float16", "gpt2 int8"):
+            name, _, how = label.partition(" ")
             model, x = models.EQUIVALENCE[name]()
+            if how == "int8":
+                model.quantize("int8")
             ref = _first_output(model.predict(x, batch_size=2, verbose=0))
-            s = SHARD(model, comm_dtype="bfloat16")
+            s = SHARD(model, comm_dtype="float16" if how == "float16" else "bfloat16")
             before = s.collective_counters()[world.rank]["bytes"]
             got = _first_output(s.predict(x, batch_size=2, verbose=0))
             sizes = s.plan.wire_itemsizes()
             tokens = int(np.prod(x["token_ids"].shape)) if isinstance(x, dict) else len(x)
-            out[name] = {"vs_fp32": precision.compare(ref, got, "bfloat16"),
-                         "dtype": str(got.dtype),
-                         "metered": s.collective_counters()[world.rank]["bytes"] - before,
-                         "planned": tokens * sum(n * sizes[(p, op)]
-                                                 for p, op, n in s.plan.communication()),
-                         "line": s.plan.totals()[1]}
+            out[label] = {"vs_fp32": precision.compare(ref, got, how if how == "float16"
+                                                       else "bfloat16"),
+                          "dtype": str(got.dtype),
+                          "metered": s.collective_counters()[world.rank]["bytes"] - before,
+                          "planned": tokens * sum(n * sizes[(p, op)]
+                                                  for p, op, n in s.plan.communication()),
+                          "line": s.plan.totals()[1]}
+        model, x = models.EQUIVALENCE["mlp"]()
+        s = SHARD(model, comm_dtype="float16")
+        try:
+            s.predict(x * 1e6, batch_size=2, verbose=0)
+            out["overflow"] = "no error"
+        except Exception as e:  # noqa: BLE001 - the test reads the message
+            out["overflow"] = f"{type(e).__name__}: {e}"
         return out
     if STRATEGY is None and not ONLY:
         results["comm_dtype"] = guarded(comm_dtype)

@@ -47,6 +47,26 @@ class Communicator(abc.ABC):
             The sum, on every rank.
         """
 
+    #: Whether `allreduce_sum_16bit` sends 16 bits per element (else it widens to float32).
+    sends_16bit_sums = False
+
+    def allreduce_sum_16bit(self, x, name=None):
+        """Element-wise sum of a bfloat16 or float16 `x`, sent in 16 bits where the backend can.
+
+        Each step of the reduction adds two partials in float32 and rounds the sum to
+        `x`'s dtype, so with two ranks the result equals `allreduce_sum`'s (summed in
+        float32, rounded once) and with more it is rounded once per step. Backends
+        without such a reduction (`sends_16bit_sums` False) run `allreduce_sum`.
+
+        Args:
+            x: a bfloat16 or float16 tensor, same shape on every rank.
+            name: optional op name (must be identical on all ranks).
+
+        Returns:
+            The sum, in `x`'s dtype, on every rank.
+        """
+        return self.allreduce_sum(x, name=name)
+
     @abc.abstractmethod
     def allgather(self, x, axis=0, name=None, sizes=None):
         """Concatenates every rank's `x` along `axis`, in rank order.

@@ -50,6 +50,11 @@ class MeteredCommunicator(Wrapper):
         wide = 4 if x.dtype in (tf.bfloat16, tf.float16) else None
         return self._metered(x, lambda v: self.inner.allreduce_sum(v, name=name), wide)
 
+    def allreduce_sum_16bit(self, x, name=None):
+        itemsize = 2 if self.inner.sends_16bit_sums else 4
+        return self._metered(x, lambda v: self.inner.allreduce_sum_16bit(v, name=name),
+                             itemsize)
+
     def allgather(self, x, axis=0, name=None, sizes=None):
         x = tf.convert_to_tensor(x)
         axis = normalize_axis(axis, x.shape.rank)

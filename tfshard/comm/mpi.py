@@ -194,6 +194,15 @@ class MPICommunicator(Communicator):
             raise ValueError(f"allreduce_sum of a bool tensor {x.shape}: cast to an int first.")
         return self._ops.tfshard_mpi_allreduce(x, **self._attrs(name))
 
+    sends_16bit_sums = True
+
+    def allreduce_sum_16bit(self, x, name=None):
+        x = tf.convert_to_tensor(x)
+        if x.dtype not in (tf.bfloat16, tf.float16):
+            raise ValueError(f"allreduce_sum_16bit of a {x.dtype.name} tensor {x.shape}: it "
+                             "takes bfloat16 or float16; cast first, or use allreduce_sum.")
+        return self._ops.tfshard_mpi_allreduce(x, wire16=True, **self._attrs(name))
+
     def allgather(self, x, axis=0, name=None, sizes=None):
         x = tf.convert_to_tensor(x)
         axis = normalize_axis(axis, x.shape.rank)

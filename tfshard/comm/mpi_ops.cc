@@ -13,7 +13,9 @@
 // the communicator state is unknown, so every later op fails at once with the first error.
 //
 // Ops (T: float32, float64, bfloat16, float16, int32, int64, uint8):
-//   TfshardMpiAllreduce   sum over ranks (bfloat16/float16 summed in float32)
+//   TfshardMpiAllreduce   sum over ranks (bfloat16/float16 summed in float32); with
+//                         wire16, a 16-bit float is sent in its own 16 bits and each
+//                         reduction step adds two partials in float32, rounding once
 //   TfshardMpiAllgather   concatenation on axis 0, lengths may differ per rank
 //   TfshardMpiBroadcast   the root's tensor on every rank
 //   TfshardMpiSend / TfshardMpiRecv   point to point (pipeline stages)
@@ -475,19 +477,56 @@ class CollectiveOp : public OpKernel {
   std::vector<int> members_;
 };
 
+// MPI reduction functions for 16-bit floats sent as 16 bits: each step widens both
+// partials to float32, adds, and rounds the sum back (one rounding per step; with two
+// ranks that is the float32 sum rounded once). Addition of two operands is commutative
+// bit for bit, so every rank of a reduction gets the same result.
+template <typename T>
+static void sum16(void* in, void* inout, int* len, MPI_Datatype*) {
+  const T* a = static_cast<const T*>(in);
+  T* b = static_cast<T*>(inout);
+  for (int i = 0; i < *len; ++i)
+    b[i] = static_cast<T>(static_cast<float>(a[i]) + static_cast<float>(b[i]));
+}
+
+static MPI_Op sum16_op(DataType t) {
+  static std::once_flag once;
+  static MPI_Op ops[2];
+  std::call_once(once, [] {
+    MPI_Op_create(&sum16<Eigen::bfloat16>, 1, &ops[0]);
+    MPI_Op_create(&sum16<Eigen::half>, 1, &ops[1]);
+  });
+  return t == tensorflow::DT_BFLOAT16 ? ops[0] : ops[1];
+}
+
 class AllreduceOp : public CollectiveOp {
  public:
-  using CollectiveOp::CollectiveOp;
+  explicit AllreduceOp(OpKernelConstruction* ctx) : CollectiveOp(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("wire16", &wire16_));
+  }
   void Compute(OpKernelContext* ctx) override {
     const Tensor& in = ctx->input(0);
     Tensor* out = nullptr;
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, in.shape(), &out));
-    Call c = call("all-reduce", in);
+    DataType t = in.dtype();
+    const bool half = t == tensorflow::DT_BFLOAT16 || t == tensorflow::DT_HALF;
+    Call c = call(wire16_ ? "all-reduce (16-bit wire)" : "all-reduce", in);
     const int64_t n = in.NumElements();
     OP_REQUIRES(ctx, n <= INT32_MAX,
                 tensorflow::errors::InvalidArgument(c.what, ": more than 2^31 elements"));
-    DataType t = in.dtype();
-    if (t == tensorflow::DT_BFLOAT16 || t == tensorflow::DT_HALF) {
+    OP_REQUIRES(ctx, half || !wire16_,
+                tensorflow::errors::InvalidArgument(
+                    c.what, ": wire16 takes bfloat16 or float16; cast to one first"));
+    if (wire16_) {
+      const void* send = out->data() == in.data() ? MPI_IN_PLACE : in.data();
+      MPI_Op op = sum16_op(t);
+      OP_REQUIRES_OK(ctx, run(c, "MPI_Iallreduce", [&](MPI_Request* r) {
+        return MPI_Iallreduce(send, out->data(), static_cast<int>(n), MPI_UINT16_T, op, comm_,
+                              r);
+      }));
+      return;
+    }
+    if (half) {
       // Sum in float32 (as DeepSpeed's CPU all-reduce does), round once at the end.
       std::vector<float> buf(n);
       if (t == tensorflow::DT_BFLOAT16) {
@@ -520,6 +559,9 @@ class AllreduceOp : public CollectiveOp {
       return MPI_Iallreduce(send, out->data(), static_cast<int>(n), mt, MPI_SUM, comm_, r);
     }));
   }
+
+ private:
+  bool wire16_ = false;
 };
 
 class AllgatherOp : public CollectiveOp {
@@ -678,6 +720,7 @@ REGISTER_OP("TfshardMpiAllreduce")
     .Input("input: T")
     .Output("output: T")
     .Attr(TFSHARD_TYPES)
+    .Attr("wire16: bool = false")
     .TFSHARD_COMMON_ATTRS
     .SetIsStateful()
     .SetShapeFn(tensorflow::shape_inference::UnchangedShape);

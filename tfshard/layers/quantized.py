@@ -22,6 +22,7 @@ int4, float8, GPTQ and AWQ layers are refused by name (`check_convertible`).
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import ops
 
 from keras.src.quantizers.quantizers import (AbsMaxQuantizer, abs_max_quantize,
@@ -61,7 +62,10 @@ def global_quantize(layer, inputs, axis, comm):
             "the layer with a rule {path: 'replicate'} or quantize with the default config.")
     low, high = quantizer.value_range
     local = ops.max(ops.abs(inputs), axis=axis, keepdims=True)
-    every = comm.allgather(ops.expand_dims(local, -1), axis=-1, sizes=[1] * comm.size)
+    # Moved as integer bits, so a 16-bit comm_dtype (which casts float gathers) never
+    # rounds a scale: the maxima arrive exactly as each rank computed them.
+    bits = tf.bitcast(ops.expand_dims(local, -1), tf.int32 if local.dtype.size == 4 else tf.int16)
+    every = tf.bitcast(comm.allgather(bits, axis=-1, sizes=[1] * comm.size), local.dtype)
     amax = ops.max(every, axis=-1)
     # The arithmetic of keras.quantizers.abs_max_quantize, with the global maximum.
     scale = ops.divide(high, ops.add(amax, quantizer.epsilon))

@@ -24,14 +24,18 @@ class ResolvedPlan:
         size: the number of tensor-parallel ranks.
         rank: the rank whose local shapes and bytes the summaries show.
         total_bytes: the unsharded model's bytes.
-        comm_dtype: the 16-bit dtype float32 all-gathers are sent in (None: as is).
+        comm_dtype: the 16-bit dtype float32 collectives are sent in (None: as is).
+        sums_16bit: whether all-reduces are sent in 16 bits too (the backend's
+            `sends_16bit_sums`), else only the all-gathers.
     """
 
     resolved = True
 
-    def __init__(self, request, entries, attention, size, rank, total_bytes, comm_dtype=None):
+    def __init__(self, request, entries, attention, size, rank, total_bytes, comm_dtype=None,
+                 sums_16bit=False):
         self.request = request
         self.comm_dtype = comm_dtype
+        self.sums_16bit = bool(comm_dtype and sums_16bit)
         self.entries = list(entries)
         self.attention = tuple(attention)
         self.size = size
@@ -76,14 +80,20 @@ class ResolvedPlan:
         total = self.total_bytes + sum(a.full_bytes - b.full_bytes
                                        for a, b in zip(entries, self.entries))
         return ResolvedPlan(self.request, entries, self.attention, self.size, self.rank, total,
-                            self.comm_dtype)
+                            self.comm_dtype, self.sums_16bit)
 
-    def with_comm_dtype(self, comm_dtype):
-        """This plan with float32 all-gathers sent in `comm_dtype` (None: unchanged)."""
+    def with_comm_dtype(self, comm_dtype, sums_16bit=False):
+        """This plan with float32 collectives sent in `comm_dtype` (None: unchanged).
+
+        Args:
+            comm_dtype: "bfloat16", "float16" or None.
+            sums_16bit: whether the backend sends all-reduces in 16 bits too
+                (`Communicator.sends_16bit_sums`).
+        """
         if comm_dtype is None:
             return self
         return ResolvedPlan(self.request, self.entries, self.attention, self.size, self.rank,
-                            self.total_bytes, comm_dtype)
+                            self.total_bytes, comm_dtype, sums_16bit)
 
     # -- reporting --------------------------------------------------------- #
 
@@ -157,9 +167,13 @@ class ResolvedPlan:
         by_path = {e.path: e for e in self.sharded}
         out = {}
         for p, op, _ in self.communication():
-            size = by_path[p].wire_itemsize(op.split()[0])
-            if self.comm_dtype and op != "all-reduce" and by_path[p].compute_dtype == "float32":
-                size = np.dtype(self.comm_dtype).itemsize  # CompressedCommunicator's cast
+            entry = by_path[p]
+            size = entry.wire_itemsize(op.split()[0])
+            # CompressedCommunicator's cast (16-bit dtypes are sent as they are); an int8
+            # row layer all-reduces int32 partials, which it leaves alone.
+            if self.comm_dtype and entry.compute_dtype in ("float32", "bfloat16", "float16") \
+                    and (op != "all-reduce" or (self.sums_16bit and entry.dtype != "int8")):
+                size = 2
             out[(p, op)] = size
         return out
 
@@ -234,10 +248,19 @@ def communication_line(ops, itemsizes=None):
             parts.append(f"{len(sizes)} {op}{'s' if len(sizes) > 1 and '(' not in op else ''} "
                          f"({format_bytes(sum(sizes))}/token)")
     tied = any(o == "all-gather (logits)" for _, o, _ in ops)
-    how = " in fp32" if widths == {4} else " (all-reduces summed in fp32, 16-bit gathers)"
+    how = " in fp32" if widths == {4} else " (" + ", ".join(_widths_text(ops, itemsizes)) + ")"
     return ("per forward: " + ", ".join(parts) + how
             + ("; the logits gather only when a tied head computes logits" if tied else ""))
 
+def _widths_text(ops, itemsizes):
+    """How wide each kind of collective is on the wire, e.g. ["16-bit all-reduces", ...]."""
+    out = []
+    for kind, label in (("all-reduce", "all-reduces"), ("all-gather", "gathers")):
+        widths = {itemsizes.get((p, o), 4) for p, o, _ in ops if o.startswith(kind)}
+        if widths:
+            out.append(("fp32 " if widths == {4} else "16-bit " if widths == {2} else "mixed ")
+                       + label)
+    return out
 
 
 def format_bytes(n):
