@@ -42,7 +42,8 @@ decode steps, and prefill = the first time minus one step.
 Suite `precision`: SmolLM2 at TP=N (MPI) loaded in float32, bfloat16 and int8
 (`quantize="int8"`): weight bytes held per rank, the load's peak RSS rise, decode
 latency per token and prefill time (as `generate`), and the greedy agreement of 22
-fixed prompts x 16 new tokens of each against float32.
+fixed prompts x 16 new tokens of each against float32. "bf16 tf-mm" is bfloat16 again
+with tfshard's decode matmul off (TFSHARD_BF16_MATMUL=0: TensorFlow's own matmul).
 
     .venv/bin/python scripts/bench.py precision --np 2
 
@@ -358,6 +359,9 @@ PROMPTS = [
 VARIANTS = {"float32": {"dtype": "float32"}, "bfloat16": {"dtype": "bfloat16"},
             "int8": {"quantize": "int8"}}
 
+#: Timed beside them: bfloat16 with tfshard's decode matmul turned off (TensorFlow's own).
+TF_MATMUL = ("bf16 tf-mm", {"dtype": "bfloat16"}, {"TFSHARD_BF16_MATMUL": "0"})
+
 
 def _agree_child(args):
     """Greedy continuations of PROMPTS in every VARIANT, against float32, on these ranks."""
@@ -394,16 +398,17 @@ def suite_precision(args):
     me = [sys.executable, str(Path(__file__).resolve())]
     n = args.np
     rows = {}
-    for name, kwargs in VARIANTS.items():
+    runs = [(name, kwargs, None) for name, kwargs in VARIANTS.items()] + [TF_MATMUL]
+    for name, kwargs, env in runs:
         flags = [f"--{k}={v}" for k, v in kwargs.items()]
         rows[f"load {name}"] = _run(_launch("mpi", n, me + [
-            "_load", "--source", args.source, "--mode", "sharded"] + flags), args.timeout)
+            "_load", "--source", args.source, "--mode", "sharded"] + flags), args.timeout, env)
         rows[f"generate {name}"] = _run(_launch("mpi", n, me + [
             "_generate", "--source", args.source, "--mode", "sharded",
-            "--repeats", str(args.repeats)] + flags), args.timeout)
+            "--repeats", str(args.repeats)] + flags), args.timeout, env)
     rows["agreement"] = _run(_launch("mpi", n, me + [
         "_agree", "--source", args.source, "--new-tokens", str(args.new_tokens)]), args.timeout)
-    names = list(VARIANTS)
+    names = [name for name, _, _ in runs]
     print(f"\nprecision: {args.source} at TP={n} (MPI), {_cpu_model()}; ratios against float32")
     print(f"{'':<38} " + " ".join(f"{v:>10}" for v in names) + "  "
           + " ".join(f"{v + '/fp32':>13}" for v in names[1:]))
@@ -415,7 +420,7 @@ def suite_precision(args):
         vals = [rows[f"{key} {v}"][field] for v in names]
         print(f"{label:<38} " + " ".join(f"{x:>10.2f}" for x in vals) + "  "
               + " ".join(f"{x / vals[0]:>12.2f}x" for x in vals[1:]))
-    for name in names[1:]:
+    for name in list(VARIANTS)[1:]:
         g = rows["agreement"][name]
         print(f"greedy, {g['prompts']} prompts x {args.new_tokens} new tokens, {name} vs float32: "
               f"{g['tokens_same']}/{g['tokens_compared']} tokens the same "

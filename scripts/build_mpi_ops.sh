@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Compiles tfshard's MPI collective ops (tfshard/comm/mpi_ops.cc) into
-# tfshard/comm/_mpi_ops.so, against this venv's TensorFlow headers and MPICH wheel, and
-# records the source's sha256 beside it (_mpi_ops.so.sha256), which tfshard checks at load.
-# A no-op when the recorded digest matches the source (file times do not matter: a git
-# checkout rewrites them). Also builds tfshard/_loopback.so (tfshard/loopback.c), the
-# bind() shim that keeps a local job's listeners on loopback.
+# Compiles tfshard's TensorFlow ops against this venv's TensorFlow headers, each only when
+# the sha256 recorded beside its library (NAME.so.sha256, which tfshard checks at load)
+# differs from its source's (file times do not matter: a git checkout rewrites them):
+#   tfshard/comm/mpi_ops.cc    -> tfshard/comm/_mpi_ops.so    MPI collectives (MPICH wheel)
+#   tfshard/layers/kernels.cc  -> tfshard/layers/_kernels.so  the bfloat16 decode matmul
+# Also builds tfshard/_loopback.so (tfshard/loopback.c), the bind() shim that keeps a local
+# job's listeners on loopback.
 #   PY=.venv/bin/python bash scripts/build_mpi_ops.sh
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -22,24 +23,43 @@ if [ ! -f "$LOOP_OUT" ] || [ "$(cat "$LOOP_OUT.sha256" 2>/dev/null)" != "$LOOP_D
   printf '%s\n' "$LOOP_DIGEST" > "$LOOP_OUT.sha256"
   echo "[build_mpi_ops] built $LOOP_OUT"
 fi
-DIGEST=$(sha256sum "$SRC" | cut -d' ' -f1)
-if [ -f "$OUT" ] && [ "$(cat "$OUT.sha256" 2>/dev/null)" = "$DIGEST" ]; then
-  exit 0
-fi
 export TF_CPP_MIN_LOG_LEVEL=3
-read -r -a TF_CFLAGS <<<"$("$PY" -c 'import tensorflow as tf; print(" ".join(tf.sysconfig.get_compile_flags()))' 2>/dev/null)"
-read -r -a TF_LFLAGS <<<"$("$PY" -c 'import tensorflow as tf; print(" ".join(tf.sysconfig.get_link_flags()))' 2>/dev/null)"
-TF_LIB=$("$PY" -c 'import tensorflow as tf; print(tf.sysconfig.get_lib())' 2>/dev/null)
+TF_READ=0
+tf_flags() {
+  [ "$TF_READ" = 1 ] && return
+  read -r -a TF_CFLAGS <<<"$("$PY" -c 'import tensorflow as tf; print(" ".join(tf.sysconfig.get_compile_flags()))' 2>/dev/null)"
+  read -r -a TF_LFLAGS <<<"$("$PY" -c 'import tensorflow as tf; print(" ".join(tf.sysconfig.get_link_flags()))' 2>/dev/null)"
+  TF_LIB=$("$PY" -c 'import tensorflow as tf; print(tf.sysconfig.get_lib())' 2>/dev/null)
+  TF_READ=1
+}
+
+# build_op SRC OUT COMPILER [EXTRA LINK FLAGS...]: compiles SRC into OUT (atomically) unless
+# OUT.sha256 already records SRC's digest.
+build_op() {
+  local src=$1 out=$2 cxx=$3
+  shift 3
+  local digest
+  digest=$(sha256sum "$src" | cut -d' ' -f1)
+  if [ -f "$out" ] && [ "$(cat "$out.sha256" 2>/dev/null)" = "$digest" ]; then
+    return 0
+  fi
+  tf_flags
+  echo "[build_mpi_ops] compiling $src"
+  local tmp
+  tmp=$(mktemp "$out.tmp-XXXXXX")
+  # The rpaths let the library find TensorFlow's framework library (and libmpi) without
+  # LD_LIBRARY_PATH.
+  if ! "$cxx" -std=c++17 -O2 -fPIC -shared -w "${TF_CFLAGS[@]}" "$src" -o "$tmp" \
+      "${TF_LFLAGS[@]}" -Wl,-rpath,"$TF_LIB" "$@"; then
+    rm -f "$tmp"
+    return 1
+  fi
+  mv -f "$tmp" "$out"
+  printf '%s\n' "$digest" > "$out.sha256.tmp" && mv -f "$out.sha256.tmp" "$out.sha256"
+  echo "[build_mpi_ops] built $out"
+}
+
+# mpicxx (the MPICH wheel's wrapper) adds MPI's include and library flags.
 MPI_LIB=$(cd "$BIN/../lib" && pwd)
-echo "[build_mpi_ops] compiling $SRC"
-tmp=$(mktemp "$OUT.tmp-XXXXXX")
-trap 'rm -f "$tmp"' EXIT
-# mpicxx (the MPICH wheel's wrapper) adds MPI's include and library flags; the rpaths let
-# the library find libmpi and TensorFlow's framework library without LD_LIBRARY_PATH.
-"$BIN/mpicxx" -std=c++17 -O2 -fPIC -shared -w \
-  "${TF_CFLAGS[@]}" "$SRC" -o "$tmp" "${TF_LFLAGS[@]}" \
-  -Wl,-rpath,"$MPI_LIB" -Wl,-rpath,"$TF_LIB"
-mv -f "$tmp" "$OUT"
-trap - EXIT
-printf '%s\n' "$DIGEST" > "$OUT.sha256.tmp" && mv -f "$OUT.sha256.tmp" "$OUT.sha256"
-echo "[build_mpi_ops] built $OUT"
+build_op "$SRC" "$OUT" "$BIN/mpicxx" -Wl,-rpath,"$MPI_LIB"
+build_op "$ROOT/tfshard/layers/kernels.cc" "$ROOT/tfshard/layers/_kernels.so" "${CXX:-c++}"

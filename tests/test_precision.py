@@ -33,6 +33,11 @@ def _check_bf16(ranks, name, np_):
         assert rec["weight_dtypes"] == ["bfloat16"] and rec["plan_dtypes"] == ["bfloat16"], where
         assert c["max_diff"] <= c["tol"], f"{where}: max|diff| {c['max_diff']:.3g} > {c['tol']:.3g}"
         assert c["decided_equal"], f"{where}: argmax differs where the margin is clear"
+        # One row of 4 tokens: the decode matmul op (where available) within the envelope.
+        d = rec["decode_shaped"]
+        assert d["max_diff"] <= d["tol"] and d["decided_equal"], f"{where}, one row: {d}"
+        if rec["matvec_available"]:
+            assert rec["matvec_placed"] > 0, f"{where}: the bf16 decode op was not used"
         # Every rank holds half the bytes of the same plan in fp32 (±1 %).
         ratio = rec["local_bytes"] / rec["bytes_fp32_plan"]
         assert abs(ratio - 0.5) <= 0.005, f"{where}: bf16/fp32 bytes per rank {ratio:.4f}"

@@ -579,10 +579,20 @@ def _first_output(out):
     return ls[sorted(ls)[0]]
 
 
+def _one_short_row(x):
+    """The first row of `x`, cut to its first 4 tokens (a decode step's shape)."""
+    if isinstance(x, dict):
+        return {k: np.asarray(v)[:1, :4] for k, v in x.items()}
+    return np.asarray(x)[:1]
+
+
 def run_precision(world, results):
     """bfloat16 models sharded against the same model unsharded in bfloat16 and in
     float32 (tfshard.precision's envelope), then saved, reloaded and loaded in bf16."""
+    import tensorflow as tf
+
     from tfshard import precision
+    from tfshard.layers import matvec
 
     for name in PRECISION_MODELS:
         if ONLY and name not in ONLY:
@@ -591,10 +601,21 @@ def run_precision(world, results):
             m32, m16, x = _bf16_twin(builder)
             r32 = _first_output(m32.predict(x, batch_size=2, verbose=0))
             r16 = _first_output(m16.predict(x, batch_size=2, verbose=0))
+            # Decode-shaped: one row of at most 4 tokens, so the sharded layers' matmuls
+            # take tfshard's bfloat16 op (tfshard.layers.matvec) where it is available.
+            small = _one_short_row(x)
+            want = _first_output(m16.predict(small, batch_size=1, verbose=0))
             sharded = SHARD(m16)
             out = _first_output(sharded.predict(x, batch_size=2, verbose=0))
             vs16 = precision.compare(r16, out, "bfloat16")
+            placed = matvec.placed["count"]
+            # Called, not predicted: predict traces for any batch size, so its rows are
+            # unknown when traced and the op does not apply; a direct call sees them.
+            got = _first_output(sharded(tf.nest.map_structure(tf.constant, small)))
             return {"vs_bf16": vs16,
+                    "decode_shaped": precision.compare(want, got, "bfloat16"),
+                    "matvec_placed": matvec.placed["count"] - placed,
+                    "matvec_available": matvec.available(),
                     "sharded_vs_fp32": precision.compare(r32, out, "bfloat16")["max_diff"],
                     "unsharded_vs_fp32": precision.compare(r32, r16, "bfloat16")["max_diff"],
                     "out_dtype": str(out.dtype), "ref_dtype": str(r16.dtype),

@@ -12,6 +12,7 @@ from tfshard.layers.base import (
     rebuild_in_place,
     replace_local_weight,
 )
+from tfshard.layers import matvec
 from tfshard.layers.quantized import AbsMaxQuantizer, global_quantize, mark_int8, quantize_weight
 
 
@@ -56,7 +57,7 @@ class ColumnParallelDense(_ParallelDenseBase):
 
 
     def call(self, inputs, training=None):
-        return self._finish(ops.matmul(inputs, self._kernel))
+        return self._finish(matvec.matmul(inputs, self._kernel))
 
     def _int8_call(self, inputs, training=None):
         # The input is whole on every rank: quantized as unsharded (see layers/quantized.py).
@@ -100,7 +101,7 @@ class RowParallelDense(_ParallelDenseBase):
 
 
     def call(self, inputs, training=None):
-        x = self._comm.allreduce_sum(ops.matmul(self._own_slice(inputs), self._kernel))
+        x = self._comm.allreduce_sum(matvec.matmul(self._own_slice(inputs), self._kernel))
         return self._finish(x)
 
     def _int8_call(self, inputs, training=None):

@@ -22,6 +22,7 @@ from tfshard.layers.base import (
     rebuild_in_place,
     replace_local_weight,
 )
+from tfshard.layers import matvec
 from tfshard.layers.quantized import AbsMaxQuantizer, global_quantize, mark_int8, quantize_weight
 
 
@@ -108,7 +109,7 @@ class ParallelEinsumDense(ShardedLayerMixin, keras.layers.EinsumDense):
         return inputs[tuple(index)]
 
     def call(self, inputs, training=None):
-        x = ops.einsum(self.equation, self._own_slice(inputs), self._kernel)
+        x = matvec.einsum(self.equation, self._own_slice(inputs), self._kernel)
         if self._shard_spec.rule == "row":
             x = self._comm.allreduce_sum(x)
         return self._finish(x)

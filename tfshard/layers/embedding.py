@@ -22,6 +22,7 @@ from tfshard.layers.base import (
     rebuild_in_place,
     replace_local_weight,
 )
+from tfshard.layers import matvec
 from tfshard.layers.quantized import AbsMaxQuantizer, mark_int8, quantize_weight
 
 
@@ -172,7 +173,7 @@ class VocabParallelReversibleEmbedding(VocabParallelEmbedding, keras.layers.Reve
             table = ops.cast(table, self.reverse_dtype)
         lead_shape = tf.shape(x)[:-1]
         x2d = tf.reshape(x, [-1, x.shape[-1]])
-        local = tf.matmul(x2d, table, transpose_b=True)
+        local = matvec.matmul(x2d, table, transpose_b=True)
         logits = self._comm.allgather(local, axis=-1, sizes=self._shard_spec.sizes)
         logits = tf.reshape(logits, tf.concat([lead_shape, [self.input_dim]], axis=0))
         return self._soft_cap(logits)

@@ -1,0 +1,154 @@
+"""The matmuls of a decode step with bfloat16 weights, through tfshard's own op.
+
+A decode step multiplies a few rows (one per sequence) by every weight, so its
+time is the time to read the weights: a bfloat16 model should decode in about
+half of float32's time. TensorFlow's CPU matmul does not get there for so few
+rows (oneDNN's bfloat16 GEMM reads ~7 GiB/s on this project's machine, float32
+13-18 GiB/s), so `kernels.cc` adds `TfshardBf16Matmul`: the weight streamed
+once, each bfloat16 widened to float32 (a shift), float32 FMAs, the output
+rounded to bfloat16 once -- what TensorFlow's bfloat16 matmul computes, in
+another order of summation (within bfloat16's envelope of it).
+
+The sharded layers call `matmul` and `einsum` here. They take the op when both
+operands are bfloat16, the rows (the product of the input's leading
+dimensions) are known when the graph is traced and at most `MAX_ROWS`, the CPU
+has AVX-512 and the op library is built; otherwise TensorFlow's matmul /
+einsum, unchanged. TFSHARD_BF16_MATMUL=0 turns the op off (for side-by-side
+benchmarks).
+"""
+
+import ctypes
+import hashlib
+import os
+import warnings
+
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_kernels.so")
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cc")
+
+#: Most rows a matmul may have to go through the op (a decode step's batch).
+MAX_ROWS = 8
+
+#: The environment variable that turns the op off ("0").
+ENV = "TFSHARD_BF16_MATMUL"
+
+#: How many times the op was put in a graph (or run eagerly); tests read it.
+placed = {"count": 0}
+
+_state = {}
+
+
+def _ops():
+    """The op library, or None when it cannot be used here (with one warning when it
+    should have been: missing or stale)."""
+    if "ops" not in _state:
+        _state["ops"] = None
+        if not os.path.exists(LIBRARY):
+            warnings.warn(f"tfshard: {LIBRARY} is not built; bfloat16 decode uses "
+                          "TensorFlow's matmul. Run ./scripts/setup.sh to build it.")
+            return None
+        with open(SOURCE, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        try:
+            with open(LIBRARY + ".sha256") as f:
+                recorded = f.read().strip()
+        except OSError:
+            recorded = None
+        if recorded != digest:
+            warnings.warn(f"tfshard: {LIBRARY} was not built from this {SOURCE}; bfloat16 "
+                          "decode uses TensorFlow's matmul. Run ./scripts/setup.sh.")
+            return None
+        library = tf.load_op_library(LIBRARY)  # first: it collects the ops dlopen registers
+        if ctypes.CDLL(LIBRARY).tfshard_kernels_avx512():
+            _state["ops"] = library
+    return _state["ops"]
+
+
+def available():
+    """Whether the op is used on this machine now (built, AVX-512, not turned off)."""
+    return os.environ.get(ENV, "1") != "0" and _ops() is not None
+
+
+def _rows(x):
+    """The product of `x`'s leading dimensions when known, else None."""
+    lead = x.shape[:-1]
+    if lead.rank is None or not lead.is_fully_defined():
+        return None
+    return int(np.prod(lead.as_list(), dtype=np.int64))
+
+
+def _takes(x, w):
+    rows = _rows(x)
+    return (x.dtype == tf.bfloat16 and w.dtype == tf.bfloat16 and rows is not None
+            and rows <= MAX_ROWS and available())
+
+
+def _op(x, w, transpose_b):
+    placed["count"] += 1
+    return _ops().tfshard_bf16_matmul(x, w, transpose_b=transpose_b)
+
+
+def matmul(x, w, transpose_b=False):
+    """`x @ w` (`x @ w^T` with `transpose_b`) for `x [..., K]` and a 2-D `w`.
+
+    Args:
+        x: the input, `[..., K]` (2-D when `transpose_b`).
+        w: `[K, N]`, or `[N, K]` with `transpose_b`.
+        transpose_b: contract with `w`'s last axis.
+
+    Returns:
+        `[..., N]`, in the operands' dtype.
+    """
+    x, w = ops.convert_to_tensor(x), ops.convert_to_tensor(w)
+    if _takes(x, w):
+        return _op(x, w, transpose_b)
+    return tf.matmul(x, w, transpose_b=True) if transpose_b else ops.matmul(x, w)
+
+
+def einsum(equation, x, w):
+    """`ops.einsum(equation, x, w)`; through the op when the equation is a matmul.
+
+    A matmul here: the contracted letters end the input and start the kernel in the
+    same order, and the output is the input's other letters, then the kernel's (as
+    keras-hub's q/k/v/o projections, "bqm,muh->bquh" and "bquh,uhm->bqm").
+
+    Args:
+        equation: an EinsumDense equation "in,kernel->out".
+        x: the input.
+        w: the kernel.
+
+    Returns:
+        The einsum.
+    """
+    x, w = ops.convert_to_tensor(x), ops.convert_to_tensor(w)
+    contracted = _matmul_split(equation)
+    if contracted and x.dtype == tf.bfloat16 and w.shape.is_fully_defined():
+        k = int(np.prod(w.shape[:contracted]))
+        lead = x.shape[:x.shape.rank - contracted] if x.shape.rank is not None else None
+        if lead is not None and lead.is_fully_defined():
+            flat = tf.reshape(x, lead.as_list() + [k])
+            if _takes(flat, w):
+                w2d = tf.reshape(w, [k, -1])
+                out = _op(flat, w2d, False)
+                return tf.reshape(out, lead.as_list() + w.shape[contracted:].as_list())
+    return ops.einsum(equation, x, w)
+
+
+def _matmul_split(equation):
+    """How many contracted letters a matmul-shaped equation has, else 0."""
+    try:
+        lhs, out = equation.replace(" ", "").split("->")
+        inp, ker = lhs.split(",")
+    except ValueError:
+        return 0
+    if "." in ker or any(len(set(s.replace(".", ""))) != len(s.replace(".", ""))
+                         for s in (inp, ker, out)):
+        return 0
+    contracted = "".join(c for c in ker if c in inp and c not in out)
+    n = len(contracted)
+    if not n or not inp.endswith(contracted) or not ker.startswith(contracted):
+        return 0
+    return n if out == inp[:-n] + ker[n:] else 0
