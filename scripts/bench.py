@@ -42,8 +42,9 @@ decode steps, and prefill = the first time minus one step.
 Suite `precision`: SmolLM2 at TP=N (MPI) loaded in float32, bfloat16 and int8
 (`quantize="int8"`): weight bytes held per rank, the load's peak RSS rise, decode
 latency per token and prefill time (as `generate`), and the greedy agreement of 22
-fixed prompts x 16 new tokens of each against float32. "bf16 tf-mm" is bfloat16 again
-with tfshard's decode matmul off (TFSHARD_BF16_MATMUL=0: TensorFlow's own matmul).
+fixed prompts x 16 new tokens of each against float32. "bf16 tf-mm" and "int8 tf-mm" are
+bfloat16 and int8 again with tfshard's decode matmuls off (TFSHARD_DECODE_OPS=0:
+TensorFlow's own).
 
     .venv/bin/python scripts/bench.py precision --np 2
 
@@ -359,8 +360,9 @@ PROMPTS = [
 VARIANTS = {"float32": {"dtype": "float32"}, "bfloat16": {"dtype": "bfloat16"},
             "int8": {"quantize": "int8"}}
 
-#: Timed beside them: bfloat16 with tfshard's decode matmul turned off (TensorFlow's own).
-TF_MATMUL = ("bf16 tf-mm", {"dtype": "bfloat16"}, {"TFSHARD_BF16_MATMUL": "0"})
+#: Timed beside them: bfloat16 and int8 with tfshard's decode matmuls off (TensorFlow's own).
+TF_MATMUL = [("bf16 tf-mm", {"dtype": "bfloat16"}, {"TFSHARD_DECODE_OPS": "0"}),
+             ("int8 tf-mm", {"quantize": "int8"}, {"TFSHARD_DECODE_OPS": "0"})]
 
 
 def _agree_child(args):
@@ -398,7 +400,7 @@ def suite_precision(args):
     me = [sys.executable, str(Path(__file__).resolve())]
     n = args.np
     rows = {}
-    runs = [(name, kwargs, None) for name, kwargs in VARIANTS.items()] + [TF_MATMUL]
+    runs = [(name, kwargs, None) for name, kwargs in VARIANTS.items()] + TF_MATMUL
     for name, kwargs, env in runs:
         flags = [f"--{k}={v}" for k, v in kwargs.items()]
         rows[f"load {name}"] = _run(_launch("mpi", n, me + [

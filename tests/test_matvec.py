@@ -1,4 +1,4 @@
-"""tfshard's bfloat16 decode matmul (tfshard/layers/kernels.cc) against float64 numpy.
+"""tfshard's decode matmuls (tfshard/layers/kernels.cc): bfloat16 against float64 numpy, int8 exactly.
 
 The op widens bfloat16 to float32, accumulates in float32 and rounds the output to
 bfloat16 once, so against the exact product of the same bfloat16 operands it is off
@@ -88,3 +88,32 @@ def test_mismatched_shapes_name_both():
     lib = matvec._ops()
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"contracts 8 but w \[7,5\]"):
         lib.tfshard_bf16_matmul(_bf16(np.ones((1, 8))), _bf16(np.ones((7, 5))))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, matvec.MAX_ROWS), k=st.integers(1, 70), n=st.integers(1, 300),
+       transpose_b=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_int8_matmul_is_exact(rows, k, n, transpose_b, seed):
+    # int8 x int8 summed in int32: the op gives TensorFlow's (Keras's) bits exactly.
+    rng = np.random.default_rng(seed)
+    x = tf.constant(rng.integers(-128, 128, (rows, k)), tf.int8)
+    w = tf.constant(rng.integers(-128, 128, (n, k) if transpose_b else (k, n)), tf.int8)
+    before = matvec.placed["count"]
+    got = matvec.matmul(x, w, transpose_b=transpose_b)
+    assert matvec.placed["count"] == before + 1 and got.dtype == tf.int32
+    wn = w.numpy().astype(np.int64)
+    want = x.numpy().astype(np.int64) @ (wn.T if transpose_b else wn)
+    assert np.array_equal(got.numpy(), want)
+
+
+def test_int8_einsum_and_off_switch(monkeypatch):
+    rng = np.random.default_rng(3)
+    x = tf.constant(rng.integers(-127, 128, (1, 1, 12)), tf.int8)
+    w = tf.constant(rng.integers(-127, 128, (12, 3, 4)), tf.int8)
+    before = matvec.placed["count"]
+    got = matvec.einsum("bqm,muh->bquh", x, w)
+    assert matvec.placed["count"] == before + 1
+    monkeypatch.setenv(matvec.ENV, "0")
+    keras_ = matvec.einsum("bqm,muh->bquh", x, w)  # Keras's int8 einsum, the same bits
+    assert matvec.placed["count"] == before + 1
+    assert got.dtype == keras_.dtype == tf.int32 and np.array_equal(got, keras_)

@@ -54,6 +54,10 @@ def _check_int8(ranks, name, np_):
         _ok(rec, rank)
         where = f"int8 {name} on rank {rank} of {np_}"
         assert rec["bitwise"], f"{where}: max|diff| {rec['max_diff']:.3g} (expected bit for bit)"
+        # One row of 4 tokens: tfshard's int8 op (exact integer sums), still bit for bit.
+        assert rec["decode_shaped_bitwise"], f"{where}: one row differs from unsharded int8"
+        if rec["matvec_available"]:
+            assert rec["matvec_placed"] > 0, f"{where}: the int8 decode op was not used"
         assert rec["cut"] >= 4 and rec["modes"] == ["int8"], where
         assert rec["held_bytes"] == rec["local_bytes"], f"{where}: holds {rec['held_bytes']} B, plan says {rec['local_bytes']}"
         for path, s in rec["slices"].items():

@@ -727,6 +727,10 @@ def run_precision(world, results):
 def run_int8(world, results):
     """int8-quantized models (model.quantize, then shard) against the same quantized model
     unsharded: bit for bit (see tfshard/layers/quantized.py), and a quantized checkpoint."""
+    import tensorflow as tf
+
+    from tfshard.layers import matvec
+
     for name in PRECISION_MODELS:
         if ONLY and name not in ONLY:
             continue
@@ -735,9 +739,16 @@ def run_int8(world, results):
             r32 = _first_output(model.predict(x, batch_size=2, verbose=0))
             model.quantize("int8")
             ref = _first_output(model.predict(x, batch_size=2, verbose=0))
+            small = _one_short_row(x)  # decode-shaped: tfshard's int8 op, where available
+            want = _first_output(model(tf.nest.map_structure(tf.constant, small)))
             sharded = SHARD(model)
             out = _first_output(sharded.predict(x, batch_size=2, verbose=0))
             res = compare({"o": ref}, {"o": out})["outputs"]["o"]
+            placed = matvec.placed["count"]
+            got = _first_output(sharded(tf.nest.map_structure(tf.constant, small)))
+            res["decode_shaped_bitwise"] = bool(np.array_equal(got, want))
+            res["matvec_placed"] = matvec.placed["count"] - placed
+            res["matvec_available"] = matvec.available()
             res["int8_vs_fp32"] = float(np.max(np.abs(ref.astype("f8") - r32)))
             res["max_ref32"] = float(np.max(np.abs(r32)))
             res["argmax_vs_fp32"] = float(np.mean(np.argmax(ref, -1) == np.argmax(r32, -1))) \

@@ -65,7 +65,7 @@ class ColumnParallelDense(_ParallelDenseBase):
         if self.inputs_quantizer:
             inputs, inputs_scale = self.inputs_quantizer(inputs, axis=-1)
             scale = ops.multiply(scale, inputs_scale)
-        x = ops.cast(ops.matmul(inputs, self._kernel), self.compute_dtype)
+        x = ops.cast(matvec.matmul(inputs, self._kernel), self.compute_dtype)
         return self._finish(ops.divide(x, scale))
 
     def _finish(self, x):
@@ -115,7 +115,7 @@ class RowParallelDense(_ParallelDenseBase):
             inputs = self._own_slice(inputs)
         else:
             inputs, inputs_scale = self._own_slice(inputs), None
-        x = self._comm.allreduce_sum(ops.matmul(inputs, self._kernel))
+        x = self._comm.allreduce_sum(matvec.matmul(inputs, self._kernel))
         if inputs_scale is not None:
             scale = ops.multiply(scale, inputs_scale)
         return self._finish(ops.divide(ops.cast(x, self.compute_dtype), scale))

@@ -127,7 +127,7 @@ class ParallelEinsumDense(ShardedLayerMixin, keras.layers.EinsumDense):
             inputs, inputs_scale = self.inputs_quantizer(inputs, axis=self.quantization_axis)
         if self.inputs_quantizer:
             scale = ops.multiply(self._adjust_scale_for_quant(inputs_scale, "input"), scale)
-        x = ops.einsum(self.equation, self._own_slice(inputs), self._kernel)
+        x = matvec.einsum(self.equation, self._own_slice(inputs), self._kernel)
         if spec.rule == "row":
             x = self._comm.allreduce_sum(x)
         return self._finish(ops.divide(ops.cast(x, self.compute_dtype), scale))

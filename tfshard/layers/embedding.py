@@ -145,15 +145,17 @@ class VocabParallelReversibleEmbedding(VocabParallelEmbedding, keras.layers.Reve
             return self._vocab_lookup(inputs)
         # Keras's int8 logits with this rank's vocab columns and their scales: the input
         # is whole on every rank, so it is quantized as unsharded.
-        if self.tie_weights:
-            kernel, scale = ops.transpose(self._embeddings), self.embeddings_scale
-        else:
-            kernel, scale = self.reverse_embeddings, self.reverse_embeddings_scale
         if self.inputs_quantizer:
             inputs, inputs_scale = self.inputs_quantizer(inputs)
         else:
             inputs_scale = ops.ones((1,), dtype=self.compute_dtype)
-        local = ops.cast(ops.matmul(inputs, kernel), self.compute_dtype)
+        if self.tie_weights:
+            scale = self.embeddings_scale
+            local = matvec.matmul(inputs, self._embeddings, transpose_b=True)
+        else:
+            scale = self.reverse_embeddings_scale
+            local = matvec.matmul(inputs, self.reverse_embeddings)
+        local = ops.cast(local, self.compute_dtype)
         local = ops.divide(local, ops.multiply(inputs_scale, scale))
         return self._soft_cap(self._comm.allgather(local, axis=-1, sizes=self._shard_spec.sizes))
 

@@ -1,19 +1,24 @@
-"""The matmuls of a decode step with bfloat16 weights, through tfshard's own op.
+"""The matmuls of a decode step with bfloat16 or int8 weights, through tfshard's ops.
 
 A decode step multiplies a few rows (one per sequence) by every weight, so its
 time is the time to read the weights: a bfloat16 model should decode in about
-half of float32's time. TensorFlow's CPU matmul does not get there for so few
-rows (oneDNN's bfloat16 GEMM reads ~7 GiB/s on this project's machine, float32
-13-18 GiB/s), so `kernels.cc` adds `TfshardBf16Matmul`: the weight streamed
-once, each bfloat16 widened to float32 (a shift), float32 FMAs, the output
-rounded to bfloat16 once -- what TensorFlow's bfloat16 matmul computes, in
-another order of summation (within bfloat16's envelope of it).
+half of float32's time, an int8 one in a quarter. TensorFlow's CPU kernels do
+not get there for so few rows (oneDNN's bfloat16 GEMM reads ~7 GiB/s on this
+project's machine, float32 13-18 GiB/s; the int8 x int8 -> int32 matmul of
+Keras's int8 layers is slower still), so `kernels.cc` adds two ops that stream
+the weight once:
 
-The sharded layers call `matmul` and `einsum` here. They take the op when both
-operands are bfloat16, the rows (the product of the input's leading
-dimensions) are known when the graph is traced and at most `MAX_ROWS`, the CPU
-has AVX-512 and the op library is built; otherwise TensorFlow's matmul /
-einsum, unchanged. TFSHARD_BF16_MATMUL=0 turns the op off (for side-by-side
+- `TfshardBf16Matmul`: each bfloat16 widened to float32 (a shift), float32
+  FMAs, the output rounded to bfloat16 once -- what TensorFlow's bfloat16
+  matmul computes, in another order of summation (within bfloat16's envelope);
+- `TfshardInt8Matmul`: int8 x int8 summed in int32, exact, so the same bits as
+  TensorFlow's (the int8 layers stay equal to the unsharded ones bit for bit).
+
+The sharded layers call `matmul` and `einsum` here. They take an op when both
+operands are bfloat16 (or both int8), the rows (the product of the input's
+leading dimensions) are known when the graph is traced and at most `MAX_ROWS`,
+the CPU has AVX-512 and the op library is built; otherwise Keras's matmul /
+einsum, unchanged. TFSHARD_DECODE_OPS=0 turns the ops off (for side-by-side
 benchmarks).
 """
 
@@ -32,11 +37,13 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cc")
 #: Most rows a matmul may have to go through the op (a decode step's batch).
 MAX_ROWS = 8
 
-#: The environment variable that turns the op off ("0").
-ENV = "TFSHARD_BF16_MATMUL"
+#: The environment variable that turns the ops off ("0").
+ENV = "TFSHARD_DECODE_OPS"
 
-#: How many times the op was put in a graph (or run eagerly); tests read it.
+#: How many times an op was put in a graph (or run eagerly); tests read it.
 placed = {"count": 0}
+
+_OPS = {tf.bfloat16: "tfshard_bf16_matmul", tf.int8: "tfshard_int8_matmul"}
 
 _state = {}
 
@@ -47,7 +54,7 @@ def _ops():
     if "ops" not in _state:
         _state["ops"] = None
         if not os.path.exists(LIBRARY):
-            warnings.warn(f"tfshard: {LIBRARY} is not built; bfloat16 decode uses "
+            warnings.warn(f"tfshard: {LIBRARY} is not built; bfloat16 and int8 decode use "
                           "TensorFlow's matmul. Run ./scripts/setup.sh to build it.")
             return None
         with open(SOURCE, "rb") as f:
@@ -59,7 +66,7 @@ def _ops():
             recorded = None
         if recorded != digest:
             warnings.warn(f"tfshard: {LIBRARY} was not built from this {SOURCE}; bfloat16 "
-                          "decode uses TensorFlow's matmul. Run ./scripts/setup.sh.")
+                          "and int8 decode use TensorFlow's matmul. Run ./scripts/setup.sh.")
             return None
         library = tf.load_op_library(LIBRARY)  # first: it collects the ops dlopen registers
         if ctypes.CDLL(LIBRARY).tfshard_kernels_avx512():
@@ -68,7 +75,7 @@ def _ops():
 
 
 def available():
-    """Whether the op is used on this machine now (built, AVX-512, not turned off)."""
+    """Whether the ops are used on this machine now (built, AVX-512, not turned off)."""
     return os.environ.get(ENV, "1") != "0" and _ops() is not None
 
 
@@ -82,13 +89,13 @@ def _rows(x):
 
 def _takes(x, w):
     rows = _rows(x)
-    return (x.dtype == tf.bfloat16 and w.dtype == tf.bfloat16 and rows is not None
+    return (x.dtype == w.dtype and x.dtype in _OPS and rows is not None
             and rows <= MAX_ROWS and available())
 
 
 def _op(x, w, transpose_b):
     placed["count"] += 1
-    return _ops().tfshard_bf16_matmul(x, w, transpose_b=transpose_b)
+    return getattr(_ops(), _OPS[x.dtype])(x, w, transpose_b=transpose_b)
 
 
 def matmul(x, w, transpose_b=False):
@@ -100,12 +107,16 @@ def matmul(x, w, transpose_b=False):
         transpose_b: contract with `w`'s last axis.
 
     Returns:
-        `[..., N]`, in the operands' dtype.
+        `[..., N]`, in the operands' dtype (int32 for int8 operands, as Keras's).
     """
     x, w = ops.convert_to_tensor(x), ops.convert_to_tensor(w)
     if _takes(x, w):
         return _op(x, w, transpose_b)
-    return tf.matmul(x, w, transpose_b=True) if transpose_b else ops.matmul(x, w)
+    if not transpose_b:
+        return ops.matmul(x, w)
+    if x.dtype != w.dtype or x.dtype == tf.int8:
+        return ops.matmul(x, ops.transpose(w))  # Keras's dtype rules (int8 -> int32)
+    return tf.matmul(x, w, transpose_b=True)
 
 
 def einsum(equation, x, w):
@@ -125,7 +136,7 @@ def einsum(equation, x, w):
     """
     x, w = ops.convert_to_tensor(x), ops.convert_to_tensor(w)
     contracted = _matmul_split(equation)
-    if contracted and x.dtype == tf.bfloat16 and w.shape.is_fully_defined():
+    if contracted and x.dtype in _OPS and w.shape.is_fully_defined():
         k = int(np.prod(w.shape[:contracted]))
         lead = x.shape[:x.shape.rank - contracted] if x.shape.rank is not None else None
         if lead is not None and lead.is_fully_defined():
