@@ -199,3 +199,21 @@ def test_generate_cli_real_smollm2_in_bf16_still_says_paris():
     assert code == 0, out[-4000:]
     assert "total here 136.8 MiB of 256.6 MiB" in out, out[-3000:]  # fp32: 273.5 of 513.1
     assert "'The capital of France is' -> ' Paris" in out, out[-3000:]
+
+
+@pytest.mark.parametrize("shape,axis", [((300, 70), 0), ((300, 70), -1), ((50, 3, 7), (0,)),
+                                        ((40, 3, 7), (1, 2)), ((33,), 0)])
+def test_quantize_weight_in_blocks_equals_keras(monkeypatch, shape, axis):
+    # Blocks of rows (to bound a load's peak) give Keras's whole-array bits.
+    import ml_dtypes
+    from keras.src.quantizers.quantizers import abs_max_quantize
+
+    from tfshard.layers import quantized
+
+    monkeypatch.setattr(quantized, "_BLOCK_BYTES", 1000)
+    for dtype in (np.float32, ml_dtypes.bfloat16):
+        value = np.random.default_rng(0).normal(size=shape).astype(dtype)
+        q, scale = quantized.quantize_weight(value, axis)
+        want_q, want_scale = (np.asarray(t) for t in abs_max_quantize(value, axis, to_numpy=True))
+        assert q.dtype == np.int8 and np.array_equal(q, want_q)
+        assert scale.dtype == want_scale.dtype and np.array_equal(scale, want_scale)

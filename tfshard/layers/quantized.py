@@ -25,8 +25,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from keras.src.quantizers.quantizers import (AbsMaxQuantizer, abs_max_quantize,
-                                             standardize_axis_for_numpy)
+from keras.src.quantizers.quantizers import AbsMaxQuantizer, standardize_axis_for_numpy
 
 #: The quantization modes tfshard shards.
 SHARDED_MODES = ("int8",)
@@ -78,6 +77,11 @@ def quantize_weight(value, axis, comm=None):
     """int8 values and scale of one rank's slice of a weight, as Keras's default
     int8 weight quantizer (`AbsMaxQuantizer(axis)`) gives them for the whole weight.
 
+    The arithmetic of `abs_max_quantize(..., to_numpy=True)`, run over blocks of rows
+    of about `_BLOCK_BYTES` so no more than one block's float temporaries exist at a time
+    (the whole-array version held about four copies of a 56 MiB tied embedding slice).
+    Maxima are exact and the rest is element-wise, so the bits are the same.
+
     Args:
         value: this rank's slice (numpy).
         axis: the axes the quantizer reduces (one scale per other index).
@@ -86,18 +90,34 @@ def quantize_weight(value, axis, comm=None):
             cut), whose per-channel maxima are gathered first.
 
     Returns:
-        `(int8 values, scale)`, the scale with the reduced axes kept (size 1).
+        `(int8 values, scale)`, the scale with the reduced axes kept (size 1) and
+        `value`'s dtype.
     """
-    if comm is None:
-        q, scale = abs_max_quantize(value, axis, to_numpy=True)
-        return np.asarray(q), np.asarray(scale)
     value = np.asarray(value)
-    local = np.max(np.abs(value), axis=standardize_axis_for_numpy(axis), keepdims=True)
-    amax = np.max(comm.allgather_numpy(local), axis=0)
-    # The arithmetic of abs_max_quantize(to_numpy=True), with the group's maximum.
+    axes = standardize_axis_for_numpy(axis)
+    axes = tuple(a % value.ndim for a in (axes if isinstance(axes, tuple) else (axes,)))
+    rows = max(1, _BLOCK_BYTES // max(1, value[:1].nbytes))
+    blocks = [slice(i, i + rows) for i in range(0, max(1, value.shape[0]), rows)]
+    reduced_rows = 0 in axes
+    amax = None
+    for b in blocks:
+        part = np.max(np.abs(value[b]), axis=axes, keepdims=True)
+        if reduced_rows:
+            amax = part if amax is None else np.maximum(amax, part)
+        else:
+            amax = part if amax is None else np.concatenate([amax, part], axis=0)
+    if comm is not None:
+        amax = np.max(comm.allgather_numpy(amax), axis=0)
     scale = np.divide(127, np.add(amax, keras.backend.epsilon()))
-    q = np.clip(np.round(np.multiply(value, scale)), -127, 127).astype("int8")
+    q = np.empty(value.shape, np.int8)
+    for b in blocks:
+        s = scale if reduced_rows else scale[b]
+        q[b] = np.clip(np.round(np.multiply(value[b], s)), -127, 127).astype("int8")
     return q, scale.astype(value.dtype)
+
+
+#: Bytes of float rows `quantize_weight` works on at a time.
+_BLOCK_BYTES = 8 << 20
 
 
 def mark_int8(layer, inputs_quantizer):
