@@ -269,6 +269,31 @@ def sum_in_float32(reduce_sum, x):
     return reduce_sum(x)
 
 
+def built_from(library, source):
+    """Whether the compiled `library` was built from `source` as it is now.
+
+    scripts/build_mpi_ops.sh writes the sha256 of the source it compiled beside
+    each library (`library + ".sha256"`); file times cannot tell, since a git
+    checkout rewrites them.
+
+    Args:
+        library: path of the shared library (e.g. tfshard/comm/_mpi_ops.so).
+        source: path of its C++ source.
+
+    Returns:
+        False when the record is missing or names another source.
+    """
+    import hashlib
+
+    with open(source, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    try:
+        with open(library + ".sha256") as f:
+            return f.read().strip() == digest
+    except OSError:
+        return False
+
+
 #: The environment variable that bounds how long one collective may wait, in seconds.
 TIMEOUT_ENV = "TFSHARD_COLLECTIVE_TIMEOUT_SECONDS"
 

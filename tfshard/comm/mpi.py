@@ -23,8 +23,8 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from tfshard.comm.base import (Communicator, collective_timeout, env_number, gather_on_axis,
-                               normalize_axis)
+from tfshard.comm.base import (Communicator, built_from, collective_timeout, env_number,
+                               gather_on_axis, normalize_axis)
 
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_mpi_ops.so")
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mpi_ops.cc")
@@ -36,22 +36,6 @@ _SLOT_BYTES = 128
 _state = {}  # the loaded op library, the ctypes handle, the board window
 
 
-def _source_digest():
-    import hashlib
-
-    with open(SOURCE, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def _recorded_digest():
-    """The sha256 of the source the library was built from (written by the build)."""
-    try:
-        with open(LIBRARY + ".sha256") as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
 def _library():
     """Loads the op library once; a clear error when set-up has not built it."""
     if "ops" not in _state:
@@ -60,7 +44,7 @@ def _library():
                 f"tfshard's MPI ops are not built ({LIBRARY} is missing). Run "
                 "./scripts/setup.sh (or scripts/build_mpi_ops.sh) from the repository, or "
                 "launch with ./horovodrun.sh, which runs it.")
-        if _recorded_digest() != _source_digest():
+        if not built_from(LIBRARY, SOURCE):
             raise RuntimeError(
                 f"{LIBRARY} was not built from this {SOURCE} (its recorded sha256 differs); "
                 "rebuild it with scripts/build_mpi_ops.sh (./scripts/setup.sh does).")

@@ -23,13 +23,14 @@ benchmarks).
 """
 
 import ctypes
-import hashlib
 import os
 import warnings
 
 import numpy as np
 import tensorflow as tf
 from keras import ops
+
+from tfshard.comm.base import built_from
 
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_kernels.so")
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cc")
@@ -57,14 +58,7 @@ def _ops():
             warnings.warn(f"tfshard: {LIBRARY} is not built; bfloat16 and int8 decode use "
                           "TensorFlow's matmul. Run ./scripts/setup.sh to build it.")
             return None
-        with open(SOURCE, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        try:
-            with open(LIBRARY + ".sha256") as f:
-                recorded = f.read().strip()
-        except OSError:
-            recorded = None
-        if recorded != digest:
+        if not built_from(LIBRARY, SOURCE):
             warnings.warn(f"tfshard: {LIBRARY} was not built from this {SOURCE}; bfloat16 "
                           "and int8 decode use TensorFlow's matmul. Run ./scripts/setup.sh.")
             return None
