@@ -99,13 +99,8 @@ def quantize_weight(value, axis, comm=None):
     rows = max(1, _BLOCK_BYTES // max(1, value[:1].nbytes))
     blocks = [slice(i, i + rows) for i in range(0, max(1, value.shape[0]), rows)]
     reduced_rows = 0 in axes
-    amax = None
-    for b in blocks:
-        part = np.max(np.abs(value[b]), axis=axes, keepdims=True)
-        if reduced_rows:
-            amax = part if amax is None else np.maximum(amax, part)
-        else:
-            amax = part if amax is None else np.concatenate([amax, part], axis=0)
+    parts = [np.max(np.abs(value[b]), axis=axes, keepdims=True) for b in blocks]
+    amax = np.maximum.reduce(parts) if reduced_rows else np.concatenate(parts, axis=0)
     if comm is not None:
         amax = np.max(comm.allgather_numpy(amax), axis=0)
     scale = np.divide(127, np.add(amax, keras.backend.epsilon()))
