@@ -61,7 +61,8 @@ def test_bad_input_raises_value_error_on_every_rank(suite_runs, np_, case):
 def test_quantized_layer_messages_agree(suite_runs):
     """Sharding a quantized model said "shard the float model, then quantize"; quantizing a
     sharded one said "quantize the model before sharding it" (issue 16). Since issue 17,
-    int8 works in both orders; int4 is refused either way, both messages naming int8."""
+    int8 works in both orders and int4 when quantized first: a float8 model and int4 on a
+    sharded model are refused, each message naming the order that works."""
     ranks = suite_runs("checks", 2)
     before = case_on_all_ranks(ranks, "err_shard_quantized")
     after = case_on_all_ranks(ranks, "err_quantize_sharded")
@@ -69,10 +70,10 @@ def test_quantized_layer_messages_agree(suite_runs):
         assert not b["ok"] and b["error_type"] == "ValueError", (rank, b)
         # keras.Model.quantize turns a NotImplementedError into a warning and goes on.
         assert not a["ok"] and a["error_type"] == "ValueError", (rank, a)
-        assert "is quantized in mode 'int4'" in b["message"], b["message"]
-        assert "tfshard quantizes sharded layers to int8" in a["message"], a["message"]
-        assert "quantize('int8')" in a["message"]
-        assert "model.quantize('int8') before tfshard.shard" in b["message"], b["message"]
+        assert "is quantized in mode 'float8'" in b["message"], b["message"]
+        assert "model.quantize('int8') or ('int4') before tfshard.shard" in b["message"], b
+        assert "tfshard quantizes sharded layers to int8 only" in a["message"], a["message"]
+        assert "model.quantize('int4'), then tfshard.shard(model)" in a["message"], a["message"]
 
 
 @pytest.mark.parametrize("np_", [2, 3])

@@ -29,7 +29,7 @@ LEVELS = {
     "tfshard.plan.resolve": 2, "tfshard.plan.report": 2, "tfshard.rules": 2,
     "tfshard.layers": 1, "tfshard.layers.base": 1, "tfshard.layers.dense": 1,
     "tfshard.layers.einsum_dense": 1, "tfshard.layers.embedding": 1, "tfshard.layers.tree": 1,
-    "tfshard.layers.quantized": 1, "tfshard.layers.matvec": 1,
+    "tfshard.layers.quantized": 1, "tfshard.layers.matvec": 1, "tfshard.layers.int4": 1,
     "tfshard.comm": 0, "tfshard.comm.base": 0, "tfshard.comm.metered": 0,
     "tfshard.comm.compressed": 0,
     "tfshard.comm.watchdog": 0, "tfshard.comm.local": 0, "tfshard.comm.mpi": 0,

@@ -133,3 +133,119 @@ def test_sharded_layers_are_made_only_by_conversion():
         with pytest.raises(TypeError, match=r"A sharded \w+ is made by tfshard.shard\(\) / "
                                             r"tfshard.load\(\) converting a built layer in place"):
             make()
+
+
+# --------------------------------------------------------------------------- #
+# int4 (issue 17): Keras's packed layouts cut in one process
+# --------------------------------------------------------------------------- #
+
+def _int4(make, x, block_size):
+    """A fresh layer quantized to int4 (groups of `block_size` rows; -1: per channel)."""
+    from keras.src.quantizers.quantization_config import Int4QuantizationConfig
+
+    layer, _ = _fresh(make, x)
+    layer.quantize("int4", config=Int4QuantizationConfig(block_size=block_size))
+    return layer, np.asarray(layer(x))
+
+
+def _int4_spec(rule, axis, total, size, full_shape, align=1, **kw):
+    return ShardSpec(rule=rule, axis=axis, ranges=even_ranges(total, size, align),
+                     full_shape=full_shape, path="t", **kw)
+
+
+@pytest.mark.parametrize("block_size", [5, -1])
+@pytest.mark.parametrize("size", [2, 3])
+def test_int4_dense_column_slices_and_row_partials_sum(size, block_size):
+    """An odd width (33) cut on even boundaries: each rank holds its packed bytes and
+    computes the unsharded columns; row slices keep the scale whole, cut `g_idx`, and
+    their partials sum to the unsharded output (float sums: fp32's envelope)."""
+    parts = []
+    for rank in range(size):
+        layer, ref = _int4(lambda: keras.layers.Dense(33, activation="relu"), X, block_size)
+        packed = np.asarray(layer._kernel)
+        spec = _int4_spec("column", 1, 33, size, (12, 33), align=2)
+        shard_layer(layer, spec, COMM, rank=rank)
+        a, b = spec.ranges[rank]
+        assert a % 2 == 0 and (b % 2 == 0 or b == 33), spec.ranges
+        np.testing.assert_array_equal(np.asarray(layer._kernel), packed[:, a // 2:(b + 1) // 2])
+        np.testing.assert_allclose(np.asarray(layer(X)), ref[..., a:b], rtol=1e-6, atol=1e-6)
+
+        layer, ref = _int4(lambda: keras.layers.Dense(7), X, block_size)
+        bias = np.asarray(layer.bias)
+        shard_layer(layer, _int4_spec("row", 0, 12, size, (12, 7)), COMM, rank=rank)
+        assert layer.quantization_mode == "int4" and layer._kernel.shape[1] == 4  # packed
+        if block_size > 0:
+            assert tuple(layer.g_idx.shape) == (layer.shard_width,)
+            assert tuple(layer.kernel_scale.shape) == (3, 7)  # whole: groups of 5 of 12 rows
+        parts.append(np.asarray(layer(X)) - bias)
+    np.testing.assert_allclose(sum(parts) + bias, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [5, -1])
+def test_int4_einsum_heads_column_and_row(block_size):
+    """q [12, 4 heads, 3] stored as [12, 12/2]: a heads cut is a block of columns (even
+    at 2 ranks); o [4, 3, 6] stored as [12, 6/2]: a heads cut is a block of rows."""
+    make_q = lambda: keras.layers.EinsumDense("abc,cde->abde", (None, 4, 3), bias_axes="de")  # noqa: E731
+    make_o = lambda: keras.layers.EinsumDense("abde,dec->abc", (None, 6), bias_axes="c")  # noqa: E731
+    h = np.random.default_rng(1).normal(size=(3, 5, 4, 3)).astype("float32")
+    parts = []
+    for rank in range(2):
+        layer, ref = _int4(make_q, X, block_size)
+        shard_layer(layer, _int4_spec("column", 1, 4, 2, (12, 4, 3)), COMM, rank=rank)
+        a, b = even_ranges(4, 2)[rank]
+        np.testing.assert_allclose(np.asarray(layer(X)), ref[:, :, a:b], rtol=1e-6, atol=1e-6)
+        assert tuple(layer._kernel.shape) == (12, 3)  # 2 heads x 3 values, packed
+
+        layer, ref_o = _int4(make_o, h, block_size)
+        bias = np.asarray(layer.bias)
+        shard_layer(layer, _int4_spec("row", 0, 4, 2, (4, 3, 6)), COMM, rank=rank)
+        parts.append(np.asarray(layer(h)) - bias)
+    np.testing.assert_allclose(sum(parts) + bias, ref_o, rtol=1e-5, atol=1e-5)
+    # 3 ranks: heads [0,2) [2,3) [3,4) of 3 values are columns [0,6) [6,9) [9,12): the
+    # boundary 9 falls inside a byte.
+    layer, _ = _int4(make_q, X, block_size)
+    with pytest.raises(ValueError, match=r"int4 packs two values a byte, so a cut of its packed "
+                                         r"axis \(12 values\) needs even boundaries"):
+        shard_layer(layer, _int4_spec("column", 1, 4, 3, (12, 4, 3)), COMM, rank=0)
+
+
+@pytest.mark.parametrize("block_size", [3, -1])
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("quantized_inputs", [False, True])
+def test_int4_reversible_embedding_lookup_and_logits(block_size, tie, quantized_inputs):
+    """Vocab cuts: exact lookups, the logits' vocab columns. Keras gives an int4
+    ReversibleEmbedding loaded from a file an AbsMax input quantizer for its logits (not
+    one quantized in memory); the input is whole on every rank, so it shards too."""
+    from keras.src.quantizers.quantizers import AbsMaxQuantizer
+
+    ids = np.array([[0, 5, 9, 3]], "int32")
+    h = np.random.default_rng(2).normal(size=(1, 4, 8)).astype("float32")
+    make = lambda: keras.layers.ReversibleEmbedding(10, 8, tie_weights=tie)  # noqa: E731
+    parts = []
+    for rank in range(3):
+        layer, ref = _int4(make, ids, block_size)
+        if quantized_inputs:
+            layer.inputs_quantizer = AbsMaxQuantizer(axis=-1)
+        logits = np.asarray(layer(h, reverse=True))
+        shard_layer(layer, _int4_spec("vocab", 0, 10, 3, (10, 8)), COMM, rank=rank)
+        parts.append(np.asarray(layer(ids)))
+        a, b = even_ranges(10, 3)[rank]
+        # The identity communicator's "gather" returns this rank's vocab columns.
+        np.testing.assert_allclose(np.asarray(layer(h, reverse=True)), logits[..., a:b],
+                                   rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(sum(parts), ref)  # one rank holds each row: exact
+
+
+def test_int4_cut_geometry():
+    from tfshard.layers import int4
+
+    assert even_ranges(33, 3, align=2) == ((0, 12), (12, 24), (24, 33))
+    assert even_ranges(5, 3, align=2) == ((0, 2), (2, 4), (4, 5))
+    with pytest.raises(ValueError, match="cannot split 5 over 4 ranks in blocks of 2"):
+        even_ranges(5, 4, align=2)
+    # Gemma's "btd,ndh->btnh" kernel [n, d, h] is stored as [d, n * h] (a reshape): a cut
+    # of n is a block of its rows only when d * h is a multiple of n * h.
+    assert int4.flat_cut((4, 8, 2), 8, 0, ((0, 2), (2, 4))) == (0, ((0, 4), (4, 8)))
+    with pytest.raises(ValueError, match=r"stored as \[6, 8\]; a cut of its axis 0 is not a "
+                                         r"block of that layout"):
+        int4.flat_cut((4, 6, 2), 6, 0, ((0, 2), (2, 4)), "gemma/q")

@@ -1,4 +1,5 @@
-"""bfloat16 and int8-quantized models sharded under ./horovodrun.sh at 2 and 3 ranks (issue 17).
+"""bfloat16, int8- and int4-quantized models sharded under ./horovodrun.sh at 2 and 3 ranks
+(issue 17).
 
 The oracle is the same model unsharded in bfloat16 (tfshard.precision's envelope:
 2 eps_bf16 * (1 + max|ref|), argmax identical wherever the reference's top-two margin
@@ -10,6 +11,10 @@ int8 (`model.quantize("int8")`, then shard): the oracle is the same quantized mo
 unsharded, and the sharded output is identical to it bit for bit -- column cuts keep
 each channel's scale with its column, row cuts quantize the input with the whole input's
 scale and sum the int32 partials exactly (tfshard/layers/quantized.py).
+
+int4 (`model.quantize("int4")`, then shard): weight-only, each rank dequantizes its packed
+slice and multiplies in float32, so the oracle's envelope is float32's (row cuts sum float
+partials in another order); argmax identical (tfshard/layers/int4.py).
 """
 
 import numpy as np
@@ -76,9 +81,10 @@ def test_int8_sharded_equals_unsharded_int8_bit_for_bit(suite_runs, np_, name):
 
 # The other backends: Horovod over Gloo and MirroredStrategy replicas in one process widen
 # bf16 partials to fp32 in Python (MPI does it in its op) and all-reduce int8's int32 sums.
-@pytest.mark.parametrize("check", [_check_bf16, _check_int8], ids=["bf16", "int8"])
+@pytest.mark.parametrize("check", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_over_horovod_gloo_and_mirrored(suite_runs, check, name):
+    check = {"bf16": _check_bf16, "int8": _check_int8, "int4": _check_int4_default}[check]
     check(suite_runs("precision", 2, launcher="gloo", models=("gpt2", "llama")), name, 2)
     check(suite_runs("precision", 1, launcher="none", mirrored=2, models=("gpt2", "llama")),
           name, 2)
@@ -93,9 +99,10 @@ def test_int8_checkpoint_load_quantize_and_refusals(suite_runs):
         _ok(rec, rank)
         # Both orders work for int8; another mode on a sharded model names what works.
         assert "tfshard quantizes sharded layers to int8" in rec["quantize_after"], rec
-        assert "got mode='int4'" in rec["quantize_after"], rec["quantize_after"]
-        # int4 is not cut: a named error, not a silent replication.
-        assert "is quantized in mode 'int4'; tfshard shards int8-quantized layers" in rec["int4"]
+        assert "For int4, quantize the model before sharding it" in rec["quantize_after"], rec
+        # float8 is not cut: a named error, not a silent replication.
+        assert "is quantized in mode 'float8'; tfshard shards int8- and int4-quantized" \
+            in rec["float8"], rec["float8"]
 
 
 def test_bf16_bytes_on_the_wire_are_what_the_plan_says(suite_runs):
@@ -217,3 +224,49 @@ def test_quantize_weight_in_blocks_equals_keras(monkeypatch, shape, axis):
         want_q, want_scale = (np.asarray(t) for t in abs_max_quantize(value, axis, to_numpy=True))
         assert q.dtype == np.int8 and np.array_equal(q, want_q)
         assert scale.dtype == want_scale.dtype and np.array_equal(scale, want_scale)
+
+
+def _check_int4(ranks, name, block, np_):
+    for rank, rec in enumerate(case_on_all_ranks(ranks, f"int4_{name}_{block}")):
+        _ok(rec, rank)
+        c, where = rec["vs_int4"], f"int4 {name} (block {block}) on rank {rank} of {np_}"
+        assert c["max_diff"] <= c["tol"], f"{where}: max|diff| {c['max_diff']:.3g} > {c['tol']:.3g}"
+        assert c["argmax_agree"] == 1.0, f"{where}: argmax differs ({c['argmax_agree']})"
+        assert rec["cut"] >= 4 and rec["modes"] == ["int4"], where
+        assert rec["held_bytes"] == rec["local_bytes"], f"{where}: holds {rec['held_bytes']} B, plan says {rec['local_bytes']}"
+        for path, s in rec["slices"].items():
+            # Packed two a byte in a 2-D [rows, ceil(columns / 2)] layout: twice the bytes
+            # held is the planned slice's values, plus one per row where columns are odd.
+            held, planned = np.prod(s["local"]), np.prod(s["planned"])
+            assert s["int4"] and 0 <= 2 * held - planned <= s["local"][0], f"{where}: {path} {s}"
+            assert planned < np.prod(s["full"]), f"{where}: {path} {s}"
+        # Packed int4 with its scales: well under float32's bytes per rank.
+        assert rec["held_bytes"] < 0.5 * rec["fp32_local_bytes"], where
+
+
+@pytest.mark.parametrize("np_", [2, 3])
+@pytest.mark.parametrize("name, block", [(n, 128) for n in MODELS] + [("mlp", -1), ("gpt2", -1)])
+def test_int4_sharded_matches_unsharded_int4(suite_runs, np_, name, block):
+    """int4 (Keras's default groups of 128 with zero points, and per channel): weight-only,
+    so each rank dequantizes its packed slice and multiplies in float32; row cuts sum
+    float partials, hence float32's envelope against the unsharded int4 model."""
+    _check_int4(suite_runs("precision", np_), name, block, np_)
+
+
+def _check_int4_default(ranks, name, np_):
+    _check_int4(ranks, name, 128, np_)
+
+
+def test_int4_checkpoints_and_refusals(suite_runs):
+    for rank, rec in enumerate(case_on_all_ranks(suite_runs("precision", 2), "int4_checkpoint")):
+        _ok(rec, rank)
+        assert rec["reload_tp1_bitwise"], f"rank {rank}: int4 save reloaded at TP=1 differs"
+        assert rec["gathered_bitwise"], f"rank {rank}: gathered int4 .keras differs in plain Keras"
+        c = rec["file_sharded"]
+        assert c["max_diff"] <= c["tol"] and c["argmax_agree"] == 1.0, (rank, c)
+        assert rec["file_cut"] >= 4 and rec["file_modes"] == ["int4"], rec
+    for rank, rec in enumerate(case_on_all_ranks(suite_runs("precision", 2), "int4_refusals")):
+        _ok(rec, rank)
+        assert "model.quantize('int4'), then tfshard.shard(model)" in rec["quantize_after"], rec
+        assert "quantize='int4': tfshard.load quantizes to 'int8'" in rec["load_quantize"], rec
+        assert "int4 files load slice by slice" in rec["load_quantize"], rec

@@ -63,7 +63,11 @@ def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None
     world = world or init()
     with world.comm.section(f"tfshard.load({os.fspath(source)!r})"):
         if quantize not in (None, "int8"):
-            raise ValueError(f"quantize={quantize!r}: tfshard.load quantizes to 'int8' (or None).")
+            hint = (" For int4, quantize before sharding: model.quantize('int4'), save it, and "
+                    "tfshard.load the file (int4 files load slice by slice)."
+                    if quantize == "int4" else "")
+            raise ValueError(f"quantize={quantize!r}: tfshard.load quantizes to 'int8' (or "
+                             f"None).{hint}")
         sharded = _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects,
                         dtype, comm_dtype, quantize)
         if quantize is not None:

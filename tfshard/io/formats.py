@@ -195,8 +195,8 @@ def fill_from_views(model, views, label):
         entries = sliced_variables(layer)
         if entries is None:
             continue
-        start, stop = layer.shard_range
-        for var, axis, full_shape in entries:
+        for var, axis, full_shape, ranges in entries:
+            start, stop = ranges[layer.shard_rank] if ranges else (None, None)
             view = _view_for(views, var, label)
             if tuple(view.shape) != tuple(full_shape):
                 raise CheckpointError(

@@ -3,7 +3,7 @@
 import keras
 
 from tfshard.layers.base import ShardSpec, even_ranges
-from tfshard.layers import dense, einsum_dense
+from tfshard.layers import dense, einsum_dense, embedding
 from tfshard.layers.dense import ColumnParallelDense, RowParallelDense, shard_dense
 from tfshard.layers.einsum_dense import ParallelEinsumDense, einsum_axes, shard_einsum_dense
 from tfshard.layers.embedding import (
@@ -48,26 +48,31 @@ def shard_layer(layer, spec, comm, path="", rank=None):
     )
 
 
-def scale_axis(layer, spec):
-    """The axis of a quantized layer's per-channel scale that `spec` cuts (None: whole).
+def variable_cuts(layer, spec):
+    """How each weight of a layer is cut with `spec` (float, int8 or int4).
 
     Args:
-        layer: a built, unsharded layer (int8-quantized or not).
-        spec: its `ShardSpec` (a cut rule).
+        layer: a built, unsharded Dense, EinsumDense, Embedding or ReversibleEmbedding.
+        spec: its `ShardSpec` (a cut rule), in the unpacked main weight's shape.
 
     Returns:
-        For `kernel_scale` (Dense, EinsumDense) its cut axis or None; embedding
-        scales (one per vocabulary row) are always cut on axis 0.
+        `[(attribute, name, axis, ranges)]` in Keras's serialization order: each
+        weight's cut axis (None: held whole) and every rank's range on it -- the
+        spec's ranges, or int4's packed and flattened ones (`tfshard.layers.int4`).
+
+    Raises:
+        ValueError: an int4 cut that splits a packed byte or is not a block of the
+            packed kernel.
     """
     if isinstance(layer, keras.layers.Embedding):
-        return 0
+        return embedding.variable_cuts(layer, spec)
     if isinstance(layer, keras.layers.EinsumDense):
-        return einsum_dense.scale_axis(layer, spec)
-    return dense.scale_axis(layer, spec)
+        return einsum_dense.variable_cuts(layer, spec)
+    return dense.variable_cuts(layer, spec)
 
 
 __all__ = [
-    "scale_axis", "check_quantization",
+    "variable_cuts", "check_quantization",
     "ShardSpec", "even_ranges", "shard_layer", "Node", "kind_of", "walk",
     "ColumnParallelDense", "RowParallelDense", "ParallelEinsumDense",
     "VocabParallelEmbedding", "VocabParallelReversibleEmbedding", "einsum_axes",

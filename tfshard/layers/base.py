@@ -207,22 +207,30 @@ def full_value(variable):
     return np.asarray(variable)
 
 
-def even_ranges(total, size):
+def even_ranges(total, size, align=1):
     """Splits `total` items over `size` ranks as evenly as possible.
 
-    The first `total % size` ranks get one item more. Every rank gets at least
+    The first ranks get one item (one `align` block) more. Every rank gets at least
     one item.
 
+    Args:
+        total: the number of items.
+        size: the number of ranks.
+        align: every boundary between ranks falls on a multiple of it (int4 packs
+            two values a byte); the last rank's range ends at `total`.
+
     Raises:
-        ValueError: when `total < size`.
+        ValueError: when there are fewer items (blocks) than ranks.
     """
-    if total < size:
-        raise ValueError(f"cannot split {total} over {size} ranks")
-    base, extra = divmod(total, size)
+    blocks = -(-total // align)
+    if blocks < size:
+        raise ValueError(f"cannot split {total} over {size} ranks"
+                         + (f" in blocks of {align}" if align > 1 else ""))
+    base, extra = divmod(blocks, size)
     ranges, start = [], 0
     for r in range(size):
         stop = start + base + (1 if r < extra else 0)
-        ranges.append((start, stop))
+        ranges.append((start * align, min(stop * align, total)))
         start = stop
     return tuple(ranges)
 
@@ -314,8 +322,8 @@ class ShardedLayerMixin:
                 f"({', '.join(v.name for v, _, _ in entries)}) but {source} has "
                 f"{len(keys)} for it; the checkpoint does not match the model."
             )
-        start, stop = self.shard_range
-        for i, (var, axis, full_shape) in enumerate(entries):
+        for i, (var, axis, full_shape, ranges) in enumerate(entries):
+            start, stop = ranges[self.shard_rank] if ranges else (None, None)
             src = store.view(str(i)) if hasattr(store, "view") else store[str(i)]
             if tuple(src.shape) != tuple(full_shape):
                 raise ValueError(
@@ -349,9 +357,8 @@ class ShardedLayerMixin:
                 "weight. Use sharded.save(path) for a sharded checkpoint or "
                 "sharded.save(path, gather=True) for a .keras file plain Keras loads."
             )
-        spec = self._shard_spec
-        for i, (var, axis, full_shape) in enumerate(self._saved_entries()):
-            write(str(i), np.asarray(var), axis=axis, ranges=spec.ranges, rank=self.shard_rank,
+        for i, (var, axis, full_shape, ranges) in enumerate(self._saved_entries()):
+            write(str(i), np.asarray(var), axis=axis, ranges=ranges, rank=self.shard_rank,
                   full_shape=full_shape, comm=self._comm, name=f"{self.path}/{var.name}")
 
     def enable_lora(self, *args, **kwargs):
@@ -380,7 +387,7 @@ class ShardedLayerMixin:
 
     def saved_full_shape(self, variable):
         """The unsharded shape of one of this layer's variables."""
-        for var, _, full_shape in self._saved_entries():
+        for var, _, full_shape, _ in self._saved_entries():
             if var is variable:
                 return full_shape
         raise KeyError(f"{self.path}: {variable.name} is not one of its sharded weights")
@@ -416,8 +423,13 @@ def was_dropped(variable):
 
 
 def sliced_variables(layer):
-    """`[(variable, axis, full_shape)]` of a sharded layer's sliced weights (axis
-    None: held whole), or None when the layer is not sharded by tfshard."""
+    """`[(variable, axis, full_shape, ranges)]` of a sharded layer's weights, in Keras's
+    serialization order, or None when the layer is not sharded by tfshard.
+
+    `ranges` are every rank's `(start, stop)` on the variable's own `axis` (None with
+    axis None: held whole). They are the layer's `ShardSpec.ranges` except where a
+    variable's layout differs from the main weight's (int4's packed and flattened
+    kernels, `tfshard.layers.int4`)."""
     if getattr(layer, "shard_spec", None) is None:
         return None
     return getattr(layer, "_tfshard_saved", None)
@@ -472,7 +484,7 @@ def rebuild_in_place(layer, sharded_base, spec, rank, comm, build_local):
         The same layer object, now sharded.
     """
     names = [n for n in ("_kernel", "bias", "_embeddings", "embeddings", "reverse_embeddings")
-             + quantized.SCALE_NAMES if n in layer.__dict__]
+             + quantized.QUANTIZED_NAMES if n in layer.__dict__]
     full_values = {n: full_value(layer.__dict__[n]) for n in names
                    if layer.__dict__[n] is not None}
     was_locked = layer._tracker.locked
@@ -502,7 +514,7 @@ def rebuild_in_place(layer, sharded_base, spec, rank, comm, build_local):
     return layer
 
 
-def replace_local_weight(layer, attr, name, value, axis, full_shape, after=None):
+def replace_local_weight(layer, attr, name, value, axis, full_shape, after=None, ranges=None):
     """Puts a new variable holding `value` at `layer.<attr>`, in the place of the
     one there (if any) in the layer's checkpoint order, or right after `after`.
 
@@ -515,6 +527,7 @@ def replace_local_weight(layer, attr, name, value, axis, full_shape, after=None)
         full_shape: the unsharded shape.
         after: for a new variable, the variable it follows in the checkpoint order
             (None: last).
+        ranges: every rank's range on `axis` (default: the layer's spec ranges).
 
     Returns:
         The new variable.
@@ -534,8 +547,9 @@ def replace_local_weight(layer, attr, name, value, axis, full_shape, after=None)
     finally:
         if was_locked:
             layer._tracker.lock()
-    entries, entry = layer._tfshard_saved, (var, axis, tuple(full_shape))
-    held = [v for v, _, _ in entries]
+    entries = layer._tfshard_saved
+    entry = (var, axis, tuple(full_shape), _entry_ranges(layer, axis, ranges))
+    held = [e[0] for e in entries]
     if old is not None and any(v is old for v in held):
         entries[next(i for i, v in enumerate(held) if v is old)] = entry
     elif after is not None:
@@ -545,33 +559,44 @@ def replace_local_weight(layer, attr, name, value, axis, full_shape, after=None)
     return var
 
 
-def add_local_weight(layer, name, full, axis=None, trainable=None):
+def add_local_weight(layer, name, full, axis=None, trainable=None, ranges=None):
     """Adds this rank's slice of `full` as a weight of a layer being converted.
 
     The weight is also recorded, in Keras's serialization order, with its full
-    shape and cut axis, so the layer can load its slice from (and save it to)
-    a checkpoint of the unsharded model.
+    shape, cut axis and every rank's range, so the layer can load its slice from
+    (and save it to) a checkpoint of the unsharded model.
 
     Args:
         layer: the layer being converted (its spec and rank set).
         name: the weight name ("kernel", "bias", ...).
         full: the full value: a numpy array or a lazy view (only the slice is
             read).
-        axis: the axis of `full` cut with the layer's ranges; None keeps it whole.
+        axis: the axis of `full` that is cut; None keeps it whole.
         trainable: passed to `add_weight`; default: float weights are trainable,
             quantized (integer) ones are not, as Keras makes them.
+        ranges: every rank's `(start, stop)` on `axis`; default the layer's spec
+            ranges (another layout's, e.g. int4's packed kernel, passes its own).
 
     Returns:
         The new variable.
     """
-    value = read_slice(full, axis, *layer.shard_range) if axis is not None else None
+    ranges = _entry_ranges(layer, axis, ranges)
+    value = read_slice(full, axis, *ranges[layer.shard_rank]) if axis is not None else None
     shape = value.shape if value is not None else tuple(full.shape)
     dtype = np.dtype(full.dtype).name  # int8 kernels stay int8; scales keep theirs
     if trainable is None:
-        trainable = np.dtype(full.dtype).kind == "f" and name not in quantized.SCALE_NAMES
+        trainable = np.dtype(full.dtype).kind == "f" and name not in quantized.QUANTIZED_NAMES
     var = layer.add_weight(name=name, shape=shape, initializer="zeros",
                            dtype=dtype, trainable=trainable)
     if not isinstance(full, Placeholder):
         var.assign((value if value is not None else np.asarray(full)).astype(var.dtype))
-    layer._tfshard_saved.append((var, axis, tuple(full.shape)))
+    layer._tfshard_saved.append((var, axis, tuple(full.shape), ranges))
     return var
+
+
+def _entry_ranges(layer, axis, ranges):
+    """The ranges recorded with a variable: None when held whole, else `ranges` or the
+    layer's spec ranges."""
+    if axis is None:
+        return None
+    return tuple(tuple(r) for r in (layer.shard_spec.ranges if ranges is None else ranges))

@@ -12,7 +12,7 @@ from tfshard.layers.base import (
     rebuild_in_place,
     replace_local_weight,
 )
-from tfshard.layers import matvec
+from tfshard.layers import int4, matvec
 from tfshard.layers.quantized import AbsMaxQuantizer, global_quantize, mark_int8, quantize_weight
 
 
@@ -26,6 +26,18 @@ class _ParallelDenseBase(ShardedLayerMixin, keras.layers.Dense):
         **kwargs: the `keras.layers.Dense` arguments.
     """
 
+    def _int8_call(self, inputs, training=None):
+        return self._scaled_call(inputs, self._kernel, self.kernel_scale)
+
+    def _int4_call(self, inputs, training=None):
+        # As Dense._int4_call on this rank's slice: unpacked, then scaled after the
+        # matmul (per channel) or dequantized before it (groups with zero points).
+        columns = self.shard_width if self._shard_spec.rule == "column" else self.units
+        kernel = int4.unpack(self._kernel, columns)
+        if "kernel_zero" not in self.__dict__:
+            return self._scaled_call(inputs, kernel, self.kernel_scale)
+        return self._float_call(inputs, int4.dequantize(
+            kernel, self.kernel_scale, self.kernel_zero, self.g_idx, self.compute_dtype))
 
     def _quantize_int8(self):
         # As Dense.quantize("int8"): AbsMax over the input axis, one scale per unit. A row
@@ -57,15 +69,17 @@ class ColumnParallelDense(_ParallelDenseBase):
 
 
     def call(self, inputs, training=None):
-        return self._finish(matvec.matmul(inputs, self._kernel))
+        return self._float_call(inputs, self._kernel)
 
-    def _int8_call(self, inputs, training=None):
+    def _float_call(self, inputs, kernel):
+        return self._finish(matvec.matmul(inputs, kernel))
+
+    def _scaled_call(self, inputs, kernel, scale):
         # The input is whole on every rank: quantized as unsharded (see layers/quantized.py).
-        scale = self.kernel_scale
         if self.inputs_quantizer:
             inputs, inputs_scale = self.inputs_quantizer(inputs, axis=-1)
             scale = ops.multiply(scale, inputs_scale)
-        x = ops.cast(matvec.matmul(inputs, self._kernel), self.compute_dtype)
+        x = ops.cast(matvec.matmul(inputs, kernel), self.compute_dtype)
         return self._finish(ops.divide(x, scale))
 
     def _finish(self, x):
@@ -101,13 +115,15 @@ class RowParallelDense(_ParallelDenseBase):
 
 
     def call(self, inputs, training=None):
-        x = self._comm.allreduce_sum(matvec.matmul(self._own_slice(inputs), self._kernel))
+        return self._float_call(inputs, self._kernel)
+
+    def _float_call(self, inputs, kernel):
+        x = self._comm.allreduce_sum(matvec.matmul(self._own_slice(inputs), kernel))
         return self._finish(x)
 
-    def _int8_call(self, inputs, training=None):
+    def _scaled_call(self, inputs, kernel, scale):
         # The input scale is the whole input's and the int32 partials are summed
         # exactly, then dequantized once: the unsharded result (layers/quantized.py).
-        scale = self.kernel_scale
         if self.inputs_quantizer and self._shard_spec.input_is_parallel:
             inputs, inputs_scale = global_quantize(self, inputs, -1, self._comm)
         elif self.inputs_quantizer:
@@ -115,7 +131,7 @@ class RowParallelDense(_ParallelDenseBase):
             inputs = self._own_slice(inputs)
         else:
             inputs, inputs_scale = self._own_slice(inputs), None
-        x = self._comm.allreduce_sum(matvec.matmul(inputs, self._kernel))
+        x = self._comm.allreduce_sum(matvec.matmul(inputs, kernel))
         if inputs_scale is not None:
             scale = ops.multiply(scale, inputs_scale)
         return self._finish(ops.divide(ops.cast(x, self.compute_dtype), scale))
@@ -132,6 +148,35 @@ class RowParallelDense(_ParallelDenseBase):
         if self.activation is not None:
             x = self.activation(x)
         return x
+
+
+def variable_cuts(layer, spec):
+    """How each weight of a Dense (float, int8 or int4) is cut with `spec`.
+
+    Args:
+        layer: the unsharded Dense.
+        spec: its `ShardSpec`, in the unpacked kernel's shape `[in, units]`.
+
+    Returns:
+        `[(attribute, name, axis, ranges)]` in Keras's serialization order; axis None
+        for a weight held whole.
+
+    Raises:
+        ValueError: an int4 column cut whose boundaries split a packed byte.
+    """
+    column = spec.rule == "column"
+    ranges, d = spec.ranges, layer.__dict__
+    bias = [("bias", "bias", 0 if column else None, ranges)] if layer.bias is not None else []
+    if int4.is_int4(layer):
+        shape = (int(d["_kernel"].shape[0]), layer.units)  # unpacked
+        (axis, kernel_ranges), rest = int4.kernel_cuts(d, shape, shape[0], spec.axis, ranges,
+                                                       spec.path or layer.path)
+        return ([("_kernel", "kernel", axis, kernel_ranges)] + bias
+                + [(name, name, a, r) for name, a, r in rest])
+    cuts = [("_kernel", "kernel", spec.axis, ranges)] + bias
+    if "kernel_scale" in d:  # int8: one scale per unit
+        cuts.append(("kernel_scale", "kernel_scale", scale_axis(layer, spec), ranges))
+    return cuts
 
 
 def scale_axis(layer, spec):
@@ -164,16 +209,13 @@ def shard_dense(layer, spec, rank, comm, path=""):
         )
     sharded_base = ColumnParallelDense if spec.rule == "column" else RowParallelDense
 
+    cuts = variable_cuts(layer, spec)
+
     def build_local(lyr, full):
-        kernel = full["_kernel"]
-        lyr._kernel = add_local_weight(lyr, "kernel", kernel, axis=spec.axis)
-        bias = full.get("bias")
-        lyr.bias = None if bias is None else add_local_weight(
-            lyr, "bias", bias, axis=0 if spec.rule == "column" else None)
-        if "kernel_scale" in full:  # int8: one scale per output unit, cut with the columns
-            lyr.kernel_scale = add_local_weight(lyr, "kernel_scale", full["kernel_scale"],
-                                                axis=scale_axis(layer, spec))
-        in_width = kernel.shape[0]
+        lyr.bias = None
+        for attr, name, axis, ranges in cuts:
+            setattr(lyr, attr, add_local_weight(lyr, name, full[attr], axis=axis, ranges=ranges))
+        in_width = spec.full_shape[0] if spec.full_shape else full["_kernel"].shape[0]
         if spec.rule == "row":
             in_width = lyr.shard_width if spec.input_is_parallel else in_width
         lyr.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: in_width})

@@ -22,7 +22,7 @@ from tfshard.layers.base import (
     rebuild_in_place,
     replace_local_weight,
 )
-from tfshard.layers import matvec
+from tfshard.layers import int4, matvec
 from tfshard.layers.quantized import AbsMaxQuantizer, global_quantize, mark_int8, quantize_weight
 
 
@@ -109,10 +109,26 @@ class ParallelEinsumDense(ShardedLayerMixin, keras.layers.EinsumDense):
         return inputs[tuple(index)]
 
     def call(self, inputs, training=None):
-        x = matvec.einsum(self.equation, self._own_slice(inputs), self._kernel)
+        return self._float_call(inputs, self._kernel)
+
+    def _float_call(self, inputs, kernel):
+        x = matvec.einsum(self.equation, self._own_slice(inputs), kernel)
         if self._shard_spec.rule == "row":
             x = self._comm.allreduce_sum(x)
         return self._finish(x)
+
+    def _int4_call(self, inputs, training=None):
+        # As EinsumDense._int4_call on this rank's slice: the 2-D [rows, columns] kernel
+        # unpacked, dequantized (per column, or per group with zero points), reshaped.
+        shape = self._shard_spec.local_shape(self._shard_rank)
+        columns = int(self.kernel_scale.shape[-1])
+        kernel = int4.unpack(self._kernel, columns)
+        if "kernel_zero" in self.__dict__:
+            kernel = int4.dequantize(kernel, self.kernel_scale, self.kernel_zero, self.g_idx,
+                                     self.compute_dtype)
+        else:
+            kernel = ops.divide(ops.cast(kernel, self.compute_dtype), self.kernel_scale)
+        return self._float_call(inputs, ops.reshape(kernel, shape))
 
     def _int8_call(self, inputs, training=None):
         # Column: the input quantized as unsharded; row: with the whole input's scale and
@@ -171,6 +187,38 @@ class ParallelEinsumDense(ShardedLayerMixin, keras.layers.EinsumDense):
         return tuple(shape)
 
 
+def variable_cuts(layer, spec):
+    """How each weight of an EinsumDense (float, int8 or int4) is cut with `spec`.
+
+    Args:
+        layer: the unsharded EinsumDense.
+        spec: its `ShardSpec`, in the unpacked kernel's shape.
+
+    Returns:
+        `[(attribute, name, axis, ranges)]` in Keras's serialization order; axis None
+        for a weight held whole.
+
+    Raises:
+        ValueError: an int4 cut that is not a block of the packed 2-D kernel, or
+            splits a packed byte (`tfshard.layers.int4`).
+    """
+    ranges, d = spec.ranges, layer.__dict__
+    cut_bias = bias_axis(layer.equation, layer.bias_axes, spec.axis) \
+        if spec.rule == "column" else None
+    bias = [("bias", "bias", cut_bias, ranges)] if layer.bias is not None else []
+    if int4.is_int4(layer):
+        shape = tuple(int(n) for n in layer.original_kernel_shape)
+        rows = int(d["_kernel"].shape[0])  # the 2-D layout's rows are not packed
+        (axis, kernel_ranges), rest = int4.kernel_cuts(d, shape, rows, spec.axis, ranges,
+                                                       spec.path or layer.path)
+        return ([("_kernel", "kernel", axis, kernel_ranges)] + bias
+                + [(name, name, a, r) for name, a, r in rest])
+    cuts = [("_kernel", "kernel", spec.axis, ranges)] + bias
+    if "kernel_scale" in d:
+        cuts.append(("kernel_scale", "kernel_scale", scale_axis(layer, spec), ranges))
+    return cuts
+
+
 def scale_axis(layer, spec):
     """The axis of an int8 EinsumDense's `kernel_scale` cut with `spec`, or None.
 
@@ -222,17 +270,11 @@ def shard_einsum_dense(layer, spec, rank, comm, path=""):
             f"rule {spec.rule!r} cannot cut kernel axis {spec.axis}; "
             f"column may cut axes {free}, row axes {contracted}."
         )
-    cut_bias = bias_axis(layer.equation, layer.bias_axes, spec.axis) \
-        if spec.rule == "column" else None
-
-    cut_scale = scale_axis(layer, spec)
+    cuts = variable_cuts(layer, spec)
 
     def build_local(lyr, full):
-        lyr._kernel = add_local_weight(lyr, "kernel", full["_kernel"], axis=spec.axis)
-        bias = full.get("bias")
-        lyr.bias = None if bias is None else add_local_weight(lyr, "bias", bias, axis=cut_bias)
-        if "kernel_scale" in full:
-            lyr.kernel_scale = add_local_weight(lyr, "kernel_scale", full["kernel_scale"],
-                                                axis=cut_scale)
+        lyr.bias = None
+        for attr, name, axis, ranges in cuts:
+            setattr(lyr, attr, add_local_weight(lyr, name, full[attr], axis=axis, ranges=ranges))
 
     return rebuild_in_place(layer, ParallelEinsumDense, spec, rank, comm, build_local)

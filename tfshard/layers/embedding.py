@@ -22,7 +22,7 @@ from tfshard.layers.base import (
     rebuild_in_place,
     replace_local_weight,
 )
-from tfshard.layers import matvec
+from tfshard.layers import int4, matvec
 from tfshard.layers.quantized import AbsMaxQuantizer, mark_int8, quantize_weight
 
 
@@ -92,7 +92,14 @@ class VocabParallelEmbedding(ShardedLayerMixin, keras.layers.Embedding):
         owned = ops.logical_and(ops.greater_equal(ids, start), ops.less(ids, stop))
         local_ids = ops.where(owned, ids - start, ops.zeros_like(ids))
         rows = ops.take(self._embeddings, local_ids, axis=0)
-        if self.quantization_mode == "int8":  # dequantized as Keras does, before the sum
+        if self.quantization_mode == "int4":  # the looked-up rows unpacked (not the table)
+            rows = int4.unpack(rows, self.output_dim)
+        if "embeddings_zero" in self.__dict__:  # int4 groups: dequantized as Keras does
+            rows = int4.dequantize(
+                ops.cast(rows, self.compute_dtype), ops.take(self.embeddings_scale, local_ids, 0),
+                ops.take(self.embeddings_zero, local_ids, 0), self.g_idx, self.compute_dtype,
+                group_axis=-1)
+        elif self.quantization_mode in ("int8", "int4"):  # dequantized before the sum
             rows = ops.divide(ops.cast(rows, self.compute_dtype), ops.expand_dims(
                 ops.take(self.embeddings_scale, local_ids, axis=0), axis=-1))
         rows = ops.multiply(rows, ops.cast(ops.expand_dims(owned, -1), rows.dtype))
@@ -120,6 +127,9 @@ class VocabParallelEmbedding(ShardedLayerMixin, keras.layers.Embedding):
         mark_int8(self, AbsMaxQuantizer(axis=-1) if reversible else None)
 
     def _int8_call(self, inputs, training=None):
+        return self._vocab_lookup(inputs)
+
+    def _int4_call(self, inputs, training=None):
         return self._vocab_lookup(inputs)
 
 
@@ -159,6 +169,36 @@ class VocabParallelReversibleEmbedding(VocabParallelEmbedding, keras.layers.Reve
         local = ops.divide(local, ops.multiply(inputs_scale, scale))
         return self._soft_cap(self._comm.allgather(local, axis=-1, sizes=self._shard_spec.sizes))
 
+    def _int4_call(self, inputs, reverse=False):
+        if not reverse:
+            return self._vocab_lookup(inputs)
+        # As ReversibleEmbedding._int4_call with this rank's vocab columns: the table
+        # `[dim, vocab]` unpacked, scaled after the matmul (per channel) or dequantized
+        # before it (groups with zero points).
+        if self.tie_weights:
+            table, scale = ops.transpose(self._embeddings), self.embeddings_scale
+            zero = self.__dict__.get("embeddings_zero")
+            if zero is not None:
+                scale, zero = ops.transpose(scale), ops.transpose(zero)
+        else:
+            table, scale = self.reverse_embeddings, self.reverse_embeddings_scale
+            zero = self.__dict__.get("reverse_embeddings_zero")
+        table = int4.unpack(table, self.output_dim, axis=0)
+        # Keras builds an input quantizer when it loads an int4 file (not when it quantizes
+        # in memory); the input is whole on every rank, so it is quantized as unsharded.
+        if self.inputs_quantizer:
+            inputs, inputs_scale = self.inputs_quantizer(inputs)
+        else:
+            inputs_scale = ops.ones((1,), dtype=self.compute_dtype)
+        if zero is None:
+            local = ops.divide(ops.cast(ops.matmul(inputs, table), self.compute_dtype),
+                               ops.multiply(inputs_scale, scale))
+        else:
+            local = ops.divide(ops.matmul(inputs, int4.dequantize(
+                ops.cast(table, self.compute_dtype), scale, zero, self.g_idx,
+                self.compute_dtype)), inputs_scale)
+        return self._soft_cap(self._comm.allgather(local, axis=-1, sizes=self._shard_spec.sizes))
+
     def _soft_cap(self, logits):
         if self.logit_soft_cap is not None:
             cap = self.logit_soft_cap
@@ -179,6 +219,34 @@ class VocabParallelReversibleEmbedding(VocabParallelEmbedding, keras.layers.Reve
         logits = self._comm.allgather(local, axis=-1, sizes=self._shard_spec.sizes)
         logits = tf.reshape(logits, tf.concat([lead_shape, [self.input_dim]], axis=0))
         return self._soft_cap(logits)
+
+
+def variable_cuts(layer, spec):
+    """How each weight of an Embedding (float, int8 or int4) is cut with `spec`.
+
+    The vocabulary axis is never the packed one: tables and their per-row scales and
+    zero points are cut on it, int4's group numbers (over the embedding dimension)
+    are held whole, and an untied reverse table `[dim, vocab]` and its scales are cut
+    on their vocabulary axis.
+
+    Args:
+        layer: the unsharded Embedding or ReversibleEmbedding.
+        spec: its `ShardSpec` (rule "vocab", axis 0).
+
+    Returns:
+        `[(attribute, name, axis, ranges)]` in Keras's serialization order.
+    """
+    ranges, d = spec.ranges, layer.__dict__
+    cuts = [("_embeddings", "embeddings", 0, ranges)]
+    cuts += [(n, n, 0, ranges) for n in ("embeddings_scale", "embeddings_zero") if n in d]
+    if "g_idx" in d:
+        cuts.append(("g_idx", "g_idx", None, ranges))
+    if d.get("reverse_embeddings") is not None:
+        cuts.append(("reverse_embeddings", "reverse_embeddings", 1, ranges))
+        for n in ("reverse_embeddings_scale", "reverse_embeddings_zero"):
+            if n in d:  # [vocab], or [groups, vocab] for int4 groups
+                cuts.append((n, n, len(d[n].shape) - 1, ranges))
+    return cuts
 
 
 def shard_embedding(layer, spec, rank, comm, path=""):
@@ -207,17 +275,10 @@ def shard_embedding(layer, spec, rank, comm, path=""):
         )
     sharded_base = VocabParallelReversibleEmbedding if reversible else VocabParallelEmbedding
 
+    cuts = variable_cuts(layer, spec)
+
     def build_local(lyr, full):
-        lyr._embeddings = add_local_weight(lyr, "embeddings", full["_embeddings"], axis=0)
-        if "embeddings_scale" in full:  # int8: one scale per row, cut with the rows
-            lyr.embeddings_scale = add_local_weight(
-                lyr, "embeddings_scale", full["embeddings_scale"], axis=0)
-        if reversible and not lyr.tie_weights:
-            lyr.reverse_embeddings = add_local_weight(
-                lyr, "reverse_embeddings", full["reverse_embeddings"], axis=1
-            )
-            if "reverse_embeddings_scale" in full:
-                lyr.reverse_embeddings_scale = add_local_weight(
-                    lyr, "reverse_embeddings_scale", full["reverse_embeddings_scale"], axis=0)
+        for attr, name, axis, ranges in cuts:
+            setattr(lyr, attr, add_local_weight(lyr, name, full[attr], axis=axis, ranges=ranges))
 
     return rebuild_in_place(layer, sharded_base, spec, rank, comm, build_local)

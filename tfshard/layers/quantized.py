@@ -17,7 +17,8 @@ Megatron way, every rank computes exactly the unsharded model's numbers:
   dequantized once, as the unsharded layer does, so the sum is bit for bit
   the unsharded one too.
 
-int4, float8, GPTQ and AWQ layers are refused by name (`check_convertible`).
+int4 layers (weight-only) shard as `tfshard.layers.int4` describes; float8, GPTQ
+and AWQ layers are refused by name (`check_convertible`).
 """
 
 import keras
@@ -28,11 +29,13 @@ from keras import ops
 from keras.src.quantizers.quantizers import AbsMaxQuantizer, standardize_axis_for_numpy
 
 #: The quantization modes tfshard shards.
-SHARDED_MODES = ("int8",)
+SHARDED_MODES = ("int8", "int4")
 
 
-#: Attributes holding the per-channel scales int8 quantization adds.
-SCALE_NAMES = ("kernel_scale", "embeddings_scale", "reverse_embeddings_scale")
+#: Attributes holding what int8 and int4 quantization add besides the integer weights:
+#: per-channel (or per-group) scales, int4's zero points and group indices.
+QUANTIZED_NAMES = ("kernel_scale", "embeddings_scale", "reverse_embeddings_scale",
+                   "kernel_zero", "embeddings_zero", "reverse_embeddings_zero", "g_idx")
 
 
 def global_quantize(layer, inputs, axis, comm):
@@ -144,9 +147,14 @@ def check_quantize_args(layer, mode, config):
     """Refuses what a sharded layer's `quantize` cannot do.
 
     Raises:
-        ValueError: a mode other than int8, a custom config, or a layer already
-            quantized.
+        ValueError: a mode other than int8 (int4: quantize before sharding), a
+            custom config, or a layer already quantized.
     """
+    if mode == "int4":
+        raise ValueError(
+            f"Layer {layer.path!r} is sharded; tfshard quantizes sharded layers to int8 only. "
+            "For int4, quantize the model before sharding it: model.quantize('int4'), then "
+            "tfshard.shard(model) (or save it and tfshard.load the file).")
     if mode != "int8" or not _is_default_int8(config):
         raise ValueError(
             f"Layer {layer.path!r} is sharded; tfshard quantizes sharded layers to int8 with "
@@ -162,11 +170,21 @@ def check_quantization(layer, path):
     """Refuses a quantized layer tfshard cannot cut.
 
     Raises:
-        ValueError: the layer is quantized in a mode other than `SHARDED_MODES`.
+        ValueError: the layer is quantized in a mode other than `SHARDED_MODES`, or
+            is a Dense or EinsumDense in int4 with an input quantizer.
     """
     mode = getattr(layer, "quantization_mode", None)
     if mode and mode not in SHARDED_MODES:
         raise ValueError(
-            f"Layer {path!r} is quantized in mode {mode!r}; tfshard shards int8-quantized "
-            "layers (and float ones). Quantize with model.quantize('int8') before "
-            f"tfshard.shard, or replicate this layer with a rule {{{path!r}: 'replicate'}}.")
+            f"Layer {path!r} is quantized in mode {mode!r}; tfshard shards int8- and "
+            "int4-quantized layers (and float ones). Quantize with model.quantize('int8') or "
+            f"('int4') before tfshard.shard, or replicate this layer with a rule "
+            f"{{{path!r}: 'replicate'}}.")
+    if (mode == "int4" and getattr(layer, "inputs_quantizer", None) is not None
+            and not isinstance(layer, keras.layers.Embedding)):
+        # (A ReversibleEmbedding's logits input is whole on every rank, quantized as unsharded.)
+        raise ValueError(
+            f"Layer {path!r} is int4 with an input quantizer "
+            f"({type(layer.inputs_quantizer).__name__}); tfshard shards Keras's default "
+            "weight-only int4. Quantize with model.quantize('int4') and no activation "
+            f"quantizer, or replicate this layer with a rule {{{path!r}: 'replicate'}}.")

@@ -61,7 +61,7 @@ class ResolvedPlan:
             local = var_bytes(layer.weights)
             saved = sliced_variables(layer)
             full = local if saved is None else sum(
-                int(np.prod(shape)) * np.dtype(var.dtype).itemsize for var, _, shape in saved)
+                int(np.prod(shape)) * np.dtype(var.dtype).itemsize for var, _, shape, _ in saved)
             out[e.path] = (main_dtype(layer), full, local)
         return out
 

@@ -27,6 +27,7 @@ import re
 
 from tfshard import rules as rules_lib
 from tfshard.layers import check_quantization, even_ranges, kind_of, walk
+from tfshard.layers.int4 import alignment
 from tfshard.layers.einsum_dense import einsum_axes
 from tfshard.plan.entries import HeadCounts, PlanEntry
 from tfshard.plan.report import ResolvedPlan
@@ -269,7 +270,12 @@ def _cut_pairs(pairs, rules, gathered, layers, size, entries, fail):
         if width < size:
             fail(row, f"the paired width {width} is smaller than {size} ranks; "
                       f"sizes that work: 1..{width}.")
-        r = even_ranges(width, size)
+        align = max(alignment(layers[c], linear_dims(layers[c])[3]) for c in cols)
+        try:
+            r = even_ranges(width, size, align)
+        except ValueError as e:
+            fail(row, f"the paired width {width} cannot be cut for int4's packed columns ({e}); "
+                      "use fewer ranks or replicate the pair.")
         for c in cols:
             entries[c] = dict(rule="column", axis=linear_dims(layers[c])[3],
                               ranges=r, note=f"pair -> {row.rsplit('/', 1)[-1]}")
@@ -308,7 +314,13 @@ def _cut_single_layers(targets, rules, size, entries, fail):
         if shape[axis] < size:
             fail(p, f"kernel {shape} axis {axis} has {shape[axis]} < {size} ranks; sizes "
                     f"that work: 1..{shape[axis]}, or replicate it.")
-        entries[p] = dict(rule=rule, axis=axis, ranges=even_ranges(shape[axis], size),
+        align = alignment(layer, axis) if rule == "column" else 1
+        try:
+            ranges = even_ranges(shape[axis], size, align)
+        except ValueError as e:
+            fail(p, f"kernel {shape} axis {axis} cannot be cut for int4's packed columns ({e}); "
+                    "use fewer ranks or replicate it.")
+        entries[p] = dict(rule=rule, axis=axis, ranges=ranges,
                           gather_output=(rule == "column"), input_is_parallel=False,
                           note="gathered" if rule == "column" else "slices its input")
 

@@ -6,8 +6,9 @@ import dataclasses
 import keras
 import numpy as np
 
-from tfshard.layers import ShardSpec, even_ranges, kind_of, scale_axis
-from tfshard.layers.einsum_dense import bias_axis, einsum_axes
+from tfshard.layers import ShardSpec, even_ranges, kind_of, variable_cuts
+from tfshard.layers.einsum_dense import einsum_axes
+from tfshard.layers.int4 import unpacked_shape
 
 
 # Parameter-free layers that act element-wise on the feature axis: a column
@@ -40,7 +41,10 @@ def _main_weight(layer):
 
 
 def main_dtype(layer):
-    """The dtype of a supported layer's main weight (kernel or embedding table)."""
+    """The dtype of a supported layer's main weight (kernel or embedding table):
+    "int4" for Keras's int4 layers, whose values are packed two a byte in int8."""
+    if getattr(layer, "quantization_mode", None) == "int4":
+        return "int4"
     weight = _main_weight(layer)
     return str(weight.dtype) if weight is not None else str(layer.variable_dtype)
 
@@ -49,7 +53,7 @@ def full_shape(layer):
     spec = getattr(layer, "shard_spec", None)
     if spec is not None:
         return tuple(spec.full_shape)
-    return tuple(int(d) for d in _main_weight(layer).shape)
+    return unpacked_shape(layer) or tuple(int(d) for d in _main_weight(layer).shape)
 
 
 def var_bytes(variables):
@@ -298,33 +302,19 @@ def find_pairs(nodes):
 
 
 def slice_bytes(layer, e, rank):
-    a, b = e["ranges"][rank]
+    """The bytes `rank` holds of an unsharded `layer` cut as the plan entry `e` says."""
+    spec = ShardSpec(path=e.get("path", ""), rule=e["rule"], axis=e["axis"],
+                     ranges=tuple(e["ranges"]), full_shape=full_shape(layer))
+    cuts = {id(layer.__dict__[attr]): (axis, ranges)
+            for attr, _, axis, ranges in variable_cuts(layer, spec)}
     total = 0
     for v in layer.weights:
         n = int(np.prod(v.shape))
         itemsize = np.dtype(v.dtype).itemsize
-        vname = v.name.rsplit("/", 1)[-1]
-        if vname in ("kernel", "embeddings"):
-            total += n // v.shape[e["axis"]] * (b - a) * itemsize
-        elif vname == "reverse_embeddings":
-            total += n // v.shape[1] * (b - a) * itemsize
-        elif vname == "bias" and e["rule"] == "column":
-            total += _column_bias_bytes(layer, e, v, a, b)
-        elif vname.endswith("_scale"):  # int8 per-channel scales, cut as the layer says
-            spec = ShardSpec(rule=e["rule"], axis=e["axis"], ranges=tuple(e["ranges"]))
-            axis = scale_axis(layer, spec)
-            total += n * itemsize if axis is None else n // v.shape[axis] * (b - a) * itemsize
-        else:
+        axis, ranges = cuts.get(id(v), (None, None))
+        if axis is None:
             total += n * itemsize
+        else:
+            a, b = ranges[rank]
+            total += n // v.shape[axis] * (b - a) * itemsize
     return total
-
-
-def _column_bias_bytes(layer, e, var, a, b):
-    itemsize = np.dtype(var.dtype).itemsize
-    n = int(np.prod(var.shape))
-    if kind_of(layer) == "Dense":
-        return (b - a) * itemsize
-    axis = bias_axis(layer.equation, layer.bias_axes, e["axis"])
-    if axis is None:
-        return n * itemsize
-    return n // var.shape[axis] * (b - a) * itemsize
