@@ -319,7 +319,7 @@ class ShardedLayerMixin:
         if len(keys) != len(entries):
             raise ValueError(
                 f"Layer {self.path!r} expects {len(entries)} weights "
-                f"({', '.join(v.name for v, _, _ in entries)}) but {source} has "
+                f"({', '.join(v.name for v, *_ in entries)}) but {source} has "
                 f"{len(keys)} for it; the checkpoint does not match the model."
             )
         for i, (var, axis, full_shape, ranges) in enumerate(entries):

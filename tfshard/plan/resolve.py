@@ -341,6 +341,7 @@ def _plan_entries(targets, entries, size):
                                  full_bytes=full_bytes, local_bytes=(full_bytes,) * size,
                                  **dtypes))
             continue
+        check_quantization(layer, p)  # before its bytes: a refused mode is named here
         local = tuple(slice_bytes(layer, e, r) for r in range(size))
         out.append(PlanEntry(path=p, kind=kind_of(layer), rule=e["rule"], axis=e["axis"],
                              ranges=tuple(e["ranges"]),
