@@ -595,8 +595,6 @@ def add_local_weight(layer, name, full, axis=None, trainable=None, ranges=None):
 
 
 def _entry_ranges(layer, axis, ranges):
-    """The ranges recorded with a variable: None when held whole, else `ranges` or the
-    layer's spec ranges."""
-    if axis is None:
-        return None
-    return tuple(tuple(r) for r in (layer.shard_spec.ranges if ranges is None else ranges))
+    """A variable's recorded ranges: None when held whole, else `ranges` or the spec's."""
+    return None if axis is None else tuple(
+        tuple(r) for r in (layer.shard_spec.ranges if ranges is None else ranges))
