@@ -39,8 +39,8 @@ decode steps, and prefill = the first time minus one step.
 
     .venv/bin/python scripts/bench.py generate --np 2 3
 
-Suite `precision`: SmolLM2 at TP=N (MPI) loaded in float32, bfloat16 and int8
-(`quantize="int8"`): weight bytes held per rank, the load's peak RSS rise, decode
+Suite `precision`: SmolLM2 at TP=N (MPI) loaded in float32, bfloat16, int8
+(`quantize="int8"`) and int4 (loaded whole, `quantize("int4")` by Keras, sharded): weight bytes held per rank, the load's peak RSS rise, decode
 latency per token and prefill time (as `generate`), and the greedy agreement of 22
 fixed prompts x 16 new tokens of each against float32. "bf16 tf-mm" and "int8 tf-mm" are
 bfloat16 and int8 again with tfshard's decode matmuls off (TFSHARD_DECODE_OPS=0:
@@ -199,8 +199,7 @@ def _generate_child(args):
         model, vocab, _ = models.build(args.source, seed=0, dtype=args.dtype)
         target = tfshard.shard(model, world=world)
     else:
-        target = tfshard.load(args.source, world=world, dtype=args.dtype,
-                              quantize=args.quantize)
+        target = _open(args.source, world, args.dtype, args.quantize)
         vocab = target.inner.backbone.vocabulary_size
     length, new = args.length, args.new_tokens
     ids = np.random.default_rng(1).integers(1, vocab, (args.batch, length)).astype("int32")
@@ -292,8 +291,7 @@ def _load_child(args):
         model = keras.saving.load_model(args.source)
         held = sum(v.numpy().nbytes for v in model.weights)
     else:
-        model = tfshard.load(args.source, world=world, dtype=args.dtype,
-                             quantize=args.quantize)
+        model = _open(args.source, world, args.dtype, args.quantize)
         held = sum(v.numpy().nbytes for v in model.inner.weights)
     seconds = time.perf_counter() - t0
     result = {"rise_mib": _hwm_mib() - base, "after_mib": _rss_mib() - base,
@@ -356,9 +354,30 @@ PROMPTS = [
 ]
 
 
-#: The precisions the precision suite compares: name -> tfshard.load arguments.
+#: The precisions the precision suite compares: name -> tfshard.load arguments (int4: see
+#: `_open`).
 VARIANTS = {"float32": {"dtype": "float32"}, "bfloat16": {"dtype": "bfloat16"},
-            "int8": {"quantize": "int8"}}
+            "int8": {"quantize": "int8"}, "int4": {"quantize": "int4"}}
+
+
+def _open(source, world, dtype=None, quantize=None):
+    """`tfshard.load(source, ...)`; for int4, which tfshard quantizes only before sharding,
+    each rank loads the whole model, quantizes it with Keras and shards it. (Not through a
+    saved int4 file: keras-hub 0.32's LlamaBackbone.get_config drops tie_word_embeddings,
+    so SmolLM2 saved to .keras reloads untied and its weights no longer match.)"""
+    import tfshard
+
+    if quantize != "int4":
+        return tfshard.load(source, world=world, dtype=dtype, quantize=quantize)
+    from tfshard import comm as comm_lib
+
+    whole = tfshard.load(source, world=tfshard.World(comm_lib.create("local"), "local"),
+                         dtype=dtype)
+    whole.inner.quantize("int4")
+    sharded = tfshard.shard(whole.inner, world=world)
+    sharded.attach_source(source, whole.preprocessor)
+    return sharded
+
 
 #: Timed beside them: bfloat16 and int8 with tfshard's decode matmuls off (TensorFlow's own).
 TF_MATMUL = [("bf16 tf-mm", {"dtype": "bfloat16"}, {"TFSHARD_DECODE_OPS": "0"}),
@@ -373,7 +392,7 @@ def _agree_child(args):
     world = tfshard.init()
     texts, ids = {}, {}
     for name, kwargs in VARIANTS.items():
-        model = tfshard.load(args.source, world=world, **kwargs)
+        model = _open(args.source, world, **kwargs)
         tok = (model.inner.preprocessor or model.preprocessor).tokenizer
         out = model.generate(PROMPTS, max_length=48, strip_prompt=True, sampler="greedy")
         texts[name] = [decode_text(t) for t in out]
