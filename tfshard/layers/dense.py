@@ -13,7 +13,8 @@ from tfshard.layers.base import (
     replace_local_weight,
 )
 from tfshard.layers import int4, matvec
-from tfshard.layers.quantized import AbsMaxQuantizer, global_quantize, mark_int8, quantize_weight
+from tfshard.layers.quantized import (AbsMaxQuantizer, global_quantize, kernel_variable_cuts,
+                                      mark_int8, quantize_weight)
 
 
 class _ParallelDenseBase(ShardedLayerMixin, keras.layers.Dense):
@@ -164,19 +165,8 @@ def variable_cuts(layer, spec):
     Raises:
         ValueError: an int4 column cut whose boundaries split a packed byte.
     """
-    column = spec.rule == "column"
-    ranges, d = spec.ranges, layer.__dict__
-    bias = [("bias", "bias", 0 if column else None, ranges)] if layer.bias is not None else []
-    if int4.is_int4(layer):
-        shape = (int(d["_kernel"].shape[0]), layer.units)  # unpacked
-        (axis, kernel_ranges), rest = int4.kernel_cuts(d, shape, shape[0], spec.axis, ranges,
-                                                       spec.path or layer.path)
-        return ([("_kernel", "kernel", axis, kernel_ranges)] + bias
-                + [(name, name, a, r) for name, a, r in rest])
-    cuts = [("_kernel", "kernel", spec.axis, ranges)] + bias
-    if "kernel_scale" in d:  # int8: one scale per unit
-        cuts.append(("kernel_scale", "kernel_scale", scale_axis(layer, spec), ranges))
-    return cuts
+    return kernel_variable_cuts(layer, spec, 0 if spec.rule == "column" else None,
+                                scale_axis(layer, spec))
 
 
 def scale_axis(layer, spec):

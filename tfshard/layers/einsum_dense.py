@@ -23,7 +23,8 @@ from tfshard.layers.base import (
     replace_local_weight,
 )
 from tfshard.layers import int4, matvec
-from tfshard.layers.quantized import AbsMaxQuantizer, global_quantize, mark_int8, quantize_weight
+from tfshard.layers.quantized import (AbsMaxQuantizer, global_quantize, kernel_variable_cuts,
+                                      mark_int8, quantize_weight)
 
 
 def parse_equation(equation):
@@ -202,21 +203,9 @@ def variable_cuts(layer, spec):
         ValueError: an int4 cut that is not a block of the packed 2-D kernel, or
             splits a packed byte (`tfshard.layers.int4`).
     """
-    ranges, d = spec.ranges, layer.__dict__
     cut_bias = bias_axis(layer.equation, layer.bias_axes, spec.axis) \
         if spec.rule == "column" else None
-    bias = [("bias", "bias", cut_bias, ranges)] if layer.bias is not None else []
-    if int4.is_int4(layer):
-        shape = tuple(int(n) for n in layer.original_kernel_shape)
-        rows = int(d["_kernel"].shape[0])  # the 2-D layout's rows are not packed
-        (axis, kernel_ranges), rest = int4.kernel_cuts(d, shape, rows, spec.axis, ranges,
-                                                       spec.path or layer.path)
-        return ([("_kernel", "kernel", axis, kernel_ranges)] + bias
-                + [(name, name, a, r) for name, a, r in rest])
-    cuts = [("_kernel", "kernel", spec.axis, ranges)] + bias
-    if "kernel_scale" in d:
-        cuts.append(("kernel_scale", "kernel_scale", scale_axis(layer, spec), ranges))
-    return cuts
+    return kernel_variable_cuts(layer, spec, cut_bias, scale_axis(layer, spec))
 
 
 def scale_axis(layer, spec):

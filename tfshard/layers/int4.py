@@ -45,7 +45,13 @@ def unpacked_shape(layer):
         return (int(layer.input_dim), int(layer.output_dim))
     if isinstance(layer, keras.layers.EinsumDense):
         return tuple(int(n) for n in layer.original_kernel_shape)
-    return (int(layer.__dict__["_kernel"].shape[0]), int(layer.units))
+    return (_rows(layer), int(layer.units))
+
+
+def _rows(layer):
+    """The rows of an int4 kernel's 2-D layout (its packed kernel's first axis: the
+    packing is on the columns)."""
+    return int(layer.__dict__["_kernel"].shape[0])
 
 
 def alignment(layer, axis):
@@ -54,9 +60,8 @@ def alignment(layer, axis):
     shape = unpacked_shape(layer)
     if shape is None or isinstance(layer, keras.layers.Embedding):
         return 1
-    rows = int(layer.__dict__["_kernel"].shape[0])
     try:
-        flat_axis, flat = flat_cut(shape, rows, axis, ((0, 1),))
+        flat_axis, flat = flat_cut(shape, _rows(layer), axis, ((0, 1),))
     except ValueError:
         return 1  # not a block of the layout: refused by name when the layer is cut
     return 2 if flat_axis == 1 and flat[0][1] % 2 else 1
@@ -113,15 +118,14 @@ def packed(ranges, total, path=""):
     return tuple((a // 2, (b + 1) // 2) for a, b in ranges)
 
 
-def kernel_cuts(weights, shape, rows, axis, ranges, path=""):
-    """How an int4 kernel and what comes with it are cut.
+def kernel_cuts(layer, axis, ranges, path=""):
+    """How the kernel of an unsharded int4 Dense or EinsumDense, and what comes with it,
+    are cut.
 
     Args:
-        weights: the layer's `__dict__` (which of `kernel_scale`, `kernel_zero` and
-            `g_idx` it has, and their shapes).
-        shape: the unpacked kernel's shape (the spec's `full_shape`).
-        rows: the rows of its 2-D layout.
-        axis, ranges: the spec's cut.
+        layer: the layer (its packed kernel, and which of `kernel_scale`, `kernel_zero`
+            and `g_idx` it has).
+        axis, ranges: the spec's cut, in the unpacked kernel's shape.
         path: the layer path, for errors.
 
     Returns:
@@ -133,6 +137,8 @@ def kernel_cuts(weights, shape, rows, axis, ranges, path=""):
     Raises:
         ValueError: see `flat_cut` and `packed`.
     """
+    weights = layer.__dict__
+    shape, rows = unpacked_shape(layer), _rows(layer)
     flat_axis, flat = flat_cut(shape, rows, axis, ranges, path)
     columns = math.prod(shape) // rows
     kernel = (flat_axis, packed(flat, columns, path) if flat_axis == 1 else flat)

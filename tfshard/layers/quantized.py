@@ -28,6 +28,8 @@ from keras import ops
 
 from keras.src.quantizers.quantizers import AbsMaxQuantizer, standardize_axis_for_numpy
 
+from tfshard.layers import int4
+
 #: The quantization modes tfshard shards.
 SHARDED_MODES = ("int8", "int4")
 
@@ -188,3 +190,25 @@ def check_quantization(layer, path):
             f"({type(layer.inputs_quantizer).__name__}); tfshard shards Keras's default "
             "weight-only int4. Quantize with model.quantize('int4') and no activation "
             f"quantizer, or replicate this layer with a rule {{{path!r}: 'replicate'}}.")
+
+
+def kernel_variable_cuts(layer, spec, bias_axis, scale_axis):
+    """`[(attribute, name, axis, ranges)]` of a Dense or EinsumDense cut with `spec`:
+    kernel, bias, then what quantization added, in Keras's serialization order.
+
+    Args:
+        bias_axis: the bias's cut axis (None: held whole).
+        scale_axis: an int8 `kernel_scale`'s cut axis (int4's come from
+            `int4.kernel_cuts`).
+    """
+    ranges = spec.ranges
+    bias = [("bias", "bias", bias_axis, ranges)] if layer.bias is not None else []
+    if int4.is_int4(layer):
+        (axis, kernel_ranges), rest = int4.kernel_cuts(layer, spec.axis, ranges,
+                                                       spec.path or layer.path)
+        return ([("_kernel", "kernel", axis, kernel_ranges)] + bias
+                + [(name, name, a, r) for name, a, r in rest])
+    cuts = [("_kernel", "kernel", spec.axis, ranges)] + bias
+    if "kernel_scale" in layer.__dict__:
+        cuts.append(("kernel_scale", "kernel_scale", scale_axis, ranges))
+    return cuts
