@@ -17,16 +17,31 @@ class CheckpointRuns:
         self._cache = {}
 
     def __call__(self, np_):
-        """The per-rank records of the launch at `np_` ranks (3 runs first: it saves)."""
+        """The per-rank records of the launch at `np_` ranks.
+
+        Order: Horovod np3 (it saves), then MirroredStrategy 2 (reads np3's
+        checkpoints, saves its own), then the Horovod np2 / np1 launches (read
+        both); the MultiWorker run reads np3's.
+        """
         if np_ != 3 and 3 not in self._cache:
             self(3)
+        if np_ in (1, 2) and "mirrored" not in self._cache:
+            self("mirrored")
         if np_ not in self._cache:
             out = self._tmp.mktemp(f"np{np_}")
-            # A longer Horovod cycle: these launches are compute-bound with few
-            # collectives, and 3 ranks share 2 cores.
-            self._cache[np_] = launch_ranks(
-                np_, [WORKER, "--suite", f"np{np_}", "--out", out, "--shared", self.shared],
-                out, env={"TFSHARD_CYCLE_TIME_MS": "2"})
+            argv = [WORKER, "--suite", f"np{np_}", "--out", out, "--shared", self.shared]
+            if np_ == "mirrored":
+                argv[2] = "distribute_save"
+                self._cache[np_] = launch_ranks(1, argv + ["--mirrored", "2"], out,
+                                                launcher="none")
+            elif np_ == "multiworker":
+                argv[2] = "distribute"
+                self._cache[np_] = launch_ranks(2, argv, out, launcher="tfshard")
+            else:
+                # A longer Horovod cycle: these launches are compute-bound with few
+                # collectives, and 3 ranks share 2 cores.
+                self._cache[np_] = launch_ranks(np_, argv, out,
+                                                env={"TFSHARD_CYCLE_TIME_MS": "2"})
         return require_clean_launch("checkpoints", np_, *self._cache[np_])
 
 
@@ -61,6 +76,46 @@ def test_real_weights_load_sharded(runs, np_, name):
     full = {"minilm": 22_713_216 * 4, "smollm2": 134_515_008 * 4}[name]
     # Each rank holds its share of the sharded weights (plus the small replicated ones).
     assert max(local) < full / np_ * 1.25 + 2**20, (name, local, full)
+
+
+STRATEGIES = [pytest.param("mirrored", id="mirrored2"),
+              pytest.param("multiworker", id="multiworker2")]
+
+
+@pytest.mark.parametrize("backend", STRATEGIES)
+def test_every_source_kind_loads_under_tf_distribute(runs, backend):
+    """tfshard.load(strategy=...) (MirroredStrategy, 2 replicas in one process) and under
+    tfshard launch (MultiWorker, 2 processes): real MiniLM and SmolLM2, .keras,
+    .weights.h5, a keras-hub preset, load_weights, and the checkpoints Horovod
+    saved at TP=3 resharded to 2 (plus its gathered .keras)."""
+    ranks = runs(backend)
+    assert ranks[0]["backend"] == ("local" if backend == "mirrored" else "multiworker")
+    assert ranks[0]["replicas"] == 2
+    for name in ("minilm", "smollm2", "keras_file", "keras_hub_preset", "weights_h5",
+                 "reload_minilm", "reload_gpt2"):
+        _assert_equal_outputs(ranks, name, sliced=backend == "multiworker")
+        if backend == "mirrored":  # one process: both replicas' slices, none whole
+            for rec in records_ok(ranks, name):
+                assert rec["cut"] >= 2 and rec["local_matches_plan"], (name, rec)
+                assert rec["full_kernels_held"] == [], (name, rec["full_kernels_held"])
+    for name in ("gathered_gpt2_tfshard", "load_weights"):
+        _assert_equal_outputs(ranks, name, sliced=False)
+    for rec in records_ok(ranks, "load_weights"):
+        assert rec["differed_before"] > 1e-3, "the model loaded into already had the weights"
+
+
+def test_save_under_mirrored_reloads_under_horovod_and_one_process(runs):
+    """Saved under MirroredStrategy (sharded and gathered) after reading Horovod's TP=3
+    checkpoint; read back under Horovod at 2 ranks and in one process."""
+    for name in ("mirrored-save", "mirrored-save_gpt2"):
+        saved = records_ok(runs("mirrored"), name)
+        assert saved[0]["files"] == [f"rank-0000{r}-of-00002.h5" for r in range(2)]
+        assert saved[0]["leftovers"] == [], "temporary folders left behind"
+    _assert_equal_outputs(runs("mirrored"), "mirrored-save_gpt2", sliced=False)
+    for m in (2, 1):
+        ranks = runs(m)
+        _assert_equal_outputs(ranks, "reload_mirrored_gpt2")
+        _assert_equal_outputs(ranks, "gathered_mirrored_gpt2")
 
 
 def test_save_at_three_reload_at_two_and_one(runs):

@@ -143,6 +143,37 @@ def test_predict_cli_on_a_users_own_functional_keras_model(tmp_path):
                                atol=1e-5 * (1 + float(np.abs(model.predict(x, verbose=0)).max())))
 
 
+def test_predict_and_inspect_check_of_a_file_with_replicas_in_one_process(tmp_path):
+    """`--replicas N`: MirroredStrategy in one process, no launcher; the file is read with
+    tfshard.load(strategy=...) (each replica's slices onto its device)."""
+    import subprocess
+
+    import keras
+
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((12,))
+    h = keras.layers.Dense(30, activation="relu")(inp)
+    model = keras.Model(inp, keras.layers.Dense(6)(keras.layers.Dense(20)(h)))
+    model.save(tmp_path / "mine.keras")
+    x = np.random.default_rng(1).normal(size=(5, 12)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    res = subprocess.run([sys.executable, "-m", "tfshard", "predict", str(tmp_path / "mine.keras"),
+                          "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "o.npy"),
+                          "--replicas", "3"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert "3 MirroredStrategy replica(s) in one process" in res.stdout, res.stdout[-2000:]
+    assert "MATCH" in res.stdout and "MISMATCH" not in res.stdout, res.stdout[-2000:]
+    ref = model.predict(x, verbose=0)
+    np.testing.assert_allclose(np.load(tmp_path / "o.npy"), ref, rtol=0,
+                               atol=1e-5 * (1 + float(np.abs(ref).max())))
+    res = subprocess.run([sys.executable, "-m", "tfshard", "inspect", str(tmp_path / "mine.keras"),
+                          "--check", "--replicas", "2", "--input", str(tmp_path / "x.npy")],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert "(MirroredStrategy, 2 replicas in one process) vs unsharded" in res.stdout
+    assert res.stdout.splitlines()[-1].startswith("no layer parts:"), res.stdout[-2000:]
+
+
 def test_predict_cli_text_prompts_real_smollm2(tmp_path):
     # A .txt of prompts (one per line, different lengths: right-padded), real weights.
     prompts = tmp_path / "prompts.txt"

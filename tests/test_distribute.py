@@ -123,12 +123,13 @@ EXPECTED_ERRORS = {
     "err_wrong_rank": ("ValueError", ["rank 3", "(5, 12, 1)", "expects rank 2"]),
 }
 MIRRORED_ERRORS = {
-    "err_tensor_parallel": ("ValueError", ["tensor_parallel=1", "tensor_parallel=None"]),
+    "err_tensor_parallel": ("NotImplementedError", ["tensor_parallel=1", "tensor_parallel=None",
+                                                    "tfshard launch"]),
+    "err_tensor_parallel_not_dividing": ("ValueError", ["tensor_parallel=5", "does not divide"]),
     "err_inside_scope": ("ValueError", ["inside a strategy scope", "call it outside"]),
     "err_built_in_scope": ("ValueError", ["mirrored on every device", "outside strategy.scope()"]),
     "err_other_strategy": ("ValueError", ["OneDeviceStrategy", "MirroredStrategy"]),
     "err_cpu_devices_too_late": ("RuntimeError", ["too late", "before creating any tensor"]),
-    "err_save_under_strategy": ("NotImplementedError", ["save", "horovodrun"]),
 }
 
 
@@ -147,6 +148,36 @@ def test_bad_calls_raise_clear_errors(suite_runs, backend, n):
                 assert w in rec["message"], f"{case} on rank {rank}: {w!r} not in {rec['message']!r}"
     for rec in case_on_all_ranks(ranks, "after_errors") if backend == "mirrored" else []:
         assert rec["ok"] and rec["outputs"]["output"]["max_diff"] <= rec["outputs"]["output"]["tol"]
+
+
+DP_RUNS = ["numpy_even", "numpy_weighted", "numpy_adaptive", "dataset", "generator_adaptive",
+           "pydataset_weighted", "steps", "predict_on_batch"]
+
+
+def test_data_parallel_groups_under_multiworker(suite_runs):
+    """tfshard launch -n 4, tensor_parallel=2: two groups of two processes, each group's
+    collectives on its own (TensorFlow collective groups); predict's schedules and input
+    kinds, generate and save as under horovodrun."""
+    from test_predict import _assert_matches
+
+    ranks = suite_runs("dp_distribute", 4, launcher="tfshard")
+    assert ranks[0]["backend"] == "multiworker"
+    for name in ("mlp", "gpt2", "llama"):
+        for rank, rec in enumerate(case_on_all_ranks(ranks, f"dp_{name}")):
+            assert rec["ok"], f"rank {rank}: {rec.get('message')}\n{rec.get('traceback')}"
+            assert (rec["groups"], rec["tensor_parallel"], rec["group"]) == (2, 2, rank // 2)
+            for run in DP_RUNS:
+                _assert_matches(rec["runs"][run], f"{name}/{run} on rank {rank}")
+            assert rec["rank0_gets_none_elsewhere"], f"rank {rank}"
+    runs = case_on_all_ranks(ranks, "dp_gpt2")[0]["runs"]
+    assert runs["numpy_even"]["schedule"]["batches"] == [6, 6]
+    assert runs["numpy_weighted"]["schedule"]["batches"] == [9, 3]
+    for rank, rec in enumerate(case_on_all_ranks(ranks, "dp_generate_save")):
+        assert rec["ok"], f"rank {rank}: {rec.get('message')}\n{rec.get('traceback')}"
+        assert rec["out"] == rec["ref"], f"rank {rank}: {rec['out']} != {rec['ref']}"
+        assert rec["files"] == ["rank-00000-of-00002.h5", "rank-00001-of-00002.h5",
+                                "tfshard.json"], rec["files"]
+        _assert_matches(rec, f"dp checkpoint reloaded in one process, rank {rank}")
 
 
 def _orphans(marker):

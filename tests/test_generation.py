@@ -31,15 +31,30 @@ class GenerationRuns:
         return self._reference
 
     def __call__(self, np_):
+        """Records of the launch at `np_` ranks under horovodrun, or of one of
+        `DISTRIBUTE`'s runs (MirroredStrategy in one process, tfshard launch)."""
         if np_ not in self._cache:
-            ref = self.reference() if np_ == 2 else self._tmp.mktemp("none")
+            real = np_ in (2, "mirrored2", "multiworker2")
+            ref = self.reference() if real else self._tmp.mktemp("none")
             out = self._tmp.mktemp(f"gen-np{np_}")
-            self._cache[np_] = launch_ranks(
-                np_, [WORKER, "--suite", f"np{np_}", "--out", out, "--reference", ref], out)
+            argv = [WORKER, "--out", out, "--reference", ref]
+            if np_ in DISTRIBUTE:
+                suite, n, launcher = DISTRIBUTE[np_]
+                mirrored = ["--mirrored", str(n)] if launcher == "none" else []
+                self._cache[np_] = launch_ranks(1 if mirrored else n,
+                                                argv + ["--suite", suite] + mirrored, out,
+                                                launcher=launcher)
+            else:
+                self._cache[np_] = launch_ranks(np_, argv + ["--suite", f"np{np_}"], out)
         ranks = require_clean_launch("generation", np_, *self._cache[np_])
         for r in ranks:
             assert "suite_error" not in r, r["suite_error"]
         return ranks
+
+
+# Under tf.distribute: (worker suite, replicas, launcher).
+DISTRIBUTE = {"mirrored2": ("distribute", 2, "none"), "mirrored3": ("distribute_random", 3, "none"),
+              "multiworker2": ("distribute", 2, "tfshard")}
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +96,45 @@ def test_real_smollm2_continues_like_the_unsharded_model(runs, np_):
         assert rec["text"] == rec["ref_text"], (rank, rec["text"], rec["ref_text"])
         assert rec["text"].startswith(" Paris"), rec["text"]
     _assert_cache_sliced(recs, "smollm2")
+
+
+def _per_replica(recs):
+    """Under MirroredStrategy one process records every replica's cache: as rank records."""
+    if len(recs) > 1:
+        return recs
+    rec = recs[0]
+    return [{**rec, "cache_shape": shape, "expected_cache_shape": expected}
+            for shape, expected in zip(rec["replica_cache_shapes"],
+                                       rec["replica_expected_cache_shapes"])]
+
+
+@pytest.mark.parametrize("run,name", [(r, n) for r in DISTRIBUTE for n in ("gpt2", "llama")])
+def test_greedy_tokens_equal_unsharded_under_tf_distribute(runs, run, name):
+    """keras-hub's loop under MirroredStrategy (2 and 3 replicas: GPT-2's 4 heads split
+    2/1/1) and MultiWorker: each replica decodes with its own K/V heads."""
+    recs = records_ok(runs(run), f"random_{name}")
+    assert runs(run)[0]["replicas"] == DISTRIBUTE[run][1]
+    for rank, rec in enumerate(recs):
+        assert rec["out"] == rec["ref"], f"{name} {run} process {rank}: {rec['out']} != {rec['ref']}"
+        assert rec["mask_equal"] and rec["prompt_kept"], (name, rank)
+    replicas = _per_replica(recs)
+    assert len(replicas) == DISTRIBUTE[run][1]
+    _assert_cache_sliced(replicas, name)
+
+
+@pytest.mark.parametrize("run", ["mirrored2", "multiworker2"])
+def test_real_smollm2_and_sampler_under_tf_distribute(runs, run):
+    recs = records_ok(runs(run), "smollm2")
+    for rank, rec in enumerate(recs):
+        assert rec["out"] == rec["ref"], f"{run} process {rank}: tokens differ"
+        assert rec["text"] == rec["ref_text"], (rank, rec["text"], rec["ref_text"])
+    _assert_cache_sliced(_per_replica(recs), "smollm2")
+    # A top-k sampler: every replica draws rank 0's tokens (its own sampler copy on its
+    # device under MirroredStrategy, rank 0's seed state under MultiWorker).
+    for rank, rec in enumerate(records_ok(runs(run), "sampler_top_k")):
+        assert rec["out"] == rec["ref"], f"{run} process {rank}: not the unsharded draws"
+    if run == "multiworker2":
+        assert records_ok(runs(run), "sampler_top_k")[0]["seed_states_differed"]
 
 
 def test_random_sampler_draws_alike_on_every_rank(runs):

@@ -7,9 +7,10 @@
     tfshard launch -n N SCRIPT|COMMAND [ARGS]
     tfshard bench SUITE [ARGS]      # scripts/bench.py: forward, predict, load, comm, generate
 
-Run `predict` and `generate` under ./horovodrun.sh -np N or under
-`tfshard launch -n N` (tf.distribute multi-worker); `inspect` needs one
-process only.
+Run `predict` and `generate` under ./horovodrun.sh -np N, under
+`tfshard launch -n N` (tf.distribute multi-worker), or in one process with
+`--replicas N` (a MirroredStrategy of N logical CPUs); `inspect` needs one
+process only (`inspect --check` runs anywhere those do).
 """
 
 import argparse
@@ -165,12 +166,39 @@ def _save_atomic(path, array):
     return None
 
 
+def _replicas_strategy(args, where):
+    """`--replicas N`: a MirroredStrategy of N logical CPUs in this process (made before
+    anything else touches TensorFlow, which fixes its devices once), else None.
+
+    Raises:
+        ValueError: --replicas under horovodrun or tfshard launch, or below 1.
+    """
+    n = getattr(args, "replicas", None)
+    if n is None:
+        return None
+    from tfshard import comm as comm_lib
+
+    backend = comm_lib.detect_backend()
+    if n < 1 or backend != "local":
+        raise ValueError(
+            f"{where} --replicas {n}: " + (f"the ranks are already the {backend} job's processes; "
+                                           "drop --replicas (or run in one process without the "
+                                           "launcher)." if backend != "local" else
+                                           "needs at least 1 replica."))
+    import tensorflow as tf
+
+    import tfshard
+
+    return tf.distribute.MirroredStrategy(tfshard.cpu_devices(n))
+
+
 def cmd_predict(args):
     import numpy as np
 
     import tfshard
     from tfshard import models, precision
 
+    strategy = _replicas_strategy(args, "tfshard predict")
     _timeline_before_init(args.logdir)
     world = tfshard.init()
     say = print if world.rank == 0 else (lambda *a, **k: None)
@@ -184,7 +212,7 @@ def cmd_predict(args):
     else:
         # Real weights: each rank loads only its slices; the reference is the
         # same file loaded whole in this process.
-        sharded, reference = _load_both(args, world, say)
+        sharded, reference = _load_both(args, world, say, strategy)
         model = None if reference is None else reference.inner
         vocab, input_names = _vocab_and_inputs(sharded.inner)
     tokenizer = None if sharded is None else sharded.tokenizer
@@ -206,7 +234,7 @@ def cmd_predict(args):
 
     if sharded is None:
         sharded = tfshard.shard(model, tensor_parallel=args.tensor_parallel,
-                                comm_dtype=args.comm_dtype)
+                                comm_dtype=args.comm_dtype, strategy=strategy)
         say("\n".join(sharded.plan.totals()))
     sharded.predict(x, batch_size=args.batch_size, verbose=0)  # trace + warm up
     callbacks = []
@@ -235,7 +263,7 @@ def cmd_predict(args):
         say(f"[tfshard] argmax of the last position, first rows: "
             f"{np.argmax(logits.reshape(rows, -1, logits.shape[-1])[:4, -1], -1).tolist()}")
     say(f"[tfshard] sharded predict: {secs:.3f} s for {tokens} tokens "
-        f"({tokens / secs:.0f} tokens/s, TP={world.size})")
+        f"({tokens / secs:.0f} tokens/s, TP={sharded.tensor_parallel}, {_backend(sharded)})")
     if ref is not None:
         dtype = precision.compute_dtype(sharded.inner)
         if dtype == "float32" and sharded.plan.comm_dtype:  # gathers rounded to 16 bits
@@ -278,17 +306,27 @@ def _report_logdir(callback, sharded, say):
             f"{mine['bytes'] / 2**20:.1f} MiB, {mine['seconds']:.3f} s in collectives")
 
 
-def _load_both(args, world, say):
+def _backend(sharded):
+    """How the ranks run, for messages: the world's backend, or MirroredStrategy's replicas."""
+    if len(sharded.replicas) > 1:
+        return f"MirroredStrategy, {len(sharded.replicas)} replicas in one process"
+    return sharded.world.backend
+
+
+def _load_both(args, world, say, strategy=None):
     """The sharded model (each rank reads its slices) and, unless --no-compare,
     the same source loaded whole in this process as the reference."""
     import tfshard
     from tfshard import comm as comm_lib
 
-    say(f"[tfshard] {world.backend} world of {world.size} rank(s); loading {args.source} sharded")
+    ranks = (f"{strategy.num_replicas_in_sync} MirroredStrategy replica(s) in one process"
+             if strategy is not None else f"{world.backend} world of {world.size} rank(s)")
+    say(f"[tfshard] {ranks}; loading {args.source} sharded")
     t0 = time.perf_counter()
     quantize = getattr(args, "quantize", None)
     sharded = tfshard.load(args.source, tensor_parallel=args.tensor_parallel, dtype=args.dtype,
-                           quantize=quantize, comm_dtype=getattr(args, "comm_dtype", None))
+                           quantize=quantize, comm_dtype=getattr(args, "comm_dtype", None),
+                           strategy=strategy)
     memory, comm = sharded.plan.totals()
     say(f"[tfshard] loaded in {time.perf_counter() - t0:.1f} s; {memory}\n[tfshard] {comm}")
     reference = None if args.no_compare else tfshard.load(
@@ -309,9 +347,10 @@ def cmd_generate(args):
             f"{args.source!r} is a built-in test model (random weights, no tokenizer), so it "
             "cannot take a text prompt; generate from smollm2, a .gguf file, or a .keras "
             f"CausalLM saved with its preprocessor (built-ins: tfshard predict {args.source}).")
+    strategy = _replicas_strategy(args, "tfshard generate")
     world = tfshard.init()
     say = print if world.rank == 0 else (lambda *a, **k: None)
-    sharded, reference = _load_both(args, world, say)
+    sharded, reference = _load_both(args, world, say, strategy)
     preprocessor = sharded.inner.preprocessor or sharded.preprocessor
     if preprocessor is None:
         raise ValueError(f"{args.source!r} carries no tokenizer, so it cannot take a text "
@@ -328,7 +367,8 @@ def cmd_generate(args):
         say(f"[tfshard] {prompt!r} -> {_text(text)!r}")
     say(f"[tfshard] sharded generate: {secs:.1f} s for up to {args.max_new_tokens} new tokens x "
         f"{len(prompts)} prompt(s), tracing the loop included (TP={sharded.tensor_parallel}, "
-        f"{sharded.groups} group(s); steady-state latency: scripts/bench.py generate)")
+        f"{sharded.groups} group(s), {_backend(sharded)}; steady-state latency: "
+        "scripts/bench.py generate)")
     if reference is None:
         return 0
     # Every rank runs the reference at once, so none waits in a collective meanwhile.
@@ -388,12 +428,9 @@ def _inspect_check(args):
     from tfshard import models, report
 
     one_process = comm_lib.detect_backend() == "local"
-    strategy = None
-    if one_process:
-        import tensorflow as tf
-
-        # Before anything else touches TensorFlow: it fixes the devices once.
-        strategy = tf.distribute.MirroredStrategy(tfshard.cpu_devices(args.tensor_parallel))
+    if one_process and args.replicas is None:
+        args.replicas = args.tensor_parallel  # in one process the ranks are replicas
+    strategy = _replicas_strategy(args, "tfshard inspect --check")
     world = tfshard.init()
     say = print if world.rank == 0 else (lambda *a, **k: None)
     if args.source in models.NAMES:
@@ -401,23 +438,17 @@ def _inspect_check(args):
         reference, _, _ = models.build(args.source, seed=args.seed, dtype=args.dtype)
         sharded = tfshard.shard(model, strategy=strategy)
         tokenizer = None
-    elif one_process:
-        raise ValueError(f"inspect --check of {args.source!r} in one process works for the "
-                         f"built-in models ({', '.join(models.NAMES)}); for a file, run it "
-                         f"under ranks: ./horovodrun.sh -np {args.tensor_parallel} tfshard "
-                         f"inspect {args.source} --check (or tfshard launch -n "
-                         f"{args.tensor_parallel} ...).")
     else:
         args.tensor_parallel, args.no_compare = None, False
-        sharded, loaded = _load_both(args, world, say)
+        sharded, loaded = _load_both(args, world, say, strategy)
         reference = loaded.inner
         vocab, input_names = _vocab_and_inputs(reference)
         tokenizer = sharded.tokenizer
     x = _inputs(input_names, vocab, args.rows, args.seq_len, args.seed + 1, args.input,
                 tokenizer=tokenizer)
     say(f"[tfshard] {args.source} at TP={sharded.tensor_parallel} "
-        f"({'MirroredStrategy in one process' if one_process else world.backend}) vs unsharded, "
-        f"inputs {', '.join(f'{k} {tuple(v.shape)}' for k, v in x.items())}")
+        f"({_backend(sharded)}) vs unsharded, "
+        f"inputs {', '.join(f'{k} {tuple(v.shape)}' for k, v in x.items()) if isinstance(x, dict) else tuple(x.shape)}")
     rows = report.layer_drift(sharded, reference, x)
     say(report.format_drift(rows))
     return 0 if report.first_parting(rows) is None else 1
@@ -464,7 +495,8 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="tfshard", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("predict", help="sharded inference; run under ./horovodrun.sh -np N")
+    p = sub.add_parser("predict", help="sharded inference; run under ./horovodrun.sh -np N, "
+                       "tfshard launch -n N, or with --replicas N")
     p.add_argument("source", help="a built-in random-weight model (gpt2, gpt2-tiny, llama-tiny, "
                    "bert-tiny), a real one (smollm2, minilm), or a file/folder tfshard.load reads")
     p.add_argument("--input", help=".npy of token ids, .npz of named inputs, or .txt of "
@@ -476,6 +508,9 @@ def build_parser():
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tensor-parallel", type=int, default=None)
+    p.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="in one process, without a launcher: shard over a MirroredStrategy of N "
+                   "logical CPU devices")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", default=0)
     p.add_argument("--no-compare", action="store_true",
@@ -486,7 +521,8 @@ def build_parser():
                    help="with --logdir: profile the first N batches (default 2)")
     p.set_defaults(fn=cmd_predict)
 
-    p = sub.add_parser("generate", help="sharded text generation; run under ./horovodrun.sh -np N")
+    p = sub.add_parser("generate", help="sharded text generation; run under ./horovodrun.sh -np "
+                       "N, tfshard launch -n N, or with --replicas N")
     p.add_argument("source", help="a model with a tokenizer: smollm2, a .gguf file, or a .keras "
                    "CausalLM saved with its preprocessor")
     _precision_arguments(p, quantize=True)
@@ -496,6 +532,9 @@ def build_parser():
     p.add_argument("--sampler", default="greedy",
                    help="keras-hub sampler: greedy, top_k, top_p, ... (seeded from rank 0)")
     p.add_argument("--tensor-parallel", type=int, default=None)
+    p.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="in one process, without a launcher: shard over a MirroredStrategy of N "
+                   "logical CPU devices")
     p.add_argument("--no-compare", action="store_true",
                    help="skip the unsharded reference run")
     p.set_defaults(fn=cmd_generate)
@@ -509,8 +548,11 @@ def build_parser():
     p.add_argument("--all-ranks", action="store_true")
     p.add_argument("--check", action="store_true",
                    help="run sharded and unsharded side by side and print each layer's drift "
-                   "(in one process: --tensor-parallel MirroredStrategy replicas; or under "
-                   "horovodrun / tfshard launch)")
+                   "(in one process: --replicas, default --tensor-parallel, MirroredStrategy "
+                   "replicas; or under horovodrun / tfshard launch)")
+    p.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="in one process, without a launcher: shard over a MirroredStrategy of N "
+                   "logical CPU devices")
     p.add_argument("--input", help="with --check: .npy token ids, .npz named inputs, or .txt "
                    "prompts (one per line)")
     p.add_argument("--rows", type=int, default=2)

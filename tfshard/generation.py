@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from tfshard import consistency
 from tfshard import predict as predict_lib
+from tfshard.comm import distribute
 from tfshard.layers.base import even_ranges
 
 # keras-hub CausalLMs whose `_build_cache(token_ids)` allocates the canonical
@@ -121,13 +122,39 @@ def install_cache(model, plan, rank):
     object.__setattr__(model, "_build_cache", _build_cache)
 
 
-def _generate_function(model):
-    """keras-hub's compiled generate step, without XLA (Horovod ops do not run under XLA)."""
+def _generate_function(sharded):
+    """keras-hub's compiled generate step, without XLA (Horovod ops do not run under XLA).
+
+    Under a tf.distribute strategy the step runs through `strategy.run`: each
+    local replica runs its own model's `generate_step` (its K/V heads, its
+    cache) in lock step with the others, and replica 0's tokens are returned
+    (every replica picks the same ones from the same gathered logits).
+    """
+    model = sharded.inner
     fn = getattr(model, "generate_function", None)
-    if fn is None or not getattr(fn, "_tfshard", False):
+    if fn is not None and getattr(fn, "_tfshard", False):
+        return fn
+    strategy = sharded.strategy
+    if strategy is None:
         fn = tf.function(model.generate_step, jit_compile=False)
-        fn._tfshard = True
-        model.generate_function = fn
+    else:
+        # Each replica's step is a function of its own, out of line: its decode loop then
+        # runs in a frame named alike on every replica, where the collectives inside
+        # the loop find each other.
+        steps = {id(r.model): distribute.out_of_line(r.model.generate_step)
+                 for r in sharded.replicas}
+
+        def replica_step(inputs, stop_token_ids):
+            return steps[id(sharded.replica_model())](inputs, stop_token_ids=stop_token_ids)
+
+        def step(inputs, stop_token_ids=None):
+            out = strategy.run(replica_step, args=(inputs, stop_token_ids))
+            return tf.nest.map_structure(lambda v: strategy.experimental_local_results(v)[0],
+                                         out)
+
+        fn = tf.function(step, jit_compile=False)
+    fn._tfshard = True
+    model.generate_function = fn
     return fn
 
 
@@ -136,6 +163,24 @@ def sync_sampler(sampler, comm):
     for v in getattr(sampler, "variables", []):
         state = comm.allgather_numpy(np.asarray(v.numpy()).astype(np.int64).reshape(-1))[0]
         v.assign(state.reshape(v.shape).astype(v.dtype))
+
+
+def _share_sampler(sharded):
+    """Gives every further local replica (MirroredStrategy) its own copy of replica 0's
+    sampler, in the same seed state: each replica draws on its own device, and all
+    draw the same tokens."""
+    import keras
+
+    first = sharded.inner.sampler
+    for replica in sharded.replicas[1:]:
+        own = getattr(replica.model, "sampler", None)
+        if own is None or own is first or type(own) is not type(first) or \
+                own.get_config() != first.get_config():
+            own = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(first))
+            replica.model.compile(sampler=own)
+            sharded.inner.generate_function = None  # its trace holds the replicas' samplers
+        for mine, theirs in zip(getattr(own, "variables", []), getattr(first, "variables", [])):
+            mine.assign(theirs.numpy())
 
 
 _SAMPLER_NAMES = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
@@ -250,7 +295,8 @@ def generate(sharded, inputs, max_length=None, stop_token_ids="auto", strip_prom
         "sampler": consistency.digest(type(model.sampler).__name__),
     }, f"{sharded.name}.generate")
     sync_sampler(model.sampler, world)
-    _generate_function(model)
+    _share_sampler(sharded)
+    _generate_function(sharded)
 
     start, stop = even_ranges(rows, sharded.groups)[sharded.group]
     mine = inputs if sharded.groups == 1 else _take(inputs, kind, start, stop)

@@ -6,11 +6,15 @@ deferred variables, has the ranks agree on the file, shards the model, then fill
 each rank's slices from the file.
 """
 
+import contextlib
 import os
+
+import tensorflow as tf
 
 from tfshard import io as tfio
 from tfshard import consistency
-from tfshard.model import shard
+from tfshard.comm.distribute import strategy_kind
+from tfshard.model import shard, shard_replicas
 from tfshard.world import init
 
 
@@ -26,7 +30,10 @@ def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None
             "smollm2" (SmolLM2-135M-Instruct) or "minilm" (all-MiniLM-L6-v2).
         plan: "auto", a `tfshard.Plan` or a `{regex: rule}` dict.
         tensor_parallel: ranks per tensor-parallel group (see `tfshard.shard`).
-        strategy: a tf.distribute strategy (not available yet).
+        strategy: a `tf.distribute.MirroredStrategy` (each local replica's
+            slices are read from the file onto its device, one replica at a
+            time) or `MultiWorkerMirroredStrategy` (None under `tfshard launch`
+            uses the world's; each worker reads its own slices).
         model: for `.weights.h5` only: a callable that builds the model (it
             is called with deferred variables), or a model config dict.
         world: the `World` (from `tfshard.init()` when None).
@@ -55,12 +62,11 @@ def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None
             matching the model (the message names the file and the tensor).
         ValueError: (on every rank) `dtype` is not one of those above, or
             `quantize` is not None or "int8".
-        NotImplementedError: `strategy`.
     """
     if strategy is not None:
-        raise NotImplementedError("tfshard.load(strategy=...) waits for the tf.distribute backend; "
-                                  "launch with ./horovodrun.sh -np N instead.")
+        strategy_kind(strategy)  # a clear error for other strategies, before any work
     world = world or init()
+    strategy = strategy or world.strategy
     with world.comm.section(f"tfshard.load({os.fspath(source)!r})"):
         if quantize not in (None, "int8"):
             hint = (" For int4, quantize before sharding: model.quantize('int4'), save it, and "
@@ -69,16 +75,23 @@ def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None
             raise ValueError(f"quantize={quantize!r}: tfshard.load quantizes to 'int8' (or "
                              f"None).{hint}")
         sharded = _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects,
-                        dtype, comm_dtype, quantize)
+                        dtype, comm_dtype, quantize, strategy)
         if quantize is not None:
             sharded.quantize(quantize)
         return sharded
 
 
 def _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects, dtype,
-          comm_dtype, quantize):
+          comm_dtype, quantize, strategy):
     src, error, inner = None, None, None
     created = []
+    further = []  # (model, deferred variables) of MirroredStrategy's further replicas
+
+    def build_replica(device):
+        """A further local replica's own deferred model, filled from the file below."""
+        built, variables = tfio.build_model(src, dtype)
+        further.append((device, built, variables))
+        return built
     identity = 0
     try:
         dtype = tfio.check_dtype(dtype)
@@ -97,15 +110,25 @@ def _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects
                                        "dtype": consistency.digest(str(dtype)),
                                        "quantize": consistency.digest(str(quantize))},
                           f"tfshard.load({source!r})")
-        sharded = shard(inner, plan, world=world, tensor_parallel=tensor_parallel,
-                        check_weights=False, comm_dtype=comm_dtype)
+        if strategy is None:
+            sharded = shard(inner, plan, world=world, tensor_parallel=tensor_parallel,
+                            check_weights=False, comm_dtype=comm_dtype)
+        else:
+            sharded = shard_replicas(inner, plan, strategy, world, tensor_parallel,
+                                     check_weights=False, comm_dtype=comm_dtype,
+                                     build_replica=build_replica)
     except Exception:
         if src is not None:
             src.close()
         raise
     try:
-        tfio.materialize(created, inner.weights)
-        src.fill(inner)
+        # One replica at a time, each on its own device: the process never holds more
+        # than one replica's slice of a tensor on the way.
+        first = sharded.replicas[0].device
+        for device, built, variables in [(first, inner, created)] + further:
+            with tf.device(device) if device else contextlib.nullcontext():
+                tfio.materialize(variables, built.weights)
+                src.fill(built)
     except Exception as e:
         error = e
     finally:

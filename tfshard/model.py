@@ -1,61 +1,19 @@
 """`tfshard.shard(model)` and the `ShardedModel` it returns."""
 
 import collections
-import gc
 
 import keras
 import tensorflow as tf
 
 from tfshard import comm as comm_lib
 from tfshard import consistency
+from tfshard import convert
 from tfshard import copying
 from tfshard import generation
 from tfshard import predict as predict_lib
-from tfshard.layers import shard_layer, walk
+from tfshard.comm import distribute
 from tfshard.plan import Plan, ResolvedPlan
 from tfshard.world import World, init
-
-
-def _set_head_counts(parent, counts, rank):
-    """Sets an attention layer's stored head counts to this rank's local ones.
-
-    Attention layers reshape and repeat K/V with the head counts they stored
-    at construction. The attributes are found by name and value: an int
-    attribute whose name speaks of heads (K/V heads when it says "kv" or
-    "key_value") or groups, and whose value is the full count.
-    """
-    q_local, kv_local = counts.local(rank)
-    group_full = counts.heads_q // counts.heads_kv
-    changed = {}
-    for name, value in list(vars(parent).items()):
-        if not isinstance(value, int) or isinstance(value, bool):
-            continue
-        low = name.lower()
-        if "dim" in low or "size" in low:
-            continue
-        new = None
-        if "group" in low and value == group_full:
-            new = q_local // kv_local
-        elif "head" in low and ("kv" in low or "key_value" in low):
-            new = kv_local if value == counts.heads_kv else None
-        elif "head" in low and value == counts.heads_q:
-            new = q_local
-        if new is not None and new != value:
-            object.__setattr__(parent, name, new)
-            changed[name] = (value, new)
-    return changed
-
-
-def _reset_compiled_functions(model):
-    """Drops cached traced functions and XLA, which would bypass or break the cut."""
-    for layer in [model] + [n.layer for n in walk(model)]:
-        if isinstance(layer, keras.Model):
-            for attr in ("predict_function", "test_function", "train_function",
-                         "generate_function"):
-                if getattr(layer, attr, None) is not None:
-                    setattr(layer, attr, None)
-            # Horovod ops do not run under XLA on CPU.
-            layer._jit_compile = False
 
 
 Replica = collections.namedtuple("Replica", "model plan comm device meter")
@@ -98,7 +56,8 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
         tensor_parallel: ranks per tensor-parallel group; the world splits into
             `world.size // tensor_parallel` data-parallel groups of consecutive
             ranks (Horovod process sets), which share the rows in `predict`.
-            None: one group of all ranks (the only choice under a strategy).
+            None: one group of all ranks (under MirroredStrategy the only
+            choice yet; MultiWorker forms groups of processes as horovodrun does).
         check_weights: before cutting, ranks compare a digest of every weight
             (XXH3 over paths, shapes, dtypes and values; 70 ms for GPT-2)
             and refuse to go on if any rank holds other values. False skips
@@ -132,8 +91,8 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
             f"(built={getattr(model, 'built', None)}). Call it on an input first."
         )
     if strategy is not None:
-        return _shard_replicas(model, _as_plan(plan), strategy, world, tensor_parallel,
-                               check_weights, comm_lib.check_comm_dtype(comm_dtype))
+        return shard_replicas(model, _as_plan(plan), strategy, world, tensor_parallel,
+                              check_weights, comm_lib.check_comm_dtype(comm_dtype))
     if tensor_parallel is not None and (not isinstance(tensor_parallel, int) or tensor_parallel < 1
                                         or world.size % tensor_parallel):
         raise ValueError(
@@ -148,7 +107,7 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
     comm_dtype = comm_lib.check_comm_dtype(comm_dtype)
     _agree_on_model(world, model, tensor_parallel or world.size, check_weights, comm_dtype)
     comm, group = world.comm.split(tensor_parallel or world.size)
-    plan, meter = _convert(model, plan, comm, world, comm_dtype)
+    plan, meter = convert.convert(model, plan, comm, world, comm_dtype)
     sharded = ShardedModel(model, plan, world, comm, group,
                            replicas=[Replica(model, plan, comm, None, meter)])
     object.__setattr__(sharded, "source_config", source_config)
@@ -183,48 +142,51 @@ def _agree_on_model(world, model, tp_size, check_weights, comm_dtype=None):
     consistency.agree(world.comm, parts, "tfshard.shard()")
 
 
-def _convert(model, plan, comm, world, comm_dtype=None):
-    """Resolves `plan` for `comm`'s rank and cuts `model` in place.
+def shard_replicas(model, plan, strategy, world, tensor_parallel, check_weights,
+                   comm_dtype=None, build_replica=None):
+    """`shard()` under a tf.distribute strategy: one converted model per local replica.
+
+    Args:
+        model: replica 0's model (built outside any strategy scope).
+        plan: a `Plan`.
+        strategy: a `MirroredStrategy` or `MultiWorkerMirroredStrategy`.
+        world: the `World`, or None.
+        tensor_parallel: None or the number of replicas.
+        check_weights: compare weight digests across ranks first.
+        comm_dtype: see `shard`.
+        build_replica: `device -> model` for each further local replica; None
+            copies `model` (weights included) onto the replica's device.
+            `tfshard.load` passes a builder of deferred models, which each
+            replica then fills from the file.
 
     Returns:
-        `(plan, meter)`: the resolved plan and the `MeteredCommunicator`
-        around `comm` that the sharded layers call.
+        The `ShardedModel`; `replicas[i].model` is local replica i's model.
     """
-    plan = plan.resolve(model, comm.size, comm.rank).with_comm_dtype(comm_dtype,
-                                                                      comm.sends_16bit_sums)
-    meter = comm_lib.metered(comm)
-    layer_comm = comm_lib.compressed(meter, comm_dtype)  # metered after the cast
-    consistency.agree(world.comm, {"plan": consistency.digest(plan.to_dict())}, "tfshard.shard()")
-    by_path = {n.path: n.layer for n in walk(model)}
-    for e in plan.sharded:
-        shard_layer(by_path[e.path], e, layer_comm, e.path)
-    by_path.setdefault(model.name, model)  # attention owned by the root model itself
-    for counts in plan.attention:
-        _set_head_counts(by_path[counts.path], counts, comm.rank)
-    generation.install_cache(model, plan, comm.rank)
-    _reset_compiled_functions(model)
-    gc.collect()  # release the full kernels the conversion dropped
-    return plan, meter
-
-
-def _shard_replicas(model, plan, strategy, world, tensor_parallel, check_weights,
-                    comm_dtype=None):
-    """`shard()` under a tf.distribute strategy: one converted model per local replica."""
+    plan, comm_dtype = _as_plan(plan), comm_lib.check_comm_dtype(comm_dtype)
     comms = comm_lib.for_replicas(strategy)
     size, kind = strategy.num_replicas_in_sync, comms[0].backend
     where = f"tfshard.shard({model.name!r}, strategy={type(strategy).__name__})"
-    if tensor_parallel not in (None, size):
+    if tensor_parallel is not None and (not isinstance(tensor_parallel, int)
+                                        or tensor_parallel < 1 or size % tensor_parallel):
         raise ValueError(
-            f"{where}: tensor_parallel={tensor_parallel!r}, but under tf.distribute all "
-            f"{size} replicas form one tensor-parallel group; pass tensor_parallel=None (or "
-            f"{size}). Data-parallel groups need horovodrun (tensor_parallel=k there)."
-        )
+            f"{where}: tensor_parallel={tensor_parallel!r} does not divide the {size} replicas; "
+            f"values that work: {[d for d in range(1, size + 1) if size % d == 0]} (None = "
+            f"{size}).")
+    tp = tensor_parallel or size
+    if tp != size and kind == "mirrored":
+        raise NotImplementedError(
+            f"{where}: tensor_parallel={tp} (data-parallel groups) under MirroredStrategy is "
+            f"not there yet; use tensor_parallel=None (all {size} replicas in one group), or "
+            f"run the groups as processes: tfshard launch -n {size} (MultiWorker) or "
+            f"./horovodrun.sh -np {size}, with tensor_parallel={tp}.")
     if tf.distribute.has_strategy():
         raise ValueError(
             f"{where} was called inside a strategy scope or strategy.run; call it outside: "
             "tfshard places each replica's slices on its device itself.")
-    distributed = [v.path for v in model.weights
-                   if isinstance(getattr(v, "value", v), tf.distribute.DistributedValues)]
+    # (A model of deferred variables, from tfshard.load, was built here outside any scope.)
+    distributed = [] if build_replica is not None else [
+        v.path for v in model.weights
+        if isinstance(getattr(v, "value", v), tf.distribute.DistributedValues)]
     if distributed:
         raise ValueError(
             f"{where}: the model's variables were created under a strategy scope (e.g. "
@@ -234,17 +196,25 @@ def _shard_replicas(model, plan, strategy, world, tensor_parallel, check_weights
         world = World(comm=comms[0] if kind == "multiworker" else comm_lib.create("local"),
                       backend=kind)
     source_config, config_error = copying.serialize_model(model)
-    _agree_on_model(world, model, size, check_weights, comm_dtype)
+    _agree_on_model(world, model, tp, check_weights, comm_dtype)
+    group = 0
+    if tp != size:  # MultiWorker: this process's replica in its group of tp
+        comms[0], group = comms[0].split(tp)
     devices = list(strategy.extended.worker_devices)
     replicas = [None] * len(comms)
     # The copies are made from the whole model, so it is cut last (as replica 0).
     for i in reversed(range(len(comms))):
-        own = i == 0 and copying.placed_on(model, devices[0])
+        own = i == 0 and (build_replica is not None or copying.placed_on(model, devices[0]))
         with tf.device(devices[i]):
-            replica_model = model if own else copying.copy_to(model, where, devices[i])
-            local_plan, meter = _convert(replica_model, plan, comms[i], world, comm_dtype)
+            if own:
+                replica_model = model
+            elif build_replica is not None:
+                replica_model = build_replica(devices[i])
+            else:
+                replica_model = copying.copy_to(model, where, devices[i])
+            local_plan, meter = convert.convert(replica_model, plan, comms[i], world, comm_dtype)
             replicas[i] = Replica(replica_model, local_plan, comms[i], devices[i], meter)
-    sharded = ShardedModel(replicas[0].model, replicas[0].plan, world, comms[0],
+    sharded = ShardedModel(replicas[0].model, replicas[0].plan, world, comms[0], group,
                            replicas=replicas, strategy=strategy)
     object.__setattr__(sharded, "source_config", source_config)
     object.__setattr__(sharded, "source_config_error", config_error)
@@ -290,6 +260,7 @@ class ShardedModel(keras.Model):
         self.built = True
         self._jit_compile = False
         self._predict_step = None
+        object.__setattr__(self, "_replica_forwards", {})
 
     def attach_source(self, label, preprocessor=None):
         """Records where the weights came from and the preprocessor (and tokenizer) the
@@ -320,7 +291,10 @@ class ShardedModel(keras.Model):
             return self.inner(inputs, *args, **kwargs)
         ctx = tf.distribute.get_replica_context()
         if ctx is not None and ctx.strategy is self.strategy:
-            return self._replica_model(ctx)(inputs, *args, **kwargs)
+            model = self.replica_model(ctx)
+            if tf.executing_eagerly():
+                return model(inputs, *args, **kwargs)
+            return self._forward_of(model)(inputs, *args, **kwargs)
         # Every replica computes the same global output; replica 0's is returned.
         out = self.strategy.run(lambda x: self.call(x, *args, **kwargs), args=(inputs,))
         return tf.nest.map_structure(
@@ -349,8 +323,19 @@ class ShardedModel(keras.Model):
             return {self.rank: self.replicas[0]}
         return {r.comm.rank: r for r in self.replicas}
 
-    def _replica_model(self, ctx):
-        """The converted model of the replica whose context `ctx` is."""
+    def _forward_of(self, model):
+        """A replica model's forward as a function of its own (see
+        `tfshard.comm.distribute.out_of_line`), made once per model."""
+        if id(model) not in self._replica_forwards:
+            self._replica_forwards[id(model)] = distribute.out_of_line(model.__call__)
+        return self._replica_forwards[id(model)]
+
+    def replica_model(self, ctx=None):
+        """The converted model of the replica whose context `ctx` is (default:
+        the current replica context; this process's only model without a strategy)."""
+        if self.strategy is None:
+            return self.inner
+        ctx = ctx or tf.distribute.get_replica_context()
         if len(self.replicas) == 1:
             return self.replicas[0].model
         replica_id = tf.get_static_value(ctx.replica_id_in_sync_group)
@@ -390,8 +375,17 @@ class ShardedModel(keras.Model):
                 lambda b: self.call(b, training=False), reduce_retracing=True)
         predict_lib.check_sequence_length(self.inner, batch, where)
         tensors = keras.tree.map_structure(tf.convert_to_tensor, batch)
+        step = self._predict_step
         try:
-            out = self._predict_step(tensors)
+            try:
+                out = step(tensors)
+            except tf.errors.CancelledError:
+                if len(self.replicas) < 2:
+                    raise
+                # Replicas of one process: when one replica's step fails, TensorFlow may
+                # report another's cancellation instead. The step once more, eagerly
+                # (replica by replica), raises the failing replica's own error.
+                out = self.call(tensors, training=False)
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as err:
             # The model refused its inputs (a shape, a dtype it cannot cast); collective
             # failures (Unavailable, DeadlineExceeded, FailedPrecondition) pass unchanged.
@@ -480,9 +474,7 @@ class ShardedModel(keras.Model):
                 embeddings, ranks given different inputs, or a failure on any
                 rank, e.g. cut attention in a CausalLM whose KV cache layout
                 tfshard does not know (raised on every rank).
-            NotImplementedError: under a tf.distribute strategy.
         """
-        self._refuse_strategy("generate")
         with self.world.comm.section(f"{self.name}.generate"):
             return generation.generate(self, inputs, max_length=max_length,
                                        stop_token_ids=stop_token_ids, strip_prompt=strip_prompt,
@@ -517,7 +509,7 @@ class ShardedModel(keras.Model):
                               f"{self.name}.quantize")
             self.inner.quantize(mode, config=config)
             self._predict_step = None
-            _reset_compiled_functions(self.inner)
+            convert.reset_compiled_functions(self.inner)
             mine = self.plan.measure(self.inner)
             every = self.tp_comm.allgather_object(mine)
             self.plan = self.plan.with_bytes({p: (d, f, [ranks[p][2] for ranks in every])
@@ -542,11 +534,9 @@ class ShardedModel(keras.Model):
         Raises:
             ValueError: on every rank, when any rank fails to write (nothing
                 is left at `filepath` then), or the model has no config.
-            NotImplementedError: under a tf.distribute strategy.
         """
         if kwargs:
             raise TypeError(f"ShardedModel.save got unexpected arguments {sorted(kwargs)}.")
-        self._refuse_strategy("save")
         from tfshard import io as tfio
 
         with self.world.comm.section(f"{self.name}.save"):
@@ -562,9 +552,7 @@ class ShardedModel(keras.Model):
 
         Raises:
             ValueError: on every rank, when any rank cannot read its part.
-            NotImplementedError: under a tf.distribute strategy.
         """
-        self._refuse_strategy("load_weights")
         from tfshard import io as tfio
 
         with self.world.comm.section(f"{self.name}.load_weights"):

@@ -112,11 +112,25 @@ def gpt2_inputs():
 
 # ---------------------------------------------------------------- suites
 
+# `--mirrored N`: the suites load and shard over a MirroredStrategy of N logical
+# CPUs in this one process. Under `tfshard launch` the world's
+# MultiWorkerMirroredStrategy is used without being named.
+STRATEGY = None
+
+
+def load(source, **kwargs):
+    return tfshard.load(source, strategy=STRATEGY, **kwargs)
+
+
+def shard(model, **kwargs):
+    return tfshard.shard(model, strategy=STRATEGY, **kwargs)
+
+
 def run_real(world, results, shared):
     """tfshard.load of the real models equals plain keras-hub / an independent mapping."""
     def case(name, reference, inputs):
         ref = reference()
-        sharded = _LOADED[name] = tfshard.load(name)
+        sharded = _LOADED[name] = load(name)
         res = compare(ref, sharded.predict(inputs(), verbose=0))
         res.update(_held(sharded))
         res["local_bytes"] = int(sum(np.asarray(v).nbytes for v in sharded.inner.weights))
@@ -125,10 +139,11 @@ def run_real(world, results, shared):
     results["smollm2"] = guarded(lambda: case("smollm2", smollm2_reference, smollm2_inputs))
 
 
-def run_save(world, results, shared):
+def run_save(world, results, shared, prefix=""):
     """At N ranks: save MiniLM (real weights) and a GPT-2 config sharded and gathered;
     rank 0 keeps the outputs the reloads must reproduce."""
     def save(name, sharded, out):
+        name = prefix + name
         path = os.path.join(shared, f"{name}-ckpt")
         host = socket.gethostname()
         if world.rank == 0:  # what a killed save of a gone process (and a running one) leaves
@@ -151,18 +166,18 @@ def run_save(world, results, shared):
         return result
 
     def minilm():
-        sharded = _LOADED.get("minilm") or tfshard.load("minilm")
+        sharded = _LOADED.get("minilm") or load("minilm")
         return save("minilm", sharded, sharded.predict(minilm_inputs(), verbose=0))
-    results["save"] = guarded(minilm)
+    results[f"{prefix}save"] = guarded(minilm)
 
     def gpt2():
         model = gpt2_builder()
         ref = model.predict(gpt2_inputs(), verbose=0)
-        sharded = tfshard.shard(model)
+        sharded = shard(model)
         res = save("gpt2", sharded, ref)
         res.update(compare(ref, sharded.predict(gpt2_inputs(), verbose=0)))
         return res
-    results["save_gpt2"] = guarded(gpt2)
+    results[f"{prefix}save_gpt2"] = guarded(gpt2)
 
 
 def _dead_pid():
@@ -187,11 +202,17 @@ def _saved(shared, name):
 def run_reload(world, results, shared):
     """At M ranks: the checkpoints written at N give the same outputs."""
     def case(path, name, inputs):
-        sharded = tfshard.load(os.path.join(shared, path))
+        sharded = load(os.path.join(shared, path))
         res = compare(_saved(shared, name), sharded.predict(inputs(), verbose=0))
-        res.update(_held(sharded) if world.size > 1 else {})
+        res.update(_held(sharded) if len(sharded.replicas) > 1 or world.size > 1 else {})
         return res
     results["reload_minilm"] = guarded(lambda: case("minilm-ckpt", "minilm", minilm_inputs))
+    if os.path.exists(os.path.join(shared, "mirrored-gpt2-ckpt")):
+        # Saved under MirroredStrategy (the "distribute" suite), read here under another backend.
+        results["reload_mirrored_gpt2"] = guarded(
+            lambda: case("mirrored-gpt2-ckpt", "mirrored-gpt2", gpt2_inputs))
+        results["gathered_mirrored_gpt2"] = guarded(
+            lambda: case("mirrored-gpt2.keras", "mirrored-gpt2", gpt2_inputs))
     results["reload_gpt2"] = guarded(lambda: case("gpt2-ckpt", "gpt2", gpt2_inputs))
     results["gathered_gpt2_tfshard"] = guarded(lambda: case("gpt2.keras", "gpt2", gpt2_inputs))
 
@@ -216,13 +237,13 @@ def run_formats(world, results, shared):
     del model
 
     def from_keras():
-        sharded = tfshard.load(os.path.join(mine, "gpt2.keras"))
+        sharded = load(os.path.join(mine, "gpt2.keras"))
         res = compare(ref, sharded.predict(gpt2_inputs(), verbose=0))
         res.update(_held(sharded))
         return res
 
     def from_weights():
-        sharded = tfshard.load(os.path.join(mine, "gpt2.weights.h5"), model=gpt2_builder)
+        sharded = load(os.path.join(mine, "gpt2.weights.h5"), model=gpt2_builder)
         res = compare(ref, sharded.predict(gpt2_inputs(), verbose=0))
         res.update(_held(sharded))
         return res
@@ -233,7 +254,7 @@ def run_formats(world, results, shared):
         other = from_config("GPT2Backbone", "GPT2CausalLM", seed=99, vocabulary_size=1003,
                             num_layers=2, num_heads=6, hidden_dim=48, intermediate_dim=96,
                             max_sequence_length=32)
-        sharded = tfshard.shard(other)
+        sharded = shard(other)
         before = compare(ref, sharded.predict(gpt2_inputs(), verbose=0))
         sharded.load_weights(os.path.join(mine, "gpt2.weights.h5"))
         res = compare(ref, sharded.predict(gpt2_inputs(), verbose=0))
@@ -245,7 +266,7 @@ def run_formats(world, results, shared):
         backbone = gpt2_builder().backbone
         ref_bb = backbone.predict(gpt2_inputs(), verbose=0)
         backbone.save_to_preset(os.path.join(mine, "preset"))
-        sharded = tfshard.load(os.path.join(mine, "preset"))
+        sharded = load(os.path.join(mine, "preset"))
         res = compare(ref_bb, sharded.predict(gpt2_inputs(), verbose=0))
         res.update(_held(sharded))
         return res
@@ -426,6 +447,12 @@ _LOADED = {}
 # writes the checkpoints the np2 and np1 launches read.
 SUITES = {"np3": [run_real, run_save], "np2": [run_real, run_reload, run_formats, run_errors],
           "np1": [run_reload],
+          # Under tf.distribute (--mirrored N, or tfshard launch): every source kind,
+          # the Horovod np3 checkpoints resharded; MirroredStrategy saves too (read
+          # back by the Horovod np2 and the np1 runs).
+          "distribute": [run_real, run_reload, run_formats],
+          "distribute_save": [run_real, run_reload, run_formats,
+                              lambda w, r, s: run_save(w, r, s, prefix="mirrored-")],
           **{name: [fn] for name, fn in (("real", run_real), ("save", run_save),
                                          ("reload", run_reload), ("formats", run_formats),
                                          ("errors", run_errors))}}
@@ -436,10 +463,18 @@ def main():
     parser.add_argument("--suite", required=True, choices=sorted(SUITES))
     parser.add_argument("--out", required=True)
     parser.add_argument("--shared", required=True)
+    parser.add_argument("--mirrored", type=int, default=0,
+                        help="load over a MirroredStrategy of this many logical CPU devices")
     args = parser.parse_args()
+    if args.mirrored:
+        global STRATEGY
+        import tensorflow as tf
+
+        STRATEGY = tf.distribute.MirroredStrategy(tfshard.cpu_devices(args.mirrored))
     world = tfshard.init()
     os.makedirs(args.shared, exist_ok=True)
-    results = {"rank": world.rank, "size": world.size, "cases": {}}
+    results = {"rank": world.rank, "size": world.size, "backend": world.backend,
+               "replicas": args.mirrored or world.size, "cases": {}}
     for fn in SUITES[args.suite]:
         fn(world, results["cases"], args.shared)
     path = write_results(results, args.out, world.rank)

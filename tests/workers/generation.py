@@ -17,6 +17,7 @@ import sys
 import traceback
 
 import numpy as np
+import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -43,14 +44,24 @@ def prompts(vocab, rows=3):
 
 
 def cache_record(sharded, x):
-    """This rank's KV cache shape, next to the one the plan says it must have."""
-    _, cache = sharded.inner._build_cache(x["token_ids"])
+    """This rank's KV cache shape, next to the one the plan says it must have (and,
+    under MirroredStrategy, every local replica's)."""
     counts = sharded.plan.attention
-    kv = counts[0].local(sharded.tp_comm.rank)[1]
     backbone = sharded.inner.backbone
-    return {"cache_shape": list(cache.shape),
-            "expected_cache_shape": [x["token_ids"].shape[0], backbone.num_layers, 2,
-                                     x["token_ids"].shape[1], kv, counts[0].head_dim],
+    ids = x["token_ids"]
+    if len(sharded.replicas) > 1:  # MirroredStrategy: every replica's, through strategy.run
+        per_replica = sharded.strategy.run(
+            lambda: tf.shape(sharded.replica_model()._build_cache(tf.identity(ids))[1]))
+        shapes = [np.asarray(s).tolist() for s in
+                  sharded.strategy.experimental_local_results(per_replica)]
+    else:
+        shapes = [list(sharded.inner._build_cache(ids)[1].shape)]
+    expected = []
+    for replica in sharded.replicas:
+        expected.append([x["token_ids"].shape[0], backbone.num_layers, 2, x["token_ids"].shape[1],
+                         counts[0].local(replica.comm.rank)[1], counts[0].head_dim])
+    return {"cache_shape": shapes[0], "expected_cache_shape": expected[0],
+            "replica_cache_shapes": shapes, "replica_expected_cache_shapes": expected,
             "full_kv_heads": counts[0].heads_kv}
 
 
@@ -62,7 +73,7 @@ def run_random(world, results, names, sampler="greedy"):
             x = prompts(model.backbone.vocabulary_size)
             model.compile(sampler="greedy")
             ref = model.generate(dict(x), stop_token_ids=None)
-            sharded = tfshard.shard(model)
+            sharded = tfshard.shard(model, strategy=STRATEGY)
             out = sharded.generate(dict(x), stop_token_ids=None, sampler="greedy")
             return {"ref": ref["token_ids"].tolist(), "out": out["token_ids"].tolist(),
                     "mask_equal": bool(np.array_equal(ref["padding_mask"], out["padding_mask"])),
@@ -92,7 +103,7 @@ def run_sampler(world, results):
         ref_sampler.variables[0].assign(rank0_state.astype(state.dtype))
         model.compile(sampler=ref_sampler)
         ref = model.generate(dict(x), stop_token_ids=None)
-        sharded = tfshard.shard(model)
+        sharded = tfshard.shard(model, strategy=STRATEGY)
         out = sharded.generate(dict(x), stop_token_ids=None, sampler=sampler)
         return {"ref": ref["token_ids"].tolist(), "out": out["token_ids"].tolist(),
                 "seed_states_differed": bool(
@@ -103,7 +114,7 @@ def run_sampler(world, results):
 def run_smollm2(world, results, reference_dir, tensor_parallel=None):
     """Real SmolLM2 weights, string in, string out: the unsharded tokens and text."""
     def case():
-        sharded = tfshard.load("smollm2", tensor_parallel=tensor_parallel)
+        sharded = tfshard.load("smollm2", tensor_parallel=tensor_parallel, strategy=STRATEGY)
         expected = json.loads(open(os.path.join(reference_dir, "smollm2.json")).read())
         preprocessor = sharded.preprocessor
         x = preprocessor.generate_preprocess([PROMPT], sequence_length=expected["max_length"])
@@ -189,7 +200,14 @@ def reference(out_dir):
     print(f"reference: {text!r} written to {path}", flush=True)
 
 
+# `--mirrored N`: shard over a MirroredStrategy of N logical CPUs in this process.
+STRATEGY = None
+
 SUITES = {
+    # Under tf.distribute: --mirrored N, or tfshard launch (MultiWorker).
+    "distribute": lambda w, r, d: (run_random(w, r, ["gpt2", "llama"]), run_sampler(w, r),
+                                   run_smollm2(w, r, d)),
+    "distribute_random": lambda w, r, d: run_random(w, r, ["gpt2", "llama"]),
     "np2": lambda w, r, d: (run_random(w, r, ["gpt2", "llama", "mistral", "gemma", "opt"]),
                             run_sampler(w, r), run_errors(w, r), run_smollm2(w, r, d)),
     # Real SmolLM2 at 3 ranks is the README main job (tests/test_cli.py).
@@ -203,12 +221,20 @@ def main():
     parser.add_argument("--suite", required=True, choices=sorted(SUITES) + ["reference"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--reference", help="folder holding the reference suite's output")
+    parser.add_argument("--mirrored", type=int, default=0,
+                        help="shard over a MirroredStrategy of this many logical CPU devices")
     args = parser.parse_args()
+    if args.mirrored:
+        global STRATEGY
+        import tensorflow as tf
+
+        STRATEGY = tf.distribute.MirroredStrategy(tfshard.cpu_devices(args.mirrored))
     if args.suite == "reference":
         reference(args.out)
         return
     world = tfshard.init()
-    results = {"rank": world.rank, "size": world.size, "backend": world.backend, "cases": {}}
+    results = {"rank": world.rank, "size": world.size, "backend": world.backend,
+               "replicas": args.mirrored or world.size, "cases": {}}
     try:
         SUITES[args.suite](world, results["cases"], args.reference)
     except Exception:  # noqa: BLE001 - recorded; the test fails on it

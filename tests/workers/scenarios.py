@@ -296,10 +296,17 @@ def _more_rows(x, rows):
     return keras.tree.map_structure(lambda a: np.concatenate([a] * (-(-rows // len(a))))[:rows], x)
 
 
-def run_dp(world, results, tp=2):
-    """Under -np 4 with tensor_parallel=2: two groups of two."""
+DP_MODELS = ("mlp", "two_inputs_two_outputs", "sequential_embedding", "bert", "gpt2", "llama")
+
+
+def run_dp(world, results, tp=2, names=DP_MODELS, light=False):
+    """Under -np 4 with tensor_parallel=2: two groups of two.
+
+    `light`: the schedules and input kinds of `names` only (tf.distribute's run),
+    not the slow-group, progress bar and error cases.
+    """
     rank = world.rank
-    for name in ("mlp", "two_inputs_two_outputs", "sequential_embedding", "bert", "gpt2", "llama"):
+    for name in names:
         def case(name=name):
             model, x = models.EQUIVALENCE[name]()
             x = _more_rows(x, 23)
@@ -333,6 +340,8 @@ def run_dp(world, results, tp=2):
                 sharded.predict_on_batch(keras.tree.map_structure(lambda a: a[:3], x)))
             return res
         results[f"dp_{name}"] = guarded(case)
+    if light:
+        return
 
     def slow_group():
         import time as _time
@@ -386,6 +395,35 @@ def run_dp(world, results, tp=2):
         tfshard.shard(model, tensor_parallel=tp).predict(x, batch_size=2, verbose=0)
     results["dp_err_bad_id_in_one_group"] = bad(bad_id_in_one_group)
     results["dp_after_errors"] = guarded(lambda: compare(*_roundtrip(models.mlp)))
+
+
+def run_dp_generate_and_save(world, results, tp=2):
+    """Two groups of two: greedy generate shares the prompts; the checkpoint the groups
+    save (group 0 writes) reloads in this process alone."""
+    def case():
+        from tfshard import comm as comm_lib
+
+        model, _ = models.llama()
+        rng = np.random.default_rng(3)
+        mask = np.zeros((3, 12), bool)
+        for r, n in enumerate([4, 6, 5]):
+            mask[r, :n] = True
+        vocab = model.backbone.vocabulary_size
+        x = {"token_ids": np.where(mask, rng.integers(1, vocab, (3, 12)), 0).astype("int32"),
+             "padding_mask": mask}
+        model.compile(sampler="greedy")
+        ref = model.generate(dict(x), stop_token_ids=None)
+        sharded = tfshard.shard(model, tensor_parallel=tp)
+        out = sharded.generate(dict(x), stop_token_ids=None, sampler="greedy")
+        path = os.path.join(OUT, "dp-llama-ckpt")
+        sharded.save(path)
+        alone = tfshard.load(path, world=tfshard.World(comm_lib.create("local"), "local"))
+        probe = {k: v[:, :8] for k, v in models.llama()[1].items()}
+        return {"ref": ref["token_ids"].tolist(), "out": out["token_ids"].tolist(),
+                "group": sharded.group, "groups": sharded.groups,
+                "files": sorted(os.listdir(path)),
+                **compare(sharded.predict(probe, verbose=0), alone.predict(probe, verbose=0))}
+    results["dp_generate_save"] = guarded(case)
 
 
 def _roundtrip(builder):
@@ -538,6 +576,8 @@ def run_strategy_errors(world, results):
         return
     results["err_tensor_parallel"] = expect_error(
         lambda: SHARD(models.mlp()[0], tensor_parallel=1))
+    results["err_tensor_parallel_not_dividing"] = expect_error(
+        lambda: SHARD(models.mlp()[0], tensor_parallel=5))
 
     def inside_scope():
         model, _ = models.mlp()
@@ -555,8 +595,6 @@ def run_strategy_errors(world, results):
         models.mlp()[0], strategy=tf.distribute.OneDeviceStrategy("/cpu:0")))
     results["err_cpu_devices_too_late"] = expect_error(
         lambda: tfshard.cpu_devices(STRATEGY.num_replicas_in_sync + 1))
-    results["err_save_under_strategy"] = expect_error(
-        lambda: SHARD(models.mlp()[0]).save(os.path.join(os.getcwd(), "never-written")))
     results["after_errors"] = guarded(lambda: compare(*_roundtrip(models.mlp)))
 
 
@@ -911,6 +949,9 @@ SUITES = {
     "equivalence": [run_equivalence],
     "gpt2": [lambda world, results: run_equivalence(world, results, only={"gpt2"})],
     "dp": [run_dp],
+    # MultiWorker (tfshard launch -n 4): groups of processes, as under horovodrun.
+    "dp_distribute": [lambda world, results: run_dp(world, results, names=("mlp", "gpt2", "llama"),
+                                                    light=True), run_dp_generate_and_save],
     "checks": [run_bitwise, run_memory, run_errors, run_collectives],
     "distribute": [run_collectives, run_equivalence, run_bitwise, run_strategy_errors,
                    lambda world, results: run_tensorboard(world, results, OUT)],

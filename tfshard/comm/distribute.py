@@ -13,6 +13,9 @@ collective; asking for one raises.
 """
 
 
+import threading
+import zlib
+
 import tensorflow as tf
 
 from tfshard.comm.base import (
@@ -102,6 +105,69 @@ def replica_rank(strategy):
     return int(strategy.experimental_local_results(ids)[0])
 
 
+# Group keys of tfshard's own collective groups, above those tf.distribute numbers
+# from 1 (CollectiveKeys(group_key_start=1 + 10000 per strategy)).
+_GROUP_KEY_BASE = 1 << 29
+
+
+class _CollectiveKeys:
+    """Group and instance keys of tfshard's collective ops in this process.
+
+    A group's key is a function of its members' global ranks alone, so every
+    process computes the same key for a group and different keys for the
+    others. Instance keys count per (group, device) as in tf.distribute's own
+    `CollectiveKeys`: every replica launches the same collectives in the same
+    order, so its k-th collective meets the others' k-th.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._next = {}
+
+    @staticmethod
+    def group_key(members):
+        return _GROUP_KEY_BASE + zlib.crc32(repr(tuple(members)).encode()) % (1 << 28)
+
+    def get_instance_key(self, group_key, device):
+        with self._lock:
+            key = self._next.get((group_key, device), 1)
+            self._next[(group_key, device)] = key + 1
+            return key
+
+
+_KEYS = _CollectiveKeys()
+
+
+def _launcher(members, device, options):
+    """TensorFlow's collective launcher for one replica of the group `members`.
+
+    tf.distribute's own replica-context collectives go through `merge_call`,
+    which MirroredStrategy cannot run inside control flow (the decode loop of
+    keras-hub's `generate` is a `tf.while_loop`); this launcher issues the
+    collective ops (`all_reduce_v2` / `all_gather_v2`, with ordering tokens)
+    straight from each replica's trace, as tf.distribute does under XLA.
+    """
+    from tensorflow.python.distribute import collective_util, cross_device_utils
+
+    return cross_device_utils.CollectiveReplicaLauncher(
+        _KEYS.group_key(members), len(members), _KEYS, device,
+        collective_util.Options(timeout_seconds=options.timeout_seconds))
+
+
+def out_of_line(fn):
+    """`fn` as a function of its own that stays out of line in its caller's graph.
+
+    Each replica's part of a `strategy.run` goes through one: TensorFlow orders
+    the stateful ops of a function that take no resource (timestamps) one after
+    another, which across the replicas of one process would make one replica's
+    collective wait on another's later op; and a loop inlined per replica gets
+    a frame name of its own, where its collectives never meet the others'. Out
+    of line, each replica's ops are ordered among themselves only, and loops
+    are named alike on every replica.
+    """
+    return tf.function(fn, jit_compile=False, experimental_attributes={"_noinline": True})
+
+
 def _own(x):
     """This replica's own copy of `x`.
 
@@ -116,19 +182,36 @@ def _own(x):
 class ReplicaCommunicator(Communicator):
     """One replica of a tf.distribute strategy, as a rank.
 
+    A group of some of the replicas (a tensor-parallel group beside others,
+    `split`) reaches its members through TensorFlow's collective ops alone
+    (`_launcher`); the whole set of replicas also through the replica context.
+
     Args:
         strategy: a `MirroredStrategy` or `MultiWorkerMirroredStrategy`.
-        rank: this replica's id in sync group (`replica_id_in_sync_group`).
+        rank: this replica's rank in `members`.
+        members: the global replica ids (`replica_id_in_sync_group`) of the
+            group, in rank order; None: every replica.
     """
 
-    def __init__(self, strategy, rank):
+    def __init__(self, strategy, rank, members=None):
         self.backend = strategy_kind(strategy)
         self.strategy = strategy
+        every = strategy.num_replicas_in_sync
+        self._members = tuple(range(every) if members is None else members)
+        self._whole = self._members == tuple(range(every))
         self._rank = int(rank)
-        self._size = strategy.num_replicas_in_sync
+        self._size = len(self._members)
         self._local = len(strategy.extended.worker_devices)
         self._options = communication_options()
         self._watchdog = None
+        local = strategy.extended.worker_devices
+        self._device = local[0] if self.backend == "multiworker" else local[self._members[self._rank]]
+        self._launch = None  # the collective launcher, made at the first traced collective
+
+    def _split(self, group_size):
+        first = self._members[self._rank // group_size * group_size]
+        return ReplicaCommunicator(self.strategy, self._rank % group_size,
+                                   range(first, first + group_size))
 
     @classmethod
     def from_environment(cls):
@@ -162,26 +245,44 @@ class ReplicaCommunicator(Communicator):
             )
         return None
 
-    def _collective(self, op, x):
+    def _launcher(self):
+        if self._launch is None:
+            self._launch = _launcher(self._members, self._device, self._options)
+        return self._launch
+
+    def _collective(self, op, x, traced_op):
         """Runs `op(replica_context, x)` on this rank's replica.
 
-        Inside `strategy.run` directly; outside it (host side, one replica per
-        process) through `strategy.run`, widening dtypes collectives do not carry.
+        Inside `strategy.run` directly: while tracing, as `traced_op(launcher, x)`
+        (collective ops without `merge_call`, so they also run inside loops);
+        eagerly through the replica context. Outside it (host side, one replica
+        per process) through `strategy.run`, widening dtypes collectives do not
+        carry; a group of some replicas always through its collective ops.
         """
         x = tf.convert_to_tensor(x)
         ctx = self._replica_context()
-        if ctx is not None:
+        if ctx is not None and not tf.executing_eagerly():
+            return traced_op(self._launcher(), x)
+        if ctx is not None and self._whole:
             return op(ctx, _own(x))
         wire = x.dtype if x.dtype in _WIRE_DTYPES else (tf.int32 if x.dtype.is_integer
                                                          or x.dtype == tf.bool else tf.float32)
+        if not self._whole:
+            # A group of some replicas, one per process: its collective ops alone, traced
+            # here. (Several replicas of one process never get here eagerly:
+            # _replica_context raised, or ShardedModel traced its step.)
+            launcher = self._launcher()
+            out = tf.function(lambda v: traced_op(launcher, v), autograph=False)(
+                tf.cast(x, wire))
+            return tf.cast(out, x.dtype)
         out = self.strategy.run(
             lambda v: op(tf.distribute.get_replica_context(), v), args=(tf.cast(x, wire),))
         return tf.cast(self.strategy.experimental_local_results(out)[0], x.dtype)
 
     def allreduce_sum(self, x, name=None):
         return sum_in_float32(lambda v: self._collective(
-            lambda ctx, w: ctx.all_reduce(tf.distribute.ReduceOp.SUM, w, options=self._options), v),
-            x)
+            lambda ctx, w: ctx.all_reduce(tf.distribute.ReduceOp.SUM, w, options=self._options),
+            v, lambda launcher, w: launcher.all_reduce(w)), x)
 
     def allgather(self, x, axis=0, name=None, sizes=None):
         x = tf.convert_to_tensor(x)
@@ -190,12 +291,15 @@ class ReplicaCommunicator(Communicator):
             return tf.cast(self.allgather(tf.cast(x, tf.float32), axis, name, sizes), tf.bfloat16)
         axis = normalize_axis(axis, x.shape.rank)
         rows = lambda ctx, v: ctx.all_gather(v, 0, options=self._options)  # noqa: E731
+        traced_rows = lambda launcher, v: launcher.all_gather(v, 0)  # noqa: E731
         if axis == 0:
-            return self._collective(rows, x)
+            return self._collective(rows, x, traced_rows)
         # tf.distribute would transpose `axis` to the front and back; see gather_on_axis.
         return self._collective(
             lambda ctx, v: gather_on_axis(v, axis, sizes, self._size,
-                                          lambda t, part: rows(ctx, t)), x)
+                                          lambda t, part: rows(ctx, t)), x,
+            lambda launcher, v: gather_on_axis(v, axis, sizes, self._size,
+                                               lambda t, part: traced_rows(launcher, t)))
 
     def broadcast(self, x, root=0, name=None):
         # Exact (no arithmetic on the values): gather one copy per rank, keep root's.

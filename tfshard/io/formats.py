@@ -7,6 +7,8 @@ tfshard's own sharded checkpoints, and named real models ("smollm2",
 it through lazy views, so a rank reads only its slices.
 """
 
+import contextlib
+import copy
 import json
 import os
 import shutil
@@ -17,6 +19,7 @@ import zipfile
 import h5py
 import keras
 import numpy as np
+import tensorflow as tf
 from keras.src.saving import saving_lib
 
 from tfshard import consistency
@@ -54,7 +57,9 @@ class _Source:
 
 
 def _deserialize(config, safe_mode, custom_objects, label, dtype=None):
-    config = dict(with_float_dtype(config, dtype))
+    # A copy: keras-hub tasks' from_config replaces the backbone's config in the dict
+    # by the built backbone, which a second build (another replica) would then share.
+    config = copy.deepcopy(dict(with_float_dtype(config, dtype)))
     config.pop("compile_config", None)
     try:
         with keras.saving.CustomObjectScope(custom_objects or {}):
@@ -486,7 +491,9 @@ def load_into(sharded, source):
         if isinstance(src, _ViewsSource):
             raise CheckpointError(f"{src.label}: load_weights reads Keras and tfshard "
                                   "checkpoints; use tfshard.load for this source.")
-        src.fill(sharded.inner)
+        for replica in sharded.replicas:  # several under MirroredStrategy, each on its device
+            with tf.device(replica.device) if replica.device else contextlib.nullcontext():
+                src.fill(replica.model)
     except Exception as e:
         error = e
     finally:

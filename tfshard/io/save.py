@@ -32,12 +32,17 @@ class _WriteStore(Store):
             the rank with a file); False: each rank writes its own slices and
             replicated weights are written only where `write_replicated`.
         write_replicated: write the weights of plain (replicated) layers.
+        pieces: with `gather`, when several ranks live in this process
+            (MirroredStrategy): `{key: {rank: rows}}` the other local ranks'
+            slices were collected into (a store without a file collects;
+            one with a file assembles from them instead of a collective).
     """
 
-    def __init__(self, path, gather, write_replicated):
+    def __init__(self, path, gather, write_replicated, pieces=None):
         self._init_store("w", h5py.File(path, "w") if path else None, label=path)
         self.path_or_io = path
         self.gather, self.write_replicated = gather, write_replicated
+        self.pieces = pieces
         self.tensors = {}
 
     def make(self, path, metadata=None):
@@ -87,7 +92,17 @@ class _WriteStore(Store):
                 ds.attrs[AXIS_ATTR] = int(axis)
             return
         moved = np.ascontiguousarray(np.moveaxis(value, axis, 0))
-        rows = comm.gather_to_root(moved)
+        if self.pieces is not None:  # the ranks of this process: no collective
+            if self.h5_file is None:
+                self.pieces.setdefault(self._key(key), {})[rank] = moved
+                return
+            mine = {**self.pieces.pop(self._key(key), {}), rank: moved}
+            missing = sorted(set(range(len(ranges))) - set(mine))
+            if missing:
+                raise ValueError(f"{name}: no slice of rank(s) {missing} in this process.")
+            rows = np.concatenate([mine[r] for r in range(len(ranges))])
+        else:
+            rows = comm.gather_to_root(moved)
         if rows is None or self.h5_file is None:
             return
         full = np.empty(np.moveaxis(np.empty(full_shape, dtype=np.bool_), axis, 0).shape, value.dtype)
@@ -238,12 +253,19 @@ def _save_sharded(sharded, tmp, config):
         The index's tensor table (`{key: shape, dtype, axis, ranges}`) on ranks
         that wrote a file, else None.
     """
-    tp = sharded.tp_comm
     if sharded.world.comm.rank == 0:
         os.makedirs(tmp)
     sharded.world.comm.barrier()
     if sharded.group != 0:
         return None  # data-parallel replicas hold the same slices as group 0
+    # One file per rank of this process: several under MirroredStrategy.
+    tables = [_save_rank(replica.model, replica.comm, tmp) for replica in sharded.replicas]
+    return tables[0]
+
+
+def _save_rank(model, tp, tmp):
+    """Writes one tensor-parallel rank's file (`model` holds its slices, `tp` is its
+    group) into `tmp`; returns its tensor table."""
     name = os.path.join(tmp, _rank_file(tp.rank, tp.size))
     store = _WriteStore(name, gather=False, write_replicated=tp.rank == 0)
     store.h5_file.attrs[RANK_ATTR] = tp.rank
@@ -253,7 +275,7 @@ def _save_sharded(sharded, tmp, config):
         if tp.rank == 0:
             archive = zipfile.ZipFile(os.path.join(tmp, "assets.zip"), "w")
             assets = saving_lib.DiskIOStore("assets", archive=archive, mode="w")
-        saving_lib._save_state(sharded.inner, weights_store=store, assets_store=assets,
+        saving_lib._save_state(model, weights_store=store, assets_store=assets,
                                inner_path="", visited_saveables=set())
     finally:
         store.close()
@@ -294,7 +316,16 @@ def _write_index(sharded, tmp, config, tensors):
 def _save_gathered(sharded, tmp, config):
     root = sharded.world.comm.rank == 0
     weights = f"{tmp}.weights.h5" if root else None
-    store = _WriteStore(weights, gather=True, write_replicated=False)
+    pieces = None
+    if len(sharded.replicas) > 1:
+        # Several ranks in this process (MirroredStrategy): the others' slices are
+        # collected first, then assembled as rank 0's store writes each weight.
+        pieces = {}
+        for replica in sharded.replicas[1:]:
+            saving_lib._save_state(replica.model, weights_store=_WriteStore(
+                None, gather=True, write_replicated=False, pieces=pieces),
+                assets_store=None, inner_path="", visited_saveables=set())
+    store = _WriteStore(weights, gather=True, write_replicated=False, pieces=pieces)
     zf = zipfile.ZipFile(tmp, "w") if root else None
     assets = saving_lib.DiskIOStore("assets", archive=zf, mode="w") if root else None
     try:
