@@ -25,12 +25,14 @@ both) and `tfshard.load` at TP=2 and TP=4 (the worst rank). Ratios are
 against the unsharded `tfshard.load` of the same run.
 
     .venv/bin/python scripts/bench.py load --np 2 4
+    .venv/bin/python scripts/bench.py load --np 2 --backends mpi mirrored multiworker
 
 Suite `generate`: greedy generation with keras-hub's loop and KV cache, for
 SmolLM2 (real weights) or a built-in model: per-token decode latency and
 prefill throughput, unsharded (one process, every core) and at TP=N under
-./horovodrun.sh on each of `--backends` (mpi: tfshard's MPI ops; horovod-mpi:
-Horovod's ops over its MPI controller; gloo: horovodrun --gloo). The unsharded
+each of `--backends` (mpi: tfshard's MPI ops under ./horovodrun.sh; horovod-mpi:
+Horovod's ops over its MPI controller; gloo: horovodrun --gloo; mirrored:
+MirroredStrategy replicas in one process; multiworker: `tfshard launch`). The unsharded
 model runs at 1 thread and at every core; ratios are against the faster.
 Both are measured inside `generate()` itself: two prompts padded to the same
 length L, one leaving 1 token to generate and one leaving 1+K; keras-hub's
@@ -38,6 +40,7 @@ prefill runs over all L positions either way, so the difference is exactly K
 decode steps, and prefill = the first time minus one step.
 
     .venv/bin/python scripts/bench.py generate --np 2 3
+    .venv/bin/python scripts/bench.py generate --np 2 --backends mpi mirrored multiworker
 
 Suite `precision`: SmolLM2 at TP=N (MPI) loaded in float32, bfloat16, int8
 (`quantize="int8"`) and int4 (loaded whole, `quantize("int4")` by Keras, sharded): weight bytes held per rank, the load's peak RSS rise, decode
@@ -186,7 +189,8 @@ def _generate_child(args):
     from tfshard import comm as comm_lib
     from tfshard import models
 
-    if args.mode == "sharded":
+    strategy = _mirrored_strategy(args)
+    if args.mode in ("sharded", "mirrored"):
         world = tfshard.init()
     else:
         if args.threads:
@@ -197,9 +201,9 @@ def _generate_child(args):
         world = tfshard.World(comm_lib.create("local"), "local")
     if args.source in models.NAMES:
         model, vocab, _ = models.build(args.source, seed=0, dtype=args.dtype)
-        target = tfshard.shard(model, world=world)
+        target = tfshard.shard(model, world=world, strategy=strategy)
     else:
-        target = _open(args.source, world, args.dtype, args.quantize)
+        target = _open(args.source, world, args.dtype, args.quantize, strategy)
         vocab = target.inner.backbone.vocabulary_size
     length, new = args.length, args.new_tokens
     ids = np.random.default_rng(1).integers(1, vocab, (args.batch, length)).astype("int32")
@@ -222,7 +226,7 @@ def _generate_child(args):
     step = (b - a) / new
     result = {"decode_ms": step * 1e3, "prefill_s": a - step, "generate_s": b,
               "prefill_tokens": args.batch * length, "new_tokens": new + 1,
-              "all_one_s": t_one, "all_many_s": t_many, "ranks": world.size,
+              "all_one_s": t_one, "all_many_s": t_many, "ranks": target.size,
               "param_bytes_per_rank": int(sum(np.asarray(v).nbytes for v in target.inner.weights))}
     if world.rank == 0:
         print("RESULT " + json.dumps(result), flush=True)
@@ -239,8 +243,8 @@ def suite_generate(args):
                   _run(me + child + ["--mode", "unsharded", "--threads", str(t)], args.timeout))
                  for t in sorted({1, os.cpu_count() or 1})]
     rows = list(unsharded)
-    for backend in args.backends:
-        for n in args.np:
+    for n in args.np:  # each TP size on every backend, side by side
+        for backend in args.backends:
             name = f"TP={n}" + ("" if backend == "mpi" else f" {backend}")
             rows.append((name, _run(_launch(backend, n, me + child + ["--mode", "sharded"]),
                                     args.timeout, env=BACKEND_ENV.get(backend))))
@@ -280,7 +284,8 @@ def _load_child(args):
 
     import tfshard
 
-    world = tfshard.init() if args.mode == "sharded" else None
+    strategy = _mirrored_strategy(args)
+    world = tfshard.init() if args.mode in ("sharded", "mirrored") else None
     if world is not None:
         world.comm.barrier()
     with open("/proc/self/clear_refs", "w") as f:
@@ -291,8 +296,9 @@ def _load_child(args):
         model = keras.saving.load_model(args.source)
         held = sum(v.numpy().nbytes for v in model.weights)
     else:
-        model = _open(args.source, world, args.dtype, args.quantize)
-        held = sum(v.numpy().nbytes for v in model.inner.weights)
+        model = _open(args.source, world, args.dtype, args.quantize, strategy)
+        # Every replica of this process (MirroredStrategy: all of them, in one process).
+        held = sum(v.numpy().nbytes for r in model.replicas for v in r.model.weights)
     seconds = time.perf_counter() - t0
     result = {"rise_mib": _hwm_mib() - base, "after_mib": _rss_mib() - base,
               "baseline_mib": base, "seconds": seconds, "weights_mib": held / 2**20}
@@ -327,11 +333,15 @@ def suite_load(args):
         if source.endswith(".keras"):
             rows.append(("keras.saving.load_model", _run(me + child + ["--mode", "keras"], args.timeout)))
         rows.append(("tfshard.load, 1 process", _run(me + child + ["--mode", "unsharded"], args.timeout)))
+        base_row = len(rows) - 1
         for n in args.np:
-            rows.append((f"tfshard.load TP={n}", _run(
-                _launch("mpi", n, me + child + ["--mode", "sharded"]), args.timeout)))
-        base = rows[-1 - len(args.np)][1]["rise_mib"]
-        print(f"\nload: {label}; peak RSS rise over the post-import baseline (worst rank)")
+            for backend in args.backends:
+                name = f"tfshard.load TP={n}" + ("" if backend == "mpi" else f" {backend}")
+                rows.append((name, _run(_launch(backend, n, me + child + ["--mode", "sharded"]),
+                                        args.timeout, env=BACKEND_ENV.get(backend))))
+        base = rows[base_row][1]["rise_mib"]
+        print(f"\nload: {label}; peak RSS rise over the post-import baseline (worst process; "
+              "a mirrored process holds all its replicas)")
         print(f"{'run':<26} {'rise MiB':>9} {'vs 1 proc':>10} {'held MiB':>9} {'weights MiB':>12} {'s':>7}")
         for name, r in rows:
             print(f"{name:<26} {r['rise_mib']:>9.0f} {r['rise_mib'] / base:>9.2f}x "
@@ -360,7 +370,7 @@ VARIANTS = {"float32": {"dtype": "float32"}, "bfloat16": {"dtype": "bfloat16"},
             "int8": {"quantize": "int8"}, "int4": {"quantize": "int4"}}
 
 
-def _open(source, world, dtype=None, quantize=None):
+def _open(source, world, dtype=None, quantize=None, strategy=None):
     """`tfshard.load(source, ...)`; for int4, which tfshard quantizes only before sharding,
     each rank loads the whole model, quantizes it with Keras and shards it. (Not through a
     saved int4 file: keras-hub 0.32's LlamaBackbone.get_config drops tie_word_embeddings,
@@ -368,13 +378,13 @@ def _open(source, world, dtype=None, quantize=None):
     import tfshard
 
     if quantize != "int4":
-        return tfshard.load(source, world=world, dtype=dtype, quantize=quantize)
+        return tfshard.load(source, world=world, dtype=dtype, quantize=quantize, strategy=strategy)
     from tfshard import comm as comm_lib
 
     whole = tfshard.load(source, world=tfshard.World(comm_lib.create("local"), "local"),
                          dtype=dtype)
     whole.inner.quantize("int4")
-    sharded = tfshard.shard(whole.inner, world=world)
+    sharded = tfshard.shard(whole.inner, world=world, strategy=strategy)
     sharded.attach_source(source, whole.preprocessor)
     return sharded
 
@@ -540,10 +550,22 @@ def _comm_child(args):
 
     if strategy is None:
         world = tfshard.init()
-        comm, strategy, rank = world.comm, world.strategy, world.rank
+        comms, strategy, rank = [world.comm], world.strategy, world.rank
     else:
-        comm, rank = comm_lib.for_replicas(strategy)[0], 0
-    size = comm.size
+        comms, rank = comm_lib.for_replicas(strategy), 0
+    size = comms[0].size
+
+    class _Own:
+        """The calling replica's own communicator (each replica of a MirroredStrategy
+        launches its collectives from its own device, with its own keys)."""
+
+        def __getattr__(self, name):
+            if len(comms) == 1:
+                return getattr(comms[0], name)
+            ctx = tf.distribute.get_replica_context()
+            return getattr(comms[int(tf.get_static_value(ctx.replica_id_in_sync_group))], name)
+
+    comm = _Own()
 
     def chain(op):
         def steps(x):
@@ -557,7 +579,7 @@ def _comm_child(args):
 
     def ops(shape):
         extra = {}
-        if comm.backend == "mpi":
+        if comms[0].backend == "mpi":
             # The simpler design measured against tfshard's op: mpi4py through
             # tf.numpy_function (each call crosses into Python and takes the GIL).
             from mpi4py import MPI
@@ -745,10 +767,13 @@ def main():
     sub = parser.add_subparsers(dest="suite", required=True)
     p = sub.add_parser("load")
     p.add_argument("--np", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--backends", nargs="+", choices=("mpi", "mirrored", "multiworker"),
+                   default=["mpi"])
     p.add_argument("--timeout", type=int, default=1800)
     p = sub.add_parser("_load")
     p.add_argument("--source", required=True)
-    p.add_argument("--mode", choices=["keras", "unsharded", "sharded"], required=True)
+    p.add_argument("--mode", choices=["keras", "unsharded", "sharded", "mirrored"], required=True)
+    p.add_argument("--replicas", type=int, default=0)
     p.add_argument("--dtype", default=None)
     p.add_argument("--quantize", default=None)
     for name in ("precision", "_agree"):
@@ -770,12 +795,12 @@ def main():
         p.add_argument("--quantize", default=None)
         if name == "generate":
             p.add_argument("--np", type=int, nargs="+", default=[2, 3])
-            p.add_argument("--backends", nargs="+", choices=("mpi", "horovod-mpi", "gloo"),
-                           default=["mpi"])
+            p.add_argument("--backends", nargs="+", choices=BACKENDS, default=["mpi"])
             p.add_argument("--timeout", type=int, default=1800)
         else:
-            p.add_argument("--mode", choices=["sharded", "unsharded"], required=True)
+            p.add_argument("--mode", choices=["sharded", "unsharded", "mirrored"], required=True)
             p.add_argument("--threads", type=int, default=0)
+            p.add_argument("--replicas", type=int, default=0)
     for name in ("forward", "predict", "_child"):
         p = sub.add_parser(name)
         p.add_argument("--model", default="gpt2")

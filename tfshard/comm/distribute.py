@@ -138,7 +138,7 @@ class _CollectiveKeys:
 _KEYS = _CollectiveKeys()
 
 
-def _launcher(members, device, options):
+def _launcher(members, device, timeout=None):
     """TensorFlow's collective launcher for one replica of the group `members`.
 
     tf.distribute's own replica-context collectives go through `merge_call`,
@@ -146,12 +146,21 @@ def _launcher(members, device, options):
     keras-hub's `generate` is a `tf.while_loop`); this launcher issues the
     collective ops (`all_reduce_v2` / `all_gather_v2`, with ordering tokens)
     straight from each replica's trace, as tf.distribute does under XLA.
+
+    `timeout`: seconds, or None. TensorFlow starts one thread per collective that
+    has a timeout, which sleeps for the whole timeout: thousands of decode-step
+    collectives exhaust the process's threads. So the collectives of a forward
+    or a decode step have none: under MultiWorker the watchdog
+    (`tfshard.comm.watchdog`) ends a step a peer never joins, with the rank
+    named; under MirroredStrategy a replica that fails cancels the whole step.
+    Host-side collectives of a group, few and outside any step's function, keep
+    tfshard's timeout.
     """
     from tensorflow.python.distribute import collective_util, cross_device_utils
 
     return cross_device_utils.CollectiveReplicaLauncher(
         _KEYS.group_key(members), len(members), _KEYS, device,
-        collective_util.Options(timeout_seconds=options.timeout_seconds))
+        collective_util.Options(timeout_seconds=timeout))
 
 
 def out_of_line(fn):
@@ -206,7 +215,7 @@ class ReplicaCommunicator(Communicator):
         self._watchdog = None
         local = strategy.extended.worker_devices
         self._device = local[0] if self.backend == "multiworker" else local[self._members[self._rank]]
-        self._launch = None  # the collective launcher, made at the first traced collective
+        self._launch = self._timed_launch = None  # collective launchers, made when first used
 
     def _split(self, group_size):
         first = self._members[self._rank // group_size * group_size]
@@ -245,9 +254,16 @@ class ReplicaCommunicator(Communicator):
             )
         return None
 
-    def _launcher(self):
+    def _launcher(self, timed=False):
+        """The launcher of this replica's collectives inside traced steps (no timeout), or
+        with `timed`, of its host-side ones (tfshard's timeout)."""
+        if timed:
+            if self._timed_launch is None:
+                self._timed_launch = _launcher(self._members, self._device,
+                                               self._options.timeout_seconds)
+            return self._timed_launch
         if self._launch is None:
-            self._launch = _launcher(self._members, self._device, self._options)
+            self._launch = _launcher(self._members, self._device)
         return self._launch
 
     def _collective(self, op, x, traced_op):
@@ -271,7 +287,7 @@ class ReplicaCommunicator(Communicator):
             # A group of some replicas, one per process: its collective ops alone, traced
             # here. (Several replicas of one process never get here eagerly:
             # _replica_context raised, or ShardedModel traced its step.)
-            launcher = self._launcher()
+            launcher = self._launcher(timed=True)
             out = tf.function(lambda v: traced_op(launcher, v), autograph=False)(
                 tf.cast(x, wire))
             return tf.cast(out, x.dtype)
