@@ -123,8 +123,6 @@ EXPECTED_ERRORS = {
     "err_wrong_rank": ("ValueError", ["rank 3", "(5, 12, 1)", "expects rank 2"]),
 }
 MIRRORED_ERRORS = {
-    "err_tensor_parallel": ("NotImplementedError", ["tensor_parallel=1", "tensor_parallel=None",
-                                                    "tfshard launch"]),
     "err_tensor_parallel_not_dividing": ("ValueError", ["tensor_parallel=5", "does not divide"]),
     "err_inside_scope": ("ValueError", ["inside a strategy scope", "call it outside"]),
     "err_built_in_scope": ("ValueError", ["mirrored on every device", "outside strategy.scope()"]),
@@ -154,14 +152,21 @@ DP_RUNS = ["numpy_even", "numpy_weighted", "numpy_adaptive", "dataset", "generat
            "pydataset_weighted", "steps", "predict_on_batch"]
 
 
-def test_data_parallel_groups_under_multiworker(suite_runs):
-    """tfshard launch -n 4, tensor_parallel=2: two groups of two processes, each group's
-    collectives on its own (TensorFlow collective groups); predict's schedules and input
-    kinds, generate and save as under horovodrun."""
+@pytest.mark.parametrize("backend", ["multiworker", "mirrored"])
+def test_data_parallel_groups_under_tf_distribute(suite_runs, backend):
+    """4 replicas, tensor_parallel=2: two groups of two. MultiWorker (tfshard launch -n
+    4): groups of processes, each group's collectives on its own (TensorFlow collective
+    groups). MirroredStrategy (one process, 4 logical CPUs): each group a
+    MirroredStrategy of its 2 devices, the groups running in threads. predict's
+    schedules and input kinds, generate and save as under horovodrun."""
     from test_predict import _assert_matches
 
-    ranks = suite_runs("dp_distribute", 4, launcher="tfshard")
-    assert ranks[0]["backend"] == "multiworker"
+    if backend == "mirrored":
+        ranks = suite_runs("dp_distribute", 1, launcher="none", mirrored=4)
+        assert ranks[0]["backend"] == "local" and ranks[0]["replicas"] == 4
+    else:
+        ranks = suite_runs("dp_distribute", 4, launcher="tfshard")
+        assert ranks[0]["backend"] == "multiworker"
     for name in ("mlp", "gpt2", "llama"):
         for rank, rec in enumerate(case_on_all_ranks(ranks, f"dp_{name}")):
             assert rec["ok"], f"rank {rank}: {rec.get('message')}\n{rec.get('traceback')}"
@@ -178,6 +183,7 @@ def test_data_parallel_groups_under_multiworker(suite_runs):
         assert rec["files"] == ["rank-00000-of-00002.h5", "rank-00001-of-00002.h5",
                                 "tfshard.json"], rec["files"]
         _assert_matches(rec, f"dp checkpoint reloaded in one process, rank {rank}")
+        _assert_matches(rec["reloaded_in_groups"], f"dp checkpoint loaded in groups, rank {rank}")
 
 
 def _orphans(marker):

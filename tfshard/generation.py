@@ -250,6 +250,10 @@ def _concat(parts, kind):
 def generate(sharded, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False,
              sampler=None):
     """`ShardedModel.generate` (see there)."""
+    if sharded.group_models:
+        return _generate_in_groups(sharded, inputs, max_length=max_length,
+                                   stop_token_ids=stop_token_ids, strip_prompt=strip_prompt,
+                                   sampler=sampler)
     model = sharded.inner
     where = sharded.call_site("generate")
     if not (hasattr(model, "generate_step") and hasattr(model, "call_with_cache")):
@@ -340,6 +344,46 @@ def generate(sharded, inputs, max_length=None, stop_token_ids="auto", strip_prom
     if is_scalar:
         return parts[0]
     return _concat(parts, kind)
+
+
+def _generate_in_groups(sharded, inputs, sampler=None, **kwargs):
+    """MirroredStrategy's data-parallel groups, all in this process: the prompts are
+    shared out as under horovodrun (contiguous rows), each group generates its share
+    in a thread of its own (TensorFlow releases the GIL while it computes), and the
+    results are joined in input order. Each group gets its own copy of a sampler
+    object, in the same seed state."""
+    import keras
+    from concurrent.futures import ThreadPoolExecutor
+
+    groups = sharded.group_models
+    rows, is_scalar, kind = _rows(inputs)
+    if kind is None or is_scalar or rows < 2:  # one prompt (or a bad input): group 0
+        work = [(groups[0], inputs)]
+    else:
+        work = [(groups[g], _take(inputs, kind, start, stop))
+                for g, (start, stop) in enumerate(even_ranges(rows, len(groups))) if stop > start]
+
+    def own_sampler(group):
+        if sampler is None or isinstance(sampler, str) or group is groups[0]:
+            return sampler
+        own = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(sampler))
+        for mine, theirs in zip(getattr(own, "variables", []), getattr(sampler, "variables", [])):
+            mine.assign(theirs.numpy())
+        return own
+
+    # Made before any group starts drawing from `sampler`.
+    work = [(group, part, own_sampler(group)) for group, part in work]
+    for group, _, _ in work:
+        if group.preprocessor is None and sharded.preprocessor is not None:
+            group.attach_source(sharded.source, sharded.preprocessor)
+
+    def run(item):
+        group, part, own = item
+        return group.generate(part, sampler=own, **kwargs)
+
+    with ThreadPoolExecutor(len(work)) as pool:
+        parts = list(pool.map(run, work))
+    return parts[0] if len(parts) == 1 else _concat(parts, kind)
 
 
 def _to_wire(out):

@@ -139,7 +139,8 @@ _KEYS = _CollectiveKeys()
 
 
 def _launcher(members, device, timeout=None):
-    """TensorFlow's collective launcher for one replica of the group `members`.
+    """TensorFlow's collective launcher for one replica of the group `members` (what
+    names the group: ranks, or devices).
 
     tf.distribute's own replica-context collectives go through `merge_call`,
     which MirroredStrategy cannot run inside control flow (the decode loop of
@@ -215,6 +216,11 @@ class ReplicaCommunicator(Communicator):
         self._watchdog = None
         local = strategy.extended.worker_devices
         self._device = local[0] if self.backend == "multiworker" else local[self._members[self._rank]]
+        # What names the group to TensorFlow: the members' ranks in the job (the same on
+        # every worker), or in one process their devices (several MirroredStrategy
+        # groups in one process each count their replicas from 0).
+        self._group = self._members if self.backend == "multiworker" else tuple(
+            local[m] for m in self._members)
         self._launch = self._timed_launch = None  # collective launchers, made when first used
 
     def _split(self, group_size):
@@ -259,11 +265,11 @@ class ReplicaCommunicator(Communicator):
         with `timed`, of its host-side ones (tfshard's timeout)."""
         if timed:
             if self._timed_launch is None:
-                self._timed_launch = _launcher(self._members, self._device,
+                self._timed_launch = _launcher(self._group, self._device,
                                                self._options.timeout_seconds)
             return self._timed_launch
         if self._launch is None:
-            self._launch = _launcher(self._members, self._device)
+            self._launch = _launcher(self._group, self._device)
         return self._launch
 
     def _collective(self, op, x, traced_op):
