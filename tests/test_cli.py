@@ -172,6 +172,11 @@ def test_predict_and_inspect_check_of_a_file_with_replicas_in_one_process(tmp_pa
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert "(MirroredStrategy, 2 replicas in one process) vs unsharded" in res.stdout
     assert res.stdout.splitlines()[-1].startswith("no layer parts:"), res.stdout[-2000:]
+    # The same file under tfshard launch (MultiWorker): each worker loads its slices.
+    code, out, secs = launch(2, ["-m", "tfshard", "inspect", tmp_path / "mine.keras", "--check",
+                                 "--input", tmp_path / "x.npy"], timeout=300, launcher="tfshard")
+    assert code == 0, out[-3000:]
+    assert "at TP=2 (multiworker) vs unsharded" in out and "[0] no layer parts:" in out, out[-3000:]
 
 
 def test_predict_cli_text_prompts_real_smollm2(tmp_path):
