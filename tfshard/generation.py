@@ -169,18 +169,30 @@ def _share_sampler(sharded):
     """Gives every further local replica (MirroredStrategy) its own copy of replica 0's
     sampler, in the same seed state: each replica draws on its own device, and all
     draw the same tokens."""
-    import keras
-
     first = sharded.inner.sampler
     for replica in sharded.replicas[1:]:
         own = getattr(replica.model, "sampler", None)
         if own is None or own is first or type(own) is not type(first) or \
                 own.get_config() != first.get_config():
-            own = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(first))
-            replica.model.compile(sampler=own)
+            replica.model.compile(sampler=_sampler_copy(first))
             sharded.inner.generate_function = None  # its trace holds the replicas' samplers
-        for mine, theirs in zip(getattr(own, "variables", []), getattr(first, "variables", [])):
-            mine.assign(theirs.numpy())
+        else:
+            _copy_seed_state(own, first)
+
+
+def _copy_seed_state(to, sampler):
+    """Sets sampler `to`'s seed state (its variables) to `sampler`'s."""
+    for mine, theirs in zip(getattr(to, "variables", []), getattr(sampler, "variables", [])):
+        mine.assign(theirs.numpy())
+
+
+def _sampler_copy(sampler):
+    """A new sampler of `sampler`'s kind and config, in its seed state."""
+    import keras
+
+    own = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(sampler))
+    _copy_seed_state(own, sampler)
+    return own
 
 
 _SAMPLER_NAMES = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
@@ -352,7 +364,6 @@ def _generate_in_groups(sharded, inputs, sampler=None, **kwargs):
     in a thread of its own (TensorFlow releases the GIL while it computes), and the
     results are joined in input order. Each group gets its own copy of a sampler
     object, in the same seed state."""
-    import keras
     from concurrent.futures import ThreadPoolExecutor
 
     groups = sharded.group_models
@@ -366,10 +377,7 @@ def _generate_in_groups(sharded, inputs, sampler=None, **kwargs):
     def own_sampler(group):
         if sampler is None or isinstance(sampler, str) or group is groups[0]:
             return sampler
-        own = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(sampler))
-        for mine, theirs in zip(getattr(own, "variables", []), getattr(sampler, "variables", [])):
-            mine.assign(theirs.numpy())
-        return own
+        return _sampler_copy(sampler)
 
     # Made before any group starts drawing from `sampler`.
     work = [(group, part, own_sampler(group)) for group, part in work]

@@ -113,9 +113,9 @@ _GROUP_KEY_BASE = 1 << 29
 class _CollectiveKeys:
     """Group and instance keys of tfshard's collective ops in this process.
 
-    A group's key is a function of its members' global ranks alone, so every
-    process computes the same key for a group and different keys for the
-    others. Instance keys count per (group, device) as in tf.distribute's own
+    A group's key is a function of what names its members alone (their ranks
+    in the job, or in one process their devices), so every process computes the
+    same key for a group and different keys for the others. Instance keys count per (group, device) as in tf.distribute's own
     `CollectiveKeys`: every replica launches the same collectives in the same
     order, so its k-th collective meets the others' k-th.
     """
