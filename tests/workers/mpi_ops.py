@@ -97,6 +97,24 @@ else:
     comm.send(tf.constant(data(rank, (5,))), dest=nxt, tag=7)
 check("recv", got, data(prv, (5,)))
 
+# Point to point with a shape header: the receiver learns the batch dim, also traced.
+sent = data(rank, (2 + rank, 3))
+
+
+@tf.function
+def send(v):
+    comm.send(v, dest=nxt, tag=8, header=True)
+
+
+recv = tf.function(lambda: comm.recv([None, 3], tf.float32, source=prv, tag=8, header=True))
+if rank % 2 == 0:
+    send(tf.constant(sent))
+    got = recv()
+else:
+    got = recv()
+    send(tf.constant(sent))
+check("recv with header", got, data(prv, (2 + prv, 3)))
+
 # Host-side helpers and sub-groups.
 rows = np.full((rank + 1, 2), rank, np.float32)
 root = comm.gather_to_root(rows)

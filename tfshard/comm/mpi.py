@@ -219,19 +219,46 @@ class MPICommunicator(Communicator):
     def barrier(self):
         self.allreduce_sum(tf.zeros([1], tf.int32), name="barrier")
 
-    def send(self, x, dest, tag=0, name=None):
+    def send(self, x, dest, tag=0, name=None, header=False):
         """Sends `x` to rank `dest` of this group (point to point, for pipeline stages).
 
+        Args:
+            x: the tensor.
+            dest: the receiving rank.
+            tag: matches the receiver's `tag`.
+            name: optional op name (shown in errors).
+            header: send `x`'s shape first, for a receiver that does not know
+                every dim (`recv` with None dims and `header=True`).
+
         Returns:
-            The op (eagerly, None once sent); the receiver must know shape and dtype.
+            The op (eagerly, None once sent).
         """
         return self._ops.tfshard_mpi_send(tf.convert_to_tensor(x), peer=int(dest), tag=int(tag),
-                                          **self._attrs(name))
+                                          header=bool(header), **self._attrs(name))
 
-    def recv(self, shape, dtype, source, tag=0, name=None):
-        """Receives a tensor of `shape` and `dtype` sent by rank `source` of this group."""
-        return self._ops.tfshard_mpi_recv(shape=list(shape), dtype=tf.as_dtype(dtype),
-                                          peer=int(source), tag=int(tag), **self._attrs(name))
+    def recv(self, shape, dtype, source, tag=0, name=None, header=False):
+        """Receives a tensor of `shape` and `dtype` sent by rank `source` of this group.
+
+        Args:
+            shape: the tensor's shape; None dims are taken from the sender's
+                header (then `header=True`, as the sender's).
+            dtype: its dtype.
+            source: the sending rank.
+            tag: matches the sender's `tag`.
+            name: optional op name (shown in errors).
+            header: the sender sends the shape first (see `send`).
+
+        Returns:
+            The tensor.
+
+        Raises:
+            tf.errors.InvalidArgumentError: the sender's shape or dtype differs.
+            tf.errors.DeadlineExceededError: nothing came within the deadline.
+        """
+        shape = tf.TensorShape([None if d is None else int(d) for d in shape])
+        return self._ops.tfshard_mpi_recv(shape=shape, dtype=tf.as_dtype(dtype),
+                                          peer=int(source), tag=int(tag), header=bool(header),
+                                          **self._attrs(name))
 
     def gather_to_root(self, array):
         array = np.ascontiguousarray(array)

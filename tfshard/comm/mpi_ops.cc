@@ -658,6 +658,7 @@ class SendOp : public CollectiveOp {
   explicit SendOp(OpKernelConstruction* ctx) : CollectiveOp(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("peer", &peer_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("tag", &tag_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("header", &header_));
   }
   void Compute(OpKernelContext* ctx) override {
     const Tensor& in = ctx->input(0);
@@ -665,6 +666,15 @@ class SendOp : public CollectiveOp {
     c.sig = 0;  // point to point: the receiver checks the size it got
     OP_REQUIRES(ctx, in.TotalBytes() <= INT32_MAX,
                 tensorflow::errors::InvalidArgument(c.what, ": over 2 GiB"));
+    if (header_) {
+      // The shape first, so the receiver can allocate a tensor of dims it did not know.
+      std::vector<int64_t> dims(in.dims());
+      for (int i = 0; i < in.dims(); ++i) dims[i] = in.dim_size(i);
+      OP_REQUIRES_OK(ctx, run(c, "MPI_Isend", [&](MPI_Request* r) {
+        return MPI_Isend(dims.data(), static_cast<int>(dims.size()), MPI_INT64_T, peer_, tag_,
+                         comm_, r);
+      }));
+    }
     OP_REQUIRES_OK(ctx, run(c, "MPI_Isend", [&](MPI_Request* r) {
       return MPI_Isend(in.data(), static_cast<int>(in.TotalBytes()), MPI_BYTE, peer_, tag_,
                        comm_, r);
@@ -673,6 +683,7 @@ class SendOp : public CollectiveOp {
 
  private:
   int peer_, tag_;
+  bool header_;
 };
 
 class RecvOp : public CollectiveOp {
@@ -682,11 +693,45 @@ class RecvOp : public CollectiveOp {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("tag", &tag_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("shape", &shape_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("dtype", &dtype_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("header", &header_));
+    OP_REQUIRES(ctx, header_ || shape_.IsFullyDefined(),
+                tensorflow::errors::InvalidArgument(
+                    "tfshard MPI receive: shape ", shape_.DebugString(),
+                    " has unknown dims; the sender must send a header (header=True)"));
   }
   void Compute(OpKernelContext* ctx) override {
+    TensorShape shape;
+    std::string from = "receive from rank " + std::to_string(peer_);
+    if (header_) {
+      std::vector<int64_t> dims(shape_.dims());
+      Tensor probe(dtype_, TensorShape({}));
+      Call h = call(from + " (shape)", probe);
+      h.sig = 0;
+      MPI_Status status;
+      OP_REQUIRES_OK(ctx, run(h, "MPI_Irecv", [&](MPI_Request* r) {
+        return MPI_Irecv(dims.data(), static_cast<int>(dims.size()), MPI_INT64_T, peer_, tag_,
+                         comm_, r);
+      }, &status));
+      int got = 0;
+      MPI_Get_count(&status, MPI_INT64_T, &got);
+      OP_REQUIRES(ctx, got == shape_.dims(),
+                  tensorflow::errors::InvalidArgument(
+                      "tfshard MPI ", from, ": rank ", peer_, " sent a tensor of rank ", got,
+                      ", expected ", shape_.DebugString()));
+      for (int i = 0; i < shape_.dims(); ++i) {
+        OP_REQUIRES(ctx, shape_.dim_size(i) < 0 || shape_.dim_size(i) == dims[i],
+                    tensorflow::errors::InvalidArgument(
+                        "tfshard MPI ", from, ": rank ", peer_, " sends dim ", i, " = ",
+                        dims[i], ", expected ", shape_.DebugString()));
+        shape.AddDim(dims[i]);
+      }
+    } else {
+      OP_REQUIRES(ctx, shape_.AsTensorShape(&shape),
+                  tensorflow::errors::InvalidArgument("bad shape ", shape_.DebugString()));
+    }
     Tensor* out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape_, &out));
-    Call c = call("receive from rank " + std::to_string(peer_), *out);
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &out));
+    Call c = call(from, *out);
     c.sig = 0;
     OP_REQUIRES(ctx, out->TotalBytes() <= INT32_MAX,
                 tensorflow::errors::InvalidArgument(c.what, ": over 2 GiB"));
@@ -706,8 +751,9 @@ class RecvOp : public CollectiveOp {
 
  private:
   int peer_, tag_;
-  TensorShape shape_;
+  tensorflow::PartialTensorShape shape_;
   DataType dtype_;
+  bool header_;
 };
 
 #define TFSHARD_COMMON_ATTRS                                                         \
@@ -759,6 +805,7 @@ REGISTER_OP("TfshardMpiSend")
     .Attr(TFSHARD_TYPES)
     .Attr("peer: int")
     .Attr("tag: int = 0")
+    .Attr("header: bool = false")
     .TFSHARD_COMMON_ATTRS
     .SetIsStateful()
     .SetShapeFn(tensorflow::shape_inference::NoOutputs);
@@ -769,6 +816,7 @@ REGISTER_OP("TfshardMpiRecv")
     .Attr("shape: shape")
     .Attr("peer: int")
     .Attr("tag: int = 0")
+    .Attr("header: bool = false")
     .TFSHARD_COMMON_ATTRS
     .SetIsStateful()
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
