@@ -105,16 +105,16 @@ def nested_subclassed():
     return model, x
 
 
-def gpt2():
+def gpt2(num_layers=2):
     """GPT-2 CausalLM (tied logits, vocab 50257), tiny otherwise."""
     return from_config("GPT2Backbone", "GPT2CausalLM", seed=13, vocabulary_size=50257,
-                       num_layers=2, num_heads=4, hidden_dim=16, intermediate_dim=32,
+                       num_layers=num_layers, num_heads=4, hidden_dim=16, intermediate_dim=32,
                        max_sequence_length=32), _lm_inputs(50257)
 
 
-def bert():
+def bert(num_layers=2):
     """BERT backbone: dict inputs, dict outputs (sequence + pooled)."""
-    model = from_config("BertBackbone", seed=14, vocabulary_size=211, num_layers=2,
+    model = from_config("BertBackbone", seed=14, vocabulary_size=211, num_layers=num_layers,
                         num_heads=4, hidden_dim=24, intermediate_dim=48, max_sequence_length=32)
     x = _lm_inputs(211)
     x["segment_ids"] = np.zeros_like(x["token_ids"])
@@ -122,10 +122,10 @@ def bert():
     return model, x
 
 
-def llama():
+def llama(num_layers=2):
     """Llama CausalLM with GQA: 6 query heads, 2 K/V heads (3 ranks replicate K/V)."""
     return from_config("LlamaBackbone", "LlamaCausalLM", seed=15, vocabulary_size=257,
-                       num_layers=2, num_query_heads=6, num_key_value_heads=2, hidden_dim=24,
+                       num_layers=num_layers, num_query_heads=6, num_key_value_heads=2, hidden_dim=24,
                        intermediate_dim=40), _lm_inputs(257)
 
 

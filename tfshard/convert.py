@@ -58,7 +58,7 @@ def reset_compiled_functions(model):
             layer._jit_compile = False
 
 
-def convert(model, plan, comm, world, comm_dtype=None):
+def convert(model, plan, comm, world, comm_dtype=None, before_cut=None):
     """Resolves `plan` for `comm`'s rank and cuts `model` in place.
 
     Args:
@@ -67,6 +67,9 @@ def convert(model, plan, comm, world, comm_dtype=None):
         comm: the rank's tensor-parallel `Communicator`.
         world: the `World` whose ranks agree on the resolved plan.
         comm_dtype: None, or the 16-bit dtype collectives send (see `shard`).
+        before_cut: under pipeline parallelism, called once the plan is agreed
+            on, before any layer is cut; it releases the other stages' layers
+            and returns the ids of the layers this rank runs (only those are cut).
 
     Returns:
         `(plan, meter)`: the resolved plan and the `MeteredCommunicator`
@@ -78,11 +81,14 @@ def convert(model, plan, comm, world, comm_dtype=None):
     layer_comm = comm_lib.compressed(meter, comm_dtype)  # metered after the cast
     consistency.agree(world.comm, {"plan": consistency.digest(plan.to_dict())}, "tfshard.shard()")
     by_path = {n.path: n.layer for n in walk(model)}
+    held = before_cut() if before_cut is not None else None
     for e in plan.sharded:
-        shard_layer(by_path[e.path], e, layer_comm, e.path)
+        if held is None or id(by_path[e.path]) in held:
+            shard_layer(by_path[e.path], e, layer_comm, e.path)
     by_path.setdefault(model.name, model)  # attention owned by the root model itself
     for counts in plan.attention:
-        set_head_counts(by_path[counts.path], counts, comm.rank)
+        if held is None or id(by_path[counts.path]) in held:
+            set_head_counts(by_path[counts.path], counts, comm.rank)
     generation.install_cache(model, plan, comm.rank)
     reset_compiled_functions(model)
     gc.collect()  # release the full kernels the conversion dropped

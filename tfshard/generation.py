@@ -341,17 +341,17 @@ def generate(sharded, inputs, max_length=None, stop_token_ids="auto", strip_prom
     failed = consistency.gather_failures(world, failure, bool(table[:, 0].any()))
     if failed:
         raise ValueError(f"{where}: rank {failed[0][0]} failed: {failed[0][1]}")
-    tp = sharded.tensor_parallel
+    tp = sharded.group_size
     for g in range(sharded.groups):
         group_digests = table[g * tp:(g + 1) * tp, 1]
         if (group_digests != group_digests[0]).any():
             raise ValueError(
-                f"{where}: the ranks of tensor-parallel group {g} generated different tokens "
+                f"{where}: the ranks of data-parallel group {g} generated different tokens "
                 f"(digests {group_digests.tolist()}); their logits differed. This is a bug: "
                 "please report it with the model and inputs.")
     if sharded.groups == 1:
         return out
-    parts = world.allgather_object(_to_wire(out) if sharded.tp_comm.rank == 0 else None)
+    parts = world.allgather_object(_to_wire(out) if sharded.leads_group else None)
     parts = [_from_wire(p) for p in parts[::tp] if p is not None]
     if is_scalar:
         return parts[0]

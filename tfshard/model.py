@@ -7,6 +7,7 @@ from tfshard import comm as comm_lib
 from tfshard import consistency
 from tfshard import convert
 from tfshard import copying
+from tfshard.pipeline import staged
 from tfshard.plan import Plan, ResolvedPlan
 from tfshard.sharded_model import Replica, ShardedModel
 from tfshard.world import World, init
@@ -15,7 +16,8 @@ __all__ = ["Replica", "ShardedModel", "shard", "shard_replicas"]
 
 
 def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None,
-          check_weights=True, comm_dtype=None):
+          check_weights=True, comm_dtype=None, pipeline=None, pipeline_split=None,
+          micro_batches=None):
     """Cuts a built Keras model's big kernels across the ranks of this job.
 
     The model is converted in place (as Keras's own `quantize()` does): each
@@ -54,6 +56,15 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
             The outputs are then rounded to that precision
             (`tfshard.precision`'s envelope for it). None (default):
             collectives carry the activations' own dtype.
+        pipeline: the number of pipeline stages (None or 1: none). The world is
+            then a mesh of DP x pipeline x tensor_parallel ranks (tensor_parallel
+            None: world size // pipeline, one pipeline); each rank holds one
+            stage's blocks only (a keras-hub model's transformer layers, or a
+            functional model cut where one tensor crosses), cut for tensor
+            parallelism among its stage's ranks. Needs the MPI backend.
+        pipeline_split: blocks per stage (a list of `pipeline` ints summing to
+            the model's blocks); None balances the stages by estimated FLOPs.
+        micro_batches: GPipe micro-batches per predict batch (None: 2 per stage).
 
     Returns:
         A `ShardedModel` wrapping the converted model(s).
@@ -75,6 +86,14 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
             f"tfshard.shard needs a built Keras model; got {type(model).__name__} "
             f"(built={getattr(model, 'built', None)}). Call it on an input first."
         )
+    if pipeline not in (None, 1):
+        if strategy is not None:
+            raise ValueError(
+                f"tfshard.shard({model.name!r}, pipeline={pipeline!r}) under "
+                f"{type(strategy).__name__}: pipeline stages run under MPI (./horovodrun.sh "
+                "-np N) only yet; under tf.distribute use tensor_parallel.")
+        return _shard_pipeline(model, plan, world, pipeline, tensor_parallel, pipeline_split,
+                               micro_batches, check_weights, comm_dtype)
     if strategy is not None:
         return shard_replicas(model, _as_plan(plan), strategy, world, tensor_parallel,
                               check_weights, comm_lib.check_comm_dtype(comm_dtype))
@@ -100,6 +119,25 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
     return sharded
 
 
+def _shard_pipeline(model, plan, world, pipeline, tensor_parallel, pipeline_split, micro_batches,
+                    check_weights, comm_dtype):
+    """`shard()` with pipeline stages (see `tfshard.pipeline.staged`)."""
+    tp = staged.check_mesh(world, pipeline, tensor_parallel)
+    if micro_batches is not None and (not isinstance(micro_batches, int) or micro_batches < 1):
+        raise ValueError(f"micro_batches must be an int >= 1; got {micro_batches!r}.")
+    plan = _as_plan(plan)
+    source_config, config_error = copying.serialize_model(model)
+    comm_dtype = comm_lib.check_comm_dtype(comm_dtype)
+    graph, stage_plan = staged.plan_pipeline(model, pipeline, pipeline_split, plan, tp)
+    _agree_on_model(world, model, tp, check_weights, comm_dtype,
+                    {"pipeline": consistency.digest([pipeline, stage_plan.to_dict()])})
+    sharded = staged.shard_stages(model, graph, stage_plan, plan, world, pipeline, tp,
+                                  comm_dtype, micro_batches)
+    object.__setattr__(sharded, "source_config", source_config)
+    object.__setattr__(sharded, "source_config_error", config_error)
+    return sharded
+
+
 def _as_plan(plan):
     if plan is None or (isinstance(plan, str) and plan == "auto"):
         return Plan.auto()
@@ -112,9 +150,9 @@ def _as_plan(plan):
     return plan
 
 
-def _agree_on_model(world, model, tp_size, check_weights, comm_dtype=None):
+def _agree_on_model(world, model, tp_size, check_weights, comm_dtype=None, extra=None):
     """Ranks agree on the model (class, structure and, unless told not to, its
-    weight values) and on the mesh before anything else collective."""
+    weight values) and on the mesh (and `extra` digests) before anything else collective."""
     if world.comm.size == 1:
         return
     parts = {"model structure": consistency.digest(consistency.model_structure(model)),
@@ -122,6 +160,7 @@ def _agree_on_model(world, model, tp_size, check_weights, comm_dtype=None):
              "world size": consistency.digest(world.comm.size),
              "tensor_parallel": consistency.digest(tp_size),
              "comm_dtype": consistency.digest(str(comm_dtype))}
+    parts.update(extra or {})
     if check_weights:
         parts["weight values"] = consistency.weights_digest(model)
     consistency.agree(world.comm, parts, "tfshard.shard()")

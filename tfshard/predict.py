@@ -453,7 +453,7 @@ def run(sharded, x, batch_size, verbose, steps, callbacks, schedule, weights, ga
         failed = consistency.gather_failures(world, failure, bool(table[:, 3].any()))
         if failed:
             raise ValueError(f"{where}: rank {failed[0][0]} failed on {failed[0][1]}")
-        leaders = [g * sharded.tensor_parallel for g in range(sharded.groups)]
+        leaders = [g * sharded.group_size for g in range(sharded.groups)]
         scheduler.observe([(int(table[r, 0]), int(table[r, 1]), float(table[r, 2]))
                            for r in leaders])
     cbs.on_predict_end()
@@ -461,7 +461,7 @@ def run(sharded, x, batch_size, verbose, steps, callbacks, schedule, weights, ga
     if sharded.groups == 1 or len(sharded.local_groups) == sharded.groups:
         # Every batch is in this process: nothing to exchange.
         return local_outputs(done, where, gather != "rank0" or world.rank == 0), report
-    return gather_outputs(world, sharded.tp_comm.rank == 0, done, where, gather), report
+    return gather_outputs(world, sharded.leads_group, done, where, gather), report
 
 
 def _run_group(model, batches, where):

@@ -49,18 +49,21 @@ class ShardedModel(keras.Model):
         group_models: under a MirroredStrategy split into data-parallel groups,
             one `ShardedModel` per group (over a MirroredStrategy of the
             group's devices); this one then shares the work among them.
+        group_comm: the `Communicator` of this rank's whole data-parallel group
+            (every pipeline stage of it); default `tp_comm`.
     """
 
     def __init__(self, model, plan, world, tp_comm=None, group=0, replicas=None, strategy=None,
-                 group_models=None, **kwargs):
+                 group_models=None, group_comm=None, **kwargs):
         super().__init__(name=kwargs.pop("name", f"sharded_{model.name}"), **kwargs)
         self.inner = model
         self.plan = plan
         self.world = world
         self.tp_comm = tp_comm or world.comm
+        self.group_comm = group_comm or self.tp_comm
         self.group = group
         object.__setattr__(self, "group_models", list(group_models or []))
-        self.groups = len(self.group_models) or max(1, world.size // self.tp_comm.size)
+        self.groups = len(self.group_models) or max(1, world.size // self.group_comm.size)
         self.strategy = strategy
         if self.group_models:
             replicas = [r for m in self.group_models for r in m.replicas]
@@ -99,6 +102,17 @@ class ShardedModel(keras.Model):
     @property
     def tensor_parallel(self):
         return self.tp_comm.size
+
+    @property
+    def group_size(self):
+        """Ranks per data-parallel group (pipeline stages x tensor-parallel ranks)."""
+        return self.group_comm.size
+
+    @property
+    def leads_group(self):
+        """Whether this rank is its data-parallel group's first (it hands the group's
+        results to the others)."""
+        return self.group_comm.rank == 0
 
     @property
     def local_groups(self):

@@ -41,6 +41,15 @@ class ResolvedPlan:
         self.size = size
         self.rank = rank
         self.total_bytes = total_bytes
+        self.stages = None  # a `StagePlan` under pipeline parallelism
+        self.stage = None  # the stage this rank runs
+
+    def with_stages(self, stages, stage):
+        """This plan with the pipeline's `StagePlan` and the stage this rank runs."""
+        out = ResolvedPlan(self.request, self.entries, self.attention, self.size, self.rank,
+                           self.total_bytes, self.comm_dtype, self.sums_16bit)
+        out.stages, out.stage = stages, stage
+        return out
 
     @property
     def rules(self):
@@ -209,7 +218,11 @@ class ResolvedPlan:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "-" * len(lines[0]))
         lines.append("-" * len(lines[0]))
-        return "\n".join(lines + self.totals(rank))
+        lines += self.totals(rank)
+        if self.stages is not None:
+            lines += ["", self.stages.summary(), f"this rank runs stage {self.stage}; the table "
+                      "above lists every stage's layers, cut for tensor parallelism"]
+        return "\n".join(lines)
 
     def to_dict(self):
         """A JSON-able description of the resolved plan."""
@@ -223,6 +236,7 @@ class ResolvedPlan:
                 for e in self.entries
             ],
             "attention": [dataclasses.asdict(h) for h in self.attention],
+            "stages": self.stages.to_dict() if self.stages is not None else None,
         }
 
     def __repr__(self):

@@ -1,0 +1,1 @@
+"""Pipeline parallelism: stages of contiguous blocks, balanced by cost (see `staged`)."""
