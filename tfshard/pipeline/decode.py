@@ -17,6 +17,7 @@ on a view of the backbone holding only this stage's transformer layers:
   token: keras-hub's loop runs unchanged on every rank, in lock step.
 """
 
+import tensorflow as tf
 from keras import ops
 
 from tfshard.layers.released import is_released
@@ -67,18 +68,22 @@ class _Embedding:
 
 
 class _Receiving:
-    """The stage's first transformer layer: its input is the previous stage's output."""
+    """The stage's first transformer layer: its input is the previous stage's output.
+
+    `gate` holds the step's inputs (token ids, cache): the receive waits for them.
+    """
 
     def __init__(self, layer, links, receive, send):
         self.layer, self.links, self.receive, self.send = layer, links, receive, send
+        self.gate = []
 
     def __call__(self, x, *args, **kwargs):
         if self.receive:
-            x = self.links.recv_prev(x)
+            x = self.links.recv_prev(x, after=list(self.gate) + list(self.links.issued or []))
         out = self.layer(x, *args, **kwargs)
         if self.send:
             y = out[0] if isinstance(out, tuple) else out
-            self.links.send_next(y)
+            self.links.send_next(y, after=list(self.links.issued or []))
         return out
 
 
@@ -147,16 +152,35 @@ def install(task, stage_layers, links, kv_heads=None, head_dim=None):
                                                       getattr(backbone, "num_heads", 1))
     dim = head_dim or getattr(backbone, "head_dim", None) or dim
 
-    def call_with_cache(token_ids, cache, cache_update_index):
-        logits, hidden_states, cache = original(view, token_ids, cache, cache_update_index)
-        (logits,) = links.share_from_last([logits], [logits])
+    first = view.backbone.transformer_layers[0]
+
+    def call_with_cache(token_ids, cache, cache_update_index, share_logits=True):
+        # A step's transfers must run in order, and after the previous step's: TensorFlow
+        # orders ops by data only (the prompt's send and the decode loop's first one
+        # were seen swapped, which MPI then matched to the wrong receives). So each
+        # receive waits for the step's inputs and the transfers before it, and the
+        # cache the step returns (the loop's carried state) waits for all of them.
+        links.issued = []
+        try:
+            first.gate = [token_ids, cache]
+            logits, hidden_states, cache = original(view, token_ids, cache, cache_update_index)
+            if share_logits:
+                (logits,) = links.share_from_last([logits], [logits],
+                                                  after=[cache] + links.issued)
+            if links.issued and not tf.executing_eagerly():
+                with tf.control_dependencies(links.issued):
+                    cache, logits = tf.identity(cache), tf.identity(logits)
+        finally:
+            links.issued = None
         return logits, hidden_states, cache
 
     def _build_cache(token_ids):
         batch_size, max_length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
         shape = [batch_size, len(stage_layers), 2, max_length, kv, dim]
         cache = ops.zeros(shape, dtype=dtype)
-        _, hidden_states, cache = call_with_cache(token_ids, cache, 0)
+        # The prompt's logits are not used: not sending them also leaves no receive
+        # that nothing waits for, which the decode loop's first receive could overtake.
+        _, hidden_states, cache = call_with_cache(token_ids, cache, 0, share_logits=False)
         return hidden_states, cache
 
     # Instance attributes shadow the class's methods; Keras must not track them.

@@ -40,6 +40,7 @@ class Transfers:
         self.comm, self.stages, self.tp = comm, stages, tensor_parallel
         self.stage, self.tp_rank = divmod(comm.rank, tensor_parallel)
         self.first, self.last = self.stage == 0, self.stage == stages - 1
+        self.issued = None  # a list while a traced decode step records its transfers
         self.stats = {"sent_bytes": 0, "sends": 0, "recv_seconds": 0.0, "send_seconds": 0.0,
                       "busy_seconds": 0.0, "wall_seconds": 0.0, "micro_batches": 0}
 
@@ -47,35 +48,55 @@ class Transfers:
         """The rank in `comm` of this rank's counterpart in `stage`."""
         return stage * self.tp + self.tp_rank
 
-    def send_next(self, x, tag=ACTIVATION_TAG):
+    def _record(self, op):
+        if self.issued is not None and op is not None:
+            self.issued.append(op)
+        return op
+
+    def send_next(self, x, tag=ACTIVATION_TAG, after=()):
         """Sends an activation to the next stage (traceable)."""
-        self.comm.send(x, dest=self.peer(self.stage + 1), tag=tag, name="stage activation",
-                       header=True)
+        with _after(list(after)):
+            self._record(self.comm.send(x, dest=self.peer(self.stage + 1), tag=tag,
+                                        name="stage activation", header=True))
 
-    def recv_prev(self, like, tag=ACTIVATION_TAG):
-        """Receives the previous stage's activation; `like` gives its rank and dtype."""
-        return self.comm.recv([None] * len(like.shape), like.dtype,
-                              source=self.peer(self.stage - 1), tag=tag,
-                              name="stage activation", header=True)
+    def recv_prev(self, like, tag=ACTIVATION_TAG, after=()):
+        """Receives the previous stage's activation; `like` gives its shape and dtype.
 
-    def share_from_last(self, flat, likes):
+        A traced `like` (the stand-in the receiver computed in its place) also
+        orders the receive after it: inside a `while_loop` a receive has no
+        input, and TensorFlow could post the next step's receive before this
+        one's, which MPI would then match to the wrong message. `after`: more
+        tensors it must wait for (a decode step's inputs: a stand-in of static
+        shape is a constant and orders nothing).
+        """
+        with _after([like] + list(after)):
+            return self._record(self.comm.recv(_dims(like), like.dtype,
+                                               source=self.peer(self.stage - 1), tag=tag,
+                                               name="stage activation", header=True))
+
+    def share_from_last(self, flat, likes, after=()):
         """The last stage's tensors (a flat list) on every stage's rank (traceable).
 
         Args:
             flat: the last stage's tensors (ignored elsewhere; may be None).
             likes: per tensor, something with the shape's rank and the dtype.
+            after: tensors the receive waits for (see `recv_prev`).
 
         Returns:
             The last stage's tensors.
         """
         if self.last:
-            for s in range(self.stages - 1):
-                for x in flat:
-                    self.comm.send(x, dest=self.peer(s), tag=OUTPUT_TAG, name="stage output",
-                                   header=True)
+            with _after(list(after)):
+                for s in range(self.stages - 1):
+                    for x in flat:
+                        self._record(self.comm.send(x, dest=self.peer(s), tag=OUTPUT_TAG,
+                                                    name="stage output", header=True))
             return flat
-        return [self.comm.recv([None] * len(k.shape), k.dtype, source=self.peer(self.stages - 1),
-                               tag=OUTPUT_TAG, name="stage output", header=True) for k in likes]
+        with _after(list(likes) + list(after)):
+            return [self._record(self.comm.recv(_dims(k), k.dtype,
+                                                source=self.peer(self.stages - 1),
+                                                tag=OUTPUT_TAG, name="stage output", header=True))
+                    for k in likes]
 
     def reading(self):
         """What this rank's pipeline did so far: bytes it sent to the next stage, seconds
@@ -85,6 +106,19 @@ class Transfers:
         wall = out["wall_seconds"]
         out["bubble"] = 1.0 - out["busy_seconds"] / wall if wall else 0.0
         return out
+
+
+def _after(likes):
+    """Control dependencies on the traced tensors among `likes` (none eagerly)."""
+    traced = [k for k in likes if isinstance(k, (tf.Tensor, tf.Operation))
+              and not tf.executing_eagerly() and hasattr(k, "graph")]
+    return tf.control_dependencies(traced)
+
+
+def _dims(like):
+    """The static dims of `like` (None where unknown): the receiver checks the known
+    ones against the sender's header and keeps them in its traced shapes."""
+    return [None if d is None else int(d) for d in list(like.shape)]
 
 
 def default_micro_batches(rows, stages):
