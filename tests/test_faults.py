@@ -192,3 +192,19 @@ def test_stopped_rank_is_named_within_seconds_on_every_backend(launcher):
     assert "UnavailableError" in out and "rank 1 is stopped" in out, out[-3000:]
     assert secs < 40, f"took {secs:.0f} s; the deadline was 60 s, a stop must be seen sooner"
     assert _no_orphans()
+
+
+@pytest.mark.parametrize("mode", ["stage_killed", "stage_stop"])
+def test_dead_or_stopped_pipeline_stage_is_named_within_seconds(mode):
+    """Stage 1 of two goes away between two predicts: stage 0, waiting to hand it
+    activations or to receive its outputs, fails with a named error, never hangs."""
+    code, out, secs = launch(2, [WORKER, mode], timeout=90, env=FAST)
+    assert code is not None and code != 0, out[-3000:]
+    assert "rank 0 predicted once" in out and "rank 0 finished" not in out, out[-3000:]
+    assert "rank 1 (stage 1) going away" in out, out[-3000:]
+    if mode == "stage_stop":  # alive but stopped: tfshard's wait names it (a killed rank
+        # makes the launcher end the job at once)
+        assert "from rank 1" in out and "'stage output'" in out, out[-3000:]
+        assert "Missing: rank 1 [pid" in out and "stopped" in out, out[-3000:]
+    assert secs < 60, f"took {secs:.0f} s"
+    assert _no_orphans()

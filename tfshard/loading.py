@@ -19,7 +19,8 @@ from tfshard.world import init
 
 
 def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None, world=None,
-         safe_mode=True, custom_objects=None, dtype=None, quantize=None, comm_dtype=None):
+         safe_mode=True, custom_objects=None, dtype=None, quantize=None, comm_dtype=None,
+         pipeline=None, pipeline_split=None, micro_batches=None):
     """Loads a model sharded from the start: each rank reads only its slices.
 
     Args:
@@ -52,6 +53,10 @@ def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None
             equals the unsharded model quantized, bit for bit.
         comm_dtype: send float32 collectives in "bfloat16" or "float16" (see
             `tfshard.shard`).
+        pipeline, pipeline_split, micro_batches: pipeline stages (see
+            `tfshard.shard`): each rank reads only its stage's tensors (and of
+            those only its tensor-parallel slices); the other stages' weights
+            are never given memory.
 
     Returns:
         A `ShardedModel`.
@@ -74,15 +79,20 @@ def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None
                     if quantize == "int4" else "")
             raise ValueError(f"quantize={quantize!r}: tfshard.load quantizes to 'int8' (or "
                              f"None).{hint}")
+        if quantize is not None and pipeline not in (None, 1):
+            raise ValueError(f"quantize={quantize!r} with pipeline={pipeline}: not supported "
+                             "yet; quantize the model, save it and load that file.")
+        stages = {"pipeline": pipeline, "pipeline_split": pipeline_split,
+                  "micro_batches": micro_batches}
         sharded = _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects,
-                        dtype, comm_dtype, quantize, strategy)
+                        dtype, comm_dtype, quantize, strategy, stages)
         if quantize is not None:
             sharded.quantize(quantize)
         return sharded
 
 
 def _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects, dtype,
-          comm_dtype, quantize, strategy):
+          comm_dtype, quantize, strategy, stages):
     src, error, inner = None, None, None
     created = []
     further = []  # (model, deferred variables) of MirroredStrategy's further replicas
@@ -110,9 +120,10 @@ def _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects
                                        "dtype": consistency.digest(str(dtype)),
                                        "quantize": consistency.digest(str(quantize))},
                           f"tfshard.load({source!r})")
-        if strategy is None:
-            sharded = shard(inner, plan, world=world, tensor_parallel=tensor_parallel,
-                            check_weights=False, comm_dtype=comm_dtype)
+        if strategy is None or stages["pipeline"] not in (None, 1):
+            sharded = shard(inner, plan, world=world, strategy=strategy,
+                            tensor_parallel=tensor_parallel, check_weights=False,
+                            comm_dtype=comm_dtype, **stages)
         else:
             sharded = shard_replicas(inner, plan, strategy, world, tensor_parallel,
                                      check_weights=False, comm_dtype=comm_dtype,

@@ -9,6 +9,8 @@
     ./horovodrun.sh -np 2 python tests/workers/faults.py listen  # up 6 s: list its sockets
     ./horovodrun.sh -np 2 python tests/workers/faults.py predict_stall  # rank 1 skips predict
     ./horovodrun.sh -np 2 python tests/workers/faults.py predict_stop  # ... SIGSTOPped instead
+    ./horovodrun.sh -np 2 python tests/workers/faults.py stage_killed  # pipeline stage 1 dies
+    ./horovodrun.sh -np 2 python tests/workers/faults.py stage_stop  # ... is SIGSTOPped
 
 The same worker runs under `./horovodrun.sh --gloo` (Horovod) and `tfshard launch`
 (tf.distribute multi-worker).
@@ -55,6 +57,30 @@ if mode in ("predict_stall", "predict_stop"):
         print("rank 1 stalling", flush=True)
         time.sleep(3600)
     out = sharded.predict(np.ones((4, 8), "float32"), verbose=0)
+    print(f"rank {world.rank} finished: {out.shape}", flush=True)
+    raise SystemExit(0)
+if mode in ("stage_killed", "stage_stop"):
+    # Two pipeline stages; the second dies (or stops) after the first batches.
+    import keras
+    import numpy as np
+
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(256, name="a"),
+                              keras.layers.Dense(256, name="b"), keras.layers.Dense(4, name="c")])
+    sharded = tfshard.shard(model, pipeline=2)
+    x = np.ones((64, 64), "float32")
+    sharded.predict(x, batch_size=16, verbose=0)
+    print(f"rank {world.rank} predicted once", flush=True)
+
+    class GoAway(keras.callbacks.Callback):
+        """Stage 1 goes away as batch 2 starts, inside the pipeline's transfers."""
+
+        def on_predict_batch_begin(self, batch, logs=None):
+            if world.rank == 1 and batch == 2:
+                print("rank 1 (stage 1) going away", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL if mode == "stage_killed" else signal.SIGSTOP)
+
+    out = sharded.predict(x, batch_size=16, verbose=0, callbacks=[GoAway()])
     print(f"rank {world.rank} finished: {out.shape}", flush=True)
     raise SystemExit(0)
 comm.allreduce_sum(tf.ones([4]))  # everyone is up

@@ -947,7 +947,90 @@ def run_int4(world, results):
         results["int4_refusals"] = guarded(refusals)
 
 
+# Pipeline layouts per world size: (name, pipeline, tensor_parallel).
+PIPELINE_LAYOUTS = {2: [("pp2", 2, 1)], 3: [("pp3", 3, 1)],
+                    4: [("pp2tp2", 2, 2), ("dp2pp2", 2, 1)]}
+PIPELINE_MODELS = {
+    "mlp": models.mlp,
+    "two_inputs_two_outputs": models.two_inputs_two_outputs,
+    "sequential_embedding": models.sequential_embedding,
+    "gpt2": lambda: models.gpt2(num_layers=3),
+    "bert": lambda: models.bert(num_layers=3),
+    "llama": lambda: models.llama(num_layers=3),
+}
+
+
+def _prompt(x, rows=2, new=5):
+    """Token-id prompts of 4 tokens, padded with room for `new` more."""
+    ids = x["token_ids"][:rows, :4]
+    return {"token_ids": np.concatenate([ids, np.zeros((rows, new), "int32")], 1),
+            "padding_mask": np.concatenate([np.ones((rows, 4), bool),
+                                            np.zeros((rows, new), bool)], 1)}
+
+
+def run_pipeline(world, results):
+    """Pipeline stages (alone, with tensor parallelism, with data parallelism) against
+    the unsharded model: predict, a call, per-rank bytes, greedy generate."""
+    for layout, pp, tp in PIPELINE_LAYOUTS[world.size]:
+        for name, builder in PIPELINE_MODELS.items():
+            def case(builder=builder):
+                model, x = builder()
+                ref = model.predict(x, batch_size=4, verbose=0)
+                before = param_bytes(model)
+                sharded = tfshard.shard(model, pipeline=pp, tensor_parallel=tp)
+                out = sharded.predict(x, batch_size=4, verbose=0)
+                res = compare(ref, out)
+                # One micro-batch per row, and a traced call of the whole batch.
+                res["micro_rows"] = compare(ref, sharded.predict(x, batch_size=4, verbose=0,
+                                                                 micro_batches=4))
+                res["call"] = compare(ref, sharded(x))
+                stages = sharded.plan.stages
+                res.update(stage=sharded.stage.index, stages=stages.stages,
+                           stage_bytes=stages.bytes(sharded.stage.index), model_bytes=before,
+                           rank_bytes=param_bytes(sharded.inner), groups=sharded.groups,
+                           summary=sharded.plan.summary(), bubble=sharded.pipeline_stats()["bubble"],
+                           sent=sharded.pipeline_stats()["sent_bytes"])
+                return res
+            results[f"{layout}/{name}"] = guarded(case)
+        for name in ("llama", "gpt2"):
+            def gen_case(name=name):
+                model, x = getattr(models, name)(num_layers=3)
+                prompt = _prompt(x)
+                model.compile(sampler="greedy")
+                ref = model.generate(prompt, stop_token_ids=None)
+                sharded = tfshard.shard(model, pipeline=pp, tensor_parallel=tp)
+                out = sharded.generate(prompt, stop_token_ids=None)
+                return {"ref": ref["token_ids"].tolist(), "out": out["token_ids"].tolist(),
+                        "cache_layers": int(model._build_cache(prompt["token_ids"])[1].shape[1])}
+            results[f"{layout}/generate/{name}"] = guarded(gen_case)
+    if world.size == 2:
+        def smollm2():
+            text = "The capital of France is"
+            sharded = tfshard.load("smollm2", pipeline=2)
+            out = sharded.generate(text, max_length=16, strip_prompt=True, sampler="greedy")
+            from tfshard import comm as comm_lib
+
+            ref_model = tfshard.load("smollm2", world=tfshard.World(comm_lib.create("local"),
+                                                                    "local"))
+            ref = ref_model.generate(text, max_length=16, strip_prompt=True, sampler="greedy")
+            return {"out": out, "ref": ref, "summary": sharded.plan.stages.summary(),
+                    "rank_bytes": param_bytes(sharded.inner)}
+        results["pp2/smollm2"] = guarded(smollm2)
+    results["pipeline/too_many_stages"] = expect_error(
+        lambda: tfshard.shard(models.mlp()[0], pipeline=world.size + 1))
+    results["pipeline/bad_split"] = expect_error(
+        lambda: tfshard.shard(models.llama(num_layers=3)[0], pipeline=2, tensor_parallel=1,
+                              pipeline_split=[3, 1]))
+    results["pipeline/subclassed"] = expect_error(
+        lambda: tfshard.shard(models.nested_subclassed()[0], pipeline=2, tensor_parallel=1))
+    # Ranks asking for different splits must all refuse before any stage forms.
+    results["pipeline/disagree"] = expect_error(
+        lambda: tfshard.shard(models.llama(num_layers=3)[0], pipeline=2, tensor_parallel=1,
+                              pipeline_split=[1, 2] if world.rank == 0 else [2, 1]))
+
+
 SUITES = {
+    "pipeline": [run_pipeline],
     "precision": [run_precision, run_int8, run_int4],
     "equivalence": [run_equivalence],
     "gpt2": [lambda world, results: run_equivalence(world, results, only={"gpt2"})],

@@ -1,0 +1,134 @@
+"""Pipeline stages: shard(model, pipeline=P, tensor_parallel=T) against the unsharded model.
+
+One launch per world size (tests/workers/scenarios.py, suite "pipeline"): PP=2 at 2
+ranks, PP=3 at 3, PP2xTP2 and DP2xPP2 at 4; GPT-2, Llama (GQA) and BERT with three
+transformer layers and three plain Keras models (functional, two inputs and outputs,
+Sequential); greedy generate of random-config Llama and GPT-2 at every layout, and of
+the real SmolLM2 at PP=2. The balancing itself is checked without ranks.
+"""
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import case_on_all_ranks, records_ok
+from tfshard.plan.stages import Block, balance, plan_stages
+
+MODELS = ["mlp", "two_inputs_two_outputs", "sequential_embedding", "gpt2", "bert", "llama"]
+LAYOUTS = {2: ["pp2"], 3: ["pp3"], 4: ["pp2tp2", "dp2pp2"]}
+CASES = [(np_, layout) for np_, layouts in LAYOUTS.items() for layout in layouts]
+
+
+def _close(rec, where):
+    assert rec["keys_out"] == rec["keys_ref"], f"{where}: output structure differs"
+    for key, o in rec["outputs"].items():
+        assert o["shape_out"] == o["shape_ref"] and o["dtype_out"] == o["dtype_ref"], (where, key)
+        assert o["max_diff"] <= o["tol"], f"{where} {key}: max|diff| {o['max_diff']:.3g} > {o['tol']:.3g}"
+        assert o["argmax_equal"], f"{where} {key}: argmax differs"
+
+
+@pytest.mark.parametrize("np_,layout", CASES)
+@pytest.mark.parametrize("name", MODELS)
+def test_pipelined_predict_matches_unsharded(suite_runs, np_, layout, name):
+    recs = records_ok(suite_runs("pipeline", np_), f"{layout}/{name}")
+    pp = int(layout[layout.index("pp") + 2])
+    for rank, rec in enumerate(recs):
+        where = f"{name} at {layout}, rank {rank}"
+        _close(rec, where)
+        _close(rec["micro_rows"], where + " (one micro-batch per row)")
+        _close(rec["call"], where + " (a call)")
+        assert rec["stages"] == pp, where
+        tp = 2 if "tp2" in layout else 1
+        assert rec["stage"] == (rank // tp) % pp, f"{where}: ranks are laid out stage by stage"
+        assert rec["groups"] == (2 if layout.startswith("dp2") else 1), where
+        if tp == 1:
+            # The rank holds its stage's weights and nothing else (+-1 %).
+            assert abs(rec["rank_bytes"] - rec["stage_bytes"]) <= 0.01 * rec["stage_bytes"], (
+                where, rec["rank_bytes"], rec["stage_bytes"])
+            assert rec["rank_bytes"] < rec["model_bytes"], where
+        if rec["stage"] < pp - 1:
+            assert rec["sent"] > 0, f"{where}: nothing was sent to the next stage"
+        assert "pipeline stages" in rec["summary"], where
+
+
+@pytest.mark.parametrize("np_", [2, 4])
+def test_pipelined_ranks_hold_a_share_of_the_weights(suite_runs, np_):
+    """No rank holds the whole model; with tensor parallelism inside the stages each rank
+    holds about half its stage (the exact per-stage share at TP=1 is checked above)."""
+    layout = LAYOUTS[np_][0]
+    recs = records_ok(suite_runs("pipeline", np_), f"{layout}/llama")
+    model = recs[0]["model_bytes"]
+    assert max(r["rank_bytes"] for r in recs) < model, [r["rank_bytes"] for r in recs]
+    if layout == "pp2tp2":
+        for r in recs:
+            assert r["rank_bytes"] < 0.6 * r["stage_bytes"], (r["rank_bytes"], r["stage_bytes"])
+
+
+@pytest.mark.parametrize("np_,layout", CASES)
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_pipelined_greedy_generate_matches_unsharded(suite_runs, np_, layout, name):
+    recs = records_ok(suite_runs("pipeline", np_), f"{layout}/generate/{name}")
+    layers = 3
+    for rank, rec in enumerate(recs):
+        assert rec["out"] == rec["ref"], f"{name} at {layout}, rank {rank}"
+        # Each stage caches only its own layers' keys and values.
+        assert 1 <= rec["cache_layers"] < layers, rec["cache_layers"]
+
+
+def test_pipelined_generate_of_real_smollm2(suite_runs):
+    recs = records_ok(suite_runs("pipeline", 2), "pp2/smollm2")
+    for rec in recs:
+        assert rec["out"] == rec["ref"], (rec["out"], rec["ref"])
+        assert rec["out"].startswith(" Paris"), rec["out"]
+    # SmolLM2-135M is 134.5 M float32 parameters; each stage holds its share (the tied
+    # embedding, 28.3 M, in both).
+    assert all(r["rank_bytes"] < 0.75 * 134_515_008 * 4 for r in recs)
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("too_many_stages", "does not divide the"),
+    ("bad_split", "pipeline_split=[3, 1]"),
+    ("subclassed", "subclassed"),
+    ("disagree", "pipeline differs"),
+])
+def test_pipeline_errors_on_every_rank(suite_runs, case, needle):
+    for rec in case_on_all_ranks(suite_runs("pipeline", 2), f"pipeline/{case}"):
+        assert not rec["ok"] and rec["error_type"] == "ValueError", rec
+        assert needle in rec["message"], rec["message"]
+
+
+# -- balancing, without ranks ------------------------------------------------- #
+
+def _brute(costs, stages):
+    n, best = len(costs), None
+    for cuts in itertools.combinations(range(1, n), stages - 1):
+        edges = (0,) + cuts + (n,)
+        worst = max(sum(costs[a:b]) for a, b in zip(edges, edges[1:]))
+        best = worst if best is None else min(best, worst)
+    return best
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 50), min_size=1, max_size=9), st.integers(1, 4))
+def test_balance_is_optimal_and_contiguous(costs, stages):
+    stages = min(stages, len(costs))
+    bounds = balance(costs, stages)
+    assert bounds[0][0] == 0 and bounds[-1][1] == len(costs)
+    assert all(a < b for a, b in bounds) and all(x[1] == y[0] for x, y in zip(bounds, bounds[1:]))
+    assert max(sum(costs[a:b]) for a, b in bounds) == _brute(costs, stages)
+
+
+def test_stages_follow_cost_not_layer_count():
+    # A head as dear as four blocks: the last stage gets two blocks, the first five.
+    blocks = [Block(f"b{i}", (), 10, 1.0) for i in range(6)] + [Block("head", (), 10, 4.0)]
+    plan = plan_stages(blocks, 2)
+    assert plan.bounds == ((0, 5), (5, 7)) and plan.imbalance() == 1.0
+    forced = plan_stages(blocks, 2, split=[6, 1])
+    assert forced.bounds == ((0, 6), (6, 7)) and forced.forced
+    assert "forced by pipeline_split" in forced.summary()
+    with pytest.raises(ValueError, match="summing to the model's 7 blocks"):
+        plan_stages(blocks, 2, split=[3, 3])
+    with pytest.raises(ValueError, match="use 1 to 7 stages"):
+        plan_stages(blocks, 8)
