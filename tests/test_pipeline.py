@@ -87,6 +87,16 @@ def test_pipelined_generate_of_real_smollm2(suite_runs):
     assert all(r["rank_bytes"] < 0.75 * 134_515_008 * 4 for r in recs)
 
 
+def test_checkpoint_saved_at_pp2_reloads_at_tp2_pp2_and_alone(suite_runs):
+    for rank, rec in enumerate(records_ok(suite_runs("pipeline", 2), "pp2/checkpoint")):
+        assert rec["pipeline"] == 2 and len(rec["files"]) == 2, rec
+        assert set(rec["files"]) <= set(rec["rank_files"]), rec
+        for layout in ("tp2", "pp2", "alone"):
+            _close(rec[layout], f"the PP=2 checkpoint loaded as {layout}, rank {rank}")
+            # Same weights, reassembled exactly: the float32 math differs only by the cut.
+            assert all(o["max_diff"] <= o["tol"] for o in rec[layout]["outputs"].values())
+
+
 @pytest.mark.parametrize("case,needle", [
     ("too_many_stages", "does not divide the"),
     ("bad_split", "pipeline_split=[3, 1]"),

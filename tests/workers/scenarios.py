@@ -1016,6 +1016,27 @@ def run_pipeline(world, results):
             return {"out": out, "ref": ref, "summary": sharded.plan.stages.summary(),
                     "rank_bytes": param_bytes(sharded.inner)}
         results["pp2/smollm2"] = guarded(smollm2)
+
+        def checkpoint():
+            """Saved at PP2xTP1, reloaded at PP1xTP2, at PP2 and in one process."""
+            from tfshard import comm as comm_lib
+
+            model, x = models.llama(num_layers=3)
+            ref = model.predict(x, verbose=0)
+            folder = os.path.join(OUT, "pp2_checkpoint")
+            sharded = tfshard.shard(model, pipeline=2, tensor_parallel=1)
+            sharded.save(folder)
+            with open(os.path.join(folder, "tfshard.json")) as f:
+                index = json.load(f)
+            tp2 = tfshard.load(folder, tensor_parallel=2)
+            pp2 = tfshard.load(folder, pipeline=2, tensor_parallel=1)
+            alone = tfshard.load(folder, world=tfshard.World(comm_lib.create("local"), "local"))
+            return {"tp2": compare(ref, tp2.predict(x, verbose=0)),
+                    "pp2": compare(ref, pp2.predict(x, verbose=0)),
+                    "alone": compare(ref, alone.predict(x, verbose=0)),
+                    "files": index["files"], "pipeline": index["pipeline"],
+                    "rank_files": sorted(os.listdir(folder))}
+        results["pp2/checkpoint"] = guarded(checkpoint)
     results["pipeline/too_many_stages"] = expect_error(
         lambda: tfshard.shard(models.mlp()[0], pipeline=world.size + 1))
     results["pipeline/bad_split"] = expect_error(

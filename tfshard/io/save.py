@@ -256,6 +256,16 @@ def _save_sharded(sharded, tmp, config):
     if sharded.world.comm.rank == 0:
         os.makedirs(tmp)
     sharded.world.comm.barrier()
+    stages = getattr(sharded, "pipeline", 1)
+    if stages > 1:
+        # Pipeline stages: every rank of group 0 writes its stage's part; rank 0 learns
+        # which file holds what.
+        table = None
+        if sharded.group == 0:
+            group = sharded.group_comm
+            table = _save_rank(sharded.inner, sharded.tp_comm, tmp, group.rank, group.size)
+        tables = sharded.world.comm.allgather_object(table)
+        return _merge_stage_tables(tables[:sharded.group_size], sharded.tensor_parallel)
     if sharded.group != 0:
         return None  # data-parallel replicas hold the same slices as group 0
     # One file per rank of this process: several under MirroredStrategy.
@@ -263,16 +273,45 @@ def _save_sharded(sharded, tmp, config):
     return tables[0]
 
 
-def _save_rank(model, tp, tmp):
-    """Writes one tensor-parallel rank's file (`model` holds its slices, `tp` is its
-    group) into `tmp`; returns its tensor table."""
-    name = os.path.join(tmp, _rank_file(tp.rank, tp.size))
+def _merge_stage_tables(tables, tp):
+    """One tensor table from the tables of a pipeline's ranks (stage by stage, `tp`
+    ranks each): every tensor records the file of each tensor-parallel rank's part
+    (a layer both the first and the last stage run, a tied embedding, is taken from
+    the first)."""
+    merged = {}
+    for index, table in enumerate(tables):
+        stage, rank = divmod(index, tp)
+        for key, info in table.items():
+            entry = merged.setdefault(key, dict(info, files=[None] * tp, stage=stage))
+            if entry["stage"] != stage:
+                continue
+            if info["axis"] is None:
+                if rank == 0:  # written by the stage's first rank only
+                    entry["files"] = [index] * tp
+            else:
+                entry["files"][rank] = index
+    for entry in merged.values():
+        entry.pop("stage")
+    return merged
+
+
+def _save_rank(model, tp, tmp, file_index=None, files=None):
+    """Writes one rank's file (`model` holds its slices, `tp` is its tensor-parallel
+    group) into `tmp`; returns its tensor table.
+
+    Args:
+        file_index, files: under pipeline stages, the file's index among the
+            pipeline's `files` (default: the tensor-parallel rank and size).
+    """
+    file_index = tp.rank if file_index is None else file_index
+    files = tp.size if files is None else files
+    name = os.path.join(tmp, _rank_file(file_index, files))
     store = _WriteStore(name, gather=False, write_replicated=tp.rank == 0)
-    store.h5_file.attrs[RANK_ATTR] = tp.rank
-    store.h5_file.attrs[TP_ATTR] = tp.size
+    store.h5_file.attrs[RANK_ATTR] = file_index
+    store.h5_file.attrs[TP_ATTR] = files
     assets = archive = None
     try:
-        if tp.rank == 0:
+        if file_index == 0:
             archive = zipfile.ZipFile(os.path.join(tmp, "assets.zip"), "w")
             assets = saving_lib.DiskIOStore("assets", archive=archive, mode="w")
         saving_lib._save_state(model, weights_store=store, assets_store=assets,
@@ -291,11 +330,13 @@ def _save_rank(model, tp, tmp):
 
 def _write_index(sharded, tmp, config, tensors):
     tp = sharded.tp_comm
-    files = [_rank_file(r, tp.size) for r in range(tp.size)]
+    stages = getattr(sharded, "pipeline", 1)
+    files = [_rank_file(r, tp.size * stages) for r in range(tp.size * stages)]
     index = {
         "format": FORMAT,
         "version": VERSION,
         "tensor_parallel": tp.size,
+        "pipeline": stages,
         "files": files,
         "file_bytes": [os.path.getsize(os.path.join(tmp, f)) for f in files],
         "keras_version": keras.__version__,

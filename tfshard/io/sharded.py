@@ -21,7 +21,9 @@ from tfshard.io.stores import CheckpointError, Store, open_h5
 
 FORMAT = "tfshard-checkpoint"
 # 2: the index carries a checksum; every sharded dataset records its rank's range.
-VERSION = 2
+# 3: pipeline stages: `pipeline` stages of `tensor_parallel` files each; a tensor's
+#    `files` says which file holds each tensor-parallel rank's part.
+VERSION = 3
 INDEX = "tfshard.json"
 # Attributes of each rank file and of each sliced dataset in it, checked on load
 # against the index: a file or range moved to another rank is refused.
@@ -48,7 +50,8 @@ class ShardedView(lazy.TensorView):
         self.source = label
 
     def _dataset(self, rank):
-        f = self.files(rank)
+        held_in = self.info.get("files")
+        f = self.files(held_in[rank] if held_in else rank)
         if self.key not in f:
             raise CheckpointError(
                 f"{self.source}: rank file {rank} has no tensor {self.key!r} the index lists.")
@@ -184,10 +187,17 @@ def check_index(index, index_path):
                 "it was edited or damaged after saving; re-save the checkpoint.")
     try:
         size = int(index["tensor_parallel"])
+        stages = int(index.get("pipeline", 1))
         files, tensors = list(index["files"]), dict(index["tensors"])
-        if len(files) != size or len(index["file_bytes"]) != size:
+        if len(files) != size * stages or len(index["file_bytes"]) != size * stages:
             raise CheckpointError(f"{index_path}: {len(files)} rank files listed for "
-                                  f"tensor_parallel={size}.")
+                                  f"tensor_parallel={size} x pipeline={stages}.")
+        for key, info in tensors.items():
+            held_in = info.get("files")
+            if held_in is not None and (len(held_in) != size or not all(
+                    isinstance(i, int) and 0 <= i < len(files) for i in held_in)):
+                raise CheckpointError(f"{index_path}: tensor {key!r} lists files {held_in}, "
+                                      f"not one of the {len(files)} files per rank of {size}.")
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, CheckpointError):
             raise

@@ -256,7 +256,16 @@ class PipelinedModel(ShardedModel):
             "with tfshard.load(..., quantize='int8') without pipeline stages.")
 
     def save(self, filepath, gather=False, overwrite=True, **kwargs):
-        raise NotImplementedError(
-            f"{self.name}.save under pipeline stages is not supported yet: every rank holds "
-            "only its stage. Save from the unsharded model or a tensor-parallel run; "
-            "tfshard.load(..., pipeline=P) reads any of those files stage by stage.")
+        """Saves a sharded checkpoint: one file per rank of the first pipeline, each
+        holding its stage's slices (any layout reloads it).
+
+        Raises:
+            NotImplementedError: `gather=True` (a whole `.keras` file) under
+                pipeline stages.
+        """
+        if gather:
+            raise NotImplementedError(
+                f"{self.name}.save(gather=True) under pipeline stages: not supported yet. "
+                "Save a sharded checkpoint (a folder) and load it with "
+                "tfshard.load(folder) in any layout, or save the unsharded model.")
+        return super().save(filepath, gather=False, overwrite=overwrite, **kwargs)
