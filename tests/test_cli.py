@@ -230,6 +230,26 @@ def test_inspect_cli_plans_a_real_file_from_its_shapes_alone():
     assert "per forward: 61 all-reduces" in res.stdout
 
 
+def test_inspect_cli_shows_pipeline_stages_balanced_by_cost_or_forced():
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-m", "tfshard", "inspect", "smollm2",
+                          "--tensor-parallel", "1", "--pipeline", "3"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "3 pipeline stages, balanced by FLOPs/token" in res.stdout, res.stdout[-2000:]
+    # The LM head (a 49152 x 576 matmul) costs as much as several layers: the last stage
+    # takes fewer transformer layers than the first.
+    rows = [l for l in res.stdout.splitlines() if l[:1] in "012" and "transformer_layer" in l]
+    counts = [int(l.split()[-5]) for l in rows]
+    assert len(counts) == 3 and sum(counts) == 30 and counts[2] < counts[0], rows
+    forced = subprocess.run([sys.executable, "-m", "tfshard", "inspect", "smollm2",
+                             "--tensor-parallel", "1", "--pipeline", "2", "--pipeline-split",
+                             "20,10"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert "forced by pipeline_split" in forced.stdout
+
+
 def test_inspect_check_in_one_process_prints_per_layer_drift():
     # --check with no launcher: 2 MirroredStrategy replicas on logical CPUs.
     import subprocess

@@ -8,11 +8,11 @@ dtype, and what works."""
 import numpy as np
 import pytest
 
-from tfshard import cli
+from tfshard import cli_files
 
 
 def _inputs(path, vocab=100):
-    return cli._inputs(["token_ids", "padding_mask"], vocab, 2, 3, 0, str(path))
+    return cli_files.inputs(["token_ids", "padding_mask"], vocab, 2, 3, 0, str(path))
 
 
 @pytest.mark.parametrize("ids, words", [
@@ -70,20 +70,20 @@ def test_missing_and_unreadable_files_are_named(tmp_path):
 def test_output_problems_are_named_before_the_run(tmp_path):
     folder = tmp_path / "out"
     folder.mkdir()
-    assert "is a folder" in cli._output_problem(str(folder))
-    assert "does not exist" in cli._output_problem(str(tmp_path / "no" / "x.npy"))
-    assert "cannot write there" in cli._output_problem("/proc/tfshard-out.npy")
-    assert cli._output_problem(str(tmp_path / "x.npy")) is None
+    assert "is a folder" in cli_files.output_problem(str(folder))
+    assert "does not exist" in cli_files.output_problem(str(tmp_path / "no" / "x.npy"))
+    assert "cannot write there" in cli_files.output_problem("/proc/tfshard-out.npy")
+    assert cli_files.output_problem(str(tmp_path / "x.npy")) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "the write probe left a file"
 
 
 def test_failed_output_write_leaves_nothing(tmp_path):
     folder = tmp_path / "out"
     folder.mkdir()
-    problem = cli._save_atomic(str(folder), np.zeros(3))
+    problem = cli_files.save_atomic(str(folder), np.zeros(3))
     assert "writing failed" in problem and "nothing was written" in problem
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert cli._save_atomic(str(tmp_path / "ok.npy"), np.arange(3)) is None
+    assert cli_files.save_atomic(str(tmp_path / "ok.npy"), np.arange(3)) is None
     assert np.array_equal(np.load(tmp_path / "ok.npy"), np.arange(3))
 
 

@@ -3,7 +3,7 @@
     tfshard predict SOURCE [--input FILE.npy|.npz|.txt] [--output FILE.npy] [--batch-size B]
                            [--logdir DIR [--profile [N]]]
     tfshard generate SOURCE --prompt TEXT [--max-new-tokens N] [--sampler NAME]
-    tfshard inspect SOURCE [--tensor-parallel N] [--check [--input FILE]]
+    tfshard inspect SOURCE [--tensor-parallel N] [--pipeline P] [--check [--input FILE]]
     tfshard launch -n N SCRIPT|COMMAND [ARGS]
     tfshard bench SUITE [ARGS]      # scripts/bench.py: forward, predict, load, comm, generate
 
@@ -18,152 +18,7 @@ import os
 import sys
 import time
 
-
-_TOKEN_INPUTS = ("token_ids", "padding_mask", "segment_ids")
-
-
-def _inputs(input_names, vocab, rows, seq_len, seed, path=None, tokenizer=None):
-    """The model's inputs: from a .npy / .npz / .txt file, or random token ids."""
-    import numpy as np
-
-    if path and path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]
-        if not prompts:
-            raise ValueError(f"{path}: no prompts (one per line expected).")
-        return _prompt_inputs(tokenizer, prompts, path)
-    token_model = set(input_names) <= set(_TOKEN_INPUTS)
-    if path:
-        data = _load_array_file(path)
-        if hasattr(data, "files"):
-            return {k: data[k] for k in data.files}
-        if not token_model:  # a model of the user's own: the array is its input, checked by predict
-            return data
-        ids = _checked_token_ids(data, path, vocab)
-    elif not token_model:
-        raise ValueError(f"the model's inputs {input_names} are not token ids; pass them with "
-                         "--input FILE.npy (one input) or FILE.npz (one array per input name).")
-    else:
-        ids = np.random.default_rng(seed).integers(0, vocab, (rows, seq_len)).astype("int32")
-    x = {}
-    for name in input_names:
-        if name == "token_ids":
-            x[name] = ids.astype("int32")
-        elif name == "padding_mask":
-            x[name] = np.ones_like(ids, dtype="int32")
-        elif name == "segment_ids":
-            x[name] = np.zeros_like(ids, dtype="int32")
-        else:
-            raise ValueError(f"Do not know how to make input {name!r}; pass --input FILE.npz.")
-    return x
-
-
-def _load_array_file(path):
-    """`np.load(path)` (.npy or .npz), with the file named in every failure.
-
-    Raises:
-        ValueError: the file is missing, unreadable, or holds Python objects.
-    """
-    import numpy as np
-
-    if not os.path.isfile(path):
-        raise ValueError(f"--input {path}: no such file; give a .npy of token ids, a .npz of "
-                         "named inputs or a .txt of prompts.")
-    try:
-        return np.load(path)  # allow_pickle=False: object arrays are refused, not run
-    except (OSError, ValueError) as err:
-        raise ValueError(f"--input {path}: not a readable .npy/.npz of numbers ({err}).") from None
-
-
-def _checked_token_ids(ids, path, vocab):
-    """Token ids from a .npy file as int32, checked before the cast.
-
-    A cast alone would turn float ids (1.9) into other ids (1) and wrap int64 ids
-    of 2**31 and more into small ones: a wrong answer, not an error.
-
-    Raises:
-        ValueError: not an integer array, or ids outside [0, vocab) (or int32),
-            naming the file, its shape and dtype, and what works.
-    """
-    import numpy as np
-
-    where = f"--input {path} (shape {ids.shape}, dtype {ids.dtype})"
-    if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"{where}: token ids must be integers. Save whole-number ids with "
-                         ".astype('int32'), or pass named inputs of any dtype as a .npz.")
-    limit = vocab if vocab else 2**31
-    if ids.size:
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= limit:
-            raise ValueError(f"{where}: token ids must lie in [0, {limit})"
-                             f"{' (the vocabulary size)' if vocab else ''}; found {low}..{high}.")
-    return ids.astype("int32")
-
-
-def _prompt_inputs(tokenizer, prompts, where):
-    """Token ids of `prompts`, right-padded to the longest, with their padding mask."""
-    import numpy as np
-
-    if tokenizer is None:
-        raise ValueError(f"{where}: text prompts need a source that carries its tokenizer "
-                         "(smollm2, a .gguf file); give token ids as .npy / .npz instead.")
-    ids = [np.asarray(tokenizer(p), dtype="int32").reshape(-1) for p in prompts]
-    length = max(len(i) for i in ids)
-    pad = int(getattr(tokenizer, "pad_token_id", None) or 0)
-    token_ids = np.full((len(ids), length), pad, dtype="int32")
-    mask = np.zeros((len(ids), length), dtype="int32")
-    for row, i in enumerate(ids):
-        token_ids[row, :len(i)] = i
-        mask[row, :len(i)] = 1
-    return {"token_ids": token_ids, "padding_mask": mask}
-
-
-def _first(out):
-    return next(iter(out.values())) if isinstance(out, dict) else out
-
-
-def _output_problem(path):
-    """Why `--output PATH` cannot be written, or None; tried by creating the
-    temporary file the result will go through."""
-    if os.path.isdir(path):
-        return f"--output {path}: is a folder; give a file name such as {path.rstrip('/')}/out.npy"
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        return f"--output {path}: folder {folder} does not exist"
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    try:
-        with open(tmp, "wb"):
-            pass
-        os.remove(tmp)
-    except OSError as e:
-        return f"--output {path}: cannot write there ({e.strerror or e})"
-    return None
-
-
-def _agree_output(world, problem):
-    """Every rank raises rank 0's problem with the output file (rank 0 writes it)."""
-    first = world.comm.allgather_object(problem if world.rank == 0 else None)[0]
-    if first:
-        raise ValueError(f"{first} (seen by rank 0)")
-
-
-def _save_atomic(path, array):
-    """Writes `array` to `path` through a temporary file; nothing is left on failure.
-
-    Returns:
-        None, or what went wrong (for `_agree_output`).
-    """
-    import numpy as np
-
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    try:
-        np.save(tmp, array)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        return f"--output {path}: writing failed ({e.strerror or e}); nothing was written"
-    return None
+from tfshard import cli_files
 
 
 def _replicas_strategy(args, where):
@@ -203,7 +58,7 @@ def cmd_predict(args):
     world = tfshard.init()
     say = print if world.rank == 0 else (lambda *a, **k: None)
     if args.output:  # before any work: a bad path must not cost a whole run
-        _agree_output(world, _output_problem(args.output) if world.rank == 0 else None)
+        cli_files.agree_output(world, cli_files.output_problem(args.output) if world.rank == 0 else None)
     sharded = None
     if args.source in models.NAMES:
         say(f"[tfshard] {world.backend} world of {world.size} rank(s); building {args.source}")
@@ -217,10 +72,10 @@ def cmd_predict(args):
         vocab, input_names = _vocab_and_inputs(sharded.inner)
     tokenizer = None if sharded is None else sharded.tokenizer
     if args.prompt is not None:
-        x = _prompt_inputs(tokenizer, [args.prompt], f"--prompt on {args.source!r}")
+        x = cli_files.prompt_inputs(tokenizer, [args.prompt], f"--prompt on {args.source!r}")
         say(f"[tfshard] prompt {args.prompt!r} -> {x['token_ids'].shape[1]} tokens")
     else:
-        x = _inputs(input_names, vocab, args.rows, args.seq_len, args.seed + 1, args.input,
+        x = cli_files.inputs(input_names, vocab, args.rows, args.seq_len, args.seed + 1, args.input,
                     tokenizer=tokenizer)
 
     ref = ref_secs = None
@@ -234,7 +89,8 @@ def cmd_predict(args):
 
     if sharded is None:
         sharded = tfshard.shard(model, tensor_parallel=args.tensor_parallel,
-                                comm_dtype=args.comm_dtype, strategy=strategy)
+                                comm_dtype=args.comm_dtype, strategy=strategy,
+                                **_stages(args))
         say("\n".join(sharded.plan.totals()))
     sharded.predict(x, batch_size=args.batch_size, verbose=0)  # trace + warm up
     callbacks = []
@@ -247,7 +103,7 @@ def cmd_predict(args):
     if callbacks:
         _report_logdir(callbacks[0], sharded, say)
 
-    logits = np.asarray(_first(out))
+    logits = np.asarray(cli_files.first(out))
     rows = logits.shape[0]
     tokens = rows * (logits.shape[1] if logits.ndim > 2 else 1)
     say(f"[tfshard] global output {tuple(logits.shape)} {logits.dtype} on every rank")
@@ -263,12 +119,13 @@ def cmd_predict(args):
         say(f"[tfshard] argmax of the last position, first rows: "
             f"{np.argmax(logits.reshape(rows, -1, logits.shape[-1])[:4, -1], -1).tolist()}")
     say(f"[tfshard] sharded predict: {secs:.3f} s for {tokens} tokens "
-        f"({tokens / secs:.0f} tokens/s, TP={sharded.tensor_parallel}, {_backend(sharded)})")
+        f"({tokens / secs:.0f} tokens/s, TP={sharded.tensor_parallel}, "
+        f"PP={getattr(sharded, 'pipeline', 1)}, {_backend(sharded)})")
     if ref is not None:
         dtype = precision.compute_dtype(sharded.inner)
         if dtype == "float32" and sharded.plan.comm_dtype:  # gathers rounded to 16 bits
             dtype = sharded.plan.comm_dtype
-        c = precision.compare(_first(ref), logits, dtype)
+        c = precision.compare(cli_files.first(ref), logits, dtype)
         argmax = (f"argmax identical: {c['decided_equal']}" if dtype in ("float32", "float64")
                   else f"argmax agrees at {c['argmax_agree']:.1%} of positions, identical "
                        f"where the margin exceeds 2x tolerance: {c['decided_equal']}")
@@ -279,7 +136,7 @@ def cmd_predict(args):
         if not c["ok"]:
             return 1
     if args.output:
-        _agree_output(world, _save_atomic(args.output, logits) if world.rank == 0 else None)
+        cli_files.agree_output(world, cli_files.save_atomic(args.output, logits) if world.rank == 0 else None)
         say(f"[tfshard] wrote {args.output}")
     return 0
 
@@ -326,7 +183,7 @@ def _load_both(args, world, say, strategy=None):
     quantize = getattr(args, "quantize", None)
     sharded = tfshard.load(args.source, tensor_parallel=args.tensor_parallel, dtype=args.dtype,
                            quantize=quantize, comm_dtype=getattr(args, "comm_dtype", None),
-                           strategy=strategy)
+                           strategy=strategy, **_stages(args))
     memory, comm = sharded.plan.totals()
     say(f"[tfshard] loaded in {time.perf_counter() - t0:.1f} s; {memory}\n[tfshard] {comm}")
     reference = None if args.no_compare else tfshard.load(
@@ -367,6 +224,7 @@ def cmd_generate(args):
         say(f"[tfshard] {prompt!r} -> {_text(text)!r}")
     say(f"[tfshard] sharded generate: {secs:.1f} s for up to {args.max_new_tokens} new tokens x "
         f"{len(prompts)} prompt(s), tracing the loop included (TP={sharded.tensor_parallel}, "
+        f"PP={getattr(sharded, 'pipeline', 1)}, "
         f"{sharded.groups} group(s), {_backend(sharded)}; steady-state latency: "
         "scripts/bench.py generate)")
     if reference is None:
@@ -414,7 +272,27 @@ def cmd_inspect(args):
     plan = Plan.auto(model, args.tensor_parallel)
     for rank in range(args.tensor_parallel) if args.all_ranks else [0]:
         print(plan.summary(rank=rank))
+    if args.pipeline:
+        from tfshard.pipeline.staged import plan_pipeline
+
+        split = _stages(args)["pipeline_split"]
+        print("\n" + plan_pipeline(model, args.pipeline, split, Plan.auto(),
+                                   args.tensor_parallel)[1].summary())
     return 0
+
+
+def _stages(args):
+    """`shard`/`load`'s pipeline arguments from --pipeline and --pipeline-split."""
+    split = getattr(args, "pipeline_split", None)
+    return {"pipeline": getattr(args, "pipeline", None),
+            "pipeline_split": [int(c) for c in split.split(",")] if split else None}
+
+
+def _stage_arguments(p):
+    p.add_argument("--pipeline", type=int, default=None, metavar="P",
+                   help="pipeline stages (MPI): each rank holds one stage's blocks")
+    p.add_argument("--pipeline-split", default=None, metavar="N,N,...",
+                   help="blocks per stage (default: balanced by estimated FLOPs)")
 
 
 def _inspect_check(args):
@@ -444,7 +322,7 @@ def _inspect_check(args):
         reference = loaded.inner
         vocab, input_names = _vocab_and_inputs(reference)
         tokenizer = sharded.tokenizer
-    x = _inputs(input_names, vocab, args.rows, args.seq_len, args.seed + 1, args.input,
+    x = cli_files.inputs(input_names, vocab, args.rows, args.seq_len, args.seed + 1, args.input,
                 tokenizer=tokenizer)
     say(f"[tfshard] {args.source} at TP={sharded.tensor_parallel} "
         f"({_backend(sharded)}) vs unsharded, "
@@ -508,6 +386,7 @@ def build_parser():
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tensor-parallel", type=int, default=None)
+    _stage_arguments(p)
     p.add_argument("--replicas", type=int, default=None, metavar="N",
                    help="in one process, without a launcher: shard over a MirroredStrategy of N "
                    "logical CPU devices")
@@ -532,6 +411,7 @@ def build_parser():
     p.add_argument("--sampler", default="greedy",
                    help="keras-hub sampler: greedy, top_k, top_p, ... (seeded from rank 0)")
     p.add_argument("--tensor-parallel", type=int, default=None)
+    _stage_arguments(p)
     p.add_argument("--replicas", type=int, default=None, metavar="N",
                    help="in one process, without a launcher: shard over a MirroredStrategy of N "
                    "logical CPU devices")
@@ -545,6 +425,7 @@ def build_parser():
                    "(only its shapes are read)")
     _precision_arguments(p, quantize=False)
     p.add_argument("--tensor-parallel", type=int, default=2)
+    _stage_arguments(p)
     p.add_argument("--all-ranks", action="store_true")
     p.add_argument("--check", action="store_true",
                    help="run sharded and unsharded side by side and print each layer's drift "

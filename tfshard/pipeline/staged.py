@@ -132,7 +132,8 @@ def shard_stages(model, graph, stage_plan, plan, world, pipeline, tp, comm_dtype
         return held
 
     resolved, meter = convert.convert(model, plan, tp_comm, world, comm_dtype, before_cut)
-    resolved = resolved.with_stages(stage_plan, index)
+    held_bytes = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
+    resolved = resolved.with_stages(stage_plan, index, held_bytes)
     links = gpipe.Transfers(group_comm, pipeline, tp)
     _install_decode(model, stage, stage_plan, resolved, links, tp_comm.rank)
     return PipelinedModel(model, resolved, world, tp_comm, group, group_comm=group_comm,

@@ -43,12 +43,14 @@ class ResolvedPlan:
         self.total_bytes = total_bytes
         self.stages = None  # a `StagePlan` under pipeline parallelism
         self.stage = None  # the stage this rank runs
+        self.held_bytes = None  # the bytes this rank holds, measured, under stages
 
-    def with_stages(self, stages, stage):
-        """This plan with the pipeline's `StagePlan` and the stage this rank runs."""
+    def with_stages(self, stages, stage, held_bytes):
+        """This plan with the pipeline's `StagePlan`, the stage this rank runs and the
+        bytes it holds (measured after the cut)."""
         out = ResolvedPlan(self.request, self.entries, self.attention, self.size, self.rank,
                            self.total_bytes, self.comm_dtype, self.sums_16bit)
-        out.stages, out.stage = stages, stage
+        out.stages, out.stage, out.held_bytes = stages, stage, held_bytes
         return out
 
     @property
@@ -169,7 +171,17 @@ class ResolvedPlan:
             f"{format_bytes(self.total_bytes)} unsharded "
             f"({len(self.sharded)} of {len(self.entries)} layers cut)"
         )
-        return [memory, communication_line(self.communication(), self.wire_itemsizes())]
+        comm = communication_line(self.communication(), self.wire_itemsizes())
+        if self.stages is not None:
+            blocks = self.stages.blocks_of(self.stage)
+            span = blocks[0].name + (f" .. {blocks[-1].name}" if len(blocks) > 1 else "")
+            memory = (f"pipeline stage {self.stage} of {self.stages.stages} ({len(blocks)} "
+                      f"block(s): {span}), tensor-parallel rank "
+                      f"{rank} of {self.size}: holds {format_bytes(self.held_bytes)} of "
+                      f"{format_bytes(self.total_bytes)} unsharded")
+            comm += (" (the table counts every stage's layers; a stage runs its own) + one "
+                     "send of the activation per stage boundary")
+        return [memory, comm]
 
     def wire_itemsizes(self):
         """`{(path, collective): bytes per element}` of `communication()`'s entries."""
