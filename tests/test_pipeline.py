@@ -97,6 +97,22 @@ def test_checkpoint_saved_at_pp2_reloads_at_tp2_pp2_and_alone(suite_runs):
             assert all(o["max_diff"] <= o["tol"] for o in rec[layout]["outputs"].values())
 
 
+def test_tensorboard_shows_each_stage_busy_idle_bubble_and_bytes(suite_runs):
+    for rank, rec in enumerate(records_ok(suite_runs("pipeline", 2), "pp2/tensorboard")):
+        scalars = rec["scalars"]
+        for tag in ("pipeline/busy_ms", "pipeline/idle_ms", "pipeline/bubble",
+                    "pipeline/sent_bytes", "pipeline/stage"):
+            assert [step for step, _ in scalars[tag]] == [0, 1, 2], (rank, tag, scalars.get(tag))
+        assert {v for _, v in scalars["pipeline/stage"]} == {rank}
+        bubbles = [v for _, v in scalars["pipeline/bubble"]]
+        assert all(0.0 < b < 1.0 for b in bubbles), bubbles  # every stage waits some
+        sent = [v for _, v in scalars["pipeline/sent_bytes"]]
+        # Stage 0 sends each batch's activations (5 rows x 8 tokens x 24 floats); the last
+        # stage sends its outputs back, counted by the collective meters instead.
+        assert sent == ([5 * 8 * 24 * 4.0] * 3 if rank == 0 else [0.0] * 3), sent
+        assert "this rank runs stage" in rec["plan_text"] and "| stage |" in rec["plan_text"]
+
+
 @pytest.mark.parametrize("case,needle", [
     ("too_many_stages", "does not divide the"),
     ("bad_split", "pipeline_split=[3, 1]"),

@@ -15,6 +15,10 @@ replica):
   `time/collectives_ms` (from each collective's input being ready to its
   output being ready, waiting for peers included) and `time/compute_ms` (the
   rest of the batch's latency);
+- under pipeline stages, per batch: `pipeline/busy_ms` (computing the stage's
+  blocks), `pipeline/idle_ms` (waiting for the neighbouring stages),
+  `pipeline/bubble` (the idle fraction, measured), `pipeline/sent_bytes` (to the
+  next stage) and `pipeline/stage`;
 - with `profile_batches=n`: a TensorFlow profiler trace of the rank's first n
   batches (profile plugin: `pip install tensorboard-plugin-profile`);
 - under horovodrun with `HOROVOD_TIMELINE=DYNAMIC` set before `tfshard.init()`:
@@ -63,6 +67,7 @@ class TensorBoard(keras.callbacks.Callback):
         self.timeline_path = None
         self._writers = {}
         self._begun = None  # (perf_counter, counters) at the current batch's start
+        self._stage_before = None  # the pipeline counters at the current batch's start
         self._profiled = 0
         self._profiling = False
         self._graph_written = False
@@ -118,9 +123,32 @@ class TensorBoard(keras.callbacks.Callback):
             tf.profiler.experimental.start(self.run_dir)
             self._profiling = True
         self._begun = (time.perf_counter(), self.model.collective_counters())
+        self._stage_before = self._stage_reading()
+
+    def _stage_reading(self):
+        """The pipeline's counters (`PipelinedModel.pipeline_stats`), or None."""
+        stats = getattr(self.model, "pipeline_stats", None)
+        return stats() if stats is not None else None
+
+    def _write_stage(self, batch):
+        """Per batch, under pipeline stages: this rank's busy and idle time, the bubble
+        fraction measured and the bytes it sent to the next stage."""
+        before, after = self._stage_before, self._stage_reading()
+        if before is None or after is None:
+            return
+        wall = after["wall_seconds"] - before["wall_seconds"]
+        busy = after["busy_seconds"] - before["busy_seconds"]
+        with self._writer(self.ranks[0]).as_default():
+            tf.summary.scalar("pipeline/stage", self.model.stage.index, step=batch)
+            tf.summary.scalar("pipeline/busy_ms", 1e3 * busy, step=batch)
+            tf.summary.scalar("pipeline/idle_ms", 1e3 * max(0.0, wall - busy), step=batch)
+            tf.summary.scalar("pipeline/bubble", 1.0 - busy / wall if wall else 0.0, step=batch)
+            tf.summary.scalar("pipeline/sent_bytes", after["sent_bytes"] - before["sent_bytes"],
+                              step=batch)
 
     def on_predict_batch_end(self, batch, logs=None):
         started, before = self._begun
+        self._write_stage(batch)
         seconds = time.perf_counter() - started
         after = self.model.collective_counters()
         if self._tracing:

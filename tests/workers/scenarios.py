@@ -1037,6 +1037,16 @@ def run_pipeline(world, results):
                     "files": index["files"], "pipeline": index["pipeline"],
                     "rank_files": sorted(os.listdir(folder))}
         results["pp2/checkpoint"] = guarded(checkpoint)
+
+        def tensorboard():
+            model, x = models.llama(num_layers=3)
+            sharded = tfshard.shard(model, pipeline=2, tensor_parallel=1)
+            callback = tfshard.TensorBoard(os.path.join(OUT, "pp2_tb"), write_graph=False)
+            sharded.predict(np.concatenate([x] * 3) if not isinstance(x, dict) else
+                            {k: np.concatenate([v] * 3) for k, v in x.items()},
+                            batch_size=5, verbose=0, callbacks=[callback])
+            return read_tensorboard_run(callback.run_dir)
+        results["pp2/tensorboard"] = guarded(tensorboard)
     results["pipeline/too_many_stages"] = expect_error(
         lambda: tfshard.shard(models.mlp()[0], pipeline=world.size + 1))
     results["pipeline/bad_split"] = expect_error(

@@ -211,7 +211,13 @@ class ResolvedPlan:
         header, *rows = self._rows(rank)
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines + [""] + self.totals(rank))
+        lines += [""] + self.totals(rank)
+        if self.stages is not None:
+            header, *rows = self.stages.rows()
+            lines += ["", f"Pipeline (this rank runs stage {self.stage}):", "",
+                      "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
 
     def summary(self, rank=None):
         """A table of the plan: layer path, rule, full shape, local shape, bytes.
