@@ -17,6 +17,15 @@ every backend, the all-reduces too over MPI).
 
     .venv/bin/python scripts/bench.py predict --model gpt2 --rows 32
 
+Suite `pipeline`: the same for pipeline stages beside the other cuts: at 2 ranks
+PP=2, TP=2 and DP=2; at 4 ranks DP2xPP2, PP2xTP2 and DP2xTP2; the bubble column
+is the idle fraction the stages measured (mean over ranks) beside GPipe's
+(P-1)/(m+P-1) for the m micro-batches of a batch. `generate --pp 2` and
+`load --pp 2` add pipelined rows to those suites.
+
+    .venv/bin/python scripts/bench.py pipeline --model gpt2 --np 2 4 --rows 32 --seq-len 64
+    .venv/bin/python scripts/bench.py generate --np 2 --pp 2 --batch 4
+
 Suite `load`: peak-memory rise while loading (VmHWM after the load minus the
 RSS after imports, the high-water mark reset at that baseline), for a GPT-2
 (124M config) `.keras` checkpoint and for SmolLM2 (GGUF): unsharded
@@ -101,10 +110,12 @@ def _measure(args, sharded):
     target = model
     if sharded:
         target = tfshard.shard(model, tensor_parallel=args.tp or None, strategy=strategy,
-                               comm_dtype=args.comm_dtype)
+                               comm_dtype=args.comm_dtype, pipeline=args.pp or None)
         param_bytes = sum(np.asarray(v).nbytes for v in target.inner.weights)
     target.predict(x, batch_size=args.batch_size, verbose=0)  # trace + warm up
     before = target.collective_counters() if sharded else {}
+    stages = getattr(target, "pipeline_stats", None)
+    stage_before = stages() if stages else None
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
@@ -123,6 +134,18 @@ def _measure(args, sharded):
         sent = {k: (after[k] - before[rank][k]) / forwards for k in after}
         result["collectives_per_forward"] = sent
         result["collective_seconds_share"] = sent["seconds"] * forwards / sum(times)
+    if stage_before is not None:
+        from tfshard.pipeline.gpipe import default_micro_batches
+
+        after = stages()
+        busy = after["busy_seconds"] - stage_before["busy_seconds"]
+        wall = after["wall_seconds"] - stage_before["wall_seconds"]
+        bubbles = world.comm.allgather_object(1.0 - busy / wall if wall else 0.0)
+        m = default_micro_batches(args.batch_size, args.pp)
+        result["bubble"] = sum(bubbles) / len(bubbles)
+        result["bubble_per_rank"] = bubbles
+        result["bubble_gpipe"] = (args.pp - 1) / (m + args.pp - 1)
+        result["micro_batches"] = m
     else:
         result["matmul_flops_per_s"] = _matmul_rate(args)
     result["peak_rss_mib"] = _hwm_mib()
@@ -202,6 +225,10 @@ def _generate_child(args):
     if args.source in models.NAMES:
         model, vocab, _ = models.build(args.source, seed=0, dtype=args.dtype)
         target = tfshard.shard(model, world=world, strategy=strategy)
+    elif args.pp:
+        target = tfshard.load(args.source, world=world, pipeline=args.pp,
+                              tensor_parallel=args.tp or None)
+        vocab = target.inner.backbone.vocabulary_size
     else:
         target = _open(args.source, world, args.dtype, args.quantize, strategy)
         vocab = target.inner.backbone.vocabulary_size
@@ -248,17 +275,21 @@ def suite_generate(args):
             name = f"TP={n}" + ("" if backend == "mpi" else f" {backend}")
             rows.append((name, _run(_launch(backend, n, me + child + ["--mode", "sharded"]),
                                     args.timeout, env=BACKEND_ENV.get(backend))))
+    for pp in args.pp:  # pipeline stages (MPI), one rank each
+        rows.append((f"PP={pp}", _run(_launch("mpi", pp, me + child + [
+            "--mode", "sharded", "--pp", str(pp), "--tp", "1"]), args.timeout)))
     best = min((r for _, r in unsharded), key=lambda r: r["decode_ms"])
     best_prefill = min((r for _, r in unsharded), key=lambda r: r["prefill_s"])
     print(f"\ngenerate: {args.source}, batch {args.batch}, length {args.length} (prefill over all "
           f"of it), {args.new_tokens} decode steps timed, median of {args.repeats}, "
           f"{_cpu_model()}; ratios against the best unsharded run")
-    print(f"{'run':<22} {'decode ms/token':>16} {'vs unsharded':>13} {'prefill s':>10} "
-          f"{'prefill tok/s':>14} {'vs unsharded':>13} {'params/rank':>12}")
+    print(f"{'run':<22} {'decode ms/token':>16} {'vs unsharded':>13} {'decode tok/s':>13} "
+          f"{'prefill s':>10} {'prefill tok/s':>14} {'vs unsharded':>13} {'params/rank':>12}")
     for name, r in rows:
         tps = r["prefill_tokens"] / r["prefill_s"]
         base_tps = best_prefill["prefill_tokens"] / best_prefill["prefill_s"]
         print(f"{name:<22} {r['decode_ms']:>16.1f} {r['decode_ms'] / best['decode_ms']:>12.2f}x "
+              f"{1e3 * args.batch / r['decode_ms']:>13.1f} "
               f"{r['prefill_s']:>10.3f} {tps:>14.0f} {tps / base_tps:>12.2f}x "
               f"{r['param_bytes_per_rank'] / 2**20:>10.1f}MiB")
     _write_report(f"generate-{Path(args.source).name}", args, dict(rows))
@@ -295,6 +326,9 @@ def _load_child(args):
     if args.mode == "keras":
         model = keras.saving.load_model(args.source)
         held = sum(v.numpy().nbytes for v in model.weights)
+    elif args.pp:
+        model = tfshard.load(args.source, world=world, pipeline=args.pp, tensor_parallel=1)
+        held = sum(v.numpy().nbytes for v in model.inner.weights)
     else:
         model = _open(args.source, world, args.dtype, args.quantize, strategy)
         # Every replica of this process (MirroredStrategy: all of them, in one process).
@@ -339,6 +373,9 @@ def suite_load(args):
                 name = f"tfshard.load TP={n}" + ("" if backend == "mpi" else f" {backend}")
                 rows.append((name, _run(_launch(backend, n, me + child + ["--mode", "sharded"]),
                                         args.timeout, env=BACKEND_ENV.get(backend))))
+        for pp in args.pp:
+            rows.append((f"tfshard.load PP={pp}", _run(_launch("mpi", pp, me + child + [
+                "--mode", "sharded", "--pp", str(pp)]), args.timeout)))
         base = rows[base_row][1]["rise_mib"]
         print(f"\nload: {label}; peak RSS rise over the post-import baseline (worst process; "
               "a mirrored process holds all its replicas)")
@@ -644,11 +681,12 @@ def suite_forward(args, layouts=None):
               "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
     me = [sys.executable, str(Path(__file__).resolve())]
     backends = getattr(args, "backends", ["mpi"])
-    layouts = [(name, n, tp, b) for name, n, tp in (layouts or [])
-               for b in backends] or [(f"TP={n}", n, n, b) for n in args.np for b in backends]
+    layouts = [(lay[0], lay[1], lay[2], lay[3] if len(lay) > 3 else 0, b)
+               for lay in (layouts or []) for b in backends] or [
+        (f"TP={n}", n, n, 0, b) for n in args.np for b in backends]
     commands = [("unsharded", me + ["_child", "--mode", "unsharded"] + common, None)]
-    for name, n, tp, backend in layouts:
-        child = me + ["_child", "--mode", "sharded", "--tp", str(tp)] + common
+    for name, n, tp, pp, backend in layouts:
+        child = me + ["_child", "--mode", "sharded", "--tp", str(tp), "--pp", str(pp)] + common
         label = name if backend == "mpi" else f"{name} {backend}"
         commands.append((label, _launch(backend, n, child), BACKEND_ENV.get(backend)))
         if getattr(args, "comm_dtype", None) and tp > 1:  # the same, sent in 16 bits
@@ -678,17 +716,19 @@ def suite_forward(args, layouts=None):
           f"{minimum['bytes'] / 2**20:.2f} MiB")
     print(f"{'run':<22} {'s/predict':>10} {'tokens/s':>10} {'vs unsharded':>13} "
           f"{'params/rank':>12} {'peak RSS':>10} {'GFLOP/s':>8} {'of matmul':>10} "
-          f"{'coll/fwd':>9} {'MiB/fwd':>8} {'= min':>6} {'in coll':>8}")
+          f"{'coll/fwd':>9} {'MiB/fwd':>8} {'= min':>6} {'in coll':>8} {'bubble':>14}")
     for name, r in rows:
         tps = r["tokens"] / r["seconds"]
         sent = r.get("collectives_per_forward")
         comm = (f"{sent['collectives']:>9.0f} {sent['bytes'] / 2**20:>8.2f} "
                 f"{str(_is_minimum(sent, minimum, 2 if ' wire' in name else 4)):>6} {100 * r['collective_seconds_share']:>7.1f}%"
                 if sent and sent["collectives"] else f"{'-':>9} {'-':>8} {'-':>6} {'-':>8}")
+        bubble = (f"{r['bubble']:>6.0%} (GPipe {r['bubble_gpipe']:.0%})" if "bubble" in r
+                  else f"{'-':>14}")
         print(f"{name:<22} {r['seconds']:>10.3f} {tps:>10.0f} {r['ratio']:>12.2f}x "
               f"{r['param_bytes_per_rank'] / 2**20:>10.1f}MiB {r['peak_rss_mib']:>7.0f}MiB "
               f"{r['achieved_flops_per_s'] / 1e9:>8.1f} {r['achieved_flops_per_s'] / peak:>9.0%} "
-              f"{comm}")
+              f"{comm} {bubble}")
     _write_report(f"{args.suite}-{args.model}", args, dict(rows))
 
 
@@ -766,7 +806,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="suite", required=True)
     p = sub.add_parser("load")
-    p.add_argument("--np", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--np", type=int, nargs="*", default=[2, 4])
+    p.add_argument("--pp", type=int, nargs="*", default=[],
+                   help="also load with these pipeline stage counts (MPI, one rank each)")
     p.add_argument("--backends", nargs="+", choices=("mpi", "mirrored", "multiworker"),
                    default=["mpi"])
     p.add_argument("--timeout", type=int, default=1800)
@@ -774,6 +816,7 @@ def main():
     p.add_argument("--source", required=True)
     p.add_argument("--mode", choices=["keras", "unsharded", "sharded", "mirrored"], required=True)
     p.add_argument("--replicas", type=int, default=0)
+    p.add_argument("--pp", type=int, default=0)
     p.add_argument("--dtype", default=None)
     p.add_argument("--quantize", default=None)
     for name in ("precision", "_agree"):
@@ -794,32 +837,37 @@ def main():
         p.add_argument("--dtype", default=None)
         p.add_argument("--quantize", default=None)
         if name == "generate":
-            p.add_argument("--np", type=int, nargs="+", default=[2, 3])
+            p.add_argument("--np", type=int, nargs="*", default=[2, 3])
+            p.add_argument("--pp", type=int, nargs="*", default=[],
+                           help="also run these pipeline stage counts (MPI, one rank each)")
             p.add_argument("--backends", nargs="+", choices=BACKENDS, default=["mpi"])
             p.add_argument("--timeout", type=int, default=1800)
         else:
             p.add_argument("--mode", choices=["sharded", "unsharded", "mirrored"], required=True)
             p.add_argument("--threads", type=int, default=0)
             p.add_argument("--replicas", type=int, default=0)
-    for name in ("forward", "predict", "_child"):
+            p.add_argument("--pp", type=int, default=0)
+            p.add_argument("--tp", type=int, default=0)
+    for name in ("forward", "predict", "pipeline", "_child"):
         p = sub.add_parser(name)
         p.add_argument("--model", default="gpt2")
         p.add_argument("--rows", type=int, default=8)
         p.add_argument("--seq-len", type=int, default=128)
         p.add_argument("--batch-size", type=int, default=8)
         p.add_argument("--repeats", type=int, default=3)
-        if name in ("forward", "predict"):
+        if name in ("forward", "predict", "pipeline"):
             p.add_argument("--np", type=int, nargs="+", default=[2])
             p.add_argument("--timeout", type=int, default=1800)
             p.add_argument("--rounds", type=int, default=1,
                            help="interleaved rounds of every run (ratios: median over rounds)")
         p.add_argument("--comm-dtype", choices=["bfloat16", "float16"], default=None,
                        help="also run each TP layout with its collectives sent in this dtype")
-        if name in ("forward", "predict"):
+        if name in ("forward", "predict", "pipeline"):
             p.add_argument("--backends", nargs="+", choices=BACKENDS, default=["mpi"])
         elif name == "_child":
             p.add_argument("--mode", choices=["sharded", "unsharded", "mirrored"], required=True)
             p.add_argument("--tp", type=int, default=0)
+            p.add_argument("--pp", type=int, default=0)
             p.add_argument("--replicas", type=int, default=0)
     for name in ("comm", "_comm"):
         p = sub.add_parser(name)
@@ -862,6 +910,10 @@ def main():
         _measure(args, sharded=args.mode != "unsharded")
     elif args.suite == "predict":
         suite_forward(args, [("TP=2", 2, 2), ("DP=2", 2, 1), ("DP2xTP2", 4, 2)])
+    elif args.suite == "pipeline":
+        layouts = {2: [("PP=2", 2, 1, 2), ("TP=2", 2, 2), ("DP=2", 2, 1)],
+                   4: [("DP2xPP2", 4, 1, 2), ("PP2xTP2", 4, 2, 2), ("DP2xTP2", 4, 2)]}
+        suite_forward(args, [lay for n in args.np for lay in layouts[n]])
     else:
         suite_forward(args)
 

@@ -73,6 +73,7 @@ def test_pipelined_greedy_generate_matches_unsharded(suite_runs, np_, layout, na
     layers = 3
     for rank, rec in enumerate(recs):
         assert rec["out"] == rec["ref"], f"{name} at {layout}, rank {rank}"
+        assert rec["micro"] == rec["ref"], f"{name} at {layout}, rank {rank}, 2 micro-batches"
         # Each stage caches only its own layers' keys and values.
         assert 1 <= rec["cache_layers"] < layers, rec["cache_layers"]
 
@@ -158,3 +159,18 @@ def test_stages_follow_cost_not_layer_count():
         plan_stages(blocks, 2, split=[3, 3])
     with pytest.raises(ValueError, match="use 1 to 7 stages"):
         plan_stages(blocks, 8)
+
+
+def test_backends_without_point_to_point_are_refused_with_what_works():
+    """Horovod over Gloo has no send/recv: the error says to launch with MPI."""
+    from tfshard.pipeline.staged import check_mesh
+    from tfshard.world import World
+
+    class NoPointToPoint:
+        rank, size = 0, 2
+
+    with pytest.raises(ValueError, match=r"Launch with MPI \(./horovodrun.sh -np N, without "
+                                         r"--gloo\)"):
+        check_mesh(World(comm=NoPointToPoint(), backend="horovod"), 2, 1)
+    with pytest.raises(ValueError, match="tensor_parallel values that work with 2 stages"):
+        check_mesh(World(comm=NoPointToPoint(), backend="mpi"), 2, 2)

@@ -581,6 +581,8 @@ def run_strategy_errors(world, results):
         return
     results["err_tensor_parallel_not_dividing"] = expect_error(
         lambda: SHARD(models.mlp()[0], tensor_parallel=5))
+    results["err_pipeline_under_strategy"] = expect_error(
+        lambda: SHARD(models.mlp()[0], pipeline=2))
 
     def inside_scope():
         model, _ = models.mlp()
@@ -1000,7 +1002,10 @@ def run_pipeline(world, results):
                 ref = model.generate(prompt, stop_token_ids=None)
                 sharded = tfshard.shard(model, pipeline=pp, tensor_parallel=tp)
                 out = sharded.generate(prompt, stop_token_ids=None)
+                # The two prompts also in two micro-batches through the stages.
+                micro = sharded.generate(prompt, stop_token_ids=None, micro_batches=2)
                 return {"ref": ref["token_ids"].tolist(), "out": out["token_ids"].tolist(),
+                        "micro": micro["token_ids"].tolist(),
                         "cache_layers": int(model._build_cache(prompt["token_ids"])[1].shape[1])}
             results[f"{layout}/generate/{name}"] = guarded(gen_case)
     if world.size == 2:

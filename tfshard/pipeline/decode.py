@@ -20,6 +20,7 @@ on a view of the backbone holding only this stage's transformer layers:
 import tensorflow as tf
 from keras import ops
 
+from tfshard.layers.base import even_ranges
 from tfshard.layers.released import is_released
 
 #: keras-hub CausalLMs whose `call_with_cache` has the shape described above (read in
@@ -131,6 +132,13 @@ def install(task, stage_layers, links, kv_heads=None, head_dim=None):
         kv_heads: the K/V heads this rank's cache holds (None: the backbone's).
         head_dim: the head size (None: the backbone's).
 
+    A decode step of several prompts can go through in `links.decode_micro_batches`
+    micro-batches, so stage s decodes one while stage s + 1 decodes the one before.
+    The default is 1: on a CPU a decode step reads every weight of the stage once
+    per call whatever its rows, so m micro-batches read them m times; SmolLM2 at
+    PP=2 with 4 prompts took 66 ms a step whole, 110 ms in 2 micro-batches, 183 ms
+    in 4.
+
     Returns:
         None, or the reason this task cannot generate through stages (its
         `generate` then raises it).
@@ -160,13 +168,27 @@ def install(task, stage_layers, links, kv_heads=None, head_dim=None):
         # were seen swapped, which MPI then matched to the wrong receives). So each
         # receive waits for the step's inputs and the transfers before it, and the
         # cache the step returns (the loop's carried state) waits for all of them.
+        # A decode step of several prompts goes through in micro-batches, GPipe's fill
+        # and drain: every stage hands micro-batch j on, then takes j + 1; the last
+        # stage's logits go back once all have passed (no transfer waits on a later one).
+        rows, parts = token_ids.shape[0], links.decode_micro_batches
+        m = min(parts, rows) if share_logits and rows is not None and token_ids.shape[1] == 1 \
+            else 1
         links.issued = []
         try:
-            first.gate = [token_ids, cache]
-            logits, hidden_states, cache = original(view, token_ids, cache, cache_update_index)
+            outs = []
+            for start, stop in even_ranges(rows if m > 1 else 1, m):
+                ids, past = (token_ids, cache) if m == 1 else (token_ids[start:stop],
+                                                               cache[start:stop])
+                first.gate = [ids, past]
+                outs.append(original(view, ids, past, cache_update_index))
+            logits, hidden_states, cache = (outs[0] if m == 1 else
+                                            [ops.concatenate(list(t), axis=0) for t in zip(*outs)])
             if share_logits:
-                (logits,) = links.share_from_last([logits], [logits],
-                                                  after=[cache] + links.issued)
+                parts_logits = [o[0] for o in outs]
+                shared = links.share_from_last(parts_logits, parts_logits,
+                                               after=[cache] + links.issued)
+                logits = shared[0] if m == 1 else ops.concatenate(shared, axis=0)
             if links.issued and not tf.executing_eagerly():
                 with tf.control_dependencies(links.issued):
                     cache, logits = tf.identity(cache), tf.identity(logits)

@@ -41,6 +41,7 @@ class Transfers:
         self.stage, self.tp_rank = divmod(comm.rank, tensor_parallel)
         self.first, self.last = self.stage == 0, self.stage == stages - 1
         self.issued = None  # a list while a traced decode step records its transfers
+        self.decode_micro_batches = 1  # see tfshard.pipeline.decode.install
         self.stats = {"sent_bytes": 0, "sends": 0, "recv_seconds": 0.0, "send_seconds": 0.0,
                       "busy_seconds": 0.0, "wall_seconds": 0.0, "micro_batches": 0}
 

@@ -250,6 +250,27 @@ class PipelinedModel(ShardedModel):
         finally:
             self.micro_batches = saved
 
+    def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False,
+                 sampler=None, micro_batches=None):
+        """`ShardedModel.generate` through the stages, each caching its own layers.
+
+        Args:
+            micro_batches: cut each decode step of several prompts into this many
+                micro-batches that follow each other through the stages (None: 1;
+                see `tfshard.pipeline.decode.install` for why more is slower on a
+                CPU). Every rank must pass the same.
+            (the others as `ShardedModel.generate`)
+        """
+        wanted = self.links.decode_micro_batches if micro_batches is None else micro_batches
+        if not isinstance(wanted, int) or wanted < 1:
+            raise ValueError(f"{self.call_site('generate')}: micro_batches must be an int >= 1; "
+                             f"got {micro_batches!r}.")
+        if wanted != self.links.decode_micro_batches:
+            self.links.decode_micro_batches = wanted
+            self.inner.generate_function = None  # traced with the other count
+        return super().generate(inputs, max_length=max_length, stop_token_ids=stop_token_ids,
+                                strip_prompt=strip_prompt, sampler=sampler)
+
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
         raise NotImplementedError(
             f"{self.name}.quantize under pipeline stages: quantize the model before sharding "
