@@ -98,6 +98,15 @@ def test_checkpoint_saved_at_pp2_reloads_at_tp2_pp2_and_alone(suite_runs):
             assert all(o["max_diff"] <= o["tol"] for o in rec[layout]["outputs"].values())
 
 
+def test_stages_balanced_by_measured_block_times(suite_runs):
+    recs = records_ok(suite_runs("pipeline", 2), "pp2/measured")
+    for rank, rec in enumerate(recs):
+        _close(rec, f"GPT-2 balanced by measured times, rank {rank}")
+        assert rec["unit"] == "s" and all(c > 0 for c in rec["costs"]), rec
+        # Rank 0 timed the blocks; every rank split alike on its times.
+        assert rec["costs"] == recs[0]["costs"] and rec["bounds"] == recs[0]["bounds"]
+
+
 def test_tensorboard_shows_each_stage_busy_idle_bubble_and_bytes(suite_runs):
     for rank, rec in enumerate(records_ok(suite_runs("pipeline", 2), "pp2/tensorboard")):
         scalars = rec["scalars"]

@@ -17,7 +17,7 @@ __all__ = ["Replica", "ShardedModel", "shard", "shard_replicas"]
 
 def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None,
           check_weights=True, comm_dtype=None, pipeline=None, pipeline_split=None,
-          micro_batches=None):
+          micro_batches=None, pipeline_sample=None):
     """Cuts a built Keras model's big kernels across the ranks of this job.
 
     The model is converted in place (as Keras's own `quantize()` does): each
@@ -65,6 +65,10 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
         pipeline_split: blocks per stage (a list of `pipeline` ints summing to
             the model's blocks); None balances the stages by estimated FLOPs.
         micro_batches: GPipe micro-batches per predict batch (None: 2 per stage).
+        pipeline_sample: a sample batch (the model's input structure, numpy):
+            the stages are then balanced by each block's time measured on it
+            (by world rank 0, shared with every rank) instead of by estimated
+            FLOPs. Ignored with `pipeline_split`.
 
     Returns:
         A `ShardedModel` wrapping the converted model(s).
@@ -93,7 +97,7 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
                 f"{type(strategy).__name__}: pipeline stages run under MPI (./horovodrun.sh "
                 "-np N) only yet; under tf.distribute use tensor_parallel.")
         return _shard_pipeline(model, plan, world, pipeline, tensor_parallel, pipeline_split,
-                               micro_batches, check_weights, comm_dtype)
+                               micro_batches, check_weights, comm_dtype, pipeline_sample)
     if strategy is not None:
         return shard_replicas(model, _as_plan(plan), strategy, world, tensor_parallel,
                               check_weights, comm_lib.check_comm_dtype(comm_dtype))
@@ -120,7 +124,7 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
 
 
 def _shard_pipeline(model, plan, world, pipeline, tensor_parallel, pipeline_split, micro_batches,
-                    check_weights, comm_dtype):
+                    check_weights, comm_dtype, sample=None):
     """`shard()` with pipeline stages (see `tfshard.pipeline.staged`)."""
     tp = staged.check_mesh(world, pipeline, tensor_parallel)
     if micro_batches is not None and (not isinstance(micro_batches, int) or micro_batches < 1):
@@ -128,9 +132,12 @@ def _shard_pipeline(model, plan, world, pipeline, tensor_parallel, pipeline_spli
     plan = _as_plan(plan)
     source_config, config_error = copying.serialize_model(model)
     comm_dtype = comm_lib.check_comm_dtype(comm_dtype)
-    graph, stage_plan = staged.plan_pipeline(model, pipeline, pipeline_split, plan, tp)
-    _agree_on_model(world, model, tp, check_weights, comm_dtype,
-                    {"pipeline": consistency.digest([pipeline, stage_plan.to_dict()])})
+    # Agree on the request first: a measured split is a collective of its own.
+    _agree_on_model(world, model, tp, check_weights, comm_dtype, {"pipeline": consistency.digest(
+        [pipeline, pipeline_split, micro_batches, sample is not None])})
+    graph, stage_plan = staged.plan_pipeline(
+        model, pipeline, pipeline_split, plan, tp,
+        measure=None if sample is None else (world, sample))
     sharded = staged.shard_stages(model, graph, stage_plan, plan, world, pipeline, tp,
                                   comm_dtype, micro_batches)
     object.__setattr__(sharded, "source_config", source_config)

@@ -1052,6 +1052,17 @@ def run_pipeline(world, results):
                             batch_size=5, verbose=0, callbacks=[callback])
             return read_tensorboard_run(callback.run_dir)
         results["pp2/tensorboard"] = guarded(tensorboard)
+
+        def measured():
+            model, x = models.gpt2(num_layers=3)
+            ref = model.predict(x, verbose=0)
+            sharded = tfshard.shard(model, pipeline=2, tensor_parallel=1, pipeline_sample=x)
+            res = compare(ref, sharded.predict(x, verbose=0))
+            stages = sharded.plan.stages
+            res.update(unit=stages.cost_unit, costs=[b.cost for b in stages.blocks],
+                       bounds=[list(b) for b in stages.bounds])
+            return res
+        results["pp2/measured"] = guarded(measured)
     results["pipeline/too_many_stages"] = expect_error(
         lambda: tfshard.shard(models.mlp()[0], pipeline=world.size + 1))
     results["pipeline/bad_split"] = expect_error(

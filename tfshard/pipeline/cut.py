@@ -201,6 +201,56 @@ def _bytes(layer):
     return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in layer.weights)
 
 
+def measure_blocks(graph, batch, repeats=3):
+    """Seconds each block takes on `batch`, measured (median of `repeats` after a warm-up).
+
+    Each block runs as a traced Keras model of its own on the previous block's output,
+    so the times include what a stage would run (a task's head with the last block).
+
+    Args:
+        graph: the model's `Graph`.
+        batch: a sample batch in the model's input structure (numpy).
+        repeats: timed runs per block.
+
+    Returns:
+        One float per block.
+    """
+    import time
+
+    import tensorflow as tf
+
+    model, trunk, n = graph.model, graph.trunk, len(graph.blocks)
+    names = [t.name for t in model.inputs]
+    inputs = batch if isinstance(batch, dict) else dict(zip(names, keras.tree.flatten(batch)))
+    inputs = {k: tf.convert_to_tensor(v) for k, v in inputs.items()}
+    trunk_args = [inputs[t.name] for t in trunk.inputs]
+    x, seconds = None, []
+    for i in range(n):
+        ins = list(trunk.inputs) + ([graph.cuts[i - 1]] if i else [])
+        outs = [graph.cuts[i]] if i < n - 1 else keras.tree.flatten(trunk.outputs)
+        body = _submodel(ins, outs, f"block_{i}")
+        head = graph.head if i == n - 1 else None
+
+        def run(args, body=body, head=head):
+            out = keras.tree.flatten(body(args))
+            if head is not None:
+                out = keras.tree.flatten(head([inputs[t] for t in names] + out))
+            return out
+
+        step = tf.function(run)
+        args = trunk_args + ([x] if x is not None else [])
+        out = step(args)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = step(args)
+            _ = [o.numpy() for o in out[:1]]
+            times.append(time.perf_counter() - t0)
+        seconds.append(sorted(times)[len(times) // 2])
+        x = out[0]
+    return seconds
+
+
 def output_structure(model):
     """The model's symbolic output in the structure its calls return."""
     try:

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfshard.layers.base import even_ranges
+from tfshard.outputs import rows_of
 
 #: Message tags: activations between stages, outputs back from the last stage.
 ACTIVATION_TAG, OUTPUT_TAG = 11, 12
@@ -123,20 +124,16 @@ def _dims(like):
 
 
 def default_micro_batches(rows, stages):
-    """GPipe's micro-batch count for a batch of `rows`: 2 per stage (a bubble of
-    (P - 1) / (3P - 1), about a third), at most one row each."""
+    """GPipe's micro-batch count for a batch of `rows`: 2 per stage, at most one row
+    each (a bubble of (P - 1) / (3P - 1): 20 % at P = 2, under a third for any P)."""
     return max(1, min(rows, 2 * stages)) if stages > 1 else 1
-
-
-def _rows(batch):
-    return int(keras.tree.flatten(batch)[0].shape[0])
 
 
 def _take(batch, start, stop):
     return keras.tree.map_structure(lambda v: v[start:stop], batch)
 
 
-def run_gpipe(stage, step, links, batch, micro_batches, output_likes, output_likes_structure):
+def run_gpipe(stage, step, links, batch, micro_batches, output):
     """One batch through the pipeline, GPipe style; its output on every rank.
 
     Args:
@@ -146,13 +143,13 @@ def run_gpipe(stage, step, links, batch, micro_batches, output_likes, output_lik
         links: the rank's `Transfers`.
         batch: the batch (numpy, in the model's input structure).
         micro_batches: how many micro-batches (None: `default_micro_batches`).
-        output_likes: the model's output KerasTensors (flat), for the receivers.
-        output_likes_structure: the same in the model's output structure.
+        output: the model's symbolic output (its structure, and each tensor's rank
+            and dtype for the receivers).
 
     Returns:
         The model's output for the batch (numpy, in its structure).
     """
-    rows = _rows(batch)
+    rows = rows_of(batch)
     m = micro_batches or default_micro_batches(rows, links.stages)
     m = max(1, min(int(m), rows))
     stats = links.stats
@@ -170,9 +167,6 @@ def run_gpipe(stage, step, links, batch, micro_batches, output_likes, output_lik
         y = step(part, x)
         if links.last:
             y = keras.tree.map_structure(np.asarray, y)
-        else:
-            y = tf.identity(y)
-            _ = y.shape  # the value is computed before the send starts
         stats["busy_seconds"] += time.perf_counter() - t0
         if links.last:
             outs.append(y)
@@ -189,7 +183,7 @@ def run_gpipe(stage, step, links, batch, micro_batches, output_likes, output_lik
                 zip(*[keras.tree.flatten(o) for o in outs])]
         flat = [tf.convert_to_tensor(v) for v in flat]
     t0 = time.perf_counter()
-    flat = links.share_from_last(flat, output_likes)
+    flat = links.share_from_last(flat, keras.tree.flatten(output))
     stats["recv_seconds" if not links.last else "send_seconds"] += time.perf_counter() - t0
     stats["wall_seconds"] += time.perf_counter() - t_start
-    return keras.tree.pack_sequence_as(output_likes_structure, [np.asarray(v) for v in flat])
+    return keras.tree.pack_sequence_as(output, [np.asarray(v) for v in flat])

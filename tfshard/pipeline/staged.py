@@ -8,6 +8,8 @@ stage's ranks, and hands activations to the next stage point to point
 (`tfshard.pipeline.gpipe`).
 """
 
+import dataclasses
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -24,7 +26,8 @@ from tfshard.plan.stages import plan_stages
 from tfshard.sharded_model import Replica, ShardedModel
 
 
-def plan_pipeline(model, pipeline, pipeline_split=None, plan=None, tensor_parallel=1):
+def plan_pipeline(model, pipeline, pipeline_split=None, plan=None, tensor_parallel=1,
+                  measure=None):
     """The model's blocks and the stage boundaries (every rank computes the same).
 
     Args:
@@ -34,6 +37,9 @@ def plan_pipeline(model, pipeline, pipeline_split=None, plan=None, tensor_parall
         plan: the tensor-parallel `Plan`, so no stage starts between a column layer
             and the row layer that takes its cut output.
         tensor_parallel: ranks per stage.
+        measure: `(world, sample batch)`: balance by block times measured on the
+            sample by world rank 0 (and shared, so every rank splits alike)
+            instead of by estimated FLOPs.
 
     Returns:
         `(graph, stage_plan)`.
@@ -51,7 +57,22 @@ def plan_pipeline(model, pipeline, pipeline_split=None, plan=None, tensor_parall
         graph = cut_lib.graph_of(model, splits)
     except cut_lib.CutError as e:
         raise ValueError(f"pipeline={pipeline}: {e}") from None
-    return graph, plan_stages(graph.blocks, pipeline, pipeline_split)
+    if measure is None or pipeline_split is not None:
+        return graph, plan_stages(graph.blocks, pipeline, pipeline_split)
+    world, sample = measure
+    seconds = None
+    if world.rank == 0:
+        try:
+            seconds = cut_lib.measure_blocks(graph, sample)
+        except Exception as e:  # noqa: BLE001 - shared, then raised on every rank
+            seconds = f"{type(e).__name__}: {e}"
+    seconds = world.comm.allgather_object(seconds)[0]
+    if isinstance(seconds, str):
+        raise ValueError(f"pipeline={pipeline}: timing the blocks on pipeline_sample failed "
+                         f"on rank 0: {seconds}")
+    blocks = [dataclasses.replace(b, cost=float(t)) for b, t in zip(graph.blocks, seconds)]
+    graph.blocks = blocks
+    return graph, plan_stages(blocks, pipeline, None, cost_unit="s")
 
 
 def check_mesh(world, pipeline, tensor_parallel):
@@ -221,7 +242,7 @@ class PipelinedModel(ShardedModel):
         batch = keras.tree.map_structure(np.asarray, batch)
         try:
             return gpipe.run_gpipe(self.stage, self._stage_step, self.links, batch,
-                                   self.micro_batches, self._output_likes, self._output)
+                                   self.micro_batches, self._output)
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as err:
             if "tfshard MPI" in str(err):
                 raise
