@@ -651,6 +651,12 @@ def _saved_three_ways(world, name, whole, to_shard):
     return folder, gathered, whole_file
 
 
+def _extras(world):
+    """Whether the precision suite runs its cases beyond the per-model ones (wire bytes,
+    checkpoints, refusals): the tests check those at 2 ranks under MPI only."""
+    return STRATEGY is None and not ONLY and world.size == 2
+
+
 def run_precision(world, results):
     """bfloat16 models sharded against the same model unsharded in bfloat16 and in
     float32 (tfshard.precision's envelope), then saved, reloaded and loaded in bf16."""
@@ -707,7 +713,7 @@ def run_precision(world, results):
                     s.collective_counters()[world.rank]["bytes"] - before,
                     tokens * sum(n * sizes[(p, op)] for p, op, n in s.plan.communication())]
         return out
-    if STRATEGY is None and not ONLY:
+    if _extras(world):
         results["bf16_wire_bytes"] = guarded(wire_bytes)
 
     def comm_dtype():
@@ -743,7 +749,7 @@ def run_precision(world, results):
         except Exception as e:  # noqa: BLE001 - the test reads the message
             out["overflow"] = f"{type(e).__name__}: {e}"
         return out
-    if STRATEGY is None and not ONLY:
+    if _extras(world):
         results["comm_dtype"] = guarded(comm_dtype)
 
     def checkpoints():
@@ -776,7 +782,7 @@ def run_precision(world, results):
             r16, _first_output(narrow.predict(x, batch_size=2, verbose=0)), "bfloat16")
         res["fp32_file_as_bf16_dtypes"] = sorted({str(v.dtype) for v in narrow.inner.weights})
         return res
-    if STRATEGY is None and not ONLY:  # saving is Horovod/MPI-only for now
+    if _extras(world):  # saving is Horovod/MPI-only for now
         results["bf16_checkpoints"] = guarded(checkpoints)
 
 
@@ -848,7 +854,7 @@ def run_int8(world, results):
                 "load_quantize_bitwise": bool(np.array_equal(np.asarray(got), np.asarray(ref))),
                 "load_quantize_dtypes": sorted({str(v.dtype) for v in loaded.inner.weights
                                                 if v.name == "kernel"})}
-    if STRATEGY is None and not ONLY:
+    if _extras(world):
         results["int8_checkpoint"] = guarded(checkpoint)
 
     def refusals():
@@ -866,7 +872,8 @@ def run_int8(world, results):
         except ValueError as e:
             float8 = str(e)
         return {"quantize_after": after, "float8": float8}
-    results["int8_refusals"] = guarded(refusals)
+    if _extras(world):
+        results["int8_refusals"] = guarded(refusals)
 
 
 #: int4 cases: Keras's default (groups of 128 contracted rows, zero points) for every
@@ -931,7 +938,7 @@ def run_int4(world, results):
                 "file_modes": sorted({e.dtype for e in loaded.plan.entries}),
                 "gathered_bitwise": bool(np.array_equal(
                     _first_output(plain.predict(x, batch_size=2, verbose=0)), ref))}
-    if STRATEGY is None and not ONLY:
+    if _extras(world):
         results["int4_checkpoint"] = guarded(checkpoint)
 
     def refusals():
@@ -945,7 +952,7 @@ def run_int4(world, results):
         except ValueError as e:
             out["load_quantize"] = str(e)
         return out
-    if STRATEGY is None and not ONLY:
+    if _extras(world):
         results["int4_refusals"] = guarded(refusals)
 
 
