@@ -128,6 +128,8 @@ def test_tensorboard_shows_each_stage_busy_idle_bubble_and_bytes(suite_runs):
     ("bad_split", "pipeline_split=[3, 1]"),
     ("subclassed", "subclassed"),
     ("disagree", "pipeline differs"),
+    # Only the first stage runs the lookup: checked on every rank before the batch enters.
+    ("bad_id", "holds id 257 at (1, 2), outside the 257 rows of layer 'token_embedding'"),
 ])
 def test_pipeline_errors_on_every_rank(suite_runs, case, needle):
     for rec in case_on_all_ranks(suite_runs("pipeline", 2), f"pipeline/{case}"):

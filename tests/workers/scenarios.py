@@ -1077,6 +1077,13 @@ def run_pipeline(world, results):
                               pipeline_split=[3, 1]))
     results["pipeline/subclassed"] = expect_error(
         lambda: tfshard.shard(models.nested_subclassed()[0], pipeline=2, tensor_parallel=1))
+    def bad_id():
+        model, x = models.llama(num_layers=3)
+        sharded = tfshard.shard(model, pipeline=world.size, tensor_parallel=1)
+        x = dict(x, token_ids=x["token_ids"].copy())
+        x["token_ids"][1, 2] = 257
+        sharded.predict(x, verbose=0)
+    results["pipeline/bad_id"] = expect_error(bad_id)
     # Ranks asking for different splits must all refuse before any stage forms.
     results["pipeline/disagree"] = expect_error(
         lambda: tfshard.shard(models.llama(num_layers=3)[0], pipeline=2, tensor_parallel=1,

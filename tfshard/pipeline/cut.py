@@ -38,6 +38,9 @@ class Graph:
             the backbone (inputs: the task's inputs + the backbone's outputs).
         cuts: the cut tensors of `trunk`'s graph, one fewer than the blocks.
         blocks: the `Block`s.
+        lookups: `{input name: (layer name, rows)}` of the embeddings that read a
+            model input directly (their ids are checked before a batch enters the
+            pipeline: only the first stage runs them).
     """
 
     model: object
@@ -45,6 +48,7 @@ class Graph:
     head: object
     cuts: list
     blocks: list
+    lookups: dict = dataclasses.field(default_factory=dict)
 
 
 def _functional(model):
@@ -178,7 +182,20 @@ def graph_of(model, splits=None):
             paths += [f"head:{l.name}" for l in head_layers]
             name = f"{name} + head"
         blocks.append(Block(name, tuple(paths), int(size), float(cost)))
-    return Graph(model, trunk, head, cuts, blocks)
+    return Graph(model, trunk, head, cuts, blocks, _lookups(trunk))
+
+
+def _lookups(trunk):
+    """`{input name: (layer name, rows)}` of embeddings reading a trunk input directly."""
+    out = {}
+    for layer in trunk.layers:
+        if kind_of(layer) not in ("Embedding", "ReversibleEmbedding"):
+            continue
+        for node in layer._inbound_nodes:
+            for t in node.input_tensors:
+                if any(t is i for i in trunk.inputs):
+                    out[t.name] = (layer.name, int(layer.input_dim))
+    return out
 
 
 def _flops(layer, reverse):
@@ -284,6 +301,31 @@ class Stage:
         self.receives = graph.cuts[start - 1] if start > 0 else None
         self.sends = graph.cuts[stop - 1] if stop < n else None
         self.block_names = [b.name for b in graph.blocks[start:stop]]
+        self.lookups = dict(graph.lookups)
+
+    def check_ids(self, inputs, where):
+        """Refuses a batch whose ids fall outside an embedding it feeds, on every rank
+        alike (every rank holds the batch; only the first stage runs the lookup, so a
+        failure there would leave the other stages waiting for its activations).
+
+        Args:
+            inputs: `{input name: array}` (see `inputs_by_name`).
+            where: how errors name the call.
+
+        Raises:
+            ValueError: naming the input, the layer, the first bad id and what works.
+        """
+        for name, (layer, rows) in self.lookups.items():
+            ids = np.asarray(inputs.get(name))
+            if ids.dtype.kind not in "iu" or not ids.size:
+                continue
+            bad = np.argwhere((ids < 0) | (ids >= rows))
+            if len(bad):
+                at = tuple(int(i) for i in bad[0])
+                raise ValueError(
+                    f"{where}: input {name!r} {tuple(ids.shape)} holds id {int(ids[at])} at "
+                    f"{at}, outside the {rows} rows of layer {layer!r}; ids must be in "
+                    f"[0, {rows}). {len(bad)} id(s) out of range.")
 
     def held_layers(self):
         """Every layer this stage runs, nested ones included (by identity)."""

@@ -240,6 +240,7 @@ class PipelinedModel(ShardedModel):
             object.__setattr__(self, "_stage_step", tf.function(
                 lambda inputs, x: stage(inputs, x), reduce_retracing=True))
         batch = keras.tree.map_structure(np.asarray, batch)
+        self.stage.check_ids(self.stage.inputs_by_name(batch), where)
         try:
             return gpipe.run_gpipe(self.stage, self._stage_step, self.links, batch,
                                    self.micro_batches, self._output)
