@@ -21,6 +21,7 @@ import numpy as np
 
 from tfshard.layers import kind_of, walk
 from tfshard.plan.stages import Block
+from tfshard.plan.structure import var_bytes
 
 
 class CutError(ValueError):
@@ -215,7 +216,7 @@ def _flops(layer, reverse):
 
 
 def _bytes(layer):
-    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in layer.weights)
+    return var_bytes(layer.weights)
 
 
 def measure_blocks(graph, batch, repeats=3):

@@ -31,12 +31,11 @@ PIPELINED_CAUSAL_LMS = frozenset({
 })
 
 
-def _owner_name(model):
+def _owner(model):
+    """The class whose `call_with_cache` the model runs."""
     method = getattr(type(model), "call_with_cache", None)
-    for cls in type(model).__mro__:
-        if "call_with_cache" in vars(cls):
-            return cls.__name__ if vars(cls)["call_with_cache"] is method else None
-    return None
+    return next((cls for cls in type(model).__mro__ if vars(cls).get("call_with_cache") is method),
+                None)
 
 
 class _Zeros:
@@ -143,7 +142,8 @@ def install(task, stage_layers, links, kv_heads=None, head_dim=None):
         None, or the reason this task cannot generate through stages (its
         `generate` then raises it).
     """
-    name = _owner_name(task)
+    owner = _owner(task)
+    name = owner.__name__ if owner is not None else None
     if name not in PIPELINED_CAUSAL_LMS:
         return (f"{type(task).__name__}.generate through pipeline stages: tfshard runs "
                 f"keras-hub's decode loop stage by stage for {', '.join(sorted(PIPELINED_CAUSAL_LMS))}"
@@ -151,14 +151,12 @@ def install(task, stage_layers, links, kv_heads=None, head_dim=None):
     backbone = task.backbone
     if not stage_layers:
         return "this stage holds no transformer layer"
-    original = vars(type(task).__mro__[[c.__name__ for c in type(task).__mro__].index(name)])[
-        "call_with_cache"]
+    original = vars(owner)["call_with_cache"]
     dtype = task.compute_dtype
     view = _Task(task, _Backbone(backbone, stage_layers, links, dtype))
     kv = kv_heads or getattr(backbone, "num_key_value_heads", None) or backbone.num_heads
-    dim = head_dim or backbone.hidden_dim // getattr(backbone, "num_query_heads",
-                                                      getattr(backbone, "num_heads", 1))
-    dim = head_dim or getattr(backbone, "head_dim", None) or dim
+    dim = head_dim or getattr(backbone, "head_dim", None) or backbone.hidden_dim // getattr(
+        backbone, "num_query_heads", getattr(backbone, "num_heads", 1))
 
     first = view.backbone.transformer_layers[0]
 

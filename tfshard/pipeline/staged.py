@@ -23,6 +23,7 @@ from tfshard.pipeline import cut as cut_lib
 from tfshard.pipeline import decode
 from tfshard.pipeline import gpipe
 from tfshard.plan.stages import plan_stages
+from tfshard.plan.structure import var_bytes
 from tfshard.sharded_model import Replica, ShardedModel
 
 
@@ -153,8 +154,7 @@ def shard_stages(model, graph, stage_plan, plan, world, pipeline, tp, comm_dtype
         return held
 
     resolved, meter = convert.convert(model, plan, tp_comm, world, comm_dtype, before_cut)
-    held_bytes = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
-    resolved = resolved.with_stages(stage_plan, index, held_bytes)
+    resolved = resolved.with_stages(stage_plan, index, var_bytes(model.weights))
     links = gpipe.Transfers(group_comm, pipeline, tp)
     _install_decode(model, stage, stage_plan, resolved, links, tp_comm.rank)
     return PipelinedModel(model, resolved, world, tp_comm, group, group_comm=group_comm,
