@@ -311,6 +311,7 @@ def _hwm_mib():
 def _load_child(args):
     """One process (or rank): memory rise of one load."""
     import keras
+    import numpy as np
     import keras_hub  # noqa: F401  (imports belong to the baseline)
 
     import tfshard
@@ -325,16 +326,19 @@ def _load_child(args):
     t0 = time.perf_counter()
     if args.mode == "keras":
         model = keras.saving.load_model(args.source)
-        held = sum(v.numpy().nbytes for v in model.weights)
+        variables = model.weights
     elif args.pp:
         model = tfshard.load(args.source, world=world, pipeline=args.pp, tensor_parallel=1)
-        held = sum(v.numpy().nbytes for v in model.inner.weights)
+        variables = model.inner.weights
     else:
         model = _open(args.source, world, args.dtype, args.quantize, strategy)
         # Every replica of this process (MirroredStrategy: all of them, in one process).
-        held = sum(v.numpy().nbytes for r in model.replicas for v in r.model.weights)
+        variables = [v for r in model.replicas for v in r.model.weights]
     seconds = time.perf_counter() - t0
-    result = {"rise_mib": _hwm_mib() - base, "after_mib": _rss_mib() - base,
+    # The high-water mark first: reading the variables back would add a copy of the largest.
+    rise, after = _hwm_mib() - base, _rss_mib() - base
+    held = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
+    result = {"rise_mib": rise, "after_mib": after,
               "baseline_mib": base, "seconds": seconds, "weights_mib": held / 2**20}
     if world is not None:
         rows = world.comm.allgather_object(result)

@@ -249,3 +249,36 @@ def test_int4_cut_geometry():
     with pytest.raises(ValueError, match=r"stored as \[6, 8\]; a cut of its axis 0 is not a "
                                          r"block of that layout"):
         int4.flat_cut((4, 6, 2), 6, 0, ((0, 2), (2, 4)), "gemma/q")
+
+
+@pytest.mark.parametrize("axis", [None, 0, 1])
+def test_assign_slice_creates_a_deferred_variable_from_the_file_values(axis, monkeypatch):
+    """A variable still without memory is created from the slice read in pieces (no
+    zeros first); one with memory is assigned. Both hold exactly the slice."""
+    from tfshard.io import deferred_variables, materialize, unfilled
+    from tfshard.layers import slices
+
+    monkeypatch.setattr(slices, "CHUNK_BYTES", 64)  # many pieces of a few rows
+    full = np.arange(40 * 24, dtype="float32").reshape(40, 24)
+    start, stop = {None: (None, None), 0: (5, 37), 1: (3, 21)}[axis]
+    want = full if axis is None else np.take(full, range(start, stop), axis=axis)
+    with deferred_variables() as created:
+        deferred = keras.Variable(initializer="zeros", shape=want.shape, name="w")
+        held = keras.Variable(initializer="zeros", shape=want.shape, name="h")
+    materialize(created, [deferred, held], leave={id(deferred)})
+    assert unfilled(created) == [deferred.path]
+    for var in (deferred, held):
+        slices.assign_slice(var, full, axis, start, stop)
+        np.testing.assert_array_equal(np.asarray(var), want)
+    assert unfilled(created) == []
+
+
+def test_set_value_refuses_a_value_of_another_shape():
+    from tfshard.io import deferred_variables
+    from tfshard.layers import slices
+
+    with deferred_variables():
+        var = keras.Variable(initializer="zeros", shape=(4, 3), name="kernel")
+    with pytest.raises(ValueError, match=r"kernel: a value of shape \(3, 4\) for a variable "
+                                         r"of shape \(4, 3\)"):
+        slices.set_value(var, np.zeros((3, 4), "float32"))

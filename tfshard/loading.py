@@ -138,8 +138,16 @@ def _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects
         first = sharded.replicas[0].device
         for device, built, variables in [(first, inner, created)] + further:
             with tf.device(device) if device else contextlib.nullcontext():
-                tfio.materialize(variables, built.weights)
+                # The variables the source creates from the file's values get no
+                # memory before: no zeros first, no second whole-size buffer.
+                tfio.materialize(variables, built.weights, src.filled_from_values(built))
                 src.fill(built)
+                missing = tfio.unfilled(variables)
+                if missing:
+                    raise tfio.CheckpointError(
+                        f"{src.label}: the file gave no value for {len(missing)} variable(s) "
+                        f"of the model: {', '.join(missing[:5])}"
+                        f"{' ...' if len(missing) > 5 else ''}.")
     except Exception as e:
         error = e
     finally:

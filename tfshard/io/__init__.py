@@ -13,7 +13,7 @@ named.py      the named real models ("smollm2", "minilm") from their PyPI wheels
 `tfshard.load` (tfshard/loading.py) sits above: it builds, shards, then fills.
 """
 
-from tfshard.io.deferred import deferred_variables, materialize
+from tfshard.io.deferred import deferred_variables, materialize, unfilled
 from tfshard.io.dtypes import FLOAT_POLICIES, check_dtype
 from tfshard.io.formats import (NAMED, agree_on_failure, build_deferred, build_model,
                                 fill_from_views, load_into, resolve_source)
@@ -24,4 +24,4 @@ from tfshard.io.stores import CheckpointError
 __all__ = ["CheckpointError", "FLOAT_POLICIES", "FORMAT", "check_dtype", "INDEX", "NAMED", "VERSION", "agree_on_failure",
            "build_deferred", "build_model", "deferred_variables", "fill_from_views",
            "index_checksum", "load_into", "materialize", "remove_stale_partials",
-           "resolve_source", "save"]
+           "resolve_source", "save", "unfilled"]

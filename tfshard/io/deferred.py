@@ -56,19 +56,33 @@ class _Constant:
         return keras.ops.convert_to_tensor(np.asarray(self.value), dtype=dtype or self.value.dtype)
 
 
-def materialize(created, weights):
+def materialize(created, weights, leave=()):
     """Gives memory to deferred variables that survived sharding.
 
     Model weights start at zero (the source fills them); other variables
     (optimizer counters, seed states) get their own initial values. Variables
     dropped by `shard()` are forgotten.
+
+    Args:
+        created: the variables `deferred_variables()` recorded.
+        weights: the model's weights.
+        leave: ids of variables to leave without memory: the source creates
+            them from the file's values (`tfshard.layers.slices.set_value`), so
+            they never hold zeros first.
     """
     weight_ids = {id(v) for v in weights}
+    leave = set(leave)
     for v in created:
-        if v._value is None and not was_dropped(v):
+        if v._value is None and not was_dropped(v) and id(v) not in leave:
             if id(v) in weight_ids:
                 v._initializer = keras.initializers.Zeros()
             v._deferred_initialize()
     pending = global_state.get_global_attribute("uninitialized_variables", [])
     ours = {id(v) for v in created}
     pending[:] = [v for v in pending if id(v) not in ours]
+
+
+def unfilled(created):
+    """Paths of the variables in `created` still without memory (neither filled
+    nor dropped): after a fill, a variable the source never reached."""
+    return [v.path for v in created if v._value is None and not was_dropped(v)]

@@ -18,14 +18,14 @@ import zipfile
 
 import h5py
 import keras
-import numpy as np
 import tensorflow as tf
 from keras.src.saving import saving_lib
 
 from tfshard import consistency
 from tfshard.io import views as lazy
 from tfshard.layers import walk
-from tfshard.layers.base import assign_slice, sliced_variables
+from tfshard.layers.base import sliced_variables
+from tfshard.layers.slices import assign_slice
 
 from tfshard.io.deferred import deferred_variables
 from tfshard.io.dtypes import policy_scope, with_float_dtype
@@ -46,6 +46,13 @@ class _Source:
 
     def fill(self, model):
         raise NotImplementedError
+
+    def filled_from_values(self, model):
+        """Ids of the variables `fill` creates from the file's values, so they get
+        no memory before (`tfshard.io.deferred.materialize`): here the sharded
+        layers' variables, which load through `assign_slice`."""
+        return {id(entry[0]) for node in walk(model)
+                for entry in (sliced_variables(node.layer) or ())}
 
     def close(self):
         pass
@@ -187,6 +194,10 @@ class _ViewsSource(_Source):
     def fill(self, model):
         fill_from_views(model, self.views, self.label)
 
+    def filled_from_values(self, model):
+        """Every weight: `fill_from_views` creates each from its view."""
+        return {id(v) for v in model.weights}
+
 
 def fill_from_views(model, views, label):
     """Assigns every variable of a (sharded) model from lazy views by variable path.
@@ -217,7 +228,7 @@ def fill_from_views(model, views, label):
             raise CheckpointError(
                 f"{label}: tensor {view.name!r} for {var.path!r} has shape "
                 f"{tuple(view.shape)}, the model needs {tuple(var.shape)}.")
-        var.assign(np.asarray(view[()], dtype=var.dtype))
+        assign_slice(var, view, None, None, None)
         done.add(id(var))
 
 

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from tfshard.layers import quantized
+from tfshard.layers.slices import Placeholder, assign_slice, full_value, read_slice
 
 
 RULES = ("column", "row", "vocab", "replicate")
@@ -125,86 +126,6 @@ class ShardSpec:
         ranges = config.get("ranges")
         return cls(**{**config, "ranges": None if ranges is None else tuple(tuple(r) for r in ranges),
                       "full_shape": tuple(config["full_shape"])})
-
-
-def read_slice(array, axis, start, stop):
-    """`array[..., start:stop, ...]` on `axis`, reading only that slice.
-
-    Args:
-        array: a numpy array or a lazy view (`shape` + numpy-style indexing).
-        axis: the axis to cut, or None for the whole array.
-        start, stop: the range on `axis`.
-
-    Returns:
-        A numpy array.
-    """
-    if axis is None:
-        return np.asarray(array[()] if not isinstance(array, np.ndarray) else array)
-    index = [slice(None)] * len(array.shape)
-    index[axis] = slice(start, stop)
-    return np.asarray(array[tuple(index)])
-
-
-CHUNK_BYTES = 4 << 20
-
-
-def assign_slice(var, source, axis, start, stop):
-    """`var.assign(source[..., start:stop, ...])`, read in pieces along `axis`.
-
-    A large slice is read from `source` a few MiB at a time into one buffer,
-    then assigned whole. Never by TensorFlow's sliced assignment
-    (`var[a:b].assign`): that puts the variable in copy-on-read mode for good,
-    after which every read in a forward pass copies the whole weight (a
-    vocab-parallel SmolLM2 embedding lookup went from 0.6 ms to 50 ms).
-
-    Args:
-        var: a Keras variable of the slice's shape.
-        source: a numpy array or a lazy view of the full weight.
-        axis: the cut axis of `source` (None: assign it whole).
-        start, stop: this rank's range on `axis`.
-    """
-    if axis is None:
-        var.assign(np.asarray(source if isinstance(source, np.ndarray) else source[()],
-                              dtype=var.dtype))
-        return
-    count = stop - start
-    row_bytes = int(np.prod(var.shape)) * np.dtype(var.dtype).itemsize // max(count, 1)
-    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
-    if step >= count:
-        var.assign(np.asarray(read_slice(source, axis, start, stop), dtype=var.dtype))
-        return
-    buffer = np.empty(tuple(var.shape), dtype=np.dtype(var.dtype))
-    for a in range(0, count, step):
-        b = min(count, a + step)
-        index = (slice(None),) * axis + (slice(a, b),)
-        buffer[index] = read_slice(source, axis, start + a, start + b)
-    var.assign(buffer)
-
-
-class Placeholder:
-    """A lazy all-zeros array: the value of a variable created without memory.
-
-    Layers built inside `keras.StatelessScope(initialize_variables=False)`
-    hold uninitialised variables; converting them reads this instead, so a
-    rank allocates only its slice (filled from a checkpoint afterwards).
-    """
-
-    def __init__(self, shape, dtype):
-        self.shape = tuple(shape)
-        self.dtype = np.dtype(dtype)
-
-    def __getitem__(self, index):
-        index = index if isinstance(index, tuple) else (index,)
-        shape = [len(range(n)[i]) if isinstance(i, slice) else n
-                 for n, i in zip(self.shape, index + (slice(None),) * (len(self.shape) - len(index)))]
-        return np.zeros(shape, self.dtype)
-
-
-def full_value(variable):
-    """The full value of a Keras variable, or a `Placeholder` if uninitialised."""
-    if getattr(variable, "_value", True) is None:
-        return Placeholder(variable.shape, variable.dtype)
-    return np.asarray(variable)
 
 
 def even_ranges(total, size, align=1):
