@@ -328,7 +328,8 @@ def _load_child(args):
         model = keras.saving.load_model(args.source)
         variables = model.weights
     elif args.pp:
-        model = tfshard.load(args.source, world=world, pipeline=args.pp, tensor_parallel=1)
+        model = tfshard.load(args.source, world=world, pipeline=args.pp, tensor_parallel=1,
+                             pipeline_balance=args.balance)
         variables = model.inner.weights
     else:
         model = _open(args.source, world, args.dtype, args.quantize, strategy)
@@ -378,8 +379,9 @@ def suite_load(args):
                 rows.append((name, _run(_launch(backend, n, me + child + ["--mode", "sharded"]),
                                         args.timeout, env=BACKEND_ENV.get(backend))))
         for pp in args.pp:
-            rows.append((f"tfshard.load PP={pp}", _run(_launch("mpi", pp, me + child + [
-                "--mode", "sharded", "--pp", str(pp)]), args.timeout)))
+            for balance in ("compute", "memory"):
+                rows.append((f"tfshard.load PP={pp} {balance}", _run(_launch("mpi", pp, me + child + [
+                    "--mode", "sharded", "--pp", str(pp), "--balance", balance]), args.timeout)))
         base = rows[base_row][1]["rise_mib"]
         print(f"\nload: {label}; peak RSS rise over the post-import baseline (worst process; "
               "a mirrored process holds all its replicas)")
@@ -821,6 +823,7 @@ def main():
     p.add_argument("--mode", choices=["keras", "unsharded", "sharded", "mirrored"], required=True)
     p.add_argument("--replicas", type=int, default=0)
     p.add_argument("--pp", type=int, default=0)
+    p.add_argument("--balance", choices=("compute", "memory"), default="compute")
     p.add_argument("--dtype", default=None)
     p.add_argument("--quantize", default=None)
     for name in ("precision", "_agree"):

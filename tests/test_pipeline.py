@@ -4,10 +4,13 @@ One launch per world size (tests/workers/scenarios.py, suite "pipeline"): PP=2 a
 ranks, PP=3 at 3, PP2xTP2 and DP2xPP2 at 4; GPT-2, Llama (GQA) and BERT with three
 transformer layers and three plain Keras models (functional, two inputs and outputs,
 Sequential); greedy generate of random-config Llama and GPT-2 at every layout, and of
-the real SmolLM2 at PP=2. The balancing itself is checked without ranks.
+the real SmolLM2 at PP2xTP2 (stages balanced by memory). The balancing itself is
+checked without ranks.
 """
 
 import itertools
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -78,14 +81,34 @@ def test_pipelined_greedy_generate_matches_unsharded(suite_runs, np_, layout, na
         assert 1 <= rec["cache_layers"] < layers, rec["cache_layers"]
 
 
-def test_pipelined_generate_of_real_smollm2(suite_runs):
-    recs = records_ok(suite_runs("pipeline", 2), "pp2/smollm2")
-    for rec in recs:
-        assert rec["out"] == rec["ref"], (rec["out"], rec["ref"])
-        assert rec["out"].startswith(" Paris"), rec["out"]
-    # SmolLM2-135M is 134.5 M float32 parameters; each stage holds its share (the tied
-    # embedding, 28.3 M, in both).
-    assert all(r["rank_bytes"] < 0.75 * 134_515_008 * 4 for r in recs)
+def test_pipelined_generate_of_real_smollm2_at_pp2_tp2_balanced_by_memory(suite_runs):
+    """Real SmolLM2 at PP2 x TP2 with `pipeline_balance="memory"`: greedy tokens equal
+    the unsharded model's (generated here, once), and every rank holds a quarter of the
+    model plus its stage's share of the tied embedding."""
+    import tfshard
+    from tfshard import comm as comm_lib
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
+    from scenarios import SMOLLM2_PROMPT
+
+    recs = records_ok(suite_runs("pipeline", 4), "pp2tp2/smollm2")
+    alone = tfshard.load("smollm2", world=tfshard.World(comm_lib.create("local"), "local"))
+    ref = alone.generate(SMOLLM2_PROMPT, max_length=16, strip_prompt=True, sampler="greedy")
+    assert ref.startswith(" Paris"), ref
+    for rank, rec in enumerate(recs):
+        assert rec["out"] == ref, (rank, rec["out"], ref)
+        assert rec["by"] == "memory", rec["summary"]
+    # Balanced by bytes: the two stages hold the same (15 layers each, the tied
+    # embedding in both), so a TP rank holds as much in either stage (ranks 0 and 2,
+    # 1 and 3; TP rank 0 holds more: 9 query heads and 3 K/V heads cut in two), and
+    # no rank more than 0.6 of its stage.
+    low, high = sorted(recs[0]["stage_bytes"])
+    assert high / low < 1.01, recs[0]["summary"]
+    rank_bytes = [r["rank_bytes"] for r in recs]
+    for tp_rank in (0, 1):
+        a, b = rank_bytes[tp_rank], rank_bytes[2 + tp_rank]
+        assert max(a, b) / min(a, b) < 1.01, rank_bytes
+    assert max(rank_bytes) < 0.6 * high, (rank_bytes, high)
 
 
 def test_checkpoint_saved_at_pp2_reloads_at_tp2_pp2_and_alone(suite_runs):
@@ -156,6 +179,20 @@ def test_balance_is_optimal_and_contiguous(costs, stages):
     assert bounds[0][0] == 0 and bounds[-1][1] == len(costs)
     assert all(a < b for a, b in bounds) and all(x[1] == y[0] for x, y in zip(bounds, bounds[1:]))
     assert max(sum(costs[a:b]) for a, b in bounds) == _brute(costs, stages)
+
+
+def test_memory_balance_evens_the_bytes_each_stage_holds():
+    """An embedding costs no FLOPs to look up but holds bytes: by compute it shares the
+    first stage with most layers, by memory it gets a stage of its own."""
+    blocks = [Block("embed", (), 100, 0.0)] + [Block(f"l{i}", (), 20, 10.0) for i in range(5)]
+    by_compute = plan_stages(blocks, 2)
+    by_memory = plan_stages(blocks, 2, by="memory")
+    assert by_compute.bounds == ((0, 3), (3, 6)), by_compute.bounds
+    assert by_memory.bounds == ((0, 1), (1, 6)), by_memory.bounds
+    assert by_memory.imbalance("memory") == 1.0 and by_memory.by == "memory"
+    assert "balanced by bytes held" in by_memory.summary()
+    with pytest.raises(ValueError, match="pipeline_balance='speed'.*'compute', 'memory'"):
+        plan_stages(blocks, 2, by="speed")
 
 
 def test_stages_follow_cost_not_layer_count():

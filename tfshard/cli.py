@@ -275,24 +275,30 @@ def cmd_inspect(args):
     if args.pipeline:
         from tfshard.pipeline.staged import plan_pipeline
 
-        split = _stages(args)["pipeline_split"]
-        print("\n" + plan_pipeline(model, args.pipeline, split, Plan.auto(),
-                                   args.tensor_parallel)[1].summary())
+        stages = _stages(args)
+        print("\n" + plan_pipeline(model, args.pipeline, stages["pipeline_split"], Plan.auto(),
+                                   args.tensor_parallel,
+                                   balance=stages["pipeline_balance"])[1].summary())
     return 0
 
 
 def _stages(args):
-    """`shard`/`load`'s pipeline arguments from --pipeline and --pipeline-split."""
+    """`shard`/`load`'s pipeline arguments from --pipeline, --pipeline-split and
+    --pipeline-balance."""
     split = getattr(args, "pipeline_split", None)
     return {"pipeline": getattr(args, "pipeline", None),
-            "pipeline_split": [int(c) for c in split.split(",")] if split else None}
+            "pipeline_split": [int(c) for c in split.split(",")] if split else None,
+            "pipeline_balance": getattr(args, "pipeline_balance", "compute")}
 
 
 def _stage_arguments(p):
     p.add_argument("--pipeline", type=int, default=None, metavar="P",
                    help="pipeline stages (MPI): each rank holds one stage's blocks")
     p.add_argument("--pipeline-split", default=None, metavar="N,N,...",
-                   help="blocks per stage (default: balanced by estimated FLOPs)")
+                   help="blocks per stage (default: balanced, see --pipeline-balance)")
+    p.add_argument("--pipeline-balance", choices=("compute", "memory"), default="compute",
+                   help="balance the stages' estimated FLOPs (default) or the bytes each "
+                        "holds")
 
 
 def _inspect_check(args):

@@ -20,7 +20,7 @@ from tfshard.world import init
 
 def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None, world=None,
          safe_mode=True, custom_objects=None, dtype=None, quantize=None, comm_dtype=None,
-         pipeline=None, pipeline_split=None, micro_batches=None):
+         pipeline=None, pipeline_split=None, micro_batches=None, pipeline_balance="compute"):
     """Loads a model sharded from the start: each rank reads only its slices.
 
     Args:
@@ -53,7 +53,7 @@ def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None
             equals the unsharded model quantized, bit for bit.
         comm_dtype: send float32 collectives in "bfloat16" or "float16" (see
             `tfshard.shard`).
-        pipeline, pipeline_split, micro_batches: pipeline stages (see
+        pipeline, pipeline_split, micro_batches, pipeline_balance: pipeline stages (see
             `tfshard.shard`): each rank reads only its stage's tensors (and of
             those only its tensor-parallel slices); the other stages' weights
             are never given memory.
@@ -83,7 +83,7 @@ def load(source, plan="auto", tensor_parallel=None, strategy=None, *, model=None
             raise ValueError(f"quantize={quantize!r} with pipeline={pipeline}: not supported "
                              "yet; quantize the model, save it and load that file.")
         stages = {"pipeline": pipeline, "pipeline_split": pipeline_split,
-                  "micro_batches": micro_batches}
+                  "micro_batches": micro_batches, "pipeline_balance": pipeline_balance}
         sharded = _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects,
                         dtype, comm_dtype, quantize, strategy, stages)
         if quantize is not None:

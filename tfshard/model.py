@@ -9,6 +9,7 @@ from tfshard import convert
 from tfshard import copying
 from tfshard.pipeline import staged
 from tfshard.plan import Plan, ResolvedPlan
+from tfshard.plan.stages import BALANCES
 from tfshard.sharded_model import Replica, ShardedModel
 from tfshard.world import World, init
 
@@ -17,7 +18,7 @@ __all__ = ["Replica", "ShardedModel", "shard", "shard_replicas"]
 
 def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None,
           check_weights=True, comm_dtype=None, pipeline=None, pipeline_split=None,
-          micro_batches=None, pipeline_sample=None):
+          micro_batches=None, pipeline_sample=None, pipeline_balance="compute"):
     """Cuts a built Keras model's big kernels across the ranks of this job.
 
     The model is converted in place (as Keras's own `quantize()` does): each
@@ -69,6 +70,10 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
             the stages are then balanced by each block's time measured on it
             (by world rank 0, shared with every rank) instead of by estimated
             FLOPs. Ignored with `pipeline_split`.
+        pipeline_balance: what the stages balance: "compute" (default; the
+            estimated FLOPs, or the times measured on `pipeline_sample`: the
+            pipeline's pace) or "memory" (the bytes each stage holds: the
+            largest rank's memory, e.g. to load a model that only just fits).
 
     Returns:
         A `ShardedModel` wrapping the converted model(s).
@@ -97,7 +102,8 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
                 f"{type(strategy).__name__}: pipeline stages run under MPI (./horovodrun.sh "
                 "-np N) only yet; under tf.distribute use tensor_parallel.")
         return _shard_pipeline(model, plan, world, pipeline, tensor_parallel, pipeline_split,
-                               micro_batches, check_weights, comm_dtype, pipeline_sample)
+                               micro_batches, check_weights, comm_dtype, pipeline_sample,
+                               pipeline_balance)
     if strategy is not None:
         return shard_replicas(model, _as_plan(plan), strategy, world, tensor_parallel,
                               check_weights, comm_lib.check_comm_dtype(comm_dtype))
@@ -124,9 +130,10 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
 
 
 def _shard_pipeline(model, plan, world, pipeline, tensor_parallel, pipeline_split, micro_batches,
-                    check_weights, comm_dtype, sample=None):
+                    check_weights, comm_dtype, sample=None, balance="compute"):
     """`shard()` with pipeline stages (see `tfshard.pipeline.staged`)."""
     tp = staged.check_mesh(world, pipeline, tensor_parallel)
+    _check_balance(balance)
     if micro_batches is not None and (not isinstance(micro_batches, int) or micro_batches < 1):
         raise ValueError(f"micro_batches must be an int >= 1; got {micro_batches!r}.")
     plan = _as_plan(plan)
@@ -134,15 +141,21 @@ def _shard_pipeline(model, plan, world, pipeline, tensor_parallel, pipeline_spli
     comm_dtype = comm_lib.check_comm_dtype(comm_dtype)
     # Agree on the request first: a measured split is a collective of its own.
     _agree_on_model(world, model, tp, check_weights, comm_dtype, {"pipeline": consistency.digest(
-        [pipeline, pipeline_split, micro_batches, sample is not None])})
+        [pipeline, pipeline_split, micro_batches, sample is not None, balance])})
     graph, stage_plan = staged.plan_pipeline(
         model, pipeline, pipeline_split, plan, tp,
-        measure=None if sample is None else (world, sample))
+        measure=None if sample is None else (world, sample), balance=balance)
     sharded = staged.shard_stages(model, graph, stage_plan, plan, world, pipeline, tp,
                                   comm_dtype, micro_batches)
     object.__setattr__(sharded, "source_config", source_config)
     object.__setattr__(sharded, "source_config_error", config_error)
     return sharded
+
+
+def _check_balance(balance):
+    if balance not in BALANCES:
+        raise ValueError(f"pipeline_balance={balance!r}: use one of "
+                         f"{', '.join(map(repr, BALANCES))}.")
 
 
 def _as_plan(plan):

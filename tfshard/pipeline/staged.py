@@ -28,7 +28,7 @@ from tfshard.sharded_model import Replica, ShardedModel
 
 
 def plan_pipeline(model, pipeline, pipeline_split=None, plan=None, tensor_parallel=1,
-                  measure=None):
+                  measure=None, balance="compute"):
     """The model's blocks and the stage boundaries (every rank computes the same).
 
     Args:
@@ -41,6 +41,8 @@ def plan_pipeline(model, pipeline, pipeline_split=None, plan=None, tensor_parall
         measure: `(world, sample batch)`: balance by block times measured on the
             sample by world rank 0 (and shared, so every rank splits alike)
             instead of by estimated FLOPs.
+        balance: "compute" (by the blocks' costs) or "memory" (by the bytes
+            each stage holds; `measure` is then not used).
 
     Returns:
         `(graph, stage_plan)`.
@@ -58,8 +60,8 @@ def plan_pipeline(model, pipeline, pipeline_split=None, plan=None, tensor_parall
         graph = cut_lib.graph_of(model, splits)
     except cut_lib.CutError as e:
         raise ValueError(f"pipeline={pipeline}: {e}") from None
-    if measure is None or pipeline_split is not None:
-        return graph, plan_stages(graph.blocks, pipeline, pipeline_split)
+    if measure is None or pipeline_split is not None or balance == "memory":
+        return graph, plan_stages(graph.blocks, pipeline, pipeline_split, by=balance)
     world, sample = measure
     seconds = None
     if world.rank == 0:

@@ -38,14 +38,17 @@ class StagePlan:
     Attributes:
         blocks: the model's `Block`s, in order.
         bounds: per stage, `(first block, end block)`.
-        forced: whether `pipeline_split` set the bounds (else balanced by cost).
+        forced: whether `pipeline_split` set the bounds (else balanced).
         cost_unit: what `Block.cost` counts ("FLOPs/token" or "s").
+        by: what the bounds balance: "compute" (the blocks' costs) or "memory"
+            (the bytes each stage holds).
     """
 
     blocks: tuple
     bounds: tuple
     forced: bool = False
     cost_unit: str = "FLOPs/token"
+    by: str = "compute"
 
     @property
     def stages(self):
@@ -62,11 +65,12 @@ class StagePlan:
     def bytes(self, stage):
         return sum(b.bytes for b in self.blocks_of(stage))
 
-    def imbalance(self):
-        """The largest stage cost over the mean (1.0: perfectly even)."""
-        costs = [self.cost(s) for s in range(self.stages)]
-        mean = sum(costs) / len(costs)
-        return max(costs) / mean if mean else 1.0
+    def imbalance(self, by="compute"):
+        """The largest stage's cost (by="memory": bytes) over the mean (1.0: even)."""
+        measure = self.bytes if by == "memory" else self.cost
+        values = [measure(s) for s in range(self.stages)]
+        mean = sum(values) / len(values)
+        return max(values) / mean if mean else 1.0
 
     def rows(self):
         """Header and one row per stage: blocks, bytes, cost and share of the cost."""
@@ -86,14 +90,17 @@ class StagePlan:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "-" * len(lines[0]))
-        how = "forced by pipeline_split" if self.forced else f"balanced by {self.cost_unit}"
+        how = ("forced by pipeline_split" if self.forced else "balanced by bytes held"
+               if self.by == "memory" else f"balanced by {self.cost_unit}")
         lines.append(f"{self.stages} pipeline stages, {how}; slowest stage / mean: "
-                     f"{self.imbalance():.2f}")
+                     f"{self.imbalance():.2f}; largest stage / mean bytes: "
+                     f"{self.imbalance('memory'):.2f}")
         return "\n".join(lines)
 
     def to_dict(self):
         return {"blocks": [b.name for b in self.blocks], "bounds": [list(b) for b in self.bounds],
-                "costs": [b.cost for b in self.blocks], "forced": self.forced}
+                "costs": [b.cost for b in self.blocks], "bytes": [b.bytes for b in self.blocks],
+                "forced": self.forced, "by": self.by}
 
 
 def balance(costs, stages):
@@ -132,15 +139,21 @@ def balance(costs, stages):
     return tuple(reversed(bounds))
 
 
-def plan_stages(blocks, stages, split=None, cost_unit="FLOPs/token"):
+#: What `plan_stages` can balance: the blocks' costs, or the bytes each stage holds.
+BALANCES = ("compute", "memory")
+
+
+def plan_stages(blocks, stages, split=None, cost_unit="FLOPs/token", by="compute"):
     """Chooses the stage boundaries.
 
     Args:
         blocks: the model's `Block`s.
         stages: the number of pipeline stages.
-        split: None (balance by cost), or one block count per stage, summing
-            to the number of blocks (`pipeline_split`).
+        split: None (balance), or one block count per stage, summing to the
+            number of blocks (`pipeline_split`).
         cost_unit: what the blocks' costs count.
+        by: "compute" balances the blocks' costs (the pipeline's pace);
+            "memory" the bytes each stage holds (the largest rank's memory).
 
     Returns:
         A `StagePlan`.
@@ -148,8 +161,10 @@ def plan_stages(blocks, stages, split=None, cost_unit="FLOPs/token"):
     Raises:
         ValueError: more stages than blocks, or a `split` of the wrong length,
             with a count below 1, or not summing to the blocks (the message
-            lists the blocks).
+            lists the blocks), or `by` not in `BALANCES`.
     """
+    if by not in BALANCES:
+        raise ValueError(f"pipeline_balance={by!r}: use one of {', '.join(map(repr, BALANCES))}.")
     blocks = tuple(blocks)
     names = [b.name for b in blocks]
     if not isinstance(stages, int) or stages < 1 or stages > len(blocks):
@@ -157,10 +172,10 @@ def plan_stages(blocks, stages, split=None, cost_unit="FLOPs/token"):
             f"pipeline={stages!r}: the model has {len(blocks)} block(s) a stage can start at "
             f"({_short(names)}); use 1 to {len(blocks)} stages.")
     if split is None:
-        costs = [b.cost for b in blocks]
+        costs = [b.bytes for b in blocks] if by == "memory" else [b.cost for b in blocks]
         if not any(costs):
             costs = [b.bytes or 1 for b in blocks]
-        return StagePlan(blocks, balance(costs, stages), False, cost_unit)
+        return StagePlan(blocks, balance(costs, stages), False, cost_unit, by)
     split = list(split)
     if (len(split) != stages or any(not isinstance(c, int) or c < 1 for c in split)
             or sum(split) != len(blocks)):
@@ -171,7 +186,7 @@ def plan_stages(blocks, stages, split=None, cost_unit="FLOPs/token"):
     for c in split:
         bounds.append((start, start + c))
         start += c
-    return StagePlan(blocks, tuple(bounds), True, cost_unit)
+    return StagePlan(blocks, tuple(bounds), True, cost_unit, by)
 
 
 def _short(names, limit=6):
