@@ -124,8 +124,8 @@ EXPECTED_ERRORS = {
 }
 MIRRORED_ERRORS = {
     "err_tensor_parallel_not_dividing": ("ValueError", ["tensor_parallel=5", "does not divide"]),
-    "err_pipeline_under_strategy": ("ValueError", ["pipeline=2", "MirroredStrategy",
-                                                   "pipeline stages run under MPI"]),
+    "err_pipeline_under_strategy": ("ValueError", ["pipeline=5", "MirroredStrategy",
+                                                   "each stage takes one device"]),
     "err_inside_scope": ("ValueError", ["inside a strategy scope", "call it outside"]),
     "err_built_in_scope": ("ValueError", ["mirrored on every device", "outside strategy.scope()"]),
     "err_other_strategy": ("ValueError", ["OneDeviceStrategy", "MirroredStrategy"]),

@@ -9,6 +9,7 @@ checked without ranks.
 """
 
 import itertools
+import re
 import sys
 from pathlib import Path
 
@@ -109,6 +110,61 @@ def test_pipelined_generate_of_real_smollm2_at_pp2_tp2_balanced_by_memory(suite_
         a, b = rank_bytes[tp_rank], rank_bytes[2 + tp_rank]
         assert max(a, b) / min(a, b) < 1.01, rank_bytes
     assert max(rank_bytes) < 0.6 * high, (rank_bytes, high)
+
+
+def _devices(suite_runs):
+    """The stages-on-devices run: one process, a MirroredStrategy of 3 logical CPUs."""
+    return suite_runs("pipeline_devices", 1, launcher="none", mirrored=3)
+
+
+@pytest.mark.parametrize("pp,name", [(2, "mlp"), (2, "gpt2"), (2, "bert"), (2, "llama"),
+                                     (3, "mlp"), (3, "llama")])
+def test_stages_on_devices_match_unsharded_and_run_on_their_devices(suite_runs, pp, name):
+    """Under a MirroredStrategy of `pp` devices, stage s is device s: its variables
+    live there (every weight on exactly one device) and its matmuls run there."""
+    rec = records_ok(_devices(suite_runs), f"devices{pp}/{name}")[0]
+    for what in (rec, rec["micro_rows"], rec["call"]):
+        _close(what, f"{name} on {pp} devices")
+    held = rec["device_bytes"]
+    assert sorted(held) == [f"CPU:{s}" for s in range(pp)], held
+    assert sum(held.values()) == rec["model_bytes"], (held, rec["model_bytes"])
+    for s in range(pp - 1):  # the last stage's tied head stays with the first stage
+        assert held[f"CPU:{s}"] == rec["stage_bytes"][s], (s, held, rec["stage_bytes"])
+    checked = 0
+    for s, blocks in enumerate(rec["blocks"]):
+        for block in blocks:
+            block = block.replace(" + head", "")
+            pattern = re.compile(rf"(^|/){re.escape(block)}(_\d+)?/")
+            for op, device in rec["op_devices"].items():
+                if pattern.search(op):
+                    assert device == f"CPU:{s}", (op, device, s)
+                    checked += 1
+    assert checked >= pp, rec["op_devices"]
+
+
+@pytest.mark.parametrize("pp,name", [(2, "llama"), (3, "gpt2")])
+def test_greedy_generate_with_stages_on_devices_matches_unsharded(suite_runs, pp, name):
+    rec = records_ok(_devices(suite_runs), f"devices{pp}/generate/{name}")[0]
+    assert rec["out"] == rec["ref"], (name, pp)
+
+
+def test_stages_on_devices_load_a_file_and_save_it_whole(suite_runs):
+    rec = records_ok(_devices(suite_runs), "devices2/load_and_save")[0]
+    _close(rec["load"], "llama .keras loaded into 2 device stages")
+    _close(rec["gathered"], "saved whole from 2 device stages, reloaded by Keras")
+    assert sorted(rec["device_bytes"]) == ["CPU:0", "CPU:1"] and rec["by"] == "memory", rec
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("devices/wrong_stage_count", "use pipeline=2, or a strategy of 3 devices"),
+    ("devices/tensor_parallel", "tensor_parallel=2 inside the stages of one process"),
+    ("devices/quantize", "quantize the model before sharding it"),
+])
+def test_stages_on_devices_errors_say_what_works(suite_runs, case, needle):
+    rec = _devices(suite_runs)[0]["cases"][case]
+    want = "NotImplementedError" if case == "devices/quantize" else "ValueError"
+    assert not rec["ok"] and rec["error_type"] == want, rec
+    assert needle in rec["message"], rec["message"]
 
 
 def test_checkpoint_saved_at_pp2_reloads_at_tp2_pp2_and_alone(suite_runs):

@@ -153,5 +153,6 @@ def _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects
     finally:
         src.close()
     tfio.agree_on_failure(world.comm, error, f"tfshard.load({source!r})")
+    sharded.settle()
     sharded.attach_source(src.label, src.preprocessor())
     return sharded

@@ -7,7 +7,8 @@ from tfshard import comm as comm_lib
 from tfshard import consistency
 from tfshard import convert
 from tfshard import copying
-from tfshard.pipeline import staged
+from tfshard.comm.distribute import strategy_kind
+from tfshard.pipeline import on_devices, staged
 from tfshard.plan import Plan, ResolvedPlan
 from tfshard.plan.stages import BALANCES
 from tfshard.sharded_model import Replica, ShardedModel
@@ -62,7 +63,9 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
             None: world size // pipeline, one pipeline); each rank holds one
             stage's blocks only (a keras-hub model's transformer layers, or a
             functional model cut where one tensor crosses), cut for tensor
-            parallelism among its stage's ranks. Needs the MPI backend.
+            parallelism among its stage's ranks. Needs the MPI backend; under a
+            `MirroredStrategy` of `pipeline` devices the stages are its devices
+            instead (`tfshard.pipeline.on_devices`; one device per stage).
         pipeline_split: blocks per stage (a list of `pipeline` ints summing to
             the model's blocks); None balances the stages by estimated FLOPs.
         micro_batches: GPipe micro-batches per predict batch (None: 2 per stage).
@@ -96,11 +99,22 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
             f"(built={getattr(model, 'built', None)}). Call it on an input first."
         )
     if pipeline not in (None, 1):
+        if strategy is not None and strategy_kind(strategy) == "mirrored":
+            _check_balance(pipeline_balance)
+            source_config, config_error = copying.serialize_model(model)
+            sharded = on_devices.shard_on_devices(
+                model, _as_plan(plan), strategy, pipeline, tensor_parallel, pipeline_split,
+                micro_batches, comm_lib.check_comm_dtype(comm_dtype), pipeline_sample,
+                pipeline_balance)
+            object.__setattr__(sharded, "source_config", source_config)
+            object.__setattr__(sharded, "source_config_error", config_error)
+            return sharded
         if strategy is not None:
             raise ValueError(
                 f"tfshard.shard({model.name!r}, pipeline={pipeline!r}) under "
                 f"{type(strategy).__name__}: pipeline stages run under MPI (./horovodrun.sh "
-                "-np N) only yet; under tf.distribute use tensor_parallel.")
+                "-np N), or on the devices of one process under a MirroredStrategy; not "
+                "across MultiWorker processes yet. Use tensor_parallel there.")
         return _shard_pipeline(model, plan, world, pipeline, tensor_parallel, pipeline_split,
                                micro_batches, check_weights, comm_dtype, pipeline_sample,
                                pipeline_balance)

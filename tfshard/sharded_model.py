@@ -91,6 +91,11 @@ class ShardedModel(keras.Model):
         object.__setattr__(self, "preprocessor", preprocessor)
         object.__setattr__(self, "tokenizer", getattr(preprocessor, "tokenizer", None))
 
+    def settle(self):
+        """Called by `tfshard.load` once the weights are filled. Nothing to do here; a
+        model whose variables are placed after the cut (stages on devices,
+        `tfshard.pipeline.on_devices`) moves the filled ones to their devices."""
+
     @property
     def rank(self):
         return self.world.rank

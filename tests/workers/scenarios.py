@@ -581,8 +581,9 @@ def run_strategy_errors(world, results):
         return
     results["err_tensor_parallel_not_dividing"] = expect_error(
         lambda: SHARD(models.mlp()[0], tensor_parallel=5))
+    # Stages on a MirroredStrategy's devices take one device each (5 > 2 or 3 here).
     results["err_pipeline_under_strategy"] = expect_error(
-        lambda: SHARD(models.mlp()[0], pipeline=2))
+        lambda: SHARD(models.mlp()[0], pipeline=5))
 
     def inside_scope():
         model, _ = models.mlp()
@@ -1095,8 +1096,85 @@ def run_pipeline(world, results):
                               pipeline_split=[1, 2] if world.rank == 0 else [2, 1]))
 
 
+def run_pipeline_devices(world, results):
+    """Pipeline stages on the devices of this process (a MirroredStrategy of 2 and of 3
+    logical CPUs, `--mirrored 3`): predict, a call and greedy generate against the
+    unsharded model, where each stage's variables and math are, load and save."""
+    import tensorflow as tf
+
+    devices = list(STRATEGY.extended.worker_devices)
+    # Every model at 2 stages; at 3 (uneven cuts) the functional MLP and Llama; greedy
+    # generate of Llama at 2 and GPT-2 at 3.
+    for pp, names, generated in ((2, ("mlp", "gpt2", "bert", "llama"), ("llama",)),
+                                 (3, ("mlp", "llama"), ("gpt2",))):
+        strategy = tf.distribute.MirroredStrategy(devices[:pp])
+        for name in names:
+            def case(name=name):
+                model, x = PIPELINE_MODELS[name]()
+                ref = model.predict(x, batch_size=4, verbose=0)
+                sharded = tfshard.shard(model, pipeline=pp, strategy=strategy)
+                res = compare(ref, sharded.predict(x, batch_size=4, verbose=0))
+                # Where the math ran: each traced matmul's device.
+                graph = sharded._predict_step.get_concrete_function(
+                    {k: tf.convert_to_tensor(v[:4]) for k, v in x.items()} if isinstance(x, dict)
+                    else tf.convert_to_tensor(x[:4])).graph
+                res["micro_rows"] = compare(ref, sharded.predict(x, batch_size=4, verbose=0,
+                                                                 micro_batches=4))
+                res["call"] = compare(ref, sharded(x))
+                ops = {op.name: op.device.split("device:")[-1] for op in graph.get_operations()
+                       if op.type in ("MatMul", "BatchMatMulV2", "Einsum", "_MklMatMul")}
+                stages = sharded.stage_plan
+                res.update(device_bytes={k.split("device:")[-1]: v
+                                         for k, v in sharded.device_bytes().items()},
+                           stage_bytes=[stages.bytes(s) for s in range(pp)],
+                           model_bytes=param_bytes(model),
+                           blocks=[[b.name for b in stages.blocks_of(s)] for s in range(pp)],
+                           op_devices=ops,
+                           summary=sharded.plan.summary())
+                return res
+            results[f"devices{pp}/{name}"] = guarded(case)
+        for name in generated:
+            def gen_case(name=name):
+                model, x = getattr(models, name)(num_layers=3)
+                prompt = _prompt(x)
+                model.compile(sampler="greedy")
+                ref = model.generate(prompt, stop_token_ids=None)
+                sharded = tfshard.shard(model, pipeline=pp, strategy=strategy)
+                out = sharded.generate(prompt, stop_token_ids=None)
+                return {"ref": ref["token_ids"].tolist(), "out": out["token_ids"].tolist()}
+            results[f"devices{pp}/generate/{name}"] = guarded(gen_case)
+    strategy = tf.distribute.MirroredStrategy(devices[:2])
+
+    def load_and_save():
+        """A .keras file loaded into stages on 2 devices, saved whole, reloaded by Keras."""
+        import keras
+
+        model, x = models.llama(num_layers=3)
+        ref = model.predict(x, verbose=0)
+        path = os.path.join(OUT, "devices_llama.keras")
+        model.save(path)
+        sharded = tfshard.load(path, pipeline=2, strategy=strategy, pipeline_balance="memory")
+        whole = os.path.join(OUT, "devices_llama_gathered.keras")
+        sharded.save(whole, gather=True)
+        return {"load": compare(ref, sharded.predict(x, verbose=0)),
+                "gathered": compare(ref, keras.saving.load_model(whole).predict(x, verbose=0)),
+                "device_bytes": {k.split("device:")[-1]: v
+                                 for k, v in sharded.device_bytes().items()},
+                "by": sharded.stage_plan.by}
+    results["devices2/load_and_save"] = guarded(load_and_save)
+    results["devices/wrong_stage_count"] = expect_error(
+        lambda: tfshard.shard(models.llama(num_layers=3)[0], pipeline=3, strategy=strategy))
+    results["devices/quantize"] = expect_error(
+        lambda: tfshard.shard(models.llama(num_layers=3)[0], pipeline=2,
+                              strategy=strategy).quantize("int8"))
+    results["devices/tensor_parallel"] = expect_error(
+        lambda: tfshard.shard(models.llama(num_layers=3)[0], pipeline=2, tensor_parallel=2,
+                              strategy=strategy))
+
+
 SUITES = {
     "pipeline": [run_pipeline],
+    "pipeline_devices": [run_pipeline_devices],
     "precision": [run_precision, run_int8, run_int4],
     "equivalence": [run_equivalence],
     "gpt2": [lambda world, results: run_equivalence(world, results, only={"gpt2"})],

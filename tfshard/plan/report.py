@@ -44,14 +44,25 @@ class ResolvedPlan:
         self.stages = None  # a `StagePlan` under pipeline parallelism
         self.stage = None  # the stage this rank runs
         self.held_bytes = None  # the bytes this rank holds, measured, under stages
+        self.devices = None  # stages on one process's devices: stage s on devices[s]
 
-    def with_stages(self, stages, stage, held_bytes):
+    def with_stages(self, stages, stage, held_bytes, devices=None):
         """This plan with the pipeline's `StagePlan`, the stage this rank runs and the
-        bytes it holds (measured after the cut)."""
+        bytes it holds (measured after the cut); or, for stages on the devices of one
+        process (`stage` None), each stage's device and the bytes on it."""
         out = ResolvedPlan(self.request, self.entries, self.attention, self.size, self.rank,
                            self.total_bytes, self.comm_dtype, self.sums_16bit)
         out.stages, out.stage, out.held_bytes = stages, stage, held_bytes
+        out.devices = None if devices is None else list(devices)
         return out
+
+    def _where_stages_run(self):
+        """Who runs the stages: this rank's one, or every stage on its own device."""
+        if self.devices is None:
+            return f"this rank runs stage {self.stage}"
+        return "; ".join(f"stage {s} on {d.split('device:')[-1]}"
+                         + (f" ({format_bytes(self.held_bytes[s])})" if self.held_bytes else "")
+                         for s, d in enumerate(self.devices))
 
     @property
     def rules(self):
@@ -172,7 +183,11 @@ class ResolvedPlan:
             f"({len(self.sharded)} of {len(self.entries)} layers cut)"
         )
         comm = communication_line(self.communication(), self.wire_itemsizes())
-        if self.stages is not None:
+        if self.stages is not None and self.devices is not None:
+            memory = (f"{self.stages.stages} pipeline stages on this process's devices: "
+                      f"{self._where_stages_run()}; {format_bytes(self.total_bytes)} unsharded")
+            comm = "one copy of the activation to the next device per stage boundary"
+        elif self.stages is not None:
             blocks = self.stages.blocks_of(self.stage)
             span = blocks[0].name + (f" .. {blocks[-1].name}" if len(blocks) > 1 else "")
             memory = (f"pipeline stage {self.stage} of {self.stages.stages} ({len(blocks)} "
@@ -214,7 +229,7 @@ class ResolvedPlan:
         lines += [""] + self.totals(rank)
         if self.stages is not None:
             header, *rows = self.stages.rows()
-            lines += ["", f"Pipeline (this rank runs stage {self.stage}):", "",
+            lines += ["", f"Pipeline ({self._where_stages_run()}):", "",
                       "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             lines += ["| " + " | ".join(r) + " |" for r in rows]
         return "\n".join(lines)
@@ -238,7 +253,7 @@ class ResolvedPlan:
         lines.append("-" * len(lines[0]))
         lines += self.totals(rank)
         if self.stages is not None:
-            lines += ["", self.stages.summary(), f"this rank runs stage {self.stage}; the table "
+            lines += ["", self.stages.summary(), f"{self._where_stages_run()}; the table "
                       "above lists every stage's layers, cut for tensor parallelism"]
         return "\n".join(lines)
 
