@@ -137,6 +137,9 @@ def _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects
         # than one replica's slice of a tensor on the way.
         first = sharded.replicas[0].device
         for device, built, variables in [(first, inner, created)] + further:
+            # The build's variables and the slices sharding created (also deferred).
+            seen = {id(v) for v in variables}
+            variables = list(variables) + [v for v in built.weights if id(v) not in seen]
             with tf.device(device) if device else contextlib.nullcontext():
                 # The variables the source creates from the file's values get no
                 # memory before: no zeros first, no second whole-size buffer.

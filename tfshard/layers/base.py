@@ -507,8 +507,15 @@ def add_local_weight(layer, name, full, axis=None, trainable=None, ranges=None):
     dtype = np.dtype(full.dtype).name  # int8 kernels stay int8; scales keep theirs
     if trainable is None:
         trainable = np.dtype(full.dtype).kind == "f" and name not in quantized.QUANTIZED_NAMES
-    var = layer.add_weight(name=name, shape=shape, initializer="zeros",
-                           dtype=dtype, trainable=trainable)
+    if isinstance(full, Placeholder):
+        # The model is being loaded (deferred variables): the slice gets no memory until
+        # the file's values create it (`tfshard.layers.slices.set_value`).
+        with keras.StatelessScope(initialize_variables=False):
+            var = layer.add_weight(name=name, shape=shape, initializer="zeros",
+                                   dtype=dtype, trainable=trainable)
+    else:
+        var = layer.add_weight(name=name, shape=shape, initializer="zeros",
+                               dtype=dtype, trainable=trainable)
     if not isinstance(full, Placeholder):
         var.assign((value if value is not None else np.asarray(full)).astype(var.dtype))
     layer._tfshard_saved.append((var, axis, tuple(full.shape), ranges))
