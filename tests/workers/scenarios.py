@@ -982,6 +982,16 @@ def _prompt(x, rows=2, new=5):
                                             np.zeros((rows, new), bool)], 1)}
 
 
+def _greedy(name, **shard_args):
+    """The unsharded greedy tokens of a 3-layer `name` task on two prompts, the task
+    sharded with `shard_args`, and the prompts."""
+    model, x = getattr(models, name)(num_layers=3)
+    prompt = _prompt(x)
+    model.compile(sampler="greedy")
+    ref = model.generate(prompt, stop_token_ids=None)["token_ids"].tolist()
+    return ref, tfshard.shard(model, **shard_args), prompt
+
+
 def run_pipeline(world, results):
     """Pipeline stages (alone, with tensor parallelism, with data parallelism) against
     the unsharded model: predict, a call, per-rank bytes, greedy generate."""
@@ -1008,17 +1018,13 @@ def run_pipeline(world, results):
             results[f"{layout}/{name}"] = guarded(case)
         for name in ("llama", "gpt2"):
             def gen_case(name=name):
-                model, x = getattr(models, name)(num_layers=3)
-                prompt = _prompt(x)
-                model.compile(sampler="greedy")
-                ref = model.generate(prompt, stop_token_ids=None)
-                sharded = tfshard.shard(model, pipeline=pp, tensor_parallel=tp)
+                ref, sharded, prompt = _greedy(name, pipeline=pp, tensor_parallel=tp)
                 out = sharded.generate(prompt, stop_token_ids=None)
                 # The two prompts also in two micro-batches through the stages.
                 micro = sharded.generate(prompt, stop_token_ids=None, micro_batches=2)
-                return {"ref": ref["token_ids"].tolist(), "out": out["token_ids"].tolist(),
+                return {"ref": ref, "out": out["token_ids"].tolist(),
                         "micro": micro["token_ids"].tolist(),
-                        "cache_layers": int(model._build_cache(prompt["token_ids"])[1].shape[1])}
+                        "cache_layers": int(sharded.inner._build_cache(prompt["token_ids"])[1].shape[1])}
             results[f"{layout}/generate/{name}"] = guarded(gen_case)
     if world.size == 4:
         def smollm2():
@@ -1135,13 +1141,9 @@ def run_pipeline_devices(world, results):
             results[f"devices{pp}/{name}"] = guarded(case)
         for name in generated:
             def gen_case(name=name):
-                model, x = getattr(models, name)(num_layers=3)
-                prompt = _prompt(x)
-                model.compile(sampler="greedy")
-                ref = model.generate(prompt, stop_token_ids=None)
-                sharded = tfshard.shard(model, pipeline=pp, strategy=strategy)
-                out = sharded.generate(prompt, stop_token_ids=None)
-                return {"ref": ref["token_ids"].tolist(), "out": out["token_ids"].tolist()}
+                ref, sharded, prompt = _greedy(name, pipeline=pp, strategy=strategy)
+                return {"ref": ref,
+                        "out": sharded.generate(prompt, stop_token_ids=None)["token_ids"].tolist()}
             results[f"devices{pp}/generate/{name}"] = guarded(gen_case)
     strategy = tf.distribute.MirroredStrategy(devices[:2])
 
