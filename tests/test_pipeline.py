@@ -23,6 +23,10 @@ from tfshard.plan.stages import Block, balance, plan_stages
 MODELS = ["mlp", "two_inputs_two_outputs", "sequential_embedding", "gpt2", "bert", "llama"]
 LAYOUTS = {2: ["pp2"], 3: ["pp3"], 4: ["pp2tp2", "dp2pp2"]}
 CASES = [(np_, layout) for np_, layouts in LAYOUTS.items() for layout in layouts]
+# At 4 ranks the two further plain Keras models (their cuts are checked at PP=2 and 3) are
+# left out to keep the launch short.
+PREDICT_CASES = [(np_, layout, name) for np_, layout in CASES for name in MODELS
+                 if np_ < 4 or name not in ("two_inputs_two_outputs", "sequential_embedding")]
 
 
 def _close(rec, where):
@@ -33,8 +37,7 @@ def _close(rec, where):
         assert o["argmax_equal"], f"{where} {key}: argmax differs"
 
 
-@pytest.mark.parametrize("np_,layout", CASES)
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("np_,layout,name", PREDICT_CASES)
 def test_pipelined_predict_matches_unsharded(suite_runs, np_, layout, name):
     recs = records_ok(suite_runs("pipeline", np_), f"{layout}/{name}")
     pp = int(layout[layout.index("pp") + 2])

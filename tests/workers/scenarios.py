@@ -997,6 +997,8 @@ def run_pipeline(world, results):
     the unsharded model: predict, a call, per-rank bytes, greedy generate."""
     for layout, pp, tp in PIPELINE_LAYOUTS[world.size]:
         for name, builder in PIPELINE_MODELS.items():
+            if world.size == 4 and name in ("two_inputs_two_outputs", "sequential_embedding"):
+                continue  # cut at PP=2 and PP=3; left out here to keep the launch short
             def case(builder=builder):
                 model, x = builder()
                 ref = model.predict(x, batch_size=4, verbose=0)
