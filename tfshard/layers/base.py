@@ -9,6 +9,7 @@ a tied embedding used twice) sees the sharded computation, and the full
 kernel is released.
 """
 
+import contextlib
 import dataclasses
 
 import keras
@@ -507,16 +508,13 @@ def add_local_weight(layer, name, full, axis=None, trainable=None, ranges=None):
     dtype = np.dtype(full.dtype).name  # int8 kernels stay int8; scales keep theirs
     if trainable is None:
         trainable = np.dtype(full.dtype).kind == "f" and name not in quantized.QUANTIZED_NAMES
-    if isinstance(full, Placeholder):
-        # The model is being loaded (deferred variables): the slice gets no memory until
-        # the file's values create it (`tfshard.layers.slices.set_value`).
-        with keras.StatelessScope(initialize_variables=False):
-            var = layer.add_weight(name=name, shape=shape, initializer="zeros",
-                                   dtype=dtype, trainable=trainable)
-    else:
+    # A model being loaded (deferred variables): the slice gets no memory until the
+    # file's values create it (`tfshard.layers.slices.set_value`).
+    deferred = isinstance(full, Placeholder)
+    with keras.StatelessScope(initialize_variables=False) if deferred else contextlib.nullcontext():
         var = layer.add_weight(name=name, shape=shape, initializer="zeros",
                                dtype=dtype, trainable=trainable)
-    if not isinstance(full, Placeholder):
+    if not deferred:
         var.assign((value if value is not None else np.asarray(full)).astype(var.dtype))
     layer._tfshard_saved.append((var, axis, tuple(full.shape), ranges))
     return var

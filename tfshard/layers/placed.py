@@ -25,16 +25,10 @@ class Placed:
             return super().call(*args, **kwargs)
 
 
-def device_of(layer):
-    """The device `place` pinned `layer` to, or None."""
-    return getattr(layer, "_tfshard_device", None) if getattr(layer, "_tfshard_placed", False) \
-        else None
-
-
 def place(layer, device):
-    """Pins a built layer to `device`: its own variables move there (a variable
-    still without memory is created there when filled, see `move_variables`) and
-    its `call` runs there. Sublayers are placed separately.
+    """Pins a built layer to `device`: its own variables move there (one still
+    without memory is skipped; `move_variables` again once it is filled) and its
+    `call` runs there. Sublayers are placed separately.
 
     Args:
         layer: a built Keras layer.

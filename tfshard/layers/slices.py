@@ -53,7 +53,7 @@ def assign_slice(var, source, axis, start, stop):
     dtype = np.dtype(var.dtype)
     if axis is None:
         # Read whole (a view's transform may need the whole tensor), converted in
-        # pieces so that the numpy copy is gone before the pieces are joined.
+        # pieces, so that a copy read from a view is gone before the pieces are joined.
         whole = read_slice(source, None, None, None)
         pieces = _pieces_of(whole, dtype)
         del whole
