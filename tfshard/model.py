@@ -10,7 +10,7 @@ from tfshard import copying
 from tfshard.comm.distribute import strategy_kind
 from tfshard.pipeline import on_devices, staged
 from tfshard.plan import Plan, ResolvedPlan
-from tfshard.plan.stages import BALANCES
+from tfshard.plan.stages import check_balance
 from tfshard.sharded_model import Replica, ShardedModel
 from tfshard.world import World, init
 
@@ -100,15 +100,13 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
         )
     if pipeline not in (None, 1):
         if strategy is not None and strategy_kind(strategy) == "mirrored":
-            _check_balance(pipeline_balance)
+            check_balance(pipeline_balance)
             source_config, config_error = copying.serialize_model(model)
             sharded = on_devices.shard_on_devices(
                 model, _as_plan(plan), strategy, pipeline, tensor_parallel, pipeline_split,
                 micro_batches, comm_lib.check_comm_dtype(comm_dtype), pipeline_sample,
                 pipeline_balance)
-            object.__setattr__(sharded, "source_config", source_config)
-            object.__setattr__(sharded, "source_config_error", config_error)
-            return sharded
+            return _record_source(sharded, source_config, config_error)
         if strategy is not None:
             raise ValueError(
                 f"tfshard.shard({model.name!r}, pipeline={pipeline!r}) under "
@@ -138,16 +136,14 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
     plan, meter = convert.convert(model, plan, comm, world, comm_dtype)
     sharded = ShardedModel(model, plan, world, comm, group,
                            replicas=[Replica(model, plan, comm, None, meter)])
-    object.__setattr__(sharded, "source_config", source_config)
-    object.__setattr__(sharded, "source_config_error", config_error)
-    return sharded
+    return _record_source(sharded, source_config, config_error)
 
 
 def _shard_pipeline(model, plan, world, pipeline, tensor_parallel, pipeline_split, micro_batches,
                     check_weights, comm_dtype, sample=None, balance="compute"):
     """`shard()` with pipeline stages (see `tfshard.pipeline.staged`)."""
     tp = staged.check_mesh(world, pipeline, tensor_parallel)
-    _check_balance(balance)
+    check_balance(balance)
     if micro_batches is not None and (not isinstance(micro_batches, int) or micro_batches < 1):
         raise ValueError(f"micro_batches must be an int >= 1; got {micro_batches!r}.")
     plan = _as_plan(plan)
@@ -161,15 +157,15 @@ def _shard_pipeline(model, plan, world, pipeline, tensor_parallel, pipeline_spli
         measure=None if sample is None else (world, sample), balance=balance)
     sharded = staged.shard_stages(model, graph, stage_plan, plan, world, pipeline, tp,
                                   comm_dtype, micro_batches)
-    object.__setattr__(sharded, "source_config", source_config)
-    object.__setattr__(sharded, "source_config_error", config_error)
+    return _record_source(sharded, source_config, config_error)
+
+
+def _record_source(sharded, config, error):
+    """Keeps the unsharded model's config (serialized before the cut) on `sharded`,
+    for `save(gather=True)`; returns `sharded`."""
+    object.__setattr__(sharded, "source_config", config)
+    object.__setattr__(sharded, "source_config_error", error)
     return sharded
-
-
-def _check_balance(balance):
-    if balance not in BALANCES:
-        raise ValueError(f"pipeline_balance={balance!r}: use one of "
-                         f"{', '.join(map(repr, BALANCES))}.")
 
 
 def _as_plan(plan):
@@ -270,9 +266,7 @@ def shard_replicas(model, plan, strategy, world, tensor_parallel, check_weights,
             replicas[i] = Replica(replica_model, local_plan, comms[i], devices[i], meter)
     sharded = ShardedModel(replicas[0].model, replicas[0].plan, world, comms[0], group,
                            replicas=replicas, strategy=strategy)
-    object.__setattr__(sharded, "source_config", source_config)
-    object.__setattr__(sharded, "source_config_error", config_error)
-    return sharded
+    return _record_source(sharded, source_config, config_error)
 
 
 def _shard_groups(model, plan, strategy, world, tp, comm_dtype, build_replica, where):
@@ -300,6 +294,5 @@ def _shard_groups(model, plan, strategy, world, tp, comm_dtype, build_replica, w
     first = groups[0]
     sharded = ShardedModel(first.inner, first.plan, world, first.tp_comm, 0,
                            strategy=strategy, group_models=groups)
-    object.__setattr__(sharded, "source_config", first.source_config)
-    object.__setattr__(sharded, "source_config_error", first.source_config_error)
+    _record_source(sharded, first.source_config, first.source_config_error)
     return sharded

@@ -73,7 +73,7 @@ def materialize(created, weights, leave=()):
     weight_ids = {id(v) for v in weights}
     leave = set(leave)
     for v in created:
-        if v._value is None and not was_dropped(v) and id(v) not in leave:
+        if _waiting(v) and id(v) not in leave:
             if id(v) in weight_ids:
                 v._initializer = keras.initializers.Zeros()
             v._deferred_initialize()
@@ -85,4 +85,9 @@ def materialize(created, weights, leave=()):
 def unfilled(created):
     """Paths of the variables in `created` still without memory (neither filled
     nor dropped): after a fill, a variable the source never reached."""
-    return [v.path for v in created if v._value is None and not was_dropped(v)]
+    return [v.path for v in created if _waiting(v)]
+
+
+def _waiting(variable):
+    """Still without memory, and not dropped by `shard()`."""
+    return variable._value is None and not was_dropped(variable)

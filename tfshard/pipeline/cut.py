@@ -175,11 +175,11 @@ def graph_of(model, splits=None):
     for i, (name, group) in enumerate(zip(block_names, groups)):
         last = i == len(groups) - 1
         cost = sum(_flops(l, reverse=False) for l in group)
-        size = sum(_bytes(l) for l in group)
+        size = sum(var_bytes(l.weights) for l in group)
         paths = [l.name for l in group]
         if last and head_layers:
             cost += sum(_flops(l, reverse=True) for l in head_layers)
-            size += sum(_bytes(l) for l in head_layers if l not in group)
+            size += sum(var_bytes(l.weights) for l in head_layers if l not in group)
             paths += [f"head:{l.name}" for l in head_layers]
             name = f"{name} + head"
         blocks.append(Block(name, tuple(paths), int(size), float(cost)))
@@ -213,10 +213,6 @@ def _flops(layer, reverse):
         elif kind in ("Embedding", "ReversibleEmbedding") and reverse:
             total += 2 * int(np.prod(sub.embeddings.shape))
     return total
-
-
-def _bytes(layer):
-    return var_bytes(layer.weights)
 
 
 def measure_blocks(graph, batch, repeats=3):

@@ -143,6 +143,12 @@ def balance(costs, stages):
 BALANCES = ("compute", "memory")
 
 
+def check_balance(by):
+    """Raises ValueError, naming the choices, unless `by` is one of `BALANCES`."""
+    if by not in BALANCES:
+        raise ValueError(f"pipeline_balance={by!r}: use one of {', '.join(map(repr, BALANCES))}.")
+
+
 def plan_stages(blocks, stages, split=None, cost_unit="FLOPs/token", by="compute"):
     """Chooses the stage boundaries.
 
@@ -163,8 +169,7 @@ def plan_stages(blocks, stages, split=None, cost_unit="FLOPs/token", by="compute
             with a count below 1, or not summing to the blocks (the message
             lists the blocks), or `by` not in `BALANCES`.
     """
-    if by not in BALANCES:
-        raise ValueError(f"pipeline_balance={by!r}: use one of {', '.join(map(repr, BALANCES))}.")
+    check_balance(by)
     blocks = tuple(blocks)
     names = [b.name for b in blocks]
     if not isinstance(stages, int) or stages < 1 or stages > len(blocks):
