@@ -11,9 +11,12 @@
 # code that calls hvd.init(). Local runs keep MPI's transports on loopback; the rank
 # prefix "[r] " marks each output line; a rank that dies or exits non-zero ends the job.
 # Local runs listen on loopback only (tfshard/_loopback.so); given hosts, on all interfaces.
-# Options before the command: -np N; -H/--hosts h1:n1,h2:n2 or --hostfile FILE (other
-# hosts); --gloo (horovodrun with Gloo, its loopback interface, Gloo timeout, stall check
+# Options before the command: -np N; -H/--hosts h1:n1,h2:n2 or --hostfile FILE (several
+# hosts: MPICH starts the other hosts' ranks over ssh; the network interface is the one
+# this host reaches the other hosts through, or --iface NAME, the same name on every
+# host); --gloo (horovodrun with Gloo, its loopback interface, Gloo timeout, stall check
 # and 0.1 ms cycle time; any horovodrun option you pass wins); --mpi (the default).
+# Each rank takes its host's cores divided by the ranks on that host (tfshard.init()).
 # Other options before the command go to mpiexec (or to horovodrun with --gloo).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -22,7 +25,7 @@ export PATH="$ROOT/.venv/bin:$PATH"
 export VIRTUAL_ENV="$ROOT/.venv"
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 
-np="" ; hosts="" ; hostfile="" ; mode=mpi
+np="" ; hosts="" ; hostfile="" ; mode=mpi ; iface=${TFSHARD_IFACE:-}
 have_timeout=0 ; have_cycle=0 ; have_stall=0 ; have_nic=0
 opts=() ; cmd=()
 args=("$@")
@@ -35,6 +38,8 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     -H=*|--hosts=*) hosts=${a#*=}; continue ;;
     --hostfile) hostfile=${args[$((i + 1))]:-}; i=$((i + 1)); continue ;;
     --hostfile=*) hostfile=${a#*=}; continue ;;
+    --iface) iface=${args[$((i + 1))]:-}; i=$((i + 1)); continue ;;
+    --iface=*) iface=${a#*=}; continue ;;
     --gloo) mode=gloo; continue ;;
     --mpi) mode=mpi; continue ;;
     --gloo-timeout-seconds*) have_timeout=1 ;;
@@ -55,8 +60,28 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   break
 done
 if [ -z "$np" ] || [ ${#cmd[@]} -eq 0 ]; then
-  echo "usage: ./horovodrun.sh -np N [-H host:n,...|--hostfile F] [--gloo] COMMAND [ARGS...]" >&2
+  echo "usage: ./horovodrun.sh -np N [-H host:n,...|--hostfile F [--iface NAME]] [--gloo] COMMAND [ARGS...]" >&2
   exit 2
+fi
+
+# Several hosts: the interface this host reaches the first other host through (the
+# route the kernel would take), unless --iface names one. MPI's TCP transport, Hydra's
+# control connections and Gloo then all use it.
+host_names() {
+  if [ -n "$hosts" ]; then tr ',' '\n' <<<"$hosts"; else grep -v '^[[:space:]]*#' "$hostfile"; fi \
+    | awk '{print $1}' | sed 's/:[0-9]*$//' | grep -v '^$' || true
+}
+route_iface() {
+  local h addr dev
+  for h in $(host_names); do
+    addr=$(getent ahostsv4 "$h" 2>/dev/null | awk 'NR == 1 {print $1}')
+    [ -n "$addr" ] || continue
+    dev=$(ip -o route get "$addr" 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p')
+    if [ -n "$dev" ] && [ "$dev" != lo ]; then echo "$dev"; return; fi
+  done
+}
+if [ -n "$hosts$hostfile" ] && [ -z "$iface" ] && command -v ip >/dev/null; then
+  iface=$(route_iface)
 fi
 
 # Local runs: mpiexec's control port and horovodrun's rendezvous server bind the wildcard
@@ -71,6 +96,10 @@ if [ "$mode" = gloo ]; then
   extra=(--gloo)
   if [ -n "$hosts" ]; then extra+=(-H "$hosts"); elif [ -n "$hostfile" ]; then
     extra+=(--hostfile "$hostfile"); else extra+=(-H "localhost:$np"); fi
+  if [ -n "$hosts$hostfile" ] && [ -n "$iface" ]; then
+    [ $have_nic -eq 1 ] || extra+=(--network-interface "$iface")
+    export HOROVOD_GLOO_IFACE=${HOROVOD_GLOO_IFACE:-$iface}
+  fi
   if [ -z "$hosts$hostfile" ]; then
     [ $have_nic -eq 1 ] || extra+=(--network-interface lo)
     export HOROVOD_GLOO_IFACE=${HOROVOD_GLOO_IFACE:-lo}
@@ -88,10 +117,15 @@ fi
 
 # MPI (MPICH Hydra).
 extra=(-n "$np" -prepend-rank)
-if [ -n "$hosts" ]; then
-  extra+=(-hosts "$hosts")
-elif [ -n "$hostfile" ]; then
-  extra+=(-f "$hostfile")
+if [ -n "$hosts$hostfile" ]; then
+  if [ -n "$hosts" ]; then extra+=(-hosts "$hosts"); else extra+=(-f "$hostfile"); fi
+  # The ranks of one host talk through shared memory; between hosts, OFI's TCP provider
+  # on the chosen interface (the environment reaches every host's ranks).
+  export MPIR_CVAR_CH4_NETMOD=${MPIR_CVAR_CH4_NETMOD:-ofi} FI_PROVIDER=${FI_PROVIDER:-tcp}
+  if [ -n "$iface" ]; then
+    extra+=(-iface "$iface")
+    export FI_TCP_IFACE=${FI_TCP_IFACE:-$iface}
+  fi
 else
   # One host: the ranks talk through shared memory; keep MPI's network transport (used
   # only between hosts) on loopback so no rank listens on an outside interface.

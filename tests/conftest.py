@@ -21,8 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 LAUNCH_TIMEOUT = int(os.environ.get("TFSHARD_TEST_LAUNCH_TIMEOUT", "900"))
 
 
-def launch(np_, argv, timeout=LAUNCH_TIMEOUT, env=None, launcher="horovod"):
+def launch(np_, argv, timeout=LAUNCH_TIMEOUT, env=None, launcher="horovod", hosts=None,
+           host_slots=None):
     """Runs `python ARGV...` on N ranks; kills the whole group on timeout.
+
+    `hosts`: a `hosts.Hosts`; the job then runs on all of them, `np_ // hosts.n`
+    ranks each, started from host 0 as from a login node (see tests/hosts.py);
+    `host_slots` ranks per host in the `-H` list (default: all of them, so each
+    host's ranks are consecutive; 1 makes MPI place ranks round-robin).
 
     Args:
         launcher: "horovod" (`./horovodrun.sh -np N`: an MPI job, tfshard's MPI
@@ -35,7 +41,14 @@ def launch(np_, argv, timeout=LAUNCH_TIMEOUT, env=None, launcher="horovod"):
         `(returncode, output, seconds)`; returncode is None on timeout.
     """
     argv = [str(a) for a in argv]
-    if launcher in ("horovod", "gloo"):
+    if hosts is not None:
+        assert launcher in ("horovod", "gloo"), launcher
+        cmd = hosts.command(0, [
+            ROOT / "horovodrun.sh", "-np", np_, "-H", hosts.hostlist(host_slots or np_ // hosts.n),
+            *(["--gloo"] if launcher == "gloo" else hosts.mpi_launcher()),
+            sys.executable, *argv])
+        env = {**hosts.env(), **(env or {})}
+    elif launcher in ("horovod", "gloo"):
         cmd = [str(ROOT / "horovodrun.sh"), "-np", str(np_),
                *(["--gloo"] if launcher == "gloo" else []), sys.executable, *argv]
     elif launcher == "tfshard":
@@ -57,13 +70,14 @@ def launch(np_, argv, timeout=LAUNCH_TIMEOUT, env=None, launcher="horovod"):
     return code, out, time.monotonic() - start
 
 
-def launch_ranks(np_, argv, out_dir, env=None, launcher="horovod"):
+def launch_ranks(np_, argv, out_dir, env=None, launcher="horovod", hosts=None, host_slots=None):
     """Launches a worker that writes `out_dir/rank{r}.json` on every rank.
 
     Returns:
         `(returncode, output, ranks)`: ranks[r] is rank r's record or None.
     """
-    code, output, _ = launch(np_, argv, env=env, launcher=launcher)
+    code, output, _ = launch(np_, argv, env=env, launcher=launcher, hosts=hosts,
+                             host_slots=host_slots)
     ranks = []
     for r in range(np_):
         path = Path(out_dir) / f"rank{r}.json"

@@ -55,3 +55,20 @@ def test_collective_timeout(monkeypatch):
         monkeypatch.setenv(base.TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match=f"TFSHARD_COLLECTIVE_TIMEOUT_SECONDS='{bad}'"):
             base.collective_timeout(30)
+
+
+def test_host_major_orders_each_hosts_ranks_together():
+    assert base.host_major(["a", "a", "b", "b"]) == [0, 1, 2, 3]
+    assert base.host_major(["a", "b", "a", "b"]) == [0, 2, 1, 3]  # round-robin placement
+    assert base.host_major(["b", "a", "a", "b"]) == [0, 3, 1, 2]
+
+
+def test_host_key_names_the_host_and_a_namespace_of_its_own(monkeypatch):
+    import socket
+
+    assert base.host_key({"TFSHARD_HOST": "node7"}) == "node7"
+    key = base.host_key({})
+    assert key.split("/netns:")[0] == socket.gethostname()
+    assert base.host_key({}) == key  # the same process, the same host
+    # A local communicator is one host.
+    assert comm_lib.create("local").hosts() == [key]

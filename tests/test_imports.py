@@ -29,7 +29,7 @@ LEVELS = {
     "tfshard.predict": 3, "tfshard.outputs": 2, "tfshard.schedule": 3, "tfshard.consistency": 3,
     "tfshard.world": 3, "tfshard.devices": 3, "tfshard.models": 3,
     "tfshard.io.views": 4, "tfshard.io.gguf_llama": 4, "tfshard.io.named": 4, "tfshard.io.dtypes": 4, "tfshard.precision": 3,
-    "tfshard.plan": 2, "tfshard.plan.structure": 2, "tfshard.plan.entries": 2,
+    "tfshard.plan": 2, "tfshard.plan.structure": 2, "tfshard.plan.entries": 2, "tfshard.plan.layout": 2,
     "tfshard.plan.resolve": 2, "tfshard.plan.report": 2, "tfshard.rules": 2,
     "tfshard.layers": 1, "tfshard.layers.base": 1, "tfshard.layers.dense": 1,
     "tfshard.layers.einsum_dense": 1, "tfshard.layers.embedding": 1, "tfshard.layers.tree": 1,

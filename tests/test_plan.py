@@ -162,3 +162,37 @@ def test_unknown_rules_name_the_pattern_and_what_works(rule):
     with pytest.raises(ValueError, match=r"Unknown rule .* for pattern '\.\*x'; expected "
                                          r"Column\(gather=False\|True\), Row\(\)"):
         Plan.from_rules({".*x": rule})
+
+
+# -- Layout: which collectives cross hosts ---------------------------------------------
+
+from tfshard.plan.layout import Layout, default_group  # noqa: E402
+
+
+def test_default_group_is_one_hosts_ranks():
+    assert default_group(["a"] * 4) == 4
+    assert default_group(["a", "a", "b", "b"]) == 2
+    assert default_group(["a", "a", "a", "b"]) == 1  # 3 and 1 ranks: only pure DP stays inside
+    assert default_group(["a"] * 4 + ["b"] * 2) == 2
+
+
+def test_layout_inside_hosts_then_across():
+    inside = Layout(("a", "a", "b", "b"), tensor_parallel=2)
+    crossings = {what: crosses for what, crosses, _ in inside.crossings()}
+    assert crossings == {"tensor-parallel all-reduces/all-gathers (every block)": False,
+                         "data-parallel gather of outputs (once per round)": True}
+    text = "\n".join(inside.lines())
+    assert "Hosts: 2 — a: ranks 0-1; b: ranks 2-3" in text
+    assert "keeps each group inside a host" not in text
+
+    wide = Layout(("a", "a", "b", "b"), tensor_parallel=4)
+    text = "\n".join(wide.lines())
+    assert "(every block): CROSSES HOSTS (1 of 1 groups span hosts" in text
+    assert "tensor_parallel=2 keeps each group inside a host" in text
+
+    staged = Layout(("a", "a", "b", "b"), tensor_parallel=2, pipeline=2)
+    crossings = {what: crosses for what, crosses, _ in staged.crossings()}
+    assert crossings["pipeline hand-offs (every micro-batch)"] is True
+    assert crossings["tensor-parallel all-reduces/all-gathers (every block)"] is False
+
+    assert Layout(("a", "a"), tensor_parallel=2).lines() == []  # one host: nothing to say

@@ -10,6 +10,7 @@ from tfshard import copying
 from tfshard.comm.distribute import strategy_kind
 from tfshard.pipeline import on_devices, staged
 from tfshard.plan import Plan, ResolvedPlan
+from tfshard.plan.layout import Layout, default_group
 from tfshard.plan.stages import check_balance
 from tfshard.sharded_model import Replica, ShardedModel
 from tfshard.world import World, init
@@ -45,8 +46,10 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
         tensor_parallel: ranks per tensor-parallel group; the world splits into
             `world.size // tensor_parallel` data-parallel groups of consecutive
             ranks (Horovod process sets), which share the rows in `predict`.
-            None: one group of all ranks (under MirroredStrategy the only
-            choice yet; MultiWorker forms groups of processes as horovodrun does).
+            None: the ranks of one host, so that every block's collectives
+            stay inside a host and only the data-parallel gather crosses
+            between hosts (all ranks when the job runs on one host;
+            `plan.summary()` says which collectives cross hosts).
         check_weights: before cutting, ranks compare a digest of every weight
             (XXH3 over paths, shapes, dtypes and values; 70 ms for GPT-2)
             and refuse to go on if any rank holds other values. False skips
@@ -113,9 +116,10 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
                 f"{type(strategy).__name__}: pipeline stages run under MPI (./horovodrun.sh "
                 "-np N), or on the devices of one process under a MirroredStrategy; not "
                 "across MultiWorker processes yet. Use tensor_parallel there.")
-        return _shard_pipeline(model, plan, world, pipeline, tensor_parallel, pipeline_split,
-                               micro_batches, check_weights, comm_dtype, pipeline_sample,
-                               pipeline_balance)
+        sharded = _shard_pipeline(model, plan, world, pipeline, tensor_parallel,
+                                  pipeline_split, micro_batches, check_weights, comm_dtype,
+                                  pipeline_sample, pipeline_balance)
+        return _record_layout(sharded, world, sharded.tensor_parallel, pipeline)
     if strategy is not None:
         return shard_replicas(model, _as_plan(plan), strategy, world, tensor_parallel,
                               check_weights, comm_lib.check_comm_dtype(comm_dtype))
@@ -128,15 +132,46 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
         )
     plan = _as_plan(plan)
     source_config, config_error = copying.serialize_model(model)
+    tp = tensor_parallel or default_tensor_parallel(world)
     # Agree before splitting: ranks that disagree on tensor_parallel would otherwise form
     # different groups (MPI) or process sets (Horovod) and wait for each other there.
     comm_dtype = comm_lib.check_comm_dtype(comm_dtype)
-    _agree_on_model(world, model, tensor_parallel or world.size, check_weights, comm_dtype)
-    comm, group = world.comm.split(tensor_parallel or world.size)
+    _agree_on_model(world, model, tp, check_weights, comm_dtype)
+    comm, group = world.comm.split(tp)
     plan, meter = convert.convert(model, plan, comm, world, comm_dtype)
     sharded = ShardedModel(model, plan, world, comm, group,
                            replicas=[Replica(model, plan, comm, None, meter)])
-    return _record_source(sharded, source_config, config_error)
+    return _record_layout(_record_source(sharded, source_config, config_error), world, tp)
+
+
+def default_tensor_parallel(world, size=None):
+    """`tensor_parallel=None`: the ranks of one host (every rank on one host).
+
+    A collective of the world's ranks the first time (they exchange their hosts).
+    """
+    size = world.size if size is None else size
+    if size == 1:
+        return 1
+    return default_group(world.comm.hosts())
+
+
+def _record_layout(sharded, world, tp, pipeline=1):
+    """Notes on `sharded.plan` which host each rank runs on (for its summary); warns
+    once, on rank 0, when tensor-parallel groups span hosts."""
+    if world is None or world.size == 1:
+        return sharded
+    layout = Layout(tuple(world.comm.hosts()), tp, pipeline)
+    sharded.plan.layout = layout
+    wide = [what for what, crosses, _ in layout.crossings() if crosses and "tensor" in what]
+    if wide and world.rank == 0:
+        import warnings
+
+        warnings.warn(
+            f"tfshard.shard: tensor_parallel={tp} puts ranks of different hosts in one "
+            f"tensor-parallel group ({layout.host_count} hosts), so every block's all-reduce "
+            f"crosses the network; tensor_parallel={default_group(layout.hosts)} keeps each "
+            "group inside a host (data parallelism across hosts).", stacklevel=3)
+    return sharded
 
 
 def _shard_pipeline(model, plan, world, pipeline, tensor_parallel, pipeline_split, micro_batches,
@@ -243,6 +278,8 @@ def shard_replicas(model, plan, strategy, world, tensor_parallel, check_weights,
     if world is None or world.strategy is not strategy:
         world = World(comm=comms[0] if kind == "multiworker" else comm_lib.create("local"),
                       backend=kind)
+    if kind == "multiworker" and tensor_parallel is None:
+        tp = default_tensor_parallel(world, size)
     if tp != size and kind == "mirrored":
         return _shard_groups(model, plan, strategy, world, tp, comm_dtype, build_replica, where)
     source_config, config_error = copying.serialize_model(model)
@@ -266,6 +303,8 @@ def shard_replicas(model, plan, strategy, world, tensor_parallel, check_weights,
             replicas[i] = Replica(replica_model, local_plan, comms[i], devices[i], meter)
     sharded = ShardedModel(replicas[0].model, replicas[0].plan, world, comms[0], group,
                            replicas=replicas, strategy=strategy)
+    if kind == "multiworker":
+        _record_layout(sharded, world, tp)
     return _record_source(sharded, source_config, config_error)
 
 

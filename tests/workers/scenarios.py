@@ -115,6 +115,9 @@ def run_equivalence(world, results, only=None):
             res["layers"] = len(sharded.plan.entries)
             res["slices"] = slices_held(sharded)
             res["placement"] = placement(sharded)
+            res["tensor_parallel"], res["groups"] = sharded.tensor_parallel, sharded.groups
+            layout = getattr(sharded.plan, "layout", None)
+            res["layout"] = layout.lines() if layout is not None else []
             # A second call reuses the traced function and must agree too.
             res["call_matches_predict"] = bool(np.allclose(
                 leaves(sharded(x))[sorted(leaves(out))[0]] if not isinstance(out, dict)
@@ -1176,7 +1179,39 @@ def run_pipeline_devices(world, results):
                               strategy=strategy))
 
 
+def run_hosts(world, results):
+    """Across hosts (tests/hosts.py): the zoo in the default layout (tensor-parallel
+    groups inside hosts, data parallelism across), then GPT-2 with one tensor-parallel
+    group over every rank (its collectives cross hosts), saved as a sharded
+    checkpoint into each host's own folder (TFSHARD_TEST_PRIVATE, no shared disk)."""
+    import warnings
+
+    results["hosts"] = {"ok": True, "hosts": world.comm.hosts(), "launcher_rank": int(
+        os.environ.get("PMI_RANK", os.environ.get("HOROVOD_RANK", -1)))}
+    run_equivalence(world, results)
+
+    def across():
+        model, x = models.EQUIVALENCE["gpt2"]()
+        ref = model.predict(x, batch_size=2, verbose=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sharded = SHARD(model, tensor_parallel=world.size)
+        out = sharded.predict(x, batch_size=2, verbose=0)
+        res = compare(ref, out)
+        res["tensor_parallel"] = sharded.tensor_parallel
+        res["summary"] = sharded.plan.summary()
+        res["warnings"] = [str(w.message) for w in caught]
+        private = os.environ.get("TFSHARD_TEST_PRIVATE")
+        if private:
+            res["saved"] = sharded.save(os.path.join(private, "gpt2-ckpt"))
+            folder = os.path.join(private, "gpt2-ckpt")
+            res["files_here"] = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        return res
+    results["tp_across_hosts"] = guarded(across)
+
+
 SUITES = {
+    "hosts": [run_hosts],
     "pipeline": [run_pipeline],
     "pipeline_devices": [run_pipeline_devices],
     "precision": [run_precision, run_int8, run_int4],

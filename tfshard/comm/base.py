@@ -128,6 +128,21 @@ class Communicator(abc.ABC):
             start += int(n)
         return out
 
+    def hosts(self):
+        """The host of every rank of this group (`host_key()` of each), gathered once.
+
+        Every rank must call it at the same point the first time (it is a
+        collective then); later calls return the recorded list.
+
+        Returns:
+            A list with rank `r`'s host at index `r`.
+        """
+        known = self.__dict__.get("_hosts")
+        if known is None:
+            known = list(self.allgather_object(host_key()))
+            self.__dict__["_hosts"] = known
+        return list(known)
+
     def gather_to_root(self, array):
         """Concatenates every rank's rows (axis 0) on rank 0 only (eager).
 
@@ -292,6 +307,48 @@ def built_from(library, source):
             return f.read().strip() == digest
     except OSError:
         return False
+
+
+def host_key(environ=None):
+    """Names the host this process runs on, as the ranks of a job tell hosts apart.
+
+    TFSHARD_HOST when set; otherwise the hostname, followed by the network
+    namespace when the process has one of its own (two namespaces of one
+    machine are two hosts to the network, e.g. containers, or the test
+    harness's hosts).
+    """
+    env = os.environ if environ is None else environ
+    if env.get("TFSHARD_HOST"):
+        return env["TFSHARD_HOST"]
+    import socket
+
+    name = socket.gethostname()
+    try:
+        mine = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return name
+    try:
+        machine = os.stat("/proc/1/ns/net").st_ino
+    except OSError:
+        machine = None  # not ours to read: name the namespace anyway
+    return name if mine == machine else f"{name}/netns:{mine}"
+
+
+def host_major(hosts):
+    """The ranks in host-major order: every host's ranks together, hosts in the order
+    their first rank appears, ranks in order within a host.
+
+    Args:
+        hosts: the host of every rank (e.g. `Communicator.hosts()`).
+
+    Returns:
+        A list of ranks; equal to `range(len(hosts))` when each host's ranks are
+        already consecutive (the launchers' default placement).
+    """
+    first = {}
+    for r, h in enumerate(hosts):
+        first.setdefault(h, r)
+    return sorted(range(len(hosts)), key=lambda r: (first[hosts[r]], r))
 
 
 #: The environment variable that bounds how long one collective may wait, in seconds.

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfshard.comm.base import (Communicator, built_from, collective_timeout, env_number,
-                               gather_on_axis, normalize_axis)
+                               gather_on_axis, host_key, host_major, normalize_axis)
 
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_mpi_ops.so")
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mpi_ops.cc")
@@ -139,7 +139,10 @@ class MPICommunicator(Communicator):
     """All MPI ranks (or a sub-group) as a communicator, through tfshard's MPI ops.
 
     Args:
-        comm: an `mpi4py.MPI.Comm` to duplicate; `MPI.COMM_WORLD` when None.
+        comm: an `mpi4py.MPI.Comm` to duplicate; when None, `MPI.COMM_WORLD` with its
+            ranks in host-major order (each host's ranks consecutive, so groups of
+            consecutive ranks stay inside a host: MPICH places ranks that way by
+            default, a round-robin or hand-written host list may not).
         group: an id every member agrees on (0 for the world), shown in errors.
         timeout: seconds a collective may wait; TFSHARD_COLLECTIVE_TIMEOUT_SECONDS
             or 30 when None.
@@ -151,8 +154,19 @@ class MPICommunicator(Communicator):
         MPI = _mpi()
         self._ops = _library()
         _setup_board(MPI)
-        base = MPI.COMM_WORLD if comm is None else comm
+        base, hosts = comm, None
+        if comm is None:
+            base = MPI.COMM_WORLD
+            if base.Get_size() > 1:
+                hosts = base.allgather(host_key())
+                order = host_major(hosts)
+                if order != list(range(len(hosts))):
+                    base = base.Split(0, order.index(base.Get_rank()))
+                    _state.setdefault("comms", []).append(base)
+                hosts = [hosts[r] for r in order]
         self._comm = base.Dup()
+        if hosts is not None:
+            self.__dict__["_hosts"] = hosts
         # Errors come back to the op as codes (then a named error), never abort the job.
         self._comm.Set_errhandler(MPI.ERRORS_RETURN)
         _state.setdefault("comms", []).append(self._comm)

@@ -3,6 +3,11 @@
 Written into `PATH.incomplete-HOST-PID-ID` and renamed into place after every
 rank has finished and the index is on disk, so a crash never leaves a folder
 that loads at PATH; the next save of PATH removes what dead saves left.
+
+Several hosts need no shared file system: a host that does not see rank 0's
+folder writes its ranks' files into a folder of its own at the same PATH (and
+renames it into place itself). Copy every host's `rank-*.h5` into rank 0's
+folder to load the checkpoint on one host.
 """
 
 import datetime
@@ -156,30 +161,67 @@ def save(sharded, path, gather=False, overwrite=True):
         f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}" if comm.rank == 0 else None)[0]
     tmp = f"{path}{PARTIAL}{token}"
     error = tensors = None
+    own, written = comm.rank == 0, {}
     try:
         if gather:
             _save_gathered(sharded, tmp, config)
         else:
-            tensors = _save_sharded(sharded, tmp, config)
+            own = _make_folders(comm, tmp, sharded.group == 0)
+            tensors, written = _save_sharded(sharded, tmp, config)
     except Exception as e:
         error = e
     try:
         agree_on_failure(comm, error, f"save({path!r})")
     except Exception:
-        if comm.rank == 0:
+        if own:
             shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else (
                 os.path.exists(tmp) and os.remove(tmp))
         raise
+    sizes = {} if gather else {
+        f: n for part in comm.allgather_object(written) for f, n in part.items()}
     if comm.rank == 0 and not gather:
-        _write_index(sharded, tmp, config, tensors)
+        _write_index(sharded, tmp, config, tensors, sizes)
     error = None
-    if comm.rank == 0:
+    if own:
         try:
             _replace(tmp, path)
         except Exception as e:
             error = e
     agree_on_failure(comm, error, f"save({path!r})")
     return path
+
+
+def _make_folders(comm, tmp, writes):
+    """Creates the folder `tmp` on rank 0, and on every host that cannot see it (no
+    shared file system) but has ranks that write (`writes`), by that host's first
+    writing rank.
+
+    Every rank raises the same error if a folder cannot be made.
+
+    Returns:
+        Whether this rank renames its host's folder into place at the end.
+    """
+    def make():
+        try:
+            os.makedirs(tmp)
+        except OSError as e:
+            return f"rank {comm.rank} cannot create {tmp}: {e}"
+        return None
+
+    failed = [m for m in comm.allgather_object(make() if comm.rank == 0 else None) if m]
+    seen = comm.allgather_object(os.path.isdir(tmp)) if not failed else []
+    own = comm.rank == 0
+    if not failed and not all(seen):
+        hosts = comm.hosts()
+        writers = comm.allgather_object(bool(writes))
+        leaders = {hosts[r]: r for r in reversed(range(comm.size))
+                   if not seen[r] and writers[r]}
+        own = own or comm.rank in leaders.values()
+        failed = [m for m in comm.allgather_object(
+            make() if comm.rank in leaders.values() else None) if m]
+    if failed:
+        raise OSError("; ".join(failed))
+    return own
 
 
 PARTIAL = ".incomplete-"
@@ -250,12 +292,10 @@ def _save_sharded(sharded, tmp, config):
     """Writes this rank's file of a sharded checkpoint into `tmp`.
 
     Returns:
-        The index's tensor table (`{key: shape, dtype, axis, ranges}`) on ranks
-        that wrote a file, else None.
+        `(table, written)`: the index's tensor table (`{key: shape, dtype, axis,
+        ranges}`) on ranks that wrote a file, else None; and `{file name: bytes}`
+        of the files this rank wrote.
     """
-    if sharded.world.comm.rank == 0:
-        os.makedirs(tmp)
-    sharded.world.comm.barrier()
     stages = getattr(sharded, "pipeline", 1)
     if stages > 1:
         # Pipeline stages: every rank of group 0 writes its stage's part; rank 0 learns
@@ -265,12 +305,18 @@ def _save_sharded(sharded, tmp, config):
             group = sharded.group_comm
             table = _save_rank(sharded.inner, sharded.tp_comm, tmp, group.rank, group.size)
         tables = sharded.world.comm.allgather_object(table)
-        return _merge_stage_tables(tables[:sharded.group_size], sharded.tensor_parallel)
+        return (_merge_stage_tables(tables[:sharded.group_size], sharded.tensor_parallel),
+                _sizes(tmp, [_rank_file(group.rank, group.size)] if table is not None else []))
     if sharded.group != 0:
-        return None  # data-parallel replicas hold the same slices as group 0
+        return None, {}  # data-parallel replicas hold the same slices as group 0
     # One file per rank of this process: several under MirroredStrategy.
     tables = [_save_rank(replica.model, replica.comm, tmp) for replica in sharded.replicas]
-    return tables[0]
+    return tables[0], _sizes(tmp, [_rank_file(r.comm.rank, r.comm.size)
+                                   for r in sharded.replicas])
+
+
+def _sizes(folder, names):
+    return {n: os.path.getsize(os.path.join(folder, n)) for n in names}
 
 
 def _merge_stage_tables(tables, tp):
@@ -328,7 +374,7 @@ def _save_rank(model, tp, tmp, file_index=None, files=None):
     return store.tensors
 
 
-def _write_index(sharded, tmp, config, tensors):
+def _write_index(sharded, tmp, config, tensors, sizes):
     tp = sharded.tp_comm
     stages = getattr(sharded, "pipeline", 1)
     files = [_rank_file(r, tp.size * stages) for r in range(tp.size * stages)]
@@ -338,7 +384,7 @@ def _write_index(sharded, tmp, config, tensors):
         "tensor_parallel": tp.size,
         "pipeline": stages,
         "files": files,
-        "file_bytes": [os.path.getsize(os.path.join(tmp, f)) for f in files],
+        "file_bytes": [sizes[f] for f in files],
         "keras_version": keras.__version__,
         "date_saved": datetime.datetime.now().isoformat(timespec="seconds"),
         "model_config": config,

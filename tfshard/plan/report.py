@@ -45,6 +45,7 @@ class ResolvedPlan:
         self.stage = None  # the stage this rank runs
         self.held_bytes = None  # the bytes this rank holds, measured, under stages
         self.devices = None  # stages on one process's devices: stage s on devices[s]
+        self.layout = None  # a `Layout`: the ranks' hosts, set by shard()
 
     def with_stages(self, stages, stage, held_bytes, devices=None):
         """This plan with the pipeline's `StagePlan`, the stage this rank runs and the
@@ -54,6 +55,7 @@ class ResolvedPlan:
                            self.total_bytes, self.comm_dtype, self.sums_16bit)
         out.stages, out.stage, out.held_bytes = stages, stage, held_bytes
         out.devices = None if devices is None else list(devices)
+        out.layout = self.layout
         return out
 
     def _where_stages_run(self):
@@ -255,6 +257,8 @@ class ResolvedPlan:
         if self.stages is not None:
             lines += ["", self.stages.summary(), f"{self._where_stages_run()}; the table "
                       "above lists every stage's layers, cut for tensor parallelism"]
+        if self.layout is not None and self.layout.lines():
+            lines += [""] + self.layout.lines()
         return "\n".join(lines)
 
     def to_dict(self):
