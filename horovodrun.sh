@@ -126,6 +126,11 @@ if [ -n "$hosts$hostfile" ]; then
     extra+=(-iface "$iface")
     export FI_TCP_IFACE=${FI_TCP_IFACE:-$iface}
   fi
+  # ssh with keepalives (scripts/hydra_ssh.sh): a host that dies or drops off the network
+  # ends the job within seconds instead of leaving mpiexec waiting on its connection.
+  if [[ " ${opts[*]-} " != *" -launcher"* ]] && [[ " ${opts[*]-} " != *" -bootstrap"* ]]; then
+    extra+=(-launcher ssh -launcher-exec "$ROOT/scripts/hydra_ssh.sh")
+  fi
 else
   # One host: the ranks talk through shared memory; keep MPI's network transport (used
   # only between hosts) on loopback so no rank listens on an outside interface.
@@ -139,4 +144,5 @@ fi
 export HOROVOD_CYCLE_TIME=${HOROVOD_CYCLE_TIME:-${TFSHARD_CYCLE_TIME_MS:-0.1}}
 export HOROVOD_STALL_CHECK_TIME_SECONDS=${HOROVOD_STALL_CHECK_TIME_SECONDS:-30}
 export HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=${HOROVOD_STALL_SHUTDOWN_TIME_SECONDS:-${TFSHARD_STALL_SHUTDOWN:-120}}
+export TFSHARD_MPIEXEC_PID=$$  # exec keeps the PID: scripts/hydra_ssh.sh may stop it
 exec mpiexec "${extra[@]}" ${opts[@]+"${opts[@]}"} "${cmd[@]}"

@@ -45,7 +45,7 @@ def launch(np_, argv, timeout=LAUNCH_TIMEOUT, env=None, launcher="horovod", host
         assert launcher in ("horovod", "gloo"), launcher
         cmd = hosts.command(0, [
             ROOT / "horovodrun.sh", "-np", np_, "-H", hosts.hostlist(host_slots or np_ // hosts.n),
-            *(["--gloo"] if launcher == "gloo" else hosts.mpi_launcher()),
+            *(["--gloo"] if launcher == "gloo" else []),
             sys.executable, *argv])
         env = {**hosts.env(), **(env or {})}
     elif launcher in ("horovod", "gloo"):

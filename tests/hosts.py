@@ -140,14 +140,22 @@ class Hosts:
 
     def close(self):
         """Removes the namespaces (their links go with them) and the work folder."""
+        import time
+
         for ns in self.names + [self.switch]:
-            pids = _ip("netns", "pids", ns, check=False).stdout.split()
-            for pid in pids:  # a process left inside would keep the namespace alive
-                try:
-                    os.kill(int(pid), 9)
-                except (ProcessLookupError, ValueError):
-                    pass
-            _ip("netns", "del", ns, check=False)
+            # A process left inside would keep the namespace (and its name) alive.
+            deadline = time.monotonic() + 10
+            while ns in _ip("netns", "list", check=False).stdout.split():
+                pids = _ip("netns", "pids", ns, check=False).stdout.split()
+                for pid in pids:
+                    try:
+                        os.kill(int(pid), 9)
+                    except (ProcessLookupError, ValueError):
+                        pass
+                if (not pids and _ip("netns", "del", ns, check=False).returncode == 0) \
+                        or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
             shutil.rmtree(os.path.join("/etc/netns", ns), ignore_errors=True)
         shutil.rmtree(self.work, ignore_errors=True)
         for d in self.private_dirs:
@@ -162,18 +170,47 @@ class Hosts:
             mount = f'mount --bind "$1" {shlex.quote(self.private)} && '
         script = f"""#!/bin/sh
 # ssh stand-in: ssh [OPTIONS] HOST [OPTIONS] COMMAND... runs COMMAND inside HOST's namespace.
+# With -o ServerAliveInterval=S (and ServerAliveCountMax=N, default 3), it does what ssh
+# does when the network between the hosts goes away: after N checks S seconds apart that
+# find either end's link down, it prints ssh's message and exits 255.
+alive=""; count=3
+opt() {{
+  case "$1" in
+    ServerAliveInterval=*) alive=${{1#*=}} ;;
+    ServerAliveCountMax=*) count=${{1#*=}} ;;
+  esac
+}}
 while [ $# -gt 0 ]; do
-  case "$1" in -o|-p|-i|-l|-F) shift 2 ;; -*) shift ;; *) break ;; esac
+  case "$1" in -o) opt "$2"; shift 2 ;; -p|-i|-l|-F) shift 2 ;; -*) shift ;; *) break ;; esac
 done
 host=$1; shift
 while [ $# -gt 0 ]; do
-  case "$1" in -o|-p|-i|-l) shift 2 ;; -x|-q|-T|-t) shift ;; *) break ;; esac
+  case "$1" in -o) opt "$2"; shift 2 ;; -p|-i|-l) shift 2 ;; -x|-q|-T|-t) shift ;; *) break ;; esac
 done
 case "$host" in
 {cases}
   *) echo "ssh stand-in: no host $host" >&2; exit 255 ;;
 esac
-exec ip netns exec "$ns" sh -c '{mount}exec sh -c "$0"' "$*" "$own"
+if [ -z "$alive" ]; then
+  exec ip netns exec "$ns" sh -c '{mount}exec sh -c "$0"' "$*" "$own"
+fi
+ip netns exec "$ns" sh -c '{mount}exec sh -c "$0"' "$*" "$own" &
+child=$!
+trap 'kill $child 2>/dev/null' TERM INT HUP
+down() {{  # either end's link is down (this end: the namespace this ssh runs in)
+  ip -n "$ns" -o link show {INTERFACE} | grep -q "state DOWN" && return 0
+  ip -o link show {INTERFACE} 2>/dev/null | grep -q "state DOWN"
+}}
+missed=0
+while kill -0 $child 2>/dev/null; do
+  if down; then missed=$((missed + 1)); else missed=0; fi
+  if [ $missed -ge "$count" ]; then
+    echo "Timeout, server $host not responding." >&2
+    exit 255
+  fi
+  sleep "$alive"
+done
+wait $child
 """
         with open(self.ssh, "w") as f:
             f.write(script)
@@ -190,13 +227,17 @@ exec ip netns exec "$ns" sh -c '{mount}exec sh -c "$0"' "$*" "$own"
         return [self.ssh, self.addresses[i], " ".join(shlex.quote(str(a)) for a in argv)]
 
     def env(self, base=None):
-        """An environment whose PATH starts with the ssh stand-in (for horovodrun)."""
+        """An environment whose PATH starts with the ssh stand-in (for horovodrun), and
+        whose TFSHARD_SSH names it (for ./horovodrun.sh's MPI launcher)."""
         env = dict(os.environ if base is None else base)
         env["PATH"] = self.bin + os.pathsep + env.get("PATH", "")
+        env["TFSHARD_SSH"] = self.ssh
         return env
 
     def mpi_launcher(self):
-        """mpiexec options that start remote ranks through the ssh stand-in."""
+        """mpiexec options that start remote ranks through the ssh stand-in directly
+        (without it, ./horovodrun.sh starts them through scripts/hydra_ssh.sh, which
+        calls TFSHARD_SSH: `env()` names the stand-in there)."""
         return ["-launcher", "ssh", "-launcher-exec", self.ssh]
 
     def link(self, i, up):

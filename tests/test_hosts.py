@@ -156,3 +156,78 @@ print("MATCH", diff)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     assert done.returncode == 0 and "MATCH" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("fault", ["ranks_killed", "link_down"])
+def test_lost_host_ends_the_job_with_a_named_error(tmp_path, fault):
+    """A host is lost mid-predict (TP=2 over 2 hosts, so every block waits on it): its
+    ranks are SIGKILLed, or its link goes down. The job ends, non-zero, within 60 s,
+    with the lost host named; host 1's own ranks are gone too; `--output` never
+    appears under its final name."""
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    output = tmp_path / "logits.npy"
+    with hosts_lib.Hosts(2) as hosts:
+        cmd = hosts.command(0, [
+            ROOT / "horovodrun.sh", "-np", 2, "-H", hosts.hostlist(1),
+            Path(sys.executable).parent / "tfshard", "predict", "bert-tiny", "--rows", 6000,
+            "--seq-len", 16, "--batch-size", 1, "--tensor-parallel", 2, "--no-compare",
+            "--verbose", 0, "--output", output])
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=hosts.env(), cwd=ROOT, start_new_session=True)
+        lines, started = [], threading.Event()
+
+        def read():
+            for line in proc.stdout:
+                lines.append(line)
+                if "per forward:" in line:  # sharded; predict starts now
+                    started.set()
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            assert started.wait(300), "".join(lines)[-3000:]
+            time.sleep(3)  # well inside predict (6000 rows take ~20 s)
+            fault_at = time.monotonic()
+            if fault == "ranks_killed":
+                rank_pids = [p for p in hosts.pids(1) if "tfshard" in _cmdline(p)]
+                assert rank_pids, "no rank found on host 1"
+                for pid in rank_pids:
+                    os.kill(pid, signal.SIGKILL)
+            else:
+                hosts.link(1, up=False)
+            code = proc.wait(timeout=120)
+            ended = time.monotonic() - fault_at
+            reader.join(10)
+            # Host 1's ranks (cut off, in the link case) end too: at their deadline.
+            while any("tfshard" in _cmdline(p) for p in hosts.pids(1)) and \
+                    time.monotonic() - fault_at < 90:
+                time.sleep(1)
+            left = [p for p in hosts.pids(1) if "tfshard" in _cmdline(p)]
+            host1_ended = time.monotonic() - fault_at
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = "".join(lines)
+    print(f"{fault}: job ended {ended:.1f} s after the fault, host 1's ranks by "
+          f"{host1_ended:.1f} s, exit {code}")
+    assert code != 0, text[-3000:]
+    assert ended < 60, f"the job took {ended:.0f} s to end:\n{text[-3000:]}"
+    assert not left, f"host 1 still runs {left} {host1_ended:.0f} s after the fault"
+    assert host1_ended < 60
+    if fault == "ranks_killed":
+        assert "BAD TERMINATION" in text and hosts.addresses[1] in text, text[-3000:]
+    else:
+        assert f"lost the connection to host {hosts.addresses[1]}" in text, text[-3000:]
+    assert not output.exists(), "a partial output was left under the final name"
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("logits")], os.listdir(tmp_path)
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

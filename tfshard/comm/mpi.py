@@ -54,6 +54,7 @@ def _library():
                                               ctypes.c_int]
         lib.tfshard_mpi_broken.restype = ctypes.c_int
         lib.tfshard_mpi_set_spin.argtypes = [ctypes.c_longlong]
+        lib.tfshard_mpi_on_term.argtypes = [ctypes.c_char_p]
         _state["c"] = lib
     return _state["ops"]
 
@@ -111,6 +112,12 @@ def _setup_board(MPI):
     _state["c"].tfshard_mpi_set_spin(int(spin * 1000))
     node.Barrier()  # every slot is initialised before anyone reads the board
     _state.update(window=window, node=node, board=base)
+    # mpiexec stops a job with SIGTERM (e.g. after a host was lost): say who stopped, and why.
+    _state["c"].tfshard_mpi_on_term(
+        f"[tfshard] MPI rank {world.rank} of {world.size} (host {host_key()}, pid "
+        f"{os.getpid()}): stopped by the launcher (SIGTERM) before the job finished: another "
+        "rank or host of the job failed (the launcher's message names it), or the job was "
+        "interrupted.\n".encode())
     atexit.register(_exit_hook)
 
 

@@ -836,8 +836,41 @@ REGISTER_KERNEL_BUILDER(Name("TfshardMpiRecv").Device(tensorflow::DEVICE_CPU), R
 
 }  // namespace tfshard
 
+namespace tfshard {
+
+// What a rank says when the launcher stops it (SIGTERM: mpiexec forwards it when the job
+// is stopped, e.g. after a host was lost). Written from the handler: write(2) only.
+char g_term_message[1024];
+size_t g_term_length = 0;
+
+void OnTerm(int) {
+  if (g_term_length > 0) {
+    ssize_t written = write(2, g_term_message, g_term_length);
+    (void)written;
+  }
+  _exit(128 + SIGTERM);
+}
+
+}  // namespace tfshard
+
 // Plain C entry points for tfshard/comm/mpi.py (ctypes).
 extern "C" {
+
+// On SIGTERM, print `message` and exit with status 143, unless something else already
+// handles SIGTERM. Returns 1 when installed.
+int tfshard_mpi_on_term(const char* message) {
+  struct sigaction old;
+  if (sigaction(SIGTERM, nullptr, &old) != 0 || old.sa_handler != SIG_DFL) return 0;
+  size_t n = std::strlen(message);
+  if (n >= sizeof(tfshard::g_term_message)) n = sizeof(tfshard::g_term_message) - 1;
+  std::memcpy(tfshard::g_term_message, message, n);
+  tfshard::g_term_length = n;
+  struct sigaction sa;
+  std::memset(&sa, 0, sizeof(sa));
+  sa.sa_handler = tfshard::OnTerm;
+  sigemptyset(&sa.sa_mask);
+  return sigaction(SIGTERM, &sa, nullptr) == 0 ? 1 : 0;
+}
 
 // The board: `slots` points at `count` 128-byte slots shared by the ranks of this host;
 // `mine` is this rank's slot. Called once per process after the shared window exists.
