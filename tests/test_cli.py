@@ -321,3 +321,32 @@ def test_unknown_model_is_a_clear_error():
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 2
     assert "Unknown model 'gpt5'" in res.stderr and "gpt2" in res.stderr
+
+
+def test_launch_hosts_number_workers_host_by_host():
+    from tfshard import launch as launch_lib
+
+    hosts = launch_lib.parse_hosts("hostA:2,hostB,10.0.0.3:3")
+    assert hosts == [("hostA", 2), ("hostB", 1), ("10.0.0.3", 3)]
+    assert launch_lib.cluster(hosts, 23456) == [
+        "hostA:23456", "hostA:23457", "hostB:23456", "10.0.0.3:23456", "10.0.0.3:23457",
+        "10.0.0.3:23458"]
+    for bad in ("", "hostA:0", "hostA:x"):
+        with pytest.raises(ValueError, match="--hosts"):
+            launch_lib.parse_hosts(bad)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--hosts", "a:2,b:2", "echo"], "give --host-index 0 to 1"),
+    (["--hosts", "a:2,b:2", "--host-index", "2", "echo"], "give --host-index 0 to 1"),
+    (["--hosts", "a:2,b:2", "--host-index", "1", "-n", "3", "echo"], "leave -n out"),
+    (["--host-index", "0", "-n", "2", "echo"], "--host-index needs --hosts"),
+    (["echo"], "-n must be >= 1"),
+])
+def test_launch_refuses_an_incomplete_host_list(capsys, argv, message):
+    from tfshard import launch as launch_lib
+
+    with pytest.raises(SystemExit) as exit_info:
+        launch_lib.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

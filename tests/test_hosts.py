@@ -3,7 +3,8 @@ its own address, joined by a bridge; jobs start on host 0 and reach the others o
 (a stand-in that enters the namespace), as on a cluster.
 
 Checked against the unsharded model: the model zoo at 2 hosts x 1 rank and 2 hosts x
-2 ranks under MPI (tfshard's collectives) and Horovod over Gloo, with the default layout
+2 ranks under MPI (tfshard's collectives), Horovod over Gloo (2 x 2) and MultiWorker
+(`tfshard launch --hosts` on each host, 2 x 1), with the default layout
 (tensor-parallel groups inside a host, data parallelism across hosts); GPT-2 with one
 tensor-parallel group over every rank (its collectives cross hosts; the summary and a
 warning say so); a sharded checkpoint written by two hosts into their own folders (no
@@ -20,7 +21,7 @@ import pytest
 
 import hosts as hosts_lib
 import models
-from conftest import ROOT, launch_ranks, require_clean_launch
+from conftest import LAUNCH_TIMEOUT, ROOT, launch_ranks, require_clean_launch
 
 REASON = hosts_lib.unavailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no namespaces: {REASON}")
@@ -42,12 +43,15 @@ def runs(tmp_path_factory):
             with hosts_lib.Hosts(2, private=disk) as hosts:
                 argv = [ROOT / "tests" / "workers" / "scenarios.py", "--suite", "hosts",
                         "--out", out] + (["--models", ",".join(subset)] if subset else [])
-                # MPI at 2 x 2 is placed round-robin (-H A:1,B:1 -np 4: ranks 0, 2 on
-                # host 0), which tfshard.init() puts back in host-major order.
-                code, output, ranks = launch_ranks(
-                    2 * per_host, argv, out, launcher=launcher, hosts=hosts,
-                    env={"TFSHARD_TEST_PRIVATE": str(disk)},
-                    host_slots=1 if launcher == "horovod" else None)
+                env = {"TFSHARD_TEST_PRIVATE": str(disk)}
+                if launcher == "tfshard":
+                    code, output, ranks = _launch_per_host(hosts, per_host, argv, out, env)
+                else:
+                    # MPI at 2 x 2 is placed round-robin (-H A:1,B:1 -np 4: ranks 0, 2 on
+                    # host 0), which tfshard.init() puts back in host-major order.
+                    code, output, ranks = launch_ranks(
+                        2 * per_host, argv, out, launcher=launcher, hosts=hosts, env=env,
+                        host_slots=1 if launcher == "horovod" else None)
                 # What each host's own folder holds, before the hosts go away.
                 saved = [base / f"host{i}" for i in range(2)]
                 for i, folder in enumerate(hosts.private_dirs):
@@ -59,6 +63,28 @@ def runs(tmp_path_factory):
         return ranks, saved
 
     return run
+
+
+def _launch_per_host(hosts, per_host, argv, out, env):
+    """A MultiWorker job as on a cluster: `tfshard launch --hosts ... --host-index i` run
+    on every host at once. Returns `(code, output, ranks)` like `launch_ranks`."""
+    import subprocess
+
+    procs = []
+    for i in range(hosts.n):
+        cmd = hosts.command(i, [sys.executable, "-m", "tfshard.launch", "--hosts",
+                                hosts.hostlist(per_host), "--host-index", i, "--timeout",
+                                LAUNCH_TIMEOUT, sys.executable, *argv])
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True,
+                                      env={**hosts.env(), "PYTHONUNBUFFERED": "1", **env}))
+    outputs = [p.communicate(timeout=LAUNCH_TIMEOUT + 60)[0] for p in procs]
+    codes = [p.returncode for p in procs]
+    ranks = []
+    for r in range(hosts.n * per_host):
+        path = Path(out) / f"rank{r}.json"
+        ranks.append(__import__("json").loads(path.read_text()) if path.exists() else None)
+    return max(codes, key=abs), "\n".join(outputs), ranks
 
 
 def _records(ranks, name):
@@ -82,7 +108,8 @@ def _hosts_of(ranks):
     return hosts
 
 
-@pytest.mark.parametrize("per_host,launcher", [(1, "horovod"), (2, "horovod"), (2, "gloo")])
+@pytest.mark.parametrize("per_host,launcher", [(1, "horovod"), (2, "horovod"), (2, "gloo"),
+                                               (1, "tfshard")])
 def test_zoo_across_hosts_matches_unsharded(runs, per_host, launcher):
     subset = None if launcher == "horovod" else ("mlp", "gpt2", "llama")
     ranks, _ = runs(per_host, launcher, subset)
@@ -90,7 +117,9 @@ def test_zoo_across_hosts_matches_unsharded(runs, per_host, launcher):
     # Host-major ranks: each host's ranks are consecutive...
     assert hosts == sorted(hosts, key=hosts.index)
     placed = [r["cases"]["hosts"]["launcher_rank"] for r in ranks]
-    if launcher == "horovod" and per_host == 2:
+    if launcher == "tfshard":
+        assert [r["backend"] for r in ranks] == ["multiworker"] * 2
+    elif launcher == "horovod" and per_host == 2:
         # ...although MPI placed them round-robin: tfshard rank 1 is MPI rank 2.
         assert placed == [0, 2, 1, 3], placed
     else:
@@ -110,9 +139,9 @@ def test_zoo_across_hosts_matches_unsharded(runs, per_host, launcher):
             assert "data-parallel gather of outputs (once per round): CROSSES HOSTS" in text
 
 
-@pytest.mark.parametrize("per_host", [1, 2])
-def test_tensor_parallel_across_hosts_is_exact_and_reported(runs, per_host):
-    ranks, _ = runs(per_host)
+@pytest.mark.parametrize("per_host,launcher", [(1, "horovod"), (2, "horovod"), (1, "tfshard")])
+def test_tensor_parallel_across_hosts_is_exact_and_reported(runs, per_host, launcher):
+    ranks, _ = runs(per_host, launcher, None if launcher == "horovod" else ("mlp", "gpt2", "llama"))
     for rank, rec in enumerate(_records(ranks, "tp_across_hosts")):
         where = f"gpt2, tensor_parallel={2 * per_host} over 2 hosts, rank {rank}"
         _check_equal(rec, where)

@@ -3,12 +3,23 @@
     tfshard launch -n 2 script.py [ARGS...]        # or: python -m tfshard.launch -n 2 ...
     tfshard launch -n 2 tfshard predict gpt2-tiny  # any command
 
+    # Several hosts: the same command on every host, each with its own --host-index.
+    tfshard launch --hosts hostA:2,hostB:2 --host-index 0 tfshard predict gpt2  # on hostA
+    tfshard launch --hosts hostA:2,hostB:2 --host-index 1 tfshard predict gpt2  # on hostB
+
 Each process gets a `TF_CONFIG` naming all N workers on free loopback ports and
 its own index, so `tfshard.init()` joins a `MultiWorkerMirroredStrategy` with
 one replica per process. Output lines are prefixed with `[rank]`. When a
 process fails, the others are stopped (SIGTERM, then SIGKILL) and the launcher
 exits with the failed process's code; a wall-clock `--timeout` ends the whole
 job the same way (exit 124).
+
+With `--hosts`, every host runs this launcher for its own processes; the
+workers are numbered host by host (hostA's first, so a tensor-parallel group of
+consecutive ranks stays inside a host), worker i of a host listens on
+`--port` + i on every interface. A host's launcher stops only its own
+processes; the other hosts' ranks fail at their next collective (a named
+error, within the collective deadline) and their launchers stop the rest.
 """
 
 import argparse
@@ -118,15 +129,41 @@ def _stop(ranks, say):
         say(f"stopped rank(s) {[r.index for r in alive]}")
 
 
-def run(n, argv, timeout=None, env=None, out=None):
+def parse_hosts(text):
+    """`[(host, processes)]` from "hostA:2,hostB:2" (a host without ":n" runs one).
+
+    Raises:
+        ValueError: an empty list, or a count that is not a positive int.
+    """
+    hosts = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        host, _, count = item.rpartition(":") if ":" in item else (item, "", "1")
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"--hosts {text!r}: {item!r} is not HOST or HOST:N with N >= 1.")
+        hosts.append((host, int(count)))
+    if not hosts:
+        raise ValueError(f"--hosts {text!r} names no host; e.g. hostA:2,hostB:2.")
+    return hosts
+
+
+def cluster(hosts, port):
+    """The workers ("host:port") of a job on `hosts` (`parse_hosts`): host by host,
+    worker i of a host on `port + i`."""
+    return [f"{h}:{port + i}" for h, n in hosts for i in range(n)]
+
+
+def run(n, argv, timeout=None, env=None, out=None, workers=None, first=0):
     """Runs `argv` as `n` workers of one multi-worker job and waits for them.
 
     Args:
-        n: number of processes (>= 1).
+        n: number of processes (>= 1) this launcher starts.
         argv: the command for every worker.
         timeout: seconds before the whole job is stopped (None: no limit).
         env: extra environment variables for every worker.
         out: binary stream for the prefixed output (default: stdout).
+        workers: every worker of the job ("host:port"), when the job spans hosts;
+            None: `n` workers on free loopback ports.
+        first: the index of this launcher's first worker in `workers`.
 
     Returns:
         0 when every worker exited 0; else the first failure's exit code
@@ -140,14 +177,15 @@ def run(n, argv, timeout=None, env=None, out=None):
             out.write(f"[tfshard launch] {message}\n".encode())
             out.flush()
 
-    workers = [f"127.0.0.1:{p}" for p in free_ports(n)]
+    local = workers is None
+    workers = [f"127.0.0.1:{p}" for p in free_ports(n)] if local else list(workers)
     ranks = []
     cores = os.cpu_count() or 1
-    for i in range(n):
+    for i in range(first, first + n):
         worker_env = {**os.environ, **(env or {}), "TF_CONFIG": tf_config(workers, i),
                       "TFSHARD_LOCAL_SIZE": str(n), "PYTHONUNBUFFERED": "1"}
         worker_env.setdefault("TFSHARD_THREADS", str(max(1, cores // n)))
-        shim = loopback_library()
+        shim = loopback_library() if local else None
         if shim:  # TensorFlow's gRPC server binds 0.0.0.0 whatever TF_CONFIG says
             worker_env["LD_PRELOAD"] = ":".join(
                 p for p in (shim, worker_env.get("LD_PRELOAD")) if p)
@@ -199,7 +237,8 @@ def run(n, argv, timeout=None, env=None, out=None):
     return code
 
 
-_OPTIONS_WITH_VALUE = ("-n", "--num-processes", "--timeout")
+_OPTIONS_WITH_VALUE = ("-n", "--num-processes", "--timeout", "--hosts", "--host-index",
+                       "--port")
 
 
 def split_argv(argv):
@@ -225,9 +264,18 @@ def split_argv(argv):
 def build_parser(parser=None):
     parser = parser or argparse.ArgumentParser(
         prog="tfshard launch", description=__doc__.split("\n")[0],
-        usage="tfshard launch -n N [--timeout S] SCRIPT.py|-m MODULE|COMMAND [ARGS...]")
-    parser.add_argument("-n", "--num-processes", type=int, required=True,
-                        help="number of worker processes (ranks)")
+        usage="tfshard launch -n N | --hosts H:N,... --host-index I [--port P] "
+              "[--timeout S] SCRIPT.py|-m MODULE|COMMAND [ARGS...]")
+    parser.add_argument("-n", "--num-processes", type=int, default=None,
+                        help="number of worker processes (ranks) on this host")
+    parser.add_argument("--hosts", default=None,
+                        help="every host of the job and its processes, e.g. hostA:2,hostB:2 "
+                        "(the same on every host); run the launcher on each host")
+    parser.add_argument("--host-index", type=int, default=None,
+                        help="which of --hosts this one is (0 = the first)")
+    parser.add_argument("--port", type=int, default=23456,
+                        help="with --hosts: worker i of each host listens on PORT + i "
+                        "(default 23456)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="stop the whole job after this many seconds (exit 124)")
     parser.add_argument("command", nargs="*",
@@ -248,9 +296,28 @@ def main(argv=None):
     args = parser.parse_args(options)
     if not command:
         parser.error("no command to launch")
-    if args.num_processes < 1:
-        parser.error(f"-n must be >= 1; got {args.num_processes}")
-    return run(args.num_processes, command_for(command[0], command[1:]), timeout=args.timeout)
+    argv = command_for(command[0], command[1:])
+    if args.hosts is None:
+        if args.num_processes is None or args.num_processes < 1:
+            parser.error(f"-n must be >= 1; got {args.num_processes}")
+        if args.host_index is not None:
+            parser.error("--host-index needs --hosts")
+        return run(args.num_processes, argv, timeout=args.timeout)
+    try:
+        hosts = parse_hosts(args.hosts)
+    except ValueError as err:
+        parser.error(str(err))
+    i = args.host_index
+    if i is None or not 0 <= i < len(hosts):
+        parser.error(f"--hosts names {len(hosts)} host(s); give --host-index 0 to "
+                     f"{len(hosts) - 1} (this host's place in the list); got {i}.")
+    if args.num_processes not in (None, hosts[i][1]):
+        parser.error(f"-n {args.num_processes} but --hosts gives host {i} ({hosts[i][0]}) "
+                     f"{hosts[i][1]} process(es); leave -n out with --hosts.")
+    if not 1 <= args.port <= 65535 - max(n for _, n in hosts):
+        parser.error(f"--port {args.port} leaves no room for the workers' ports.")
+    return run(hosts[i][1], argv, timeout=args.timeout,
+               workers=cluster(hosts, args.port), first=sum(n for _, n in hosts[:i]))
 
 
 if __name__ == "__main__":
