@@ -16,7 +16,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import hosts as hosts_lib
