@@ -77,6 +77,13 @@ on each backend next to the unsharded model.
 
     .venv/bin/python scripts/bench.py comm --np 2
     .venv/bin/python scripts/bench.py forward --model gpt2 --np 2 --backends mpi gloo mirrored multiworker
+
+Suite `hosts` (scripts/bench_hosts.py; needs root): two hosts made of network
+namespaces: per-collective latency inside one host against across the two, and the
+bytes that crossed between the hosts per predict against the plan's minimum, for the
+default layout (TP inside hosts, DP across) and for TP over both hosts.
+
+    .venv/bin/python scripts/bench.py hosts --model gpt2 --rows 8 --seq-len 64
 """
 
 import argparse
@@ -510,7 +517,9 @@ def _write_report(stem, args, runs):
     out = ROOT / "bench-results"
     out.mkdir(exist_ok=True)
     path = out / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1, default=str))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1, default=str))
+    os.replace(tmp, path)
     print(f"wrote {path.relative_to(ROOT)}")
 
 
@@ -891,11 +900,31 @@ def main():
         else:
             p.add_argument("--mode", choices=["sharded", "mirrored"], required=True)
             p.add_argument("--replicas", type=int, default=0)
+    for name in ("hosts", "_hosts"):
+        p = sub.add_parser(name)
+        p.add_argument("--model", default="gpt2")
+        p.add_argument("--rows", type=int, default=8)
+        p.add_argument("--seq-len", type=int, default=64)
+        p.add_argument("--batch-size", type=int, default=4)
+        p.add_argument("--repeats", type=int, default=5)
+        if name == "hosts":
+            p.add_argument("--hidden", type=int, default=768)
+            p.add_argument("--chain", type=int, default=20)
+            p.add_argument("--timeout", type=int, default=1800)
+        else:
+            p.add_argument("--tp", type=int, default=0)
     p = sub.add_parser("plot", help="PNG charts of bench-results/*.json (needs matplotlib)")
     p.add_argument("files", nargs="+")
     p.add_argument("--out", default=str(ROOT / "docs" / "images"))
     args = parser.parse_args()
-    if args.suite == "plot":
+    if args.suite in ("hosts", "_hosts"):
+        import bench_hosts
+
+        if args.suite == "hosts":
+            bench_hosts.suite_hosts(args, _run, _cpu_model, _write_report)
+        else:
+            bench_hosts.hosts_child(args)
+    elif args.suite == "plot":
         suite_plot(args)
     elif args.suite == "comm":
         suite_comm(args)

@@ -196,3 +196,20 @@ def test_layout_inside_hosts_then_across():
     assert crossings["tensor-parallel all-reduces/all-gathers (every block)"] is False
 
     assert Layout(("a", "a"), tensor_parallel=2).lines() == []  # one host: nothing to say
+
+
+def test_layout_counts_the_bytes_that_must_cross_hosts():
+    ops = [("block/out", "all-reduce", 8), ("head", "all-gather (logits)", 100)]
+    # TP inside hosts, DP across: only the outputs cross (every rank gets all rows).
+    inside = Layout(("a", "a", "b", "b"), tensor_parallel=2)
+    assert inside.crossing_bytes(ops, tokens=10, output_bytes=4000) == {
+        "tensor-parallel": 0, "data-parallel": 4000, "total": 4000}
+    # One group over both hosts: every token's all-reduce twice over, the gather once.
+    wide = Layout(("a", "a", "b", "b"), tensor_parallel=4)
+    assert wide.crossing_bytes(ops, tokens=10, output_bytes=4000) == {
+        "tensor-parallel": 2 * 8 * 10 * 4 + 100 * 10 * 4, "data-parallel": 0,
+        "total": 2 * 8 * 10 * 4 + 100 * 10 * 4}
+    # 16-bit wire: half the bytes.
+    half = {("block/out", "all-reduce"): 2, ("head", "all-gather (logits)"): 2}
+    assert wide.crossing_bytes(ops, tokens=10, itemsizes=half)["tensor-parallel"] == (
+        2 * 8 * 10 * 2 + 100 * 10 * 2)

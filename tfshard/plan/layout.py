@@ -91,6 +91,38 @@ class Layout:
                         self.host_count > 1, f"{len(replicas)} replicas"))
         return out
 
+    def crossing_bytes(self, ops, tokens, itemsizes=None, output_bytes=0):
+        """The bytes that must cross between hosts for one `predict` of `tokens` tokens,
+        both directions summed: a host-level minimum (each host sends or receives a
+        piece once; a collective that delivers a copy to every rank of a host moves
+        more).
+
+        An all-reduce of n bytes over a group on H hosts costs 2(H-1)n (a ring
+        between the hosts), an all-gather (H-1)n; the data-parallel gather of the
+        outputs (every rank gets all rows) (H-1) times the outputs' bytes.
+
+        Args:
+            ops: `ResolvedPlan.communication()`: (path, collective, elements per token).
+            tokens: the tokens of the whole predict, shared by the data-parallel groups.
+            itemsizes: `ResolvedPlan.wire_itemsizes()` (default 4 bytes per element).
+            output_bytes: the global output's bytes.
+
+        Returns:
+            `{"tensor-parallel": bytes, "data-parallel": bytes, "total": bytes}`.
+        """
+        itemsizes = itemsizes or {}
+        groups = self.tensor_groups()
+        per_group = tokens / max(1, len(self.replicas()))
+        tensor = 0.0
+        for g in groups:
+            spread = len(self._spans(g))
+            for path, op, n in ops:
+                size = n * per_group * itemsizes.get((path, op), 4)
+                tensor += (2 if op == "all-reduce" else 1) * (spread - 1) * size
+        data = (self.host_count - 1) * output_bytes if len(self.replicas()) > 1 else 0
+        return {"tensor-parallel": int(tensor), "data-parallel": int(data),
+                "total": int(tensor + data)}
+
     def lines(self):
         """The summary's lines about hosts; none on one host."""
         if self.host_count < 2:
