@@ -7,9 +7,8 @@ nothing of it appears in the machine's own namespace and no traffic leaves
 these namespaces. Each host may also get a private folder: inside the host, its
 own directory is bind-mounted over one shared path (`ip netns exec` gives every
 command its own mount namespace), as if the hosts had no shared file system.
-Inside a host, the machine's hostname resolves to that host's address (through
-`/etc/netns/NAME/hosts`, which `ip netns exec` mounts over `/etc/hosts`), as on a
-machine configured for a cluster; Gloo finds its peers by that name.
+Every host shares the machine's hostname, which resolves to a loopback address (as
+Debian's default /etc/hosts has it): nothing may find a peer by that name.
 
 Commands reach a host through a generated `ssh` stand-in (`Hosts.ssh`): `ssh
 [OPTIONS] ADDRESS COMMAND` runs COMMAND with `sh -c` inside that host, which is
@@ -116,27 +115,12 @@ class Hosts:
             _ip("-n", ns, "link", "set", "lo", "up")
             _ip("-n", self.switch, "link", "set", outside, "master", "br0")
             _ip("-n", self.switch, "link", "set", outside, "up")
-            self._write_hosts_file(ns, address)
         os.makedirs(self.bin)
         for d in self.private_dirs:
             os.makedirs(d)
         if self.private:
             os.makedirs(self.private, exist_ok=True)
         self._write_ssh()
-
-    def _write_hosts_file(self, ns, address):
-        import socket
-
-        name = socket.gethostname()
-        try:
-            with open("/etc/hosts") as f:
-                lines = [ln for ln in f.read().splitlines() if name not in ln.split()[1:]]
-        except OSError:
-            lines = ["127.0.0.1 localhost"]
-        folder = os.path.join("/etc/netns", ns)
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "hosts"), "w") as f:
-            f.write("\n".join(lines + [f"{address} {name}"]) + "\n")
 
     def close(self):
         """Removes the namespaces (their links go with them) and the work folder."""
@@ -156,7 +140,6 @@ class Hosts:
                         or time.monotonic() > deadline:
                     break
                 time.sleep(0.2)
-            shutil.rmtree(os.path.join("/etc/netns", ns), ignore_errors=True)
         shutil.rmtree(self.work, ignore_errors=True)
         for d in self.private_dirs:
             shutil.rmtree(d, ignore_errors=True)

@@ -3,8 +3,8 @@ its own address, joined by a bridge; jobs start on host 0 and reach the others o
 (a stand-in that enters the namespace), as on a cluster.
 
 Checked against the unsharded model: the model zoo at 2 hosts x 1 rank and 2 hosts x
-2 ranks under MPI (tfshard's collectives), Horovod over Gloo (2 x 2) and MultiWorker
-(`tfshard launch --hosts` on each host, 2 x 1), with the default layout
+2 ranks under MPI (tfshard's collectives), Horovod over Gloo and MultiWorker (`tfshard
+launch --hosts` on each host; these two on three of the models), with the default layout
 (tensor-parallel groups inside a host, data parallelism across hosts); GPT-2 with one
 tensor-parallel group over every rank (its collectives cross hosts; the summary and a
 warning say so); a sharded checkpoint written by two hosts into their own folders (no
@@ -107,8 +107,8 @@ def _hosts_of(ranks):
     return hosts
 
 
-@pytest.mark.parametrize("per_host,launcher", [(1, "horovod"), (2, "horovod"), (2, "gloo"),
-                                               (1, "tfshard")])
+@pytest.mark.parametrize("per_host,launcher", [(1, "horovod"), (2, "horovod"), (1, "gloo"),
+                                               (2, "gloo"), (1, "tfshard"), (2, "tfshard")])
 def test_zoo_across_hosts_matches_unsharded(runs, per_host, launcher):
     subset = None if launcher == "horovod" else ("mlp", "gpt2", "llama")
     ranks, _ = runs(per_host, launcher, subset)
@@ -117,7 +117,7 @@ def test_zoo_across_hosts_matches_unsharded(runs, per_host, launcher):
     assert hosts == sorted(hosts, key=hosts.index)
     placed = [r["cases"]["hosts"]["launcher_rank"] for r in ranks]
     if launcher == "tfshard":
-        assert [r["backend"] for r in ranks] == ["multiworker"] * 2
+        assert [r["backend"] for r in ranks] == ["multiworker"] * len(ranks)
     elif launcher == "horovod" and per_host == 2:
         # ...although MPI placed them round-robin: tfshard rank 1 is MPI rank 2.
         assert placed == [0, 2, 1, 3], placed
@@ -149,6 +149,22 @@ def test_tensor_parallel_across_hosts_is_exact_and_reported(runs, per_host, laun
         assert f"tensor_parallel={per_host} keeps each group inside a host" in rec["summary"]
         if rank == 0:
             assert any("crosses the network" in w for w in rec["warnings"]), rec["warnings"]
+
+
+@pytest.mark.parametrize("per_host", [1, 2])
+def test_pipeline_stages_one_per_host(runs, per_host):
+    """pipeline=2 at 2 hosts x N (MPI): stage s on host s, each stage's tensor-parallel
+    group inside its host; the hand-offs are what crosses."""
+    ranks, _ = runs(per_host)
+    hosts = _hosts_of(ranks)
+    for rank, rec in enumerate(_records(ranks, "stages_across_hosts")):
+        _check_equal(rec, f"gpt2 at 2 stages, rank {rank} of 2 hosts x {per_host}")
+        assert rec["tensor_parallel"] == per_host
+        assert rec["stage"] == hosts.index(hosts[rank]) // per_host, (rank, rec["stage"], hosts)
+        text = "\n".join(rec["layout"])
+        assert "pipeline hand-offs (every micro-batch): CROSSES HOSTS" in text, text
+        if per_host > 1:
+            assert "(every block): inside hosts" in text, text
 
 
 def test_checkpoint_saved_by_two_hosts_loads_in_one(runs, tmp_path):

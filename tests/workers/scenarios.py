@@ -1209,6 +1209,18 @@ def run_hosts(world, results):
         return res
     results["tp_across_hosts"] = guarded(across)
 
+    def stages():
+        """Two pipeline stages: one per host (the hand-offs cross, every block does not)."""
+        model, x = models.EQUIVALENCE["gpt2"]()
+        ref = model.predict(x, batch_size=2, verbose=0)
+        sharded = SHARD(model, pipeline=2)
+        res = compare(ref, sharded.predict(x, batch_size=2, verbose=0))
+        res["tensor_parallel"], res["stage"] = sharded.tensor_parallel, sharded.plan.stage
+        res["layout"] = sharded.plan.layout.lines()
+        return res
+    if world.backend == "mpi":
+        results["stages_across_hosts"] = guarded(stages)
+
 
 SUITES = {
     "hosts": [run_hosts],
