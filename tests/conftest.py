@@ -78,11 +78,16 @@ def launch_ranks(np_, argv, out_dir, env=None, launcher="horovod", hosts=None, h
     """
     code, output, _ = launch(np_, argv, env=env, launcher=launcher, hosts=hosts,
                              host_slots=host_slots)
+    return code, output, read_ranks(out_dir, np_)
+
+
+def read_ranks(out_dir, np_):
+    """Every rank's record `out_dir/rank{r}.json`, or None where a rank wrote none."""
     ranks = []
     for r in range(np_):
         path = Path(out_dir) / f"rank{r}.json"
         ranks.append(json.loads(path.read_text()) if path.exists() else None)
-    return code, output, ranks
+    return ranks
 
 
 def require_clean_launch(what, np_, code, output, ranks):

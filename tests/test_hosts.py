@@ -20,7 +20,8 @@ import pytest
 
 import hosts as hosts_lib
 import models
-from conftest import LAUNCH_TIMEOUT, ROOT, launch_ranks, require_clean_launch
+from conftest import (LAUNCH_TIMEOUT, ROOT, launch_ranks, read_ranks, records_ok,
+                      require_clean_launch)
 
 REASON = hosts_lib.unavailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no namespaces: {REASON}")
@@ -79,19 +80,7 @@ def _launch_per_host(hosts, per_host, argv, out, env):
                                       env={**hosts.env(), "PYTHONUNBUFFERED": "1", **env}))
     outputs = [p.communicate(timeout=LAUNCH_TIMEOUT + 60)[0] for p in procs]
     codes = [p.returncode for p in procs]
-    ranks = []
-    for r in range(hosts.n * per_host):
-        path = Path(out) / f"rank{r}.json"
-        ranks.append(__import__("json").loads(path.read_text()) if path.exists() else None)
-    return max(codes, key=abs), "\n".join(outputs), ranks
-
-
-def _records(ranks, name):
-    recs = [r["cases"][name] for r in ranks]
-    for rank, rec in enumerate(recs):
-        assert rec["ok"], (f"{name} on rank {rank}: {rec.get('error_type')}: "
-                           f"{rec.get('message')}\n{rec.get('traceback')}")
-    return recs
+    return max(codes, key=abs), "\n".join(outputs), read_ranks(out, hosts.n * per_host)
 
 
 def _check_equal(rec, where):
@@ -124,7 +113,7 @@ def test_zoo_across_hosts_matches_unsharded(runs, per_host, launcher):
     else:
         assert placed == list(range(2 * per_host)), placed
     for name in subset or ZOO:
-        for rank, rec in enumerate(_records(ranks, name)):
+        for rank, rec in enumerate(records_ok(ranks, name)):
             where = f"{name} on rank {rank} ({launcher}, 2 hosts x {per_host})"
             _check_equal(rec, where)
             # The default layout: a tensor-parallel group is one host's ranks.
@@ -141,7 +130,7 @@ def test_zoo_across_hosts_matches_unsharded(runs, per_host, launcher):
 @pytest.mark.parametrize("per_host,launcher", [(1, "horovod"), (2, "horovod"), (1, "tfshard")])
 def test_tensor_parallel_across_hosts_is_exact_and_reported(runs, per_host, launcher):
     ranks, _ = runs(per_host, launcher, None if launcher == "horovod" else ("mlp", "gpt2", "llama"))
-    for rank, rec in enumerate(_records(ranks, "tp_across_hosts")):
+    for rank, rec in enumerate(records_ok(ranks, "tp_across_hosts")):
         where = f"gpt2, tensor_parallel={2 * per_host} over 2 hosts, rank {rank}"
         _check_equal(rec, where)
         assert rec["tensor_parallel"] == 2 * per_host
@@ -157,7 +146,7 @@ def test_pipeline_stages_one_per_host(runs, per_host):
     group inside its host; the hand-offs are what crosses."""
     ranks, _ = runs(per_host)
     hosts = _hosts_of(ranks)
-    for rank, rec in enumerate(_records(ranks, "stages_across_hosts")):
+    for rank, rec in enumerate(records_ok(ranks, "stages_across_hosts")):
         _check_equal(rec, f"gpt2 at 2 stages, rank {rank} of 2 hosts x {per_host}")
         assert rec["tensor_parallel"] == per_host
         assert rec["stage"] == hosts.index(hosts[rank]) // per_host, (rank, rec["stage"], hosts)
@@ -171,7 +160,7 @@ def test_checkpoint_saved_by_two_hosts_loads_in_one(runs, tmp_path):
     """Each host wrote its ranks' files into its own folder (no shared disk); copied
     together, they load in one process and predict what the unsharded model does."""
     ranks, saved = runs(2)
-    _records(ranks, "tp_across_hosts")
+    records_ok(ranks, "tp_across_hosts")
     per_host = [sorted(os.listdir(d / "gpt2-ckpt")) for d in saved]
     assert [f for f in per_host[0] if f != "assets.zip"] == [
         "rank-00000-of-00004.h5", "rank-00001-of-00004.h5", "tfshard.json"], per_host[0]
