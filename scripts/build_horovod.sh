@@ -29,7 +29,8 @@ have_mpi() {  # the installed Horovod has the MPI controller built in
   "$PY" -c 'import horovod.tensorflow as h, sys; sys.exit(0 if h.mpi_built() and h.gloo_built() else 1)' \
     >/dev/null 2>&1
 }
-PATCHED="$("$PY" -c 'import horovod, os; print(os.path.dirname(horovod.__file__))' 2>/dev/null)/.tfshard-$PATCH"
+# (Empty when Horovod is not installed yet: the file test below then fails, as it should.)
+PATCHED="$("$PY" -c 'import horovod, os; print(os.path.dirname(horovod.__file__))' 2>/dev/null || true)/.tfshard-$PATCH"
 if [ "$("$PY" -c 'import horovod; print(horovod.__version__)' 2>/dev/null)" = "$HOROVOD_VERSION" ] \
    && have_mpi && [ -f "$PATCHED" ]; then
   echo "[build_horovod] horovod $HOROVOD_VERSION (MPI + Gloo) already installed"
