@@ -162,8 +162,7 @@ def _record_layout(sharded, world, tp, pipeline=1):
         return sharded
     layout = Layout(tuple(world.comm.hosts()), tp, pipeline)
     sharded.plan.layout = layout
-    wide = [what for what, crosses, _ in layout.crossings() if crosses and "tensor" in what]
-    if wide and world.rank == 0:
+    if layout.wide_groups() and world.rank == 0:
         import warnings
 
         warnings.warn(

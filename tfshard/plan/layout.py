@@ -55,6 +55,10 @@ class Layout:
         tp = self.tensor_parallel
         return [list(range(s, s + tp)) for s in range(0, len(self.hosts), tp)]
 
+    def wide_groups(self):
+        """The tensor-parallel groups whose ranks are on more than one host."""
+        return [g for g in self.tensor_groups() if len(self._spans(g)) > 1]
+
     def replicas(self):
         """The ranks of every data-parallel replica (a group, or a pipeline of groups)."""
         n = self.tensor_parallel * self.pipeline
@@ -68,7 +72,7 @@ class Layout:
             instance of that collective joins ranks of different hosts.
         """
         out = []
-        wide = [g for g in self.tensor_groups() if len(self._spans(g)) > 1]
+        wide = self.wide_groups()
         if self.tensor_parallel > 1:
             detail = (f"{len(wide)} of {len(self.tensor_groups())} groups span hosts "
                       f"(group of ranks {wide[0]} on {', '.join(self._spans(wide[0]))})"
@@ -135,8 +139,7 @@ class Layout:
         for what, crosses, detail in self.crossings():
             lines.append(f"  {what}: {'CROSSES HOSTS' if crosses else 'inside hosts'} "
                          f"({detail})")
-        if self.tensor_parallel > 1 and any(
-                len(self._spans(g)) > 1 for g in self.tensor_groups()):
+        if self.wide_groups():
             keep = default_group(self.hosts)
             lines.append(f"  every block's all-reduce goes over the network; "
                          f"tensor_parallel={keep} keeps each group inside a host")
