@@ -12,7 +12,7 @@ import pytest
 
 import models
 import tfshard
-from tfshard import predict as predict_lib
+from tfshard import inputs as inputs_lib
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_errors_while_tracing_keep_their_cause_and_layer():
             "    ValueError: Exception encountered when calling TransformerDecoder.call().\n"
             "    \n    \x1b[1mDimensions must be equal, but are 4 and 5 for '{{node a/Minimum}} = "
             "Minimum[T=DT_INT32](a, b)' with input shapes: [1,1,4], [1,5,5].\x1b[0m\n")
-    err = predict_lib.invalid_argument_to_value_error(
+    err = inputs_lib.invalid_argument_to_value_error(
         ValueError(text), "W", {"token_ids": np.zeros((1, 5), "int32")})
     message = str(err)
     assert message.startswith("W: the model failed on its inputs: Dimensions must be equal, "

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfshard import consistency
-from tfshard import predict as predict_lib
+from tfshard import inputs as inputs_lib
 from tfshard.comm import distribute
 from tfshard.layers.base import even_ranges
 
@@ -288,8 +288,8 @@ def generate(sharded, inputs, max_length=None, stop_token_ids="auto", strip_prom
             "to the length to generate up to, with stop_token_ids=None or a tuple of ids."
         )
     if kind == "ids":
-        items = predict_lib.check_arrays(
-            inputs, predict_lib.model_input_specs(model), where)
+        items = inputs_lib.check_arrays(
+            inputs, inputs_lib.model_input_specs(model), where)
         inputs = {name: array for name, array, _ in items}
         _check_length(model, inputs["token_ids"].shape[1] if "token_ids" in inputs else None, where)
         _check_token_ids(model, inputs.get("token_ids"), where)
@@ -325,9 +325,9 @@ def generate(sharded, inputs, max_length=None, stop_token_ids="auto", strip_prom
             out = model.generate(mine, max_length=max_length, stop_token_ids=stop_token_ids,
                                  strip_prompt=strip_prompt)
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as err:
-            failure = str(predict_lib.invalid_argument_to_value_error(err, where, mine))
+            failure = str(inputs_lib.invalid_argument_to_value_error(err, where, mine))
         except (ValueError, NotImplementedError) as err:
-            failure = (str(predict_lib.invalid_argument_to_value_error(err, where, mine))
+            failure = (str(inputs_lib.invalid_argument_to_value_error(err, where, mine))
                        if "in user code" in str(err) else f"{type(err).__name__}: {err}")
         finally:
             if attached:
@@ -454,7 +454,7 @@ def _check_token_ids(model, ids, where):
 
 
 def _check_length(model, length, where):
-    limit = predict_lib.sequence_limit(model)
+    limit = inputs_lib.sequence_limit(model)
     if length is not None and limit is not None and length > limit[1]:
         raise ValueError(
             f"{where}: cannot generate up to length {length}: {limit[0]} has "

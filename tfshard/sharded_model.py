@@ -12,6 +12,7 @@ import tensorflow as tf
 from tfshard import consistency
 from tfshard import convert
 from tfshard import generation
+from tfshard import inputs as inputs_lib
 from tfshard import predict as predict_lib
 from tfshard.comm import distribute
 
@@ -218,11 +219,11 @@ class ShardedModel(keras.Model):
             return self.group_models[0].run_batch(batch, where)
         preprocessor = getattr(self.inner, "preprocessor", None)
         if preprocessor is not None:
-            batch = predict_lib.unpack_x(preprocessor(batch))
+            batch = inputs_lib.unpack_x(preprocessor(batch))
         if self._predict_step is None:
             self._predict_step = tf.function(
                 lambda b: self.call(b, training=False), reduce_retracing=True)
-        predict_lib.check_sequence_length(self.inner, batch, where)
+        inputs_lib.check_sequence_length(self.inner, batch, where)
         tensors = keras.tree.map_structure(tf.convert_to_tensor, batch)
         step = self._predict_step
         try:
@@ -238,12 +239,12 @@ class ShardedModel(keras.Model):
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as err:
             # The model refused its inputs (a shape, a dtype it cannot cast); collective
             # failures (Unavailable, DeadlineExceeded, FailedPrecondition) pass unchanged.
-            raise predict_lib.invalid_argument_to_value_error(err, where, batch) from None
+            raise inputs_lib.invalid_argument_to_value_error(err, where, batch) from None
         except ValueError as err:
             if "in user code" not in str(err):
                 raise
-            raise predict_lib.invalid_argument_to_value_error(err, where, batch) from None
-        return predict_lib.to_numpy(out)
+            raise inputs_lib.invalid_argument_to_value_error(err, where, batch) from None
+        return inputs_lib.to_numpy(out)
 
     def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None,
                 schedule="even", weights=None, gather="all"):
@@ -284,11 +285,11 @@ class ShardedModel(keras.Model):
     def predict_on_batch(self, x):
         """`keras.Model.predict_on_batch`, sharded (every group computes the batch)."""
         where = self.call_site("predict_on_batch")
-        specs = predict_lib.model_input_specs(self.inner)
+        specs = inputs_lib.model_input_specs(self.inner)
         with self.world.comm.section(f"{self.name}.predict_on_batch"):
-            x = predict_lib.lists_to_arrays(x, specs, where)
-            self.agree_on_inputs(predict_lib.check_arrays(x, specs, where), "predict_on_batch")
-            return self.run_batch(predict_lib.to_numpy(x), where)
+            x = inputs_lib.lists_to_arrays(x, specs, where)
+            self.agree_on_inputs(inputs_lib.check_arrays(x, specs, where), "predict_on_batch")
+            return self.run_batch(inputs_lib.to_numpy(x), where)
 
     def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False,
                  sampler=None):

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from tfshard import convert
 from tfshard import generation
-from tfshard import predict as predict_lib
+from tfshard import inputs as inputs_lib
 from tfshard.layers import walk
 from tfshard.layers.released import release
 from tfshard.pipeline import cut as cut_lib
@@ -235,8 +235,8 @@ class PipelinedModel(ShardedModel):
         """One batch through the stages in micro-batches; numpy out on every rank."""
         preprocessor = getattr(self.inner, "preprocessor", None)
         if preprocessor is not None:
-            batch = predict_lib.unpack_x(preprocessor(batch))
-        predict_lib.check_sequence_length(self.inner, batch, where)
+            batch = inputs_lib.unpack_x(preprocessor(batch))
+        inputs_lib.check_sequence_length(self.inner, batch, where)
         if self._stage_step is None:
             stage = self.stage
             object.__setattr__(self, "_stage_step", tf.function(
@@ -249,7 +249,7 @@ class PipelinedModel(ShardedModel):
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as err:
             if "tfshard MPI" in str(err):
                 raise
-            raise predict_lib.invalid_argument_to_value_error(err, where, batch) from None
+            raise inputs_lib.invalid_argument_to_value_error(err, where, batch) from None
 
     def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None,
                 schedule="even", weights=None, gather="all", micro_batches=None):
