@@ -26,7 +26,7 @@ LEVELS = {
     "tfshard.io": 4, "tfshard.io.deferred": 4, "tfshard.io.stores": 4,
     "tfshard.io.sharded": 4, "tfshard.io.formats": 4, "tfshard.io.save": 4,
     "tfshard.generation": 4, "tfshard.copying": 4, "tfshard.convert": 4,
-    "tfshard.predict": 3, "tfshard.inputs": 3, "tfshard.outputs": 2, "tfshard.schedule": 3, "tfshard.consistency": 3,
+    "tfshard.predict": 3, "tfshard.inputs": 3, "tfshard.kv_cache": 3, "tfshard.outputs": 2, "tfshard.schedule": 3, "tfshard.consistency": 3,
     "tfshard.world": 3, "tfshard.devices": 3, "tfshard.models": 3,
     "tfshard.io.views": 4, "tfshard.io.gguf_llama": 4, "tfshard.io.named": 4, "tfshard.io.dtypes": 4, "tfshard.precision": 3,
     "tfshard.plan": 2, "tfshard.plan.structure": 2, "tfshard.plan.entries": 2, "tfshard.plan.layout": 2,

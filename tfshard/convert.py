@@ -12,7 +12,7 @@ import keras
 
 from tfshard import comm as comm_lib
 from tfshard import consistency
-from tfshard import generation
+from tfshard import kv_cache
 from tfshard.layers import shard_layer, walk
 
 
@@ -89,7 +89,7 @@ def convert(model, plan, comm, world, comm_dtype=None, before_cut=None):
     for counts in plan.attention:
         if held is None or id(by_path[counts.path]) in held:
             set_head_counts(by_path[counts.path], counts, comm.rank)
-    generation.install_cache(model, plan, comm.rank)
+    kv_cache.install_cache(model, plan, comm.rank)
     reset_compiled_functions(model)
     gc.collect()  # release the full kernels the conversion dropped
     return plan, meter

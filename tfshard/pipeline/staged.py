@@ -15,8 +15,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfshard import convert
-from tfshard import generation
 from tfshard import inputs as inputs_lib
+from tfshard import kv_cache
 from tfshard.layers import walk
 from tfshard.layers.released import release
 from tfshard.pipeline import cut as cut_lib
@@ -171,7 +171,7 @@ def _install_decode(model, stage, stage_plan, plan, links, tp_rank):
     layers = list(getattr(model.backbone, "transformer_layers", []))
     start, stop = stage_plan.bounds[stage.index]
     try:
-        heads = generation.cache_heads(model, plan, tp_rank)
+        heads = kv_cache.cache_heads(model, plan, tp_rank)
     except ValueError as e:
         reason = str(e)
     else:
