@@ -37,9 +37,13 @@ LEVELS = {
     "tfshard.comm": 0, "tfshard.comm.base": 0, "tfshard.comm.metered": 0,
     "tfshard.comm.compressed": 0,
     "tfshard.comm.watchdog": 0, "tfshard.comm.local": 0, "tfshard.comm.mpi": 0,
-    "tfshard.comm.horovod": 0, "tfshard.comm.distribute": 0,
+    "tfshard.comm.horovod": 0, "tfshard.comm.distribute": 0, "tfshard.comm.strategies": 0,
 }
 TOOLS = 8  # tools may use the public API (the root package)
+# The communication backends: leaves that only the factories in tfshard/comm/__init__.py
+# (`create`, `for_replicas`) import.
+BACKENDS = ("tfshard.comm.mpi", "tfshard.comm.horovod", "tfshard.comm.distribute",
+            "tfshard.comm.local")
 
 
 def _modules():
@@ -113,3 +117,17 @@ def test_no_import_circle():
         if node not in state:
             visit(node, [node])
     assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)
+
+
+def test_backends_are_leaves():
+    """Nothing imports a backend module but the factories in tfshard/comm/__init__.py, and a
+    backend imports only the shared modules of tfshard.comm (never another backend)."""
+    wrong = []
+    for name, edges in _imports(_modules()).items():
+        for target, _ in edges:
+            if target in BACKENDS and name != "tfshard.comm":
+                wrong.append(f"{name} imports the backend {target}; use tfshard.comm.create / "
+                             "for_replicas, or move the helper it needs to a shared comm module")
+            if name in BACKENDS and (target in BACKENDS or not target.startswith("tfshard.comm.")):
+                wrong.append(f"the backend {name} imports {target}")
+    assert not wrong, "backends are not leaves:\n" + "\n".join(sorted(wrong))

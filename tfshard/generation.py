@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from tfshard import consistency
 from tfshard import inputs as inputs_lib
-from tfshard.comm import distribute
+from tfshard.comm.strategies import out_of_line
 from tfshard.layers.base import even_ranges
 
 
@@ -39,7 +39,7 @@ def _generate_function(sharded):
         # Each replica's step is a function of its own, out of line: its decode loop then
         # runs in a frame named alike on every replica, where the collectives inside
         # the loop find each other.
-        steps = {id(r.model): distribute.out_of_line(r.model.generate_step)
+        steps = {id(r.model): out_of_line(r.model.generate_step)
                  for r in sharded.replicas}
 
         def replica_step(inputs, stop_token_ids):

@@ -7,7 +7,7 @@ from tfshard import comm as comm_lib
 from tfshard import consistency
 from tfshard import convert
 from tfshard import copying
-from tfshard.comm.distribute import strategy_kind
+from tfshard.comm.strategies import strategy_kind
 from tfshard.pipeline import on_devices, staged
 from tfshard.plan import Plan, ResolvedPlan
 from tfshard.plan.layout import Layout, default_group

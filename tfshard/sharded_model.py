@@ -14,7 +14,7 @@ from tfshard import convert
 from tfshard import generation
 from tfshard import inputs as inputs_lib
 from tfshard import predict as predict_lib
-from tfshard.comm import distribute
+from tfshard.comm.strategies import out_of_line
 
 
 Replica = collections.namedtuple("Replica", "model plan comm device meter")
@@ -172,9 +172,9 @@ class ShardedModel(keras.Model):
 
     def _forward_of(self, model):
         """A replica model's forward as a function of its own (see
-        `tfshard.comm.distribute.out_of_line`), made once per model."""
+        `tfshard.comm.strategies.out_of_line`), made once per model."""
         if id(model) not in self._replica_forwards:
-            self._replica_forwards[id(model)] = distribute.out_of_line(model.__call__)
+            self._replica_forwards[id(model)] = out_of_line(model.__call__)
         return self._replica_forwards[id(model)]
 
     def replica_model(self, ctx=None):

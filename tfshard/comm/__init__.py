@@ -1,6 +1,9 @@
 """Communicators: one interface, one file per backend.
 
-Nothing outside this package imports a backend module directly; use `create`.
+The backends (mpi.py, horovod.py, distribute.py, local.py) are leaves: nothing
+imports one except the factories here, `create` and `for_replicas`, and a
+backend imports only the shared modules of this package (base.py, watchdog.py,
+strategies.py, ...). `tests/test_imports.py` checks it.
 """
 
 import os
@@ -93,8 +96,9 @@ def for_replicas(strategy):
             with several replicas.
     """
     from tfshard.comm import distribute
+    from tfshard.comm.strategies import strategy_kind
 
-    kind = distribute.strategy_kind(strategy)
+    kind = strategy_kind(strategy)
     if kind == "multiworker":
         return [distribute.ReplicaCommunicator(strategy, distribute.replica_rank(strategy))]
     return [distribute.ReplicaCommunicator(strategy, i)

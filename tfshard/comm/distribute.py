@@ -25,6 +25,7 @@ from tfshard.comm.base import (
     normalize_axis,
     sum_in_float32,
 )
+from tfshard.comm.strategies import strategy_kind
 
 # A collective that a peer never joins fails after this long instead of
 # waiting forever (tf.distribute's CommunicationOptions.timeout_seconds).
@@ -49,24 +50,6 @@ def communication_options():
     (plus `WATCHDOG_LEAD_SECONDS`, so the watchdog's named error comes first)."""
     return tf.distribute.experimental.CommunicationOptions(
         timeout_seconds=timeout_seconds() + WATCHDOG_LEAD_SECONDS)
-
-
-def strategy_kind(strategy):
-    """Names a supported strategy: "mirrored" or "multiworker".
-
-    Raises:
-        ValueError: any other strategy, naming the ones that work.
-    """
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return "multiworker"
-    if isinstance(strategy, tf.distribute.MirroredStrategy):
-        return "mirrored"
-    raise ValueError(
-        f"tfshard shards over tf.distribute.MirroredStrategy or "
-        f"tf.distribute.MultiWorkerMirroredStrategy; got {type(strategy).__name__}. "
-        "For one device use no strategy; for TPUs or parameter servers there is no tfshard "
-        "backend."
-    )
 
 
 def multiworker_strategy():
@@ -162,20 +145,6 @@ def _launcher(members, device, timeout=None):
     return cross_device_utils.CollectiveReplicaLauncher(
         _KEYS.group_key(members), len(members), _KEYS, device,
         collective_util.Options(timeout_seconds=timeout))
-
-
-def out_of_line(fn):
-    """`fn` as a function of its own that stays out of line in its caller's graph.
-
-    Each replica's part of a `strategy.run` goes through one: TensorFlow orders
-    the stateful ops of a function that take no resource (timestamps) one after
-    another, which across the replicas of one process would make one replica's
-    collective wait on another's later op; and a loop inlined per replica gets
-    a frame name of its own, where its collectives never meet the others'. Out
-    of line, each replica's ops are ordered among themselves only, and loops
-    are named alike on every replica.
-    """
-    return tf.function(fn, jit_compile=False, experimental_attributes={"_noinline": True})
 
 
 def _own(x):
