@@ -22,7 +22,7 @@ LEVELS = {
     "tfshard.pipeline": 4, "tfshard.pipeline.staged": 4, "tfshard.pipeline.on_devices": 4,
     "tfshard.pipeline.cut": 3,
     "tfshard.pipeline.gpipe": 3, "tfshard.pipeline.decode": 3, "tfshard.plan.stages": 2,
-    "tfshard.layers.released": 1, "tfshard.layers.slices": 1, "tfshard.layers.placed": 1,
+    "tfshard.layers.released": 1, "tfshard.layers.tracking": 1, "tfshard.layers.slices": 1, "tfshard.layers.placed": 1,
     "tfshard.io": 4, "tfshard.io.deferred": 4, "tfshard.io.stores": 4,
     "tfshard.io.sharded": 4, "tfshard.io.formats": 4, "tfshard.io.save": 4,
     "tfshard.generation": 4, "tfshard.copying": 4, "tfshard.convert": 4,

@@ -14,6 +14,7 @@ from tfshard import comm as comm_lib
 from tfshard import consistency
 from tfshard import kv_cache
 from tfshard.layers import shard_layer, walk
+from tfshard.layers.tracking import set_untracked
 
 
 def set_head_counts(parent, counts, rank):
@@ -41,7 +42,7 @@ def set_head_counts(parent, counts, rank):
         elif "head" in low and value == counts.heads_q:
             new = q_local
         if new is not None and new != value:
-            object.__setattr__(parent, name, new)
+            set_untracked(parent, **{name: new})
             changed[name] = (value, new)
     return changed
 

@@ -18,6 +18,7 @@ from tfshard import consistency
 from tfshard import inputs as inputs_lib
 from tfshard.comm.strategies import out_of_line
 from tfshard.layers.base import even_ranges
+from tfshard.layers.tracking import set_untracked
 
 
 def _generate_function(sharded):
@@ -218,7 +219,7 @@ def generate(sharded, inputs, max_length=None, stop_token_ids="auto", strip_prom
     if stop > start:
         attached = model.preprocessor is None and kind == "strings"
         if attached:  # the tokenizer tfshard built for the source (GGUF)
-            object.__setattr__(model, "_preprocessor", preprocessor)
+            set_untracked(model, _preprocessor=preprocessor)
         try:
             out = model.generate(mine, max_length=max_length, stop_token_ids=stop_token_ids,
                                  strip_prompt=strip_prompt)
@@ -229,7 +230,7 @@ def generate(sharded, inputs, max_length=None, stop_token_ids="auto", strip_prom
                        if "in user code" in str(err) else f"{type(err).__name__}: {err}")
         finally:
             if attached:
-                object.__setattr__(model, "_preprocessor", None)
+                set_untracked(model, _preprocessor=None)
     if failure is not None:  # the failing rank is named once, by the rank reporting it
         failure = failure.replace(f"{where}: ", "")
     # Every rank reports (success, digest) so a failure in one group, or ranks

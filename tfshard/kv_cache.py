@@ -9,6 +9,8 @@ pipeline stages of `tfshard.pipeline.staged`), `install_cache` gives the task a
 `tfshard.generation`.
 """
 
+from tfshard.layers.tracking import set_untracked
+
 
 # keras-hub CausalLMs whose `_build_cache(token_ids)` allocates the canonical
 # `[batch, num_layers, 2, max_length, kv_heads, head_dim]` cache and seeds it
@@ -107,4 +109,4 @@ def install_cache(model, plan, rank):
                 return hidden_states, cache
 
     # An instance attribute shadows the class method; Keras must not track it.
-    object.__setattr__(model, "_build_cache", _build_cache)
+    set_untracked(model, _build_cache=_build_cache)

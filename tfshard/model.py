@@ -8,6 +8,7 @@ from tfshard import consistency
 from tfshard import convert
 from tfshard import copying
 from tfshard.comm.strategies import strategy_kind
+from tfshard.layers.tracking import set_untracked
 from tfshard.pipeline import on_devices, staged
 from tfshard.plan import Plan, ResolvedPlan
 from tfshard.plan.layout import Layout, default_group
@@ -197,8 +198,7 @@ def _shard_pipeline(model, plan, world, pipeline, tensor_parallel, pipeline_spli
 def _record_source(sharded, config, error):
     """Keeps the unsharded model's config (serialized before the cut) on `sharded`,
     for `save(gather=True)`; returns `sharded`."""
-    object.__setattr__(sharded, "source_config", config)
-    object.__setattr__(sharded, "source_config_error", error)
+    set_untracked(sharded, source_config=config, source_config_error=error)
     return sharded
 
 

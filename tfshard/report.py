@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfshard.layers import walk
+from tfshard.layers.tracking import set_untracked
 
 #: A layer "parts" when max|Δ| exceeds this × (1 + max|reference|).
 TOLERANCE = 1e-5
@@ -43,7 +44,7 @@ def _record(model, outputs, rank):
                 if hasattr(t, "dtype") and tf.as_dtype(t.dtype).is_floating]
             return out
 
-        object.__setattr__(layer, "call", call)
+        set_untracked(layer, call=call)
         hooked.append(layer)
 
     def unhook():

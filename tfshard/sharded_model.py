@@ -15,6 +15,7 @@ from tfshard import generation
 from tfshard import inputs as inputs_lib
 from tfshard import predict as predict_lib
 from tfshard.comm.strategies import out_of_line
+from tfshard.layers.tracking import set_untracked
 
 
 Replica = collections.namedtuple("Replica", "model plan comm device meter")
@@ -63,22 +64,20 @@ class ShardedModel(keras.Model):
         self.tp_comm = tp_comm or world.comm
         self.group_comm = group_comm or self.tp_comm
         self.group = group
-        object.__setattr__(self, "group_models", list(group_models or []))
+        set_untracked(self, group_models=list(group_models or []))
         self.groups = len(self.group_models) or max(1, world.size // self.group_comm.size)
         self.strategy = strategy
         if self.group_models:
             replicas = [r for m in self.group_models for r in m.replicas]
         self.replicas = list(replicas or [Replica(model, plan, self.tp_comm, None, None)])
         self.last_schedule = None
-        object.__setattr__(self, "source_config", None)
-        object.__setattr__(self, "source_config_error", "the model was not sharded by tfshard.shard")
-        object.__setattr__(self, "source", None)
-        object.__setattr__(self, "tokenizer", None)
-        object.__setattr__(self, "preprocessor", None)
+        set_untracked(self, source_config=None,
+                      source_config_error="the model was not sharded by tfshard.shard",
+                      source=None, tokenizer=None, preprocessor=None)
         self.built = True
         self._jit_compile = False
         self._predict_step = None
-        object.__setattr__(self, "_replica_forwards", {})
+        set_untracked(self, _replica_forwards={})
 
     def attach_source(self, label, preprocessor=None):
         """Records where the weights came from and the preprocessor (and tokenizer) the
@@ -88,9 +87,8 @@ class ShardedModel(keras.Model):
             label: the file or folder read (shown by the CLI and in errors).
             preprocessor: a keras-hub preprocessor, or None.
         """
-        object.__setattr__(self, "source", label)
-        object.__setattr__(self, "preprocessor", preprocessor)
-        object.__setattr__(self, "tokenizer", getattr(preprocessor, "tokenizer", None))
+        set_untracked(self, source=label, preprocessor=preprocessor,
+                      tokenizer=getattr(preprocessor, "tokenizer", None))
 
     def settle(self):
         """Called by `tfshard.load` once the weights are filled. Nothing to do here; a

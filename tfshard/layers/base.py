@@ -17,6 +17,7 @@ import numpy as np
 
 from tfshard.layers import quantized
 from tfshard.layers.slices import Placeholder, assign_slice, full_value, read_slice
+from tfshard.layers.tracking import drop_variable, unlocked
 
 
 RULES = ("column", "row", "vocab", "replicate")
@@ -409,18 +410,10 @@ def rebuild_in_place(layer, sharded_base, spec, rank, comm, build_local):
              + quantized.QUANTIZED_NAMES if n in layer.__dict__]
     full_values = {n: full_value(layer.__dict__[n]) for n in names
                    if layer.__dict__[n] is not None}
-    was_locked = layer._tracker.locked
-    layer._tracker.unlock()
-    try:
+    with unlocked(layer):
         for n in names:
-            var = layer.__dict__[n]
-            if var is not None:
-                var._tfshard_dropped = True
-                # Keras's Layer.__delattr__ runs gc.collect() per variable (~1 s
-                # each in a big model); untrack and delete as it does, and let
-                # shard() collect once at the end.
-                layer._untrack_variable(var)
-                super(keras.layers.Layer, layer).__delattr__(n)
+            if layer.__dict__[n] is not None:
+                drop_variable(layer, layer.__dict__[n], n)
         layer.__class__ = sharded_class(sharded_base, type(layer))
         # Keras binds a `quantize` wrapper of the *original* class onto each
         # instance at construction; it would bypass the sharded class.
@@ -430,9 +423,6 @@ def rebuild_in_place(layer, sharded_base, spec, rank, comm, build_local):
         layer._comm = comm
         layer._tfshard_saved = []
         build_local(layer, full_values)
-    finally:
-        if was_locked:
-            layer._tracker.lock()
     return layer
 
 
@@ -455,20 +445,13 @@ def replace_local_weight(layer, attr, name, value, axis, full_shape, after=None,
         The new variable.
     """
     old = layer.__dict__.get(attr)
-    was_locked = layer._tracker.locked
-    layer._tracker.unlock()
-    try:
+    with unlocked(layer):
         if old is not None:
-            old._tfshard_dropped = True
-            layer._untrack_variable(old)
-            super(keras.layers.Layer, layer).__delattr__(attr)
+            drop_variable(layer, old, attr)
         var = layer.add_weight(name=name, shape=value.shape, initializer="zeros",
                                dtype=np.dtype(value.dtype).name, trainable=False)
         var.assign(value)
         setattr(layer, attr, var)
-    finally:
-        if was_locked:
-            layer._tracker.lock()
     entries = layer._tfshard_saved
     entry = (var, axis, tuple(full_shape), _entry_ranges(layer, axis, ranges))
     held = [e[0] for e in entries]

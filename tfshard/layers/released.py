@@ -8,9 +8,8 @@ reads and writes nothing in checkpoints, `tfshard.load` never gives its
 (deferred) variables memory, and calling it names the stage that runs it.
 """
 
-import keras
-
 from tfshard.layers.base import sharded_class
+from tfshard.layers.tracking import drop_variable, unlocked
 
 
 class Released:
@@ -52,21 +51,11 @@ def release(layer, own_stage, stage_text="another"):
     if is_released(layer):
         return layer
     variables = list(layer._trainable_variables) + list(layer._non_trainable_variables)
-    ids = {id(v) for v in variables}
-    was_locked = layer._tracker.locked
-    layer._tracker.unlock()
-    try:
+    with unlocked(layer):
         for var in variables:
-            var._tfshard_dropped = True
-            layer._untrack_variable(var)
-        for attr, value in list(layer.__dict__.items()):
-            if id(value) in ids:
-                super(keras.layers.Layer, layer).__delattr__(attr)
+            drop_variable(layer, var, *[a for a, v in list(layer.__dict__.items()) if v is var])
         layer.__class__ = sharded_class(Released, type(layer))
         layer.__dict__.pop("quantize", None)
         layer._tfshard_own_stage = own_stage
         layer._tfshard_stage_text = stage_text
-    finally:
-        if was_locked:
-            layer._tracker.lock()
     return layer

@@ -22,6 +22,7 @@ from keras import ops
 
 from tfshard.layers.base import even_ranges
 from tfshard.layers.released import is_released
+from tfshard.layers.tracking import set_untracked
 
 #: keras-hub CausalLMs whose `call_with_cache` has the shape described above (read in
 #: keras-hub 0.32).
@@ -204,6 +205,5 @@ def install(task, stage_layers, links, kv_heads=None, head_dim=None):
         return hidden_states, cache
 
     # Instance attributes shadow the class's methods; Keras must not track them.
-    object.__setattr__(task, "call_with_cache", call_with_cache)
-    object.__setattr__(task, "_build_cache", _build_cache)
+    set_untracked(task, call_with_cache=call_with_cache, _build_cache=_build_cache)
     return None

@@ -22,6 +22,7 @@ from tfshard import comm as comm_lib
 from tfshard import convert
 from tfshard.layers.base import even_ranges
 from tfshard.layers.placed import bytes_by_device, move_variables, place
+from tfshard.layers.tracking import set_untracked
 from tfshard.pipeline import cut as cut_lib
 from tfshard.pipeline.gpipe import default_micro_batches
 from tfshard.pipeline.staged import plan_pipeline
@@ -103,9 +104,8 @@ class DevicePipelinedModel(ShardedModel):
     def __init__(self, model, plan, world, tp_comm, group, devices, stage_plan, layers,
                  micro_batches=None, **kwargs):
         super().__init__(model, plan, world, tp_comm, group, **kwargs)
-        object.__setattr__(self, "devices", list(devices))
-        object.__setattr__(self, "stage_plan", stage_plan)
-        object.__setattr__(self, "_stage_layers", dict(layers))
+        set_untracked(self, devices=list(devices), stage_plan=stage_plan,
+                      _stage_layers=dict(layers))
         self.micro_batches = micro_batches
 
     @property

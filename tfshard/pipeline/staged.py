@@ -19,6 +19,7 @@ from tfshard import inputs as inputs_lib
 from tfshard import kv_cache
 from tfshard.layers import walk
 from tfshard.layers.released import release
+from tfshard.layers.tracking import set_untracked
 from tfshard.pipeline import cut as cut_lib
 from tfshard.pipeline import decode
 from tfshard.pipeline import gpipe
@@ -181,7 +182,7 @@ def _install_decode(model, stage, stage_plan, plan, links, tp_rank):
         def _build_cache(*args, **kwargs):
             raise ValueError(reason)
 
-        object.__setattr__(model, "_build_cache", _build_cache)
+        set_untracked(model, _build_cache=_build_cache)
 
 
 class PipelinedModel(ShardedModel):
@@ -201,12 +202,10 @@ class PipelinedModel(ShardedModel):
     def __init__(self, model, plan, world, tp_comm, group, stage, links, micro_batches=None,
                  **kwargs):
         super().__init__(model, plan, world, tp_comm, group, **kwargs)
-        object.__setattr__(self, "stage", stage)
-        object.__setattr__(self, "links", links)
+        output = cut_lib.output_structure(model)
+        set_untracked(self, stage=stage, links=links, _output=output,
+                      _output_likes=keras.tree.flatten(output), _stage_step=None)
         self.micro_batches = micro_batches
-        object.__setattr__(self, "_output", cut_lib.output_structure(model))
-        object.__setattr__(self, "_output_likes", keras.tree.flatten(self._output))
-        object.__setattr__(self, "_stage_step", None)
 
     @property
     def pipeline(self):
@@ -239,7 +238,7 @@ class PipelinedModel(ShardedModel):
         inputs_lib.check_sequence_length(self.inner, batch, where)
         if self._stage_step is None:
             stage = self.stage
-            object.__setattr__(self, "_stage_step", tf.function(
+            set_untracked(self, _stage_step=tf.function(
                 lambda inputs, x: stage(inputs, x), reduce_retracing=True))
         batch = keras.tree.map_structure(np.asarray, batch)
         self.stage.check_ids(self.stage.inputs_by_name(batch), where)
