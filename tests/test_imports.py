@@ -18,7 +18,7 @@ LEVELS = {
     "tfshard": 9, "tfshard.__main__": 8, "tfshard.cli": 8, "tfshard.cli_files": 8, "tfshard.launch": 8,
     "tfshard.report": 7, "tfshard.tensorboard": 7,
     "tfshard.loading": 6,  # load = resolve + build + shard + fill: above model and readers
-    "tfshard.model": 5, "tfshard.sharded_model": 4,
+    "tfshard.sharding": 5, "tfshard.sharded_model": 4,
     "tfshard.pipeline": 4, "tfshard.pipeline.staged": 4, "tfshard.pipeline.on_devices": 4,
     "tfshard.pipeline.cut": 3,
     "tfshard.pipeline.gpipe": 3, "tfshard.pipeline.decode": 3, "tfshard.plan.stages": 2,
@@ -30,7 +30,7 @@ LEVELS = {
     "tfshard.world": 3, "tfshard.devices": 3, "tfshard.models": 3,
     "tfshard.io.views": 4, "tfshard.io.gguf_llama": 4, "tfshard.io.named": 4, "tfshard.io.dtypes": 4, "tfshard.precision": 3,
     "tfshard.plan": 2, "tfshard.plan.structure": 2, "tfshard.plan.entries": 2, "tfshard.plan.layout": 2,
-    "tfshard.plan.resolve": 2, "tfshard.plan.report": 2, "tfshard.rules": 2,
+    "tfshard.plan.resolve": 2, "tfshard.plan.resolved": 2, "tfshard.rules": 2,
     "tfshard.layers": 1, "tfshard.layers.base": 1, "tfshard.layers.dense": 1,
     "tfshard.layers.einsum_dense": 1, "tfshard.layers.embedding": 1, "tfshard.layers.tree": 1,
     "tfshard.layers.quantized": 1, "tfshard.layers.matvec": 1, "tfshard.layers.int4": 1,

@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 from tfshard.io import CheckpointError
 from tfshard.devices import cpu_devices
 from tfshard.loading import load
-from tfshard.model import ShardedModel, shard
+from tfshard.sharding import shard
+from tfshard.sharded_model import ShardedModel
 from tfshard.plan import Plan, PlanEntry, ResolvedPlan
 from tfshard.rules import Column, Replicate, Row, Vocab
 from tfshard.tensorboard import TensorBoard

@@ -14,7 +14,7 @@ import tensorflow as tf
 from tfshard import io as tfio
 from tfshard import consistency
 from tfshard.comm.strategies import strategy_kind
-from tfshard.model import shard, shard_replicas
+from tfshard.sharding import shard, shard_replicas
 from tfshard.world import init
 
 

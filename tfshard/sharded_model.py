@@ -1,6 +1,6 @@
 """`ShardedModel`: a Keras model whose big kernels live in slices across ranks.
 
-`tfshard.shard` (tfshard/model.py) builds one; this module is what it does:
+`tfshard.shard` (tfshard/sharding.py) builds one; this module is what it does:
 calls, predict, generate, quantize, save and load through the ranks' slices.
 """
 

@@ -30,7 +30,7 @@ from tfshard.layers import check_quantization, even_ranges, kind_of, walk
 from tfshard.layers.int4 import alignment
 from tfshard.layers.einsum_dense import einsum_axes
 from tfshard.plan.entries import HeadCounts, PlanEntry
-from tfshard.plan.report import ResolvedPlan
+from tfshard.plan.resolved import ResolvedPlan
 from tfshard.plan.structure import (attention_ranges, find_attention, find_pairs, full_shape,
                                     linear_dims, main_dtype, slice_bytes, var_bytes)
 

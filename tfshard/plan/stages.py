@@ -10,7 +10,7 @@ counts the user forces with `pipeline_split`.
 
 import dataclasses
 
-from tfshard.plan.report import format_bytes
+from tfshard.plan.resolved import format_bytes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,9 @@
-"""`tfshard.shard(model)` and the `ShardedModel` it returns."""
+"""`tfshard.shard(model)`: the factory that cuts a built model across the ranks.
+
+It checks the request, has the ranks agree on the model, splits the world into
+groups, converts the model in place (`tfshard.convert`; pipeline stages:
+`tfshard.pipeline`) and wraps it in the `ShardedModel` of tfshard/sharded_model.py.
+"""
 
 import keras
 import tensorflow as tf
@@ -16,7 +21,7 @@ from tfshard.plan.stages import check_balance
 from tfshard.sharded_model import Replica, ShardedModel
 from tfshard.world import World, init
 
-__all__ = ["Replica", "ShardedModel", "shard", "shard_replicas"]
+__all__ = ["shard", "shard_replicas", "default_tensor_parallel"]
 
 
 def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None,
