@@ -569,7 +569,7 @@ def _launch(backend, n, child):
     if backend == "gloo":
         return [str(ROOT / "horovodrun.sh"), "-np", str(n), "--gloo"] + child
     if backend == "multiworker":
-        return [sys.executable, "-m", "tfshard.launch", "-n", str(n)] + child
+        return [sys.executable, "-m", "tfshard.cli.launch", "-n", str(n)] + child
     child = list(child)
     child[child.index("--mode") + 1] = "mirrored"
     return child + ["--replicas", str(n)]

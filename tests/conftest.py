@@ -33,7 +33,7 @@ def launch(np_, argv, timeout=LAUNCH_TIMEOUT, env=None, launcher="horovod", host
     Args:
         launcher: "horovod" (`./horovodrun.sh -np N`: an MPI job, tfshard's MPI
             collectives), "gloo" (`./horovodrun.sh -np N --gloo`: horovodrun,
-            Horovod over Gloo), "tfshard" (`python -m tfshard.launch -n N`,
+            Horovod over Gloo), "tfshard" (`python -m tfshard.cli.launch -n N`,
             tf.distribute multi-worker) or "none" (one process, e.g. a
             MirroredStrategy run; `np_` must be 1).
 
@@ -52,7 +52,7 @@ def launch(np_, argv, timeout=LAUNCH_TIMEOUT, env=None, launcher="horovod", host
         cmd = [str(ROOT / "horovodrun.sh"), "-np", str(np_),
                *(["--gloo"] if launcher == "gloo" else []), sys.executable, *argv]
     elif launcher == "tfshard":
-        cmd = [sys.executable, "-m", "tfshard.launch", "-n", str(np_), *argv]
+        cmd = [sys.executable, "-m", "tfshard.cli.launch", "-n", str(np_), *argv]
     else:
         assert launcher == "none" and np_ == 1, (launcher, np_)
         cmd = [sys.executable, *argv]

@@ -271,21 +271,21 @@ import sys
 sys.path.insert(0, "tests")
 import tensorflow as tf
 import tfshard
-from tfshard import report
+from tfshard.cli import drift
 strategy = tf.distribute.MirroredStrategy(tfshard.cpu_devices(2))
 import models
 model, x = models.gpt2()
 reference, _ = models.gpt2()
 sharded = tfshard.shard(model, strategy=strategy)
 x = {k: v[:2] for k, v in x.items()}
-print("CLEAN", report.first_parting(report.layer_drift(sharded, reference, x)))
+print("CLEAN", drift.first_parting(drift.layer_drift(sharded, reference, x)))
 # Break rank 1's slice of one row-parallel kernel: the report must point at it.
 layer = sharded.replicas[1].model.get_layer("gpt2_backbone").get_layer(
     "transformer_layer_1")._feedforward_output_dense
 layer._kernel.assign(layer._kernel + 1e-3)
-rows = report.layer_drift(sharded, reference, x)
-print("BROKEN", report.first_parting(rows)["path"])
-print(report.format_drift(rows).splitlines()[-1])
+rows = drift.layer_drift(sharded, reference, x)
+print("BROKEN", drift.first_parting(rows)["path"])
+print(drift.format_drift(rows).splitlines()[-1])
 """
 
 
@@ -301,7 +301,7 @@ def test_drift_report_names_the_first_layer_that_parts():
            "rule row)" in res.stdout
 
 
-def test_bench_cli_runs_scripts_bench():
+def test_bench_cli_runs_the_bench_suites():
     import subprocess
 
     res = subprocess.run([sys.executable, "-m", "tfshard", "bench", "--help"],
@@ -324,7 +324,7 @@ def test_unknown_model_is_a_clear_error():
 
 
 def test_launch_hosts_number_workers_host_by_host():
-    from tfshard import launch as launch_lib
+    from tfshard.cli import launch as launch_lib
 
     hosts = launch_lib.parse_hosts("hostA:2,hostB,10.0.0.3:3")
     assert hosts == [("hostA", 2), ("hostB", 1), ("10.0.0.3", 3)]
@@ -344,7 +344,7 @@ def test_launch_hosts_number_workers_host_by_host():
     (["echo"], "-n must be >= 1"),
 ])
 def test_launch_refuses_an_incomplete_host_list(capsys, argv, message):
-    from tfshard import launch as launch_lib
+    from tfshard.cli import launch as launch_lib
 
     with pytest.raises(SystemExit) as exit_info:
         launch_lib.main(argv)

@@ -8,7 +8,7 @@ dtype, and what works."""
 import numpy as np
 import pytest
 
-from tfshard import cli_files
+from tfshard.cli import files as cli_files
 
 
 def _inputs(path, vocab=100):
@@ -106,3 +106,36 @@ def test_cli_refuses_before_loading_anything(argv, words):
         assert word in res.stderr, res.stderr[-2000:]
     assert "[tfshard] global output" not in res.stdout, "it ran the model first"
     assert time.perf_counter() - t0 < 120
+
+
+def test_cli_dtype_choices_are_the_float_policies():
+    """The parser spells out `--dtype`'s choices (building it imports no TensorFlow)."""
+    from tfshard import cli
+    from tfshard.io import FLOAT_POLICIES
+
+    assert cli.FLOAT_POLICIES == FLOAT_POLICIES
+
+
+@pytest.mark.parametrize("argv, code, stream, words", [
+    (["--help"], 0, "stdout", ["predict", "generate", "inspect", "launch", "bench"]),
+    (["predict", "--help"], 0, "stdout", ["--tensor-parallel", "--no-compare"]),
+    (["predict"], 2, "stderr", ["the following arguments are required: source"]),
+    (["predict", "gpt2-tiny", "--rows", "x"], 2, "stderr", ["invalid int value: 'x'"]),
+])
+def test_cli_help_and_argument_errors_import_no_tensorflow(argv, code, stream, words):
+    """`tfshard --help` and argument errors are instant and clean: no TensorFlow import, so
+    none of its start-up log lines before the usage."""
+    import subprocess
+    import sys
+
+    script = ("import sys, runpy; sys.argv = ['tfshard'] + sys.argv[1:]\n"
+              "try:\n    runpy.run_module('tfshard', run_name='__main__')\n"
+              "except SystemExit as e:\n"
+              "    assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, "
+              "'imported TensorFlow'\n    raise")
+    res = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == code, res.stdout[-2000:] + res.stderr[-2000:]
+    for word in words:
+        assert word in getattr(res, stream), getattr(res, stream)[-2000:]
+    assert "imported TensorFlow" not in res.stderr and "absl" not in res.stderr, res.stderr

@@ -226,7 +226,7 @@ def test_launcher_prefixes_output_and_passes_tf_config(tmp_path):
     script.write_text("import json, os, sys\nc = json.loads(os.environ['TF_CONFIG'])\n"
                       "print('task', c['task']['index'], 'of', len(c['cluster']['worker']), "
                       "'args', sys.argv[1:])\n")
-    proc = subprocess.run([sys.executable, "-m", "tfshard.launch", "-n", "3", str(script), "a", "-b"],
+    proc = subprocess.run([sys.executable, "-m", "tfshard.cli.launch", "-n", "3", str(script), "a", "-b"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for i in range(3):
@@ -238,7 +238,7 @@ def test_launcher_passes_on_a_failing_exit_code(tmp_path):
     script.write_text("import os, sys, time\nif os.environ['TF_CONFIG'].endswith('1}}'):\n"
                       "    sys.exit(7)\ntime.sleep(300)\n")
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "tfshard.launch", "-n", "2", str(script)],
+    proc = subprocess.run([sys.executable, "-m", "tfshard.cli.launch", "-n", "2", str(script)],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 7, proc.stdout + proc.stderr
     assert "rank 1 exited with code 7; stopping the others" in proc.stdout

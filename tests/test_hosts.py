@@ -72,7 +72,7 @@ def _launch_per_host(hosts, per_host, argv, out, env):
 
     procs = []
     for i in range(hosts.n):
-        cmd = hosts.command(i, [sys.executable, "-m", "tfshard.launch", "--hosts",
+        cmd = hosts.command(i, [sys.executable, "-m", "tfshard.cli.launch", "--hosts",
                                 hosts.hostlist(per_host), "--host-index", i, "--timeout",
                                 LAUNCH_TIMEOUT, sys.executable, *argv])
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,

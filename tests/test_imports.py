@@ -15,8 +15,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "tfshard"
 # Level of each module (higher may import lower or equal, never higher). Unlisted
 # modules fail the test: a new module must say where it lives.
 LEVELS = {
-    "tfshard": 9, "tfshard.__main__": 8, "tfshard.cli": 8, "tfshard.cli_files": 8, "tfshard.launch": 8,
-    "tfshard.report": 7, "tfshard.tensorboard": 7,
+    "tfshard": 9, "tfshard.__main__": 8, "tfshard.cli": 8, "tfshard.cli.commands": 8,
+    "tfshard.cli.files": 8, "tfshard.cli.launch": 8, "tfshard.cli.drift": 8,
+    "tfshard.cli.precision": 8, "tfshard.tensorboard": 7,
     "tfshard.loading": 6,  # load = resolve + build + shard + fill: above model and readers
     "tfshard.sharding": 5, "tfshard.sharded_model": 4,
     "tfshard.pipeline": 4, "tfshard.pipeline.staged": 4, "tfshard.pipeline.on_devices": 4,
@@ -28,7 +29,7 @@ LEVELS = {
     "tfshard.generation": 4, "tfshard.copying": 4, "tfshard.convert": 4,
     "tfshard.predict": 3, "tfshard.inputs": 3, "tfshard.kv_cache": 3, "tfshard.outputs": 2, "tfshard.schedule": 3, "tfshard.consistency": 3,
     "tfshard.world": 3, "tfshard.devices": 3, "tfshard.models": 3,
-    "tfshard.io.views": 4, "tfshard.io.gguf_llama": 4, "tfshard.io.named": 4, "tfshard.io.dtypes": 4, "tfshard.precision": 3,
+    "tfshard.io.views": 4, "tfshard.io.gguf_llama": 4, "tfshard.io.named": 4, "tfshard.io.dtypes": 4,
     "tfshard.plan": 2, "tfshard.plan.structure": 2, "tfshard.plan.entries": 2, "tfshard.plan.layout": 2,
     "tfshard.plan.resolve": 2, "tfshard.plan.resolved": 2, "tfshard.rules": 2,
     "tfshard.layers": 1, "tfshard.layers.base": 1, "tfshard.layers.dense": 1,

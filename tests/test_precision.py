@@ -1,7 +1,7 @@
 """bfloat16, int8- and int4-quantized models sharded under ./horovodrun.sh at 2 and 3 ranks
 (issue 17).
 
-The oracle is the same model unsharded in bfloat16 (tfshard.precision's envelope:
+The oracle is the same model unsharded in bfloat16 (tfshard.cli.precision's envelope:
 2 eps_bf16 * (1 + max|ref|), argmax identical wherever the reference's top-two margin
 exceeds twice that); both models' distance from float32 is recorded for the notes. Checkpoints: a bf16 sharded save reloads at another
 layout bit for bit, reloads in float32, gathers to a plain Keras bf16 file; a float32
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import case_on_all_ranks
-from tfshard import precision
+from tfshard.cli import precision
 
 MODELS = ("mlp", "gpt2", "llama", "bert")
 # At 3 ranks the models whose cut is uneven there: GPT-2 (50257 vocab rows, 4 heads) and

@@ -65,7 +65,7 @@ def shard(model, plan="auto", *, world=None, strategy=None, tensor_parallel=None
             gathered column outputs) on every backend, all-reduces where the
             backend sums on a 16-bit wire (MPI; `tfshard.comm.compressed`).
             The outputs are then rounded to that precision
-            (`tfshard.precision`'s envelope for it). None (default):
+            (`tfshard.cli.precision`'s envelope for it). None (default):
             collectives carry the activations' own dtype.
         pipeline: the number of pipeline stages (None or 1: none). The world is
             then a mesh of DP x pipeline x tensor_parallel ranks (tensor_parallel

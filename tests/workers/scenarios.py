@@ -663,10 +663,10 @@ def _extras(world):
 
 def run_precision(world, results):
     """bfloat16 models sharded against the same model unsharded in bfloat16 and in
-    float32 (tfshard.precision's envelope), then saved, reloaded and loaded in bf16."""
+    float32 (tfshard.cli.precision's envelope), then saved, reloaded and loaded in bf16."""
     import tensorflow as tf
 
-    from tfshard import precision
+    from tfshard.cli import precision
     from tfshard.layers import matvec
 
     for name in PRECISION_MODELS:
@@ -724,7 +724,7 @@ def run_precision(world, results):
         """float32 models with comm_dtype: collectives sent in 16 bits (all-reduces too
         over MPI), metered against the plan; an int8 model's int32 sums and exact scales
         untouched; float16 overflow a named error on every rank."""
-        from tfshard import precision
+        from tfshard.cli import precision
 
         out = {}
         for label in ("gpt2", "llama", "mlp", "gpt2 float16", "gpt2 int8"):
@@ -895,7 +895,7 @@ def run_int4(world, results):
     """int4-quantized models (model.quantize("int4"), then shard) against the same model
     unsharded: within float32's envelope (int4 is weight-only: row cuts sum float
     partials), argmax identical; packed slices held as planned; checkpoints."""
-    from tfshard import precision
+    from tfshard.cli import precision
 
     for name, block in INT4_CASES:
         if ONLY and (name not in ONLY or block != 128):  # other backends: the default only

@@ -1,6 +1,6 @@
 """`tfshard launch`: N local processes of a tf.distribute multi-worker job.
 
-    tfshard launch -n 2 script.py [ARGS...]        # or: python -m tfshard.launch -n 2 ...
+    tfshard launch -n 2 script.py [ARGS...]        # or: python -m tfshard.cli.launch -n 2 ...
     tfshard launch -n 2 tfshard predict gpt2-tiny  # any command
 
     # Several hosts: the same command on every host, each with its own --host-index.
@@ -53,8 +53,10 @@ def free_ports(n, host="127.0.0.1"):
 
 def loopback_library():
     """The bind() shim that keeps a local job's listeners on loopback
-    (tfshard/loopback.c, built by set-up), or None when it is not built."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_loopback.so")
+    (tfshard/loopback.c, built by set-up into tfshard/_loopback.so), or None when it
+    is not built."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(package, "_loopback.so")
     return path if os.path.exists(path) else None
 
 
@@ -285,7 +287,7 @@ def build_parser(parser=None):
 
 
 def main(argv=None):
-    """Entry point of `tfshard launch` and `python -m tfshard.launch`.
+    """Entry point of `tfshard launch` and `python -m tfshard.cli.launch`.
 
     Returns:
         The exit code (see `run`).

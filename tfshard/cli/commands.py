@@ -1,24 +1,13 @@
-"""The `tfshard` command line.
+"""The `tfshard` command's commands: predict, generate and inspect (the parser is tfshard.cli).
 
-    tfshard predict SOURCE [--input FILE.npy|.npz|.txt] [--output FILE.npy] [--batch-size B]
-                           [--logdir DIR [--profile [N]]]
-    tfshard generate SOURCE --prompt TEXT [--max-new-tokens N] [--sampler NAME]
-    tfshard inspect SOURCE [--tensor-parallel N] [--pipeline P] [--check [--input FILE]]
-    tfshard launch -n N SCRIPT|COMMAND [ARGS]
-    tfshard bench SUITE [ARGS]      # scripts/bench.py: forward, predict, load, comm, generate
-
-Run `predict` and `generate` under ./horovodrun.sh -np N, under
-`tfshard launch -n N` (tf.distribute multi-worker), or in one process with
-`--replicas N` (a MirroredStrategy of N logical CPUs); `inspect` needs one
-process only (`inspect --check` runs anywhere those do).
+Each command imports TensorFlow and the library when it runs, so `tfshard --help`
+and argument errors never load them.
 """
 
-import argparse
 import os
-import sys
 import time
 
-from tfshard import cli_files
+from tfshard.cli import files
 
 
 def _replicas_strategy(args, where):
@@ -51,14 +40,15 @@ def cmd_predict(args):
     import numpy as np
 
     import tfshard
-    from tfshard import models, precision
+    from tfshard import models
+    from tfshard.cli import precision
 
     strategy = _replicas_strategy(args, "tfshard predict")
     _timeline_before_init(args.logdir)
     world = tfshard.init()
     say = print if world.rank == 0 else (lambda *a, **k: None)
     if args.output:  # before any work: a bad path must not cost a whole run
-        cli_files.agree_output(world, cli_files.output_problem(args.output) if world.rank == 0 else None)
+        files.agree_output(world, files.output_problem(args.output) if world.rank == 0 else None)
     sharded = None
     if args.source in models.NAMES:
         say(f"[tfshard] {world.backend} world of {world.size} rank(s); building {args.source}")
@@ -72,10 +62,10 @@ def cmd_predict(args):
         vocab, input_names = _vocab_and_inputs(sharded.inner)
     tokenizer = None if sharded is None else sharded.tokenizer
     if args.prompt is not None:
-        x = cli_files.prompt_inputs(tokenizer, [args.prompt], f"--prompt on {args.source!r}")
+        x = files.prompt_inputs(tokenizer, [args.prompt], f"--prompt on {args.source!r}")
         say(f"[tfshard] prompt {args.prompt!r} -> {x['token_ids'].shape[1]} tokens")
     else:
-        x = cli_files.inputs(input_names, vocab, args.rows, args.seq_len, args.seed + 1, args.input,
+        x = files.inputs(input_names, vocab, args.rows, args.seq_len, args.seed + 1, args.input,
                     tokenizer=tokenizer)
 
     ref = ref_secs = None
@@ -103,7 +93,7 @@ def cmd_predict(args):
     if callbacks:
         _report_logdir(callbacks[0], sharded, say)
 
-    logits = np.asarray(cli_files.first(out))
+    logits = np.asarray(files.first(out))
     rows = logits.shape[0]
     tokens = rows * (logits.shape[1] if logits.ndim > 2 else 1)
     say(f"[tfshard] global output {tuple(logits.shape)} {logits.dtype} on every rank")
@@ -125,7 +115,7 @@ def cmd_predict(args):
         dtype = precision.compute_dtype(sharded.inner)
         if dtype == "float32" and sharded.plan.comm_dtype:  # gathers rounded to 16 bits
             dtype = sharded.plan.comm_dtype
-        c = precision.compare(cli_files.first(ref), logits, dtype)
+        c = precision.compare(files.first(ref), logits, dtype)
         argmax = (f"argmax identical: {c['decided_equal']}" if dtype in ("float32", "float64")
                   else f"argmax agrees at {c['argmax_agree']:.1%} of positions, identical "
                        f"where the margin exceeds 2x tolerance: {c['decided_equal']}")
@@ -136,7 +126,7 @@ def cmd_predict(args):
         if not c["ok"]:
             return 1
     if args.output:
-        cli_files.agree_output(world, cli_files.save_atomic(args.output, logits) if world.rank == 0 else None)
+        files.agree_output(world, files.save_atomic(args.output, logits) if world.rank == 0 else None)
         say(f"[tfshard] wrote {args.output}")
     return 0
 
@@ -194,10 +184,9 @@ def _load_both(args, world, say, strategy=None):
 
 def cmd_generate(args):
     import tfshard
-    from tfshard import precision
-    from tfshard.generation import decode_text as _text
-
     from tfshard import models
+    from tfshard.cli import precision
+    from tfshard.generation import decode_text as _text
 
     if args.source in models.NAMES:
         raise ValueError(
@@ -291,16 +280,6 @@ def _stages(args):
             "pipeline_balance": getattr(args, "pipeline_balance", "compute")}
 
 
-def _stage_arguments(p):
-    p.add_argument("--pipeline", type=int, default=None, metavar="P",
-                   help="pipeline stages (MPI): each rank holds one stage's blocks")
-    p.add_argument("--pipeline-split", default=None, metavar="N,N,...",
-                   help="blocks per stage (default: balanced, see --pipeline-balance)")
-    p.add_argument("--pipeline-balance", choices=("compute", "memory"), default="compute",
-                   help="balance the stages' estimated FLOPs (default) or the bytes each "
-                        "holds")
-
-
 def _inspect_check(args):
     """`inspect --check`: sharded vs unsharded, layer by layer.
 
@@ -309,7 +288,8 @@ def _inspect_check(args):
     """
     import tfshard
     from tfshard import comm as comm_lib
-    from tfshard import models, report
+    from tfshard import models
+    from tfshard.cli import drift
 
     one_process = comm_lib.detect_backend() == "local"
     if one_process and args.replicas is None:
@@ -328,14 +308,14 @@ def _inspect_check(args):
         reference = loaded.inner
         vocab, input_names = _vocab_and_inputs(reference)
         tokenizer = sharded.tokenizer
-    x = cli_files.inputs(input_names, vocab, args.rows, args.seq_len, args.seed + 1, args.input,
+    x = files.inputs(input_names, vocab, args.rows, args.seq_len, args.seed + 1, args.input,
                 tokenizer=tokenizer)
     say(f"[tfshard] {args.source} at TP={sharded.tensor_parallel} "
         f"({_backend(sharded)}) vs unsharded, "
         f"inputs {', '.join(f'{k} {tuple(v.shape)}' for k, v in x.items()) if isinstance(x, dict) else tuple(x.shape)}")
-    rows = report.layer_drift(sharded, reference, x)
-    say(report.format_drift(rows))
-    return 0 if report.first_parting(rows) is None else 1
+    rows = drift.layer_drift(sharded, reference, x)
+    say(drift.format_drift(rows))
+    return 0 if drift.first_parting(rows) is None else 1
 
 
 def _vocab_and_inputs(model):
@@ -345,134 +325,3 @@ def _vocab_and_inputs(model):
     backbone = getattr(model, "backbone", model)
     return (getattr(backbone, "vocabulary_size", None),
             [t.name for t in keras.tree.flatten(model.inputs)])
-
-
-def _bench(argv):
-    """Runs the repository's scripts/bench.py with `argv` (it lives beside the package)."""
-    import subprocess
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
-    if not script.is_file():
-        print(f"tfshard: error: the benchmarks live in the repository's scripts/bench.py, "
-              f"which is not at {script}; run from a clone of tfshard.", file=sys.stderr)
-        return 2
-    return subprocess.call([sys.executable, str(script), *argv])
-
-
-def _precision_arguments(parser, quantize):
-    """--dtype (and --quantize) of the commands that build or load a model."""
-    from tfshard.io import FLOAT_POLICIES
-
-    parser.add_argument("--dtype", choices=FLOAT_POLICIES, default=None,
-                        help="precision to build or load the model in (default: as saved; "
-                        "built-ins: float32); bfloat16 halves every rank's weight bytes")
-    if quantize:
-        parser.add_argument("--quantize", choices=["int8"], default=None,
-                            help="quantize with Keras's int8 (per-channel weights, per-token "
-                            "inputs); files are quantized slice by slice as they load")
-        parser.add_argument("--comm-dtype", choices=["bfloat16", "float16"], default=None,
-                            help="send float32 collectives in 16 bits (all-reduces too over MPI)")
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(prog="tfshard", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("predict", help="sharded inference; run under ./horovodrun.sh -np N, "
-                       "tfshard launch -n N, or with --replicas N")
-    p.add_argument("source", help="a built-in random-weight model (gpt2, gpt2-tiny, llama-tiny, "
-                   "bert-tiny), a real one (smollm2, minilm), or a file/folder tfshard.load reads")
-    p.add_argument("--input", help=".npy of token ids, .npz of named inputs, or .txt of "
-                   "prompts, one per line (sources with a tokenizer)")
-    _precision_arguments(p, quantize=True)
-    p.add_argument("--prompt", help="text to feed (sources with a tokenizer: smollm2, .gguf)")
-    p.add_argument("--output", help="write the global output here (rank 0, atomically)")
-    p.add_argument("--rows", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--tensor-parallel", type=int, default=None)
-    _stage_arguments(p)
-    p.add_argument("--replicas", type=int, default=None, metavar="N",
-                   help="in one process, without a launcher: shard over a MirroredStrategy of N "
-                   "logical CPU devices")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--verbose", default=0)
-    p.add_argument("--no-compare", action="store_true",
-                   help="skip the unsharded reference run")
-    p.add_argument("--logdir", help="write TensorBoard logs here (plan, graph, per-batch "
-                   "latency and collectives; Horovod timeline under horovodrun)")
-    p.add_argument("--profile", type=int, nargs="?", const=2, default=0, metavar="N",
-                   help="with --logdir: profile the first N batches (default 2)")
-    p.set_defaults(fn=cmd_predict)
-
-    p = sub.add_parser("generate", help="sharded text generation; run under ./horovodrun.sh -np "
-                       "N, tfshard launch -n N, or with --replicas N")
-    p.add_argument("source", help="a model with a tokenizer: smollm2, a .gguf file, or a .keras "
-                   "CausalLM saved with its preprocessor")
-    _precision_arguments(p, quantize=True)
-    p.add_argument("--prompt", action="append", required=True,
-                   help="text to continue (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--sampler", default="greedy",
-                   help="keras-hub sampler: greedy, top_k, top_p, ... (seeded from rank 0)")
-    p.add_argument("--tensor-parallel", type=int, default=None)
-    _stage_arguments(p)
-    p.add_argument("--replicas", type=int, default=None, metavar="N",
-                   help="in one process, without a launcher: shard over a MirroredStrategy of N "
-                   "logical CPU devices")
-    p.add_argument("--no-compare", action="store_true",
-                   help="skip the unsharded reference run")
-    p.set_defaults(fn=cmd_generate)
-
-    p = sub.add_parser("inspect", help="print the plan (one process, no launch); --check: "
-                       "per-layer drift of the sharded model against the unsharded one")
-    p.add_argument("source", help="a built-in model name or a file/folder tfshard.load reads "
-                   "(only its shapes are read)")
-    _precision_arguments(p, quantize=False)
-    p.add_argument("--tensor-parallel", type=int, default=2)
-    _stage_arguments(p)
-    p.add_argument("--all-ranks", action="store_true")
-    p.add_argument("--check", action="store_true",
-                   help="run sharded and unsharded side by side and print each layer's drift "
-                   "(in one process: --replicas, default --tensor-parallel, MirroredStrategy "
-                   "replicas; or under horovodrun / tfshard launch)")
-    p.add_argument("--replicas", type=int, default=None, metavar="N",
-                   help="in one process, without a launcher: shard over a MirroredStrategy of N "
-                   "logical CPU devices")
-    p.add_argument("--input", help="with --check: .npy token ids, .npz named inputs, or .txt "
-                   "prompts (one per line)")
-    p.add_argument("--rows", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(fn=cmd_inspect)
-
-    # Listed for --help; `main` hands `launch` and `bench` their raw arguments.
-    sub.add_parser("bench", help="run a scripts/bench.py suite (forward, predict, load, comm, "
-                   "generate): sharded vs unsharded in one run", add_help=False)
-    sub.add_parser("launch", help="start N local workers of a tf.distribute multi-worker job "
-                   "(TF_CONFIG each), rank-prefixed output, all stopped if one fails",
-                   add_help=False)
-    return parser
-
-
-def main(argv=None):
-    """Entry point of the `tfshard` console script.
-
-    Returns:
-        The process exit code.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["launch"]:
-        from tfshard import launch
-
-        return launch.main(argv[1:])
-    if argv[:1] == ["bench"]:
-        return _bench(argv[1:])
-    args = build_parser().parse_args(argv)
-    try:
-        return args.fn(args)
-    except ValueError as e:
-        print(f"tfshard: error: {e}", file=sys.stderr)
-        return 2

@@ -1,7 +1,8 @@
 """The equivalence report: where, layer by layer, a sharded model parts from the original.
 
-    rows = tfshard.report.layer_drift(sharded, reference, x)
-    print(tfshard.report.format_drift(rows))
+    from tfshard.cli import drift
+    rows = drift.layer_drift(sharded, reference, x)
+    print(drift.format_drift(rows))
 
 Both models run `x` once, eagerly, with every layer's output recorded. Each
 rank compares its layers with the reference's: a layer whose output has the
