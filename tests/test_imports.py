@@ -17,7 +17,10 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "tfshard"
 LEVELS = {
     "tfshard": 9, "tfshard.__main__": 8, "tfshard.cli": 8, "tfshard.cli.commands": 8,
     "tfshard.cli.files": 8, "tfshard.cli.launch": 8, "tfshard.cli.drift": 8,
-    "tfshard.cli.precision": 8, "tfshard.tensorboard": 7,
+    "tfshard.cli.precision": 8, "tfshard.cli.bench": 8, "tfshard.cli.bench.__main__": 8,
+    "tfshard.cli.bench.common": 8, "tfshard.cli.bench.forward": 8, "tfshard.cli.bench.generate": 8,
+    "tfshard.cli.bench.load": 8, "tfshard.cli.bench.precision": 8, "tfshard.cli.bench.comm": 8,
+    "tfshard.cli.bench.hosts": 8, "tfshard.cli.bench.plot": 8, "tfshard.tensorboard": 7,
     "tfshard.loading": 6,  # load = resolve + build + shard + fill: above model and readers
     "tfshard.sharding": 5, "tfshard.sharded_model": 4,
     "tfshard.pipeline": 4, "tfshard.pipeline.staged": 4, "tfshard.pipeline.on_devices": 4,

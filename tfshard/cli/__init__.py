@@ -53,19 +53,6 @@ def _precision_arguments(parser, quantize):
                             help="send float32 collectives in 16 bits (all-reduces too over MPI)")
 
 
-def _bench(argv):
-    """Runs the repository's scripts/bench.py with `argv` (it lives beside the package)."""
-    import subprocess
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[2] / "scripts" / "bench.py"
-    if not script.is_file():
-        print(f"tfshard: error: the benchmarks live in the repository's scripts/bench.py, "
-              f"which is not at {script}; run from a clone of tfshard.", file=sys.stderr)
-        return 2
-    return subprocess.call([sys.executable, str(script), *argv])
-
-
 def build_parser():
     """The `tfshard` argument parser; each command's `fn` is in tfshard/cli/commands.py."""
     parser = argparse.ArgumentParser(prog="tfshard", description=__doc__.split("\n")[0])
@@ -162,7 +149,9 @@ def main(argv=None):
 
         return launch.main(argv[1:])
     if argv[:1] == ["bench"]:
-        return _bench(argv[1:])
+        from tfshard.cli import bench
+
+        return bench.main(argv[1:], prog="tfshard bench")
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

@@ -1,4 +1,4 @@
-"""`bench.py hosts`: two hosts (network namespaces joined by veth links and a bridge, see
+"""Suite `hosts`: two hosts (network namespaces joined by veth links and a bridge, see
 tests/hosts.py) instead of one.
 
 1. Per-collective latency inside one host (2 ranks through shared memory) against
@@ -21,9 +21,8 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tfshard.cli.bench import common
 
 
 def _link_bytes(iface):
@@ -77,15 +76,15 @@ def hosts_child(args):
             "layout": plan.layout.lines(), "output_bytes": out.nbytes}), flush=True)
 
 
-def suite_hosts(args, run, cpu_model, write_report):
+def suite_hosts(args):
     """Runs both parts in two fresh namespace hosts; prints the tables."""
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(common.ROOT / "tests"))
     import hosts as hosts_lib
 
     reason = hosts_lib.unavailable()
     if reason:
         raise SystemExit(f"bench.py hosts: cannot make hosts here: {reason}")
-    me = [sys.executable, str(Path(__file__).resolve().parent / "bench.py")]
+    me = list(common.CHILD)
     comm = me + ["_comm", "--mode", "sharded", "--hidden", str(args.hidden), "--rows",
                  str(args.rows), "--seq-len", str(args.seq_len), "--chain", str(args.chain),
                  "--repeats", str(args.repeats)]
@@ -98,8 +97,8 @@ def suite_hosts(args, run, cpu_model, write_report):
         env = hosts.env()
 
         def job(n, hostlist, argv):
-            return run(hosts.command(0, [ROOT / "horovodrun.sh", "-np", n, "-H", hostlist,
-                                         *argv]), args.timeout, env=env)
+            return common.run(hosts.command(0, [common.ROOT / "horovodrun.sh", "-np", n, "-H",
+                                                hostlist, *argv]), args.timeout, env=env)
 
         runs["latency inside one host"] = job(2, f"{a}:2", comm)
         runs["latency across hosts"] = job(2, f"{a}:1,{b}:1", comm)
@@ -107,7 +106,7 @@ def suite_hosts(args, run, cpu_model, write_report):
             runs[label] = job(4, f"{a}:2,{b}:2", child + ["--tp", str(tp)])
     inside, across = runs["latency inside one host"], runs["latency across hosts"]
     print(f"\nhosts: per-collective latency, 2 ranks, float32, median of {args.repeats} chains "
-          f"of {args.chain}; {cpu_model()}")
+          f"of {args.chain}; {common.cpu_model()}")
     print(f"{'collective':<58} {'inside (us)':>12} {'across (us)':>12} {'across/inside':>14}")
     for name, cell in inside["collectives"].items():
         far = across["collectives"].get(name)
@@ -123,4 +122,4 @@ def suite_hosts(args, run, cpu_model, write_report):
         minimum = r["predicted_minimum"]["total"]
         print(f"{label:<30} {r['seconds']:>10.3f} {r['crossed_bytes_per_predict'] / 2**20:>14.2f} "
               f"{minimum / 2**20:>19.2f} {r['ratio'] or 0:>15.2f}x")
-    write_report("hosts", args, runs)
+    common.write_report("hosts", args, runs)
