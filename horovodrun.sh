@@ -9,7 +9,8 @@
 # .venv. tfshard.init() then uses tfshard's own MPI collectives (no negotiation, ~15 us a
 # small all-reduce); Horovod, built with its MPI controller, works in the same job for
 # code that calls hvd.init(). Local runs keep MPI's transports on loopback; the rank
-# prefix "[r] " marks each output line; a rank that dies or exits non-zero ends the job.
+# prefix "[r] " marks each output line, whatever the program's buffering (each rank runs
+# through scripts/rank_prefix.sh); a rank that dies or exits non-zero ends the job.
 # Local runs listen on loopback only (tfshard/_loopback.so); given hosts, on all interfaces.
 # Options before the command: -np N; -H/--hosts h1:n1,h2:n2 or --hostfile FILE (several
 # hosts: MPICH starts the other hosts' ranks over ssh; the network interface is the one
@@ -116,7 +117,7 @@ if [ "$mode" = gloo ]; then
 fi
 
 # MPI (MPICH Hydra).
-extra=(-n "$np" -prepend-rank)
+extra=(-n "$np")
 if [ -n "$hosts$hostfile" ]; then
   if [ -n "$hosts" ]; then extra+=(-hosts "$hosts"); else extra+=(-f "$hostfile"); fi
   # The ranks of one host talk through shared memory; between hosts, OFI's TCP provider
@@ -145,4 +146,6 @@ export HOROVOD_CYCLE_TIME=${HOROVOD_CYCLE_TIME:-${TFSHARD_CYCLE_TIME_MS:-0.1}}
 export HOROVOD_STALL_CHECK_TIME_SECONDS=${HOROVOD_STALL_CHECK_TIME_SECONDS:-30}
 export HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=${HOROVOD_STALL_SHUTDOWN_TIME_SECONDS:-${TFSHARD_STALL_SHUTDOWN:-120}}
 export TFSHARD_MPIEXEC_PID=$$  # exec keeps the PID: scripts/hydra_ssh.sh may stop it
-exec mpiexec "${extra[@]}" ${opts[@]+"${opts[@]}"} "${cmd[@]}"
+# Each rank's command runs through scripts/rank_prefix.sh: "[rank] " before every line (Hydra's
+# -prepend-rank prefixes each write instead, which splits and joins lines).
+exec mpiexec "${extra[@]}" ${opts[@]+"${opts[@]}"} "$ROOT/scripts/rank_prefix.sh" "${cmd[@]}"
