@@ -1,48 +1,66 @@
-"""The package's import rules, read from its source so they cannot silently rot.
+"""The package's rules, read from its source (and its map) so they cannot silently rot.
 
-Imports point down the data path (docs/architecture.md): tools -> runtime -> plan ->
-layers -> comm, with the communication backends as leaves. Function-local imports
+Imports point down the data path (docs/architecture.md): tools -> runtime -> io / plan
+-> layers -> comm, with the communication backends as leaves. Function-local imports
 count like module-level ones. Checked: no import circle, no import of a higher
-level, nothing below the public root package imports it, and no `from tfshard.x
-import _private` (modules pass state by API).
+level, nothing below the public root package imports it, no `from tfshard.x import
+_private` (modules pass state by API), backends imported only by comm's factories;
+every source file placed in docs/architecture.md's map, in the tier its level says;
+each module opening with a one-line docstring and under 600 lines.
 """
 
 import ast
 import pathlib
+import re
 
-PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "tfshard"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "tfshard"
+MAP = ROOT / "docs" / "architecture.md"
 
-# Level of each module (higher may import lower or equal, never higher). Unlisted
-# modules fail the test: a new module must say where it lives.
+# Level of each module (higher may import lower or equal, never higher), by tier. Unlisted
+# modules fail the test: a new module must say where it lives (and the map must place it).
 LEVELS = {
-    "tfshard": 9, "tfshard.__main__": 8, "tfshard.cli": 8, "tfshard.cli.commands": 8,
-    "tfshard.cli.files": 8, "tfshard.cli.launch": 8, "tfshard.cli.drift": 8,
-    "tfshard.cli.precision": 8, "tfshard.cli.bench": 8, "tfshard.cli.bench.__main__": 8,
-    "tfshard.cli.bench.common": 8, "tfshard.cli.bench.forward": 8, "tfshard.cli.bench.generate": 8,
-    "tfshard.cli.bench.load": 8, "tfshard.cli.bench.precision": 8, "tfshard.cli.bench.comm": 8,
-    "tfshard.cli.bench.hosts": 8, "tfshard.cli.bench.plot": 8, "tfshard.tensorboard": 7,
-    "tfshard.loading": 6,  # load = resolve + build + shard + fill: above model and readers
-    "tfshard.sharding": 5, "tfshard.sharded_model": 4,
-    "tfshard.pipeline": 4, "tfshard.pipeline.staged": 4, "tfshard.pipeline.on_devices": 4,
-    "tfshard.pipeline.cut": 3,
-    "tfshard.pipeline.gpipe": 3, "tfshard.pipeline.decode": 3, "tfshard.plan.stages": 2,
-    "tfshard.layers.released": 1, "tfshard.layers.tracking": 1, "tfshard.layers.slices": 1, "tfshard.layers.placed": 1,
-    "tfshard.io": 4, "tfshard.io.deferred": 4, "tfshard.io.stores": 4,
-    "tfshard.io.sharded": 4, "tfshard.io.formats": 4, "tfshard.io.save": 4,
-    "tfshard.generation": 4, "tfshard.copying": 4, "tfshard.convert": 4,
-    "tfshard.predict": 3, "tfshard.inputs": 3, "tfshard.kv_cache": 3, "tfshard.outputs": 2, "tfshard.schedule": 3, "tfshard.consistency": 3,
-    "tfshard.world": 3, "tfshard.devices": 3, "tfshard.models": 3,
-    "tfshard.io.views": 4, "tfshard.io.gguf_llama": 4, "tfshard.io.named": 4, "tfshard.io.dtypes": 4,
-    "tfshard.plan": 2, "tfshard.plan.structure": 2, "tfshard.plan.entries": 2, "tfshard.plan.layout": 2,
-    "tfshard.plan.resolve": 2, "tfshard.plan.resolved": 2, "tfshard.rules": 2,
+    # tools: the public root, the command line's wing, the built-in test models
+    "tfshard": 9, "tfshard.__main__": 8, "tfshard.models": 8,
+    "tfshard.cli": 8, "tfshard.cli.commands": 8, "tfshard.cli.files": 8, "tfshard.cli.launch": 8,
+    "tfshard.cli.drift": 8, "tfshard.cli.precision": 8,
+    "tfshard.cli.bench": 8, "tfshard.cli.bench.__main__": 8, "tfshard.cli.bench.common": 8,
+    "tfshard.cli.bench.forward": 8, "tfshard.cli.bench.generate": 8, "tfshard.cli.bench.load": 8,
+    "tfshard.cli.bench.precision": 8, "tfshard.cli.bench.comm": 8, "tfshard.cli.bench.hosts": 8,
+    "tfshard.cli.bench.plot": 8,
+    # runtime: load above shard above ShardedModel and its parts
+    "tfshard.loading": 7,  # load = resolve + build + shard + fill: above shard and readers
+    "tfshard.tensorboard": 7,
+    "tfshard.sharding": 6,
+    "tfshard.sharded_model": 5, "tfshard.generation": 5, "tfshard.convert": 5,
+    "tfshard.copying": 5, "tfshard.pipeline": 5, "tfshard.pipeline.staged": 5,
+    "tfshard.pipeline.on_devices": 5,
+    "tfshard.predict": 4, "tfshard.inputs": 4, "tfshard.outputs": 4, "tfshard.schedule": 4,
+    "tfshard.kv_cache": 4, "tfshard.world": 4, "tfshard.devices": 4,
+    "tfshard.pipeline.cut": 4, "tfshard.pipeline.gpipe": 4, "tfshard.pipeline.decode": 4,
+    # io / plan: reading and writing slices; what to cut; the agreement both use
+    "tfshard.io": 3, "tfshard.io.deferred": 3, "tfshard.io.stores": 3, "tfshard.io.sharded": 3,
+    "tfshard.io.formats": 3, "tfshard.io.save": 3, "tfshard.io.views": 3,
+    "tfshard.io.gguf_llama": 3, "tfshard.io.named": 3, "tfshard.io.dtypes": 3,
+    "tfshard.plan": 2, "tfshard.plan.structure": 2, "tfshard.plan.entries": 2,
+    "tfshard.plan.layout": 2, "tfshard.plan.resolve": 2, "tfshard.plan.resolved": 2,
+    "tfshard.plan.stages": 2, "tfshard.rules": 2, "tfshard.consistency": 2,
+    # layers
     "tfshard.layers": 1, "tfshard.layers.base": 1, "tfshard.layers.dense": 1,
     "tfshard.layers.einsum_dense": 1, "tfshard.layers.embedding": 1, "tfshard.layers.tree": 1,
     "tfshard.layers.quantized": 1, "tfshard.layers.matvec": 1, "tfshard.layers.int4": 1,
+    "tfshard.layers.released": 1, "tfshard.layers.tracking": 1, "tfshard.layers.slices": 1,
+    "tfshard.layers.placed": 1,
+    # comm
     "tfshard.comm": 0, "tfshard.comm.base": 0, "tfshard.comm.metered": 0,
-    "tfshard.comm.compressed": 0,
-    "tfshard.comm.watchdog": 0, "tfshard.comm.local": 0, "tfshard.comm.mpi": 0,
-    "tfshard.comm.horovod": 0, "tfshard.comm.distribute": 0, "tfshard.comm.strategies": 0,
+    "tfshard.comm.compressed": 0, "tfshard.comm.watchdog": 0, "tfshard.comm.strategies": 0,
+    "tfshard.comm.local": 0, "tfshard.comm.mpi": 0, "tfshard.comm.horovod": 0,
+    "tfshard.comm.distribute": 0,
 }
+# The tiers of docs/architecture.md's map (its "### tier" headings) and their levels.
+TIERS = {"tools": (8, 9), "runtime": (4, 7), "io / plan": (2, 3), "layers": (1, 1),
+         "comm": (0, 0)}
+MAX_LINES = 600
 TOOLS = 8  # tools may use the public API (the root package)
 # The communication backends: leaves that only the factories in tfshard/comm/__init__.py
 # (`create`, `for_replicas`) import.
@@ -135,3 +153,59 @@ def test_backends_are_leaves():
             if name in BACKENDS and (target in BACKENDS or not target.startswith("tfshard.comm.")):
                 wrong.append(f"the backend {name} imports {target}")
     assert not wrong, "backends are not leaves:\n" + "\n".join(sorted(wrong))
+
+
+def _module_name(path):
+    name = ".".join(("tfshard",) + path.relative_to(PACKAGE).with_suffix("").parts)
+    return name.removesuffix(".__init__")
+
+
+def _map():
+    """`{file: tier}` from docs/architecture.md's map: every backquoted `tfshard/...` path
+    under a "### <tier>" heading, up to the next "##" heading."""
+    placed, tier = {}, None
+    for line in MAP.read_text().splitlines():
+        if line.startswith("### "):
+            tier = next((t for t in TIERS if line[4:].lower().startswith(t)), None)
+        elif line.startswith("## "):
+            tier = None
+        elif tier is not None:
+            for path in re.findall(r"`(tfshard/[\w/.]+\.(?:py|cc|c))`", line):
+                placed[path] = tier
+    return placed
+
+
+def test_every_source_file_is_on_the_map():
+    files = {str(p.relative_to(ROOT))
+             for ext in ("py", "cc", "c") for p in PACKAGE.rglob(f"*.{ext}")}
+    placed = _map()
+    missing, stale = sorted(files - set(placed)), sorted(set(placed) - files)
+    assert not missing, f"source files docs/architecture.md's map does not place: {missing}"
+    assert not stale, f"files on docs/architecture.md's map that do not exist: {stale}"
+
+
+def test_the_map_places_each_module_in_the_tier_of_its_level():
+    wrong = []
+    for path, tier in _map().items():
+        if path.endswith(".py"):
+            name = _module_name(ROOT / path)
+            low, high = TIERS[tier]
+            if not low <= LEVELS.get(name, -1) <= high:
+                wrong.append(f"{path} is under '{tier}' ({low}-{high}) but has level "
+                             f"{LEVELS.get(name)}")
+    assert not wrong, "\n".join(wrong)
+    assert all(any(lo <= v <= hi for lo, hi in TIERS.values()) for v in LEVELS.values())
+
+
+def test_modules_open_with_a_one_line_docstring_and_stay_short():
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        doc = ast.get_docstring(ast.parse(text))
+        lines = (doc or "").splitlines()
+        if not doc or len(lines[0]) > 100 or (len(lines) > 1 and lines[1].strip()):
+            bad.append(f"{path.relative_to(ROOT)}: no one-line opening docstring")
+        if text.count("\n") > MAX_LINES:
+            bad.append(f"{path.relative_to(ROOT)}: {text.count(chr(10))} lines "
+                       f"(at most {MAX_LINES})")
+    assert not bad, "\n".join(bad)

@@ -1,5 +1,6 @@
-"""Copies of a Keras model for the replicas of a MirroredStrategy, and the model's
-config as `shard` records it for saving.
+"""Copies of a Keras model, one per further MirroredStrategy replica, and its saved config.
+
+The model's config is what `shard` records for `save(gather=True)`.
 
 Each replica of a `MirroredStrategy` computes with its own converted copy of
 the model, whose variables are created on the replica's device. Keras's own

@@ -1,5 +1,7 @@
-"""Column- and row-parallel `keras.layers.Dense` (Megatron's ColumnParallelLinear
-and RowParallelLinear)."""
+"""Column- and row-parallel `keras.layers.Dense`.
+
+Megatron's ColumnParallelLinear and RowParallelLinear.
+"""
 
 import keras
 import numpy as np

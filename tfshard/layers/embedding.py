@@ -1,5 +1,6 @@
-"""Vocab-parallel `keras.layers.Embedding` and `keras.layers.ReversibleEmbedding`
-(keras-hub's `ReversibleEmbedding` is a subclass of the latter).
+"""Vocab-parallel `keras.layers.Embedding` and `keras.layers.ReversibleEmbedding`.
+
+keras-hub's `ReversibleEmbedding` is a subclass of the latter.
 
 Lookup: the table `[vocab, dim]` is split on its vocab axis; a rank looks up
 the ids it owns, zeros the rest, and the partial lookups are all-reduced

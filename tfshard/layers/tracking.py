@@ -1,5 +1,4 @@
-"""Keras's attribute tracking, worked around where tfshard must: variables dropped in place,
-attributes Keras must not see.
+"""Keras's tracking, worked around: variables dropped in place, attributes Keras must not see.
 
 Converting a built layer in place (`rebuild_in_place`, `replace_local_weight`,
 `release`) is what Keras itself does in `Dense.quantize()` and `enable_lora()`:

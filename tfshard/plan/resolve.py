@@ -1,5 +1,7 @@
-"""`Plan`, the request, and `Plan.resolve`: rules matched on layer paths or chosen by
-structure, then cut (attention by heads, column -> row pairs, single layers) and counted.
+"""`Plan`, the request, and `Plan.resolve`: rules by layer path or by structure, then cut.
+
+Resolving matches rules on layer paths or chooses them by structure, then cuts
+(attention by heads, column -> row pairs, single layers) and counts the bytes.
 
 A `Plan` maps layer paths to rules -- "column", "row", "vocab" or "replicate" --
 and, once resolved against a model and a world size, to the exact slice every

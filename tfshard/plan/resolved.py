@@ -1,5 +1,7 @@
-"""`ResolvedPlan`: a plan resolved for a model and a world size, and how it reports
-itself (summary, totals, markdown, the collectives per token, to_dict)."""
+"""`ResolvedPlan`: a plan resolved for a model and a world size, and how it reports itself.
+
+Its reports: summary, totals, markdown, the collectives per token, to_dict.
+"""
 
 import dataclasses
 

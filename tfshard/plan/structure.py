@@ -1,5 +1,8 @@
-"""What the planner reads from a model: layer shapes and bytes, attention blocks,
-column -> row pairs (by the functional graph or by shape), and per-rank slice bytes."""
+"""What the planner reads from a model: shapes, bytes, attention blocks, column -> row pairs.
+
+Layer shapes and bytes, attention blocks, column -> row pairs (by the functional
+graph or by shape), and per-rank slice bytes.
+"""
 
 import dataclasses
 

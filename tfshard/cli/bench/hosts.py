@@ -1,5 +1,7 @@
-"""Suite `hosts`: two hosts (network namespaces joined by veth links and a bridge, see
-tests/hosts.py) instead of one.
+"""Suite `hosts`: collectives and bytes between two hosts (network namespaces; needs root).
+
+The two hosts are network namespaces joined by veth links and a bridge (see
+tests/hosts.py).
 
 1. Per-collective latency inside one host (2 ranks through shared memory) against
    across two hosts (1 rank each, MPI's TCP transport over the veth link): the `comm`

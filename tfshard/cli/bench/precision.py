@@ -1,5 +1,4 @@
-"""Suite `precision`: SmolLM2 in float32, bfloat16, int8 and int4 at TP=N: bytes, memory,
-speed and greedy agreement.
+"""Suite `precision`: SmolLM2 in float32, bfloat16, int8 and int4: bytes, memory, speed, tokens.
 
 Weight bytes held per rank, the load's peak RSS rise, decode latency per token
 and prefill time (as `generate`), and the greedy agreement of fixed prompts
