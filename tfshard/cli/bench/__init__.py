@@ -92,134 +92,25 @@ common.py. `scripts/bench.py SUITE ...` and `tfshard bench SUITE ...` run `main`
 
 import argparse
 
-from tfshard.cli.bench import comm, common, forward, generate, hosts, load, plot, precision
-
-#: What each command runs: the suites, and the measuring jobs (`_...`) they start.
-SUITES = {
-    "load": load.suite_load, "_load": load.load_child,
-    "precision": precision.suite_precision, "_agree": precision.agree_child,
-    "generate": generate.suite_generate, "_generate": generate.generate_child,
-    "forward": forward.suite_forward, "predict": forward.suite_predict,
-    "pipeline": forward.suite_pipeline, "_child": forward.child,
-    "comm": comm.suite_comm, "_comm": comm.comm_child,
-    "hosts": hosts.suite_hosts, "_hosts": hosts.hosts_child,
-    "plot": plot.suite_plot,
-}
+from tfshard.cli.bench import comm, forward, generate, hosts, load, plot, precision
 
 
 def build_parser(prog=None):
     """The benchmarks' argument parser: one subcommand per suite and measuring job, each
-    with `fn`, the function that runs it.
+    with `fn`, the function that runs it (each suite's module adds its own, in this order).
 
     Args:
         prog: the program name in usage lines (default: the script's name).
     """
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="suite", required=True)
-    p = sub.add_parser("load")
-    p.set_defaults(fn=SUITES["load"])
-    p.add_argument("--np", type=int, nargs="*", default=[2, 4])
-    p.add_argument("--pp", type=int, nargs="*", default=[],
-                   help="also load with these pipeline stage counts (MPI, one rank each)")
-    p.add_argument("--backends", nargs="+", choices=("mpi", "mirrored", "multiworker"),
-                   default=["mpi"])
-    p.add_argument("--timeout", type=int, default=1800)
-    p = sub.add_parser("_load")
-    p.set_defaults(fn=SUITES["_load"])
-    p.add_argument("--source", required=True)
-    p.add_argument("--mode", choices=["keras", "unsharded", "sharded", "mirrored"], required=True)
-    p.add_argument("--replicas", type=int, default=0)
-    p.add_argument("--pp", type=int, default=0)
-    p.add_argument("--balance", choices=("compute", "memory"), default="compute")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--quantize", default=None)
-    for name in ("precision", "_agree"):
-        p = sub.add_parser(name)
-        p.set_defaults(fn=SUITES[name])
-        p.add_argument("--source", default="smollm2")
-        p.add_argument("--new-tokens", type=int, default=16)
-        if name == "precision":
-            p.add_argument("--np", type=int, default=2)
-            p.add_argument("--repeats", type=int, default=3)
-            p.add_argument("--timeout", type=int, default=1800)
-    for name in ("generate", "_generate"):
-        p = sub.add_parser(name)
-        p.set_defaults(fn=SUITES[name])
-        p.add_argument("--source", default="smollm2")
-        p.add_argument("--length", type=int, default=64)
-        p.add_argument("--new-tokens", type=int, default=32)
-        p.add_argument("--batch", type=int, default=1)
-        p.add_argument("--repeats", type=int, default=3)
-        p.add_argument("--dtype", default=None)
-        p.add_argument("--quantize", default=None)
-        if name == "generate":
-            p.add_argument("--np", type=int, nargs="*", default=[2, 3])
-            p.add_argument("--pp", type=int, nargs="*", default=[],
-                           help="also run these pipeline stage counts (MPI, one rank each)")
-            p.add_argument("--backends", nargs="+", choices=common.BACKENDS, default=["mpi"])
-            p.add_argument("--timeout", type=int, default=1800)
-        else:
-            p.add_argument("--mode", choices=["sharded", "unsharded", "mirrored"], required=True)
-            p.add_argument("--threads", type=int, default=0)
-            p.add_argument("--replicas", type=int, default=0)
-            p.add_argument("--pp", type=int, default=0)
-            p.add_argument("--tp", type=int, default=0)
-    for name in ("forward", "predict", "pipeline", "_child"):
-        p = sub.add_parser(name)
-        p.set_defaults(fn=SUITES[name])
-        p.add_argument("--model", default="gpt2")
-        p.add_argument("--rows", type=int, default=8)
-        p.add_argument("--seq-len", type=int, default=128)
-        p.add_argument("--batch-size", type=int, default=8)
-        p.add_argument("--repeats", type=int, default=3)
-        if name in ("forward", "predict", "pipeline"):
-            p.add_argument("--np", type=int, nargs="+", default=[2])
-            p.add_argument("--timeout", type=int, default=1800)
-            p.add_argument("--rounds", type=int, default=1,
-                           help="interleaved rounds of every run (ratios: median over rounds)")
-        p.add_argument("--comm-dtype", choices=["bfloat16", "float16"], default=None,
-                       help="also run each TP layout with its collectives sent in this dtype")
-        if name in ("forward", "predict", "pipeline"):
-            p.add_argument("--backends", nargs="+", choices=common.BACKENDS, default=["mpi"])
-        elif name == "_child":
-            p.add_argument("--mode", choices=["sharded", "unsharded", "mirrored"], required=True)
-            p.add_argument("--tp", type=int, default=0)
-            p.add_argument("--pp", type=int, default=0)
-            p.add_argument("--replicas", type=int, default=0)
-    for name in ("comm", "_comm"):
-        p = sub.add_parser(name)
-        p.set_defaults(fn=SUITES[name])
-        p.add_argument("--hidden", type=int, default=768)
-        p.add_argument("--rows", type=int, default=8)
-        p.add_argument("--seq-len", type=int, default=128)
-        p.add_argument("--chain", type=int, default=20)
-        p.add_argument("--repeats", type=int, default=5)
-        if name == "comm":
-            p.add_argument("--np", type=int, nargs="+", default=[2])
-            p.add_argument("--backends", nargs="+", choices=common.BACKENDS,
-                           default=["mpi", "horovod-mpi", "gloo", "mirrored", "multiworker"])
-            p.add_argument("--timeout", type=int, default=1800)
-        else:
-            p.add_argument("--mode", choices=["sharded", "mirrored"], required=True)
-            p.add_argument("--replicas", type=int, default=0)
-    for name in ("hosts", "_hosts"):
-        p = sub.add_parser(name)
-        p.set_defaults(fn=SUITES[name])
-        p.add_argument("--model", default="gpt2")
-        p.add_argument("--rows", type=int, default=8)
-        p.add_argument("--seq-len", type=int, default=64)
-        p.add_argument("--batch-size", type=int, default=4)
-        p.add_argument("--repeats", type=int, default=5)
-        if name == "hosts":
-            p.add_argument("--hidden", type=int, default=768)
-            p.add_argument("--chain", type=int, default=20)
-            p.add_argument("--timeout", type=int, default=1800)
-        else:
-            p.add_argument("--tp", type=int, default=0)
-    p = sub.add_parser("plot", help="PNG charts of bench-results/*.json (needs matplotlib)")
-    p.set_defaults(fn=SUITES["plot"])
-    p.add_argument("files", nargs="+")
-    p.add_argument("--out", default=str(common.ROOT / "docs" / "images"))
+    load.add_parsers(sub)
+    precision.add_parsers(sub)
+    generate.add_parsers(sub)
+    forward.add_parsers(sub)
+    comm.add_parsers(sub)
+    hosts.add_parsers(sub)
+    plot.add_parsers(sub)
     return parser
 
 

@@ -113,3 +113,28 @@ def suite_comm(args):
         print(f"{n:<58}" + "".join(f" {1e3 * c['ms']:>14.1f}" if c else f" {'-':>14}"
                                     for c in cells))
     common.write_report("comm", args, runs)
+
+
+#: This module's subcommands and the function each runs.
+COMMANDS = {"comm": suite_comm,
+            "_comm": comm_child}
+
+
+def add_parsers(sub):
+    """Adds the suite `comm` and its measuring job `_comm` to the benchmarks' subcommands."""
+    for name in ("comm", "_comm"):
+        p = sub.add_parser(name)
+        p.set_defaults(fn=COMMANDS[name])
+        p.add_argument("--hidden", type=int, default=768)
+        p.add_argument("--rows", type=int, default=8)
+        p.add_argument("--seq-len", type=int, default=128)
+        p.add_argument("--chain", type=int, default=20)
+        p.add_argument("--repeats", type=int, default=5)
+        if name == "comm":
+            p.add_argument("--np", type=int, nargs="+", default=[2])
+            p.add_argument("--backends", nargs="+", choices=common.BACKENDS,
+                           default=["mpi", "horovod-mpi", "gloo", "mirrored", "multiworker"])
+            p.add_argument("--timeout", type=int, default=1800)
+        else:
+            p.add_argument("--mode", choices=["sharded", "mirrored"], required=True)
+            p.add_argument("--replicas", type=int, default=0)

@@ -209,3 +209,34 @@ def suite_pipeline(args):
 def child(args):
     """The measuring job `_child`: one process (or rank) times the model."""
     measure(args, sharded=args.mode != "unsharded")
+
+
+#: This module's subcommands and the function each runs.
+COMMANDS = {"forward": suite_forward, "predict": suite_predict,
+            "pipeline": suite_pipeline, "_child": child}
+
+
+def add_parsers(sub):
+    """Adds the suites `forward`, `predict`, `pipeline` and their job `_child` to `sub`."""
+    for name in ("forward", "predict", "pipeline", "_child"):
+        p = sub.add_parser(name)
+        p.set_defaults(fn=COMMANDS[name])
+        p.add_argument("--model", default="gpt2")
+        p.add_argument("--rows", type=int, default=8)
+        p.add_argument("--seq-len", type=int, default=128)
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--repeats", type=int, default=3)
+        if name in ("forward", "predict", "pipeline"):
+            p.add_argument("--np", type=int, nargs="+", default=[2])
+            p.add_argument("--timeout", type=int, default=1800)
+            p.add_argument("--rounds", type=int, default=1,
+                           help="interleaved rounds of every run (ratios: median over rounds)")
+        p.add_argument("--comm-dtype", choices=["bfloat16", "float16"], default=None,
+                       help="also run each TP layout with its collectives sent in this dtype")
+        if name in ("forward", "predict", "pipeline"):
+            p.add_argument("--backends", nargs="+", choices=common.BACKENDS, default=["mpi"])
+        elif name == "_child":
+            p.add_argument("--mode", choices=["sharded", "unsharded", "mirrored"], required=True)
+            p.add_argument("--tp", type=int, default=0)
+            p.add_argument("--pp", type=int, default=0)
+            p.add_argument("--replicas", type=int, default=0)

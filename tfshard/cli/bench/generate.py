@@ -108,3 +108,34 @@ def suite_generate(args):
               f"{r['prefill_s']:>10.3f} {tps:>14.0f} {tps / base_tps:>12.2f}x "
               f"{r['param_bytes_per_rank'] / 2**20:>10.1f}MiB")
     common.write_report(f"generate-{Path(args.source).name}", args, dict(rows))
+
+
+#: This module's subcommands and the function each runs.
+COMMANDS = {"generate": suite_generate,
+            "_generate": generate_child}
+
+
+def add_parsers(sub):
+    """Adds the suite `generate` and its job `_generate` to the benchmarks' subcommands."""
+    for name in ("generate", "_generate"):
+        p = sub.add_parser(name)
+        p.set_defaults(fn=COMMANDS[name])
+        p.add_argument("--source", default="smollm2")
+        p.add_argument("--length", type=int, default=64)
+        p.add_argument("--new-tokens", type=int, default=32)
+        p.add_argument("--batch", type=int, default=1)
+        p.add_argument("--repeats", type=int, default=3)
+        p.add_argument("--dtype", default=None)
+        p.add_argument("--quantize", default=None)
+        if name == "generate":
+            p.add_argument("--np", type=int, nargs="*", default=[2, 3])
+            p.add_argument("--pp", type=int, nargs="*", default=[],
+                           help="also run these pipeline stage counts (MPI, one rank each)")
+            p.add_argument("--backends", nargs="+", choices=common.BACKENDS, default=["mpi"])
+            p.add_argument("--timeout", type=int, default=1800)
+        else:
+            p.add_argument("--mode", choices=["sharded", "unsharded", "mirrored"], required=True)
+            p.add_argument("--threads", type=int, default=0)
+            p.add_argument("--replicas", type=int, default=0)
+            p.add_argument("--pp", type=int, default=0)
+            p.add_argument("--tp", type=int, default=0)

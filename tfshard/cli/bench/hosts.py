@@ -125,3 +125,26 @@ def suite_hosts(args):
         print(f"{label:<30} {r['seconds']:>10.3f} {r['crossed_bytes_per_predict'] / 2**20:>14.2f} "
               f"{minimum / 2**20:>19.2f} {r['ratio'] or 0:>15.2f}x")
     common.write_report("hosts", args, runs)
+
+
+#: This module's subcommands and the function each runs.
+COMMANDS = {"hosts": suite_hosts,
+            "_hosts": hosts_child}
+
+
+def add_parsers(sub):
+    """Adds the suite `hosts` and its measuring job `_hosts` to the benchmarks' subcommands."""
+    for name in ("hosts", "_hosts"):
+        p = sub.add_parser(name)
+        p.set_defaults(fn=COMMANDS[name])
+        p.add_argument("--model", default="gpt2")
+        p.add_argument("--rows", type=int, default=8)
+        p.add_argument("--seq-len", type=int, default=64)
+        p.add_argument("--batch-size", type=int, default=4)
+        p.add_argument("--repeats", type=int, default=5)
+        if name == "hosts":
+            p.add_argument("--hidden", type=int, default=768)
+            p.add_argument("--chain", type=int, default=20)
+            p.add_argument("--timeout", type=int, default=1800)
+        else:
+            p.add_argument("--tp", type=int, default=0)

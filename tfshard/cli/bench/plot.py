@@ -8,6 +8,8 @@ import json
 import textwrap
 from pathlib import Path
 
+from tfshard.cli.bench import common
+
 #: Room left between two x labels, in points.
 LABEL_GAP_POINTS = 3
 
@@ -134,3 +136,11 @@ def _labels_overlap(fig, ax):
     boxes = sorted((t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()),
                    key=lambda box: box.x0)
     return any(left.x1 + gap > right.x0 for left, right in zip(boxes, boxes[1:]))
+
+
+def add_parsers(sub):
+    """Adds the suite `plot` to the benchmarks' subcommands."""
+    p = sub.add_parser("plot", help="PNG charts of bench-results/*.json (needs matplotlib)")
+    p.set_defaults(fn=suite_plot)
+    p.add_argument("files", nargs="+")
+    p.add_argument("--out", default=str(common.ROOT / "docs" / "images"))

@@ -103,3 +103,21 @@ def suite_precision(args):
               f"'The capital of France is' -> {g['paris']!r}")
     print(f"float32: 'The capital of France is' -> {rows['agreement']['float32']['paris']!r}")
     common.write_report(f"precision-{Path(args.source).name}", args, rows)
+
+
+#: This module's subcommands and the function each runs.
+COMMANDS = {"precision": suite_precision,
+            "_agree": agree_child}
+
+
+def add_parsers(sub):
+    """Adds the suite `precision` and its job `_agree` to the benchmarks' subcommands."""
+    for name in ("precision", "_agree"):
+        p = sub.add_parser(name)
+        p.set_defaults(fn=COMMANDS[name])
+        p.add_argument("--source", default="smollm2")
+        p.add_argument("--new-tokens", type=int, default=16)
+        if name == "precision":
+            p.add_argument("--np", type=int, default=2)
+            p.add_argument("--repeats", type=int, default=3)
+            p.add_argument("--timeout", type=int, default=1800)
