@@ -115,16 +115,10 @@ def suite_comm(args):
     common.write_report("comm", args, runs)
 
 
-#: This module's subcommands and the function each runs.
-COMMANDS = {"comm": suite_comm,
-            "_comm": comm_child}
-
-
 def add_parsers(sub):
     """Adds the suite `comm` and its measuring job `_comm` to the benchmarks' subcommands."""
-    for name in ("comm", "_comm"):
-        p = sub.add_parser(name)
-        p.set_defaults(fn=COMMANDS[name])
+    commands = {"comm": suite_comm, "_comm": comm_child}
+    for name, p in common.add_commands(sub, commands).items():
         p.add_argument("--hidden", type=int, default=768)
         p.add_argument("--rows", type=int, default=8)
         p.add_argument("--seq-len", type=int, default=128)

@@ -138,6 +138,24 @@ def open_source(source, world, dtype=None, quantize=None, strategy=None):
     return sharded
 
 
+def add_commands(sub, commands, **kwargs):
+    """Adds a subcommand for each of `commands` to the parser's `sub`, with `fn` set.
+
+    Args:
+        sub: the benchmarks' subparsers.
+        commands: `{name: the function the subcommand runs}`, in the order they are listed.
+        **kwargs: for each `add_parser` (e.g. `help`).
+
+    Returns:
+        `{name: its parser}`, for the arguments.
+    """
+    parsers = {}
+    for name, fn in commands.items():
+        parsers[name] = sub.add_parser(name, **kwargs)
+        parsers[name].set_defaults(fn=fn)
+    return parsers
+
+
 def arguments(args):
     """A suite's parsed arguments as recorded in its report (the dispatch function left out)."""
     return {k: v for k, v in vars(args).items() if k != "fn"}

@@ -211,16 +211,11 @@ def child(args):
     measure(args, sharded=args.mode != "unsharded")
 
 
-#: This module's subcommands and the function each runs.
-COMMANDS = {"forward": suite_forward, "predict": suite_predict,
-            "pipeline": suite_pipeline, "_child": child}
-
-
 def add_parsers(sub):
     """Adds the suites `forward`, `predict`, `pipeline` and their job `_child` to `sub`."""
-    for name in ("forward", "predict", "pipeline", "_child"):
-        p = sub.add_parser(name)
-        p.set_defaults(fn=COMMANDS[name])
+    commands = {"forward": suite_forward, "predict": suite_predict, "pipeline": suite_pipeline,
+                "_child": child}
+    for name, p in common.add_commands(sub, commands).items():
         p.add_argument("--model", default="gpt2")
         p.add_argument("--rows", type=int, default=8)
         p.add_argument("--seq-len", type=int, default=128)

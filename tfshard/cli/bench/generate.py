@@ -110,16 +110,10 @@ def suite_generate(args):
     common.write_report(f"generate-{Path(args.source).name}", args, dict(rows))
 
 
-#: This module's subcommands and the function each runs.
-COMMANDS = {"generate": suite_generate,
-            "_generate": generate_child}
-
-
 def add_parsers(sub):
     """Adds the suite `generate` and its job `_generate` to the benchmarks' subcommands."""
-    for name in ("generate", "_generate"):
-        p = sub.add_parser(name)
-        p.set_defaults(fn=COMMANDS[name])
+    commands = {"generate": suite_generate, "_generate": generate_child}
+    for name, p in common.add_commands(sub, commands).items():
         p.add_argument("--source", default="smollm2")
         p.add_argument("--length", type=int, default=64)
         p.add_argument("--new-tokens", type=int, default=32)

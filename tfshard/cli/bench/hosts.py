@@ -127,16 +127,10 @@ def suite_hosts(args):
     common.write_report("hosts", args, runs)
 
 
-#: This module's subcommands and the function each runs.
-COMMANDS = {"hosts": suite_hosts,
-            "_hosts": hosts_child}
-
-
 def add_parsers(sub):
     """Adds the suite `hosts` and its measuring job `_hosts` to the benchmarks' subcommands."""
-    for name in ("hosts", "_hosts"):
-        p = sub.add_parser(name)
-        p.set_defaults(fn=COMMANDS[name])
+    commands = {"hosts": suite_hosts, "_hosts": hosts_child}
+    for name, p in common.add_commands(sub, commands).items():
         p.add_argument("--model", default="gpt2")
         p.add_argument("--rows", type=int, default=8)
         p.add_argument("--seq-len", type=int, default=64)

@@ -106,16 +106,15 @@ def suite_load(args):
 
 def add_parsers(sub):
     """Adds the suite `load` and its measuring job `_load` to the benchmarks' subcommands."""
-    p = sub.add_parser("load")
-    p.set_defaults(fn=suite_load)
+    parsers = common.add_commands(sub, {"load": suite_load, "_load": load_child})
+    p = parsers["load"]
     p.add_argument("--np", type=int, nargs="*", default=[2, 4])
     p.add_argument("--pp", type=int, nargs="*", default=[],
                    help="also load with these pipeline stage counts (MPI, one rank each)")
     p.add_argument("--backends", nargs="+", choices=("mpi", "mirrored", "multiworker"),
                    default=["mpi"])
     p.add_argument("--timeout", type=int, default=1800)
-    p = sub.add_parser("_load")
-    p.set_defaults(fn=load_child)
+    p = parsers["_load"]
     p.add_argument("--source", required=True)
     p.add_argument("--mode", choices=["keras", "unsharded", "sharded", "mirrored"], required=True)
     p.add_argument("--replicas", type=int, default=0)

@@ -140,7 +140,7 @@ def _labels_overlap(fig, ax):
 
 def add_parsers(sub):
     """Adds the suite `plot` to the benchmarks' subcommands."""
-    p = sub.add_parser("plot", help="PNG charts of bench-results/*.json (needs matplotlib)")
-    p.set_defaults(fn=suite_plot)
+    p = common.add_commands(sub, {"plot": suite_plot},
+                            help="PNG charts of bench-results/*.json (needs matplotlib)")["plot"]
     p.add_argument("files", nargs="+")
     p.add_argument("--out", default=str(common.ROOT / "docs" / "images"))

@@ -105,16 +105,10 @@ def suite_precision(args):
     common.write_report(f"precision-{Path(args.source).name}", args, rows)
 
 
-#: This module's subcommands and the function each runs.
-COMMANDS = {"precision": suite_precision,
-            "_agree": agree_child}
-
-
 def add_parsers(sub):
     """Adds the suite `precision` and its job `_agree` to the benchmarks' subcommands."""
-    for name in ("precision", "_agree"):
-        p = sub.add_parser(name)
-        p.set_defaults(fn=COMMANDS[name])
+    commands = {"precision": suite_precision, "_agree": agree_child}
+    for name, p in common.add_commands(sub, commands).items():
         p.add_argument("--source", default="smollm2")
         p.add_argument("--new-tokens", type=int, default=16)
         if name == "precision":
