@@ -3,7 +3,9 @@
 # the sha256 recorded beside its library (NAME.so.sha256, which tfshard checks at load)
 # differs from its source's (file times do not matter: a git checkout rewrites them):
 #   tfshard/comm/mpi_ops.cc    -> tfshard/comm/_mpi_ops.so    MPI collectives (MPICH wheel)
-#   tfshard/layers/kernels.cc  -> tfshard/layers/_kernels.so  the bfloat16 decode matmul
+#   tfshard/layers/kernels/    -> tfshard/layers/_kernels.so  the decode kernels and ops: each
+#                                 isa_*.cc compiled with its instruction set's flags (AVX-512,
+#                                 AVX2+FMA, plain C++), chosen at run time by dispatch.cc
 # Also builds tfshard/_loopback.so (tfshard/loopback.c), the bind() shim that keeps a local
 # job's listeners on loopback.
 #   PY=.venv/bin/python bash scripts/build_mpi_ops.sh
@@ -62,4 +64,53 @@ build_op() {
 # mpicxx (the MPICH wheel's wrapper) adds MPI's include and library flags.
 MPI_LIB=$(cd "$BIN/../lib" && pwd)
 build_op "$SRC" "$OUT" "$BIN/mpicxx" -Wl,-rpath,"$MPI_LIB"
-build_op "$ROOT/tfshard/layers/kernels.cc" "$ROOT/tfshard/layers/_kernels.so" "${CXX:-c++}"
+
+# The sha256 recorded for a folder of sources: of sha256sum's listing of its files in name
+# order (tfshard.comm.base.source_digest computes the same).
+folder_digest() {
+  (cd "$1" && find . -maxdepth 1 -type f -printf '%f\n' | LC_ALL=C sort | xargs -d '\n' sha256sum) \
+    | sha256sum | cut -d' ' -f1
+}
+
+# build_kernels DIR OUT: the decode kernels, one object per file (isa_*.cc with their own
+# instruction set's flags), linked into OUT (atomically) unless OUT.sha256 records DIR's digest.
+build_kernels() {
+  local dir=$1 out=$2 cxx=${CXX:-c++}
+  local digest
+  digest=$(folder_digest "$dir")
+  if [ -f "$out" ] && [ "$(cat "$out.sha256" 2>/dev/null)" = "$digest" ]; then
+    return 0
+  fi
+  tf_flags
+  echo "[build_mpi_ops] compiling $dir"
+  local objs tmp src flags
+  objs=$(mktemp -d)
+  for src in "$dir"/*.cc; do
+    case "$(basename "$src")" in
+      isa_avx512.cc) flags=(-mavx512f -mavx512bw -mavx512vl -mavx512vnni -mfma) ;;
+      isa_avx2.cc) flags=(-mavx2 -mfma) ;;
+      *) flags=() ;;
+    esac
+    "$cxx" -std=c++17 -O2 -fPIC -w "${TF_CFLAGS[@]}" ${flags[@]+"${flags[@]}"} -c "$src" \
+      -o "$objs/$(basename "$src" .cc).o" &
+  done
+  if ! wait_all; then rm -rf "$objs"; return 1; fi
+  tmp=$(mktemp "$out.tmp-XXXXXX")
+  if ! "$cxx" -shared -o "$tmp" "$objs"/*.o "${TF_LFLAGS[@]}" -Wl,-rpath,"$TF_LIB"; then
+    rm -rf "$objs" "$tmp"
+    return 1
+  fi
+  rm -rf "$objs"
+  mv -f "$tmp" "$out"
+  printf '%s\n' "$digest" > "$out.sha256.tmp" && mv -f "$out.sha256.tmp" "$out.sha256"
+  echo "[build_mpi_ops] built $out"
+}
+
+# Waits for every background job; fails if any failed.
+wait_all() {
+  local ok=0 pid
+  for pid in $(jobs -p); do wait "$pid" || ok=1; done
+  return $ok
+}
+
+build_kernels "$ROOT/tfshard/layers/kernels" "$ROOT/tfshard/layers/_kernels.so"

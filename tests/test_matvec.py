@@ -1,4 +1,4 @@
-"""tfshard's decode matmuls (tfshard/layers/kernels.cc): bfloat16 against float64 numpy, int8 exactly.
+"""tfshard's decode matmuls (tfshard/layers/kernels/matmul_ops.cc): bfloat16 against float64 numpy, int8 exactly.
 
 The op widens bfloat16 to float32, accumulates in float32 and rounds the output to
 bfloat16 once, so against the exact product of the same bfloat16 operands it is off
@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 from tfshard.layers import matvec
 
 pytestmark = pytest.mark.skipif(not matvec.available(),
-                                reason="the op needs AVX-512 and a built _kernels.so")
+                                reason="the op needs a built _kernels.so")
 
 
 def _bf16(a):

@@ -284,27 +284,41 @@ def sum_in_float32(reduce_sum, x):
     return reduce_sum(x)
 
 
+def source_digest(source):
+    """The sha256 scripts/build_mpi_ops.sh records for `source`: of the file, or for a
+    folder of sources, of `sha256sum`'s listing of its files in name order (the digest of
+    the lines "HEX  NAME")."""
+    import hashlib
+
+    def file_hex(path):
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    if not os.path.isdir(source):
+        return file_hex(source)
+    names = sorted((n for n in os.listdir(source) if os.path.isfile(os.path.join(source, n))),
+                   key=lambda n: n.encode())
+    listing = "".join(f"{file_hex(os.path.join(source, n))}  {n}\n" for n in names)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
 def built_from(library, source):
     """Whether the compiled `library` was built from `source` as it is now.
 
     scripts/build_mpi_ops.sh writes the sha256 of the source it compiled beside
-    each library (`library + ".sha256"`); file times cannot tell, since a git
-    checkout rewrites them.
+    each library (`library + ".sha256"`, see `source_digest`); file times cannot
+    tell, since a git checkout rewrites them.
 
     Args:
         library: path of the shared library (e.g. tfshard/comm/_mpi_ops.so).
-        source: path of its C++ source.
+        source: path of its C++ source, or of the folder of its sources.
 
     Returns:
         False when the record is missing or names another source.
     """
-    import hashlib
-
-    with open(source, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
     try:
         with open(library + ".sha256") as f:
-            return f.read().strip() == digest
+            return f.read().strip() == source_digest(source)
     except OSError:
         return False
 

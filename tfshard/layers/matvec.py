@@ -5,8 +5,9 @@ time is the time to read the weights: a bfloat16 model should decode in about
 half of float32's time, an int8 one in a quarter. TensorFlow's CPU kernels do
 not get there for so few rows (oneDNN's bfloat16 GEMM reads ~7 GiB/s on this
 project's machine, float32 13-18 GiB/s; the int8 x int8 -> int32 matmul of
-Keras's int8 layers is slower still), so `kernels.cc` adds two ops that stream
-the weight once:
+Keras's int8 layers is slower still), so `kernels/matmul_ops.cc` adds two ops that
+stream the weight once (through `kernels/kernels.h`'s kernels: AVX-512, AVX2 or plain
+C++, whichever the CPU runs; `TFSHARD_KERNELS_ISA` forces one):
 
 - `TfshardBf16Matmul`: each bfloat16 widened to float32 (a shift), float32
   FMAs, the output rounded to bfloat16 once -- what TensorFlow's bfloat16
@@ -17,8 +18,7 @@ the weight once:
 The sharded layers call `matmul` and `einsum` here. They take an op when both
 operands are bfloat16 (or both int8), the rows (the product of the input's
 leading dimensions) are known when the graph is traced and at most `MAX_ROWS`,
-the CPU has AVX-512 and the op library is built; otherwise Keras's matmul /
-einsum, unchanged. TFSHARD_DECODE_OPS=0 turns the ops off (for side-by-side
+and the op library is built; otherwise Keras's matmul / einsum, unchanged. TFSHARD_DECODE_OPS=0 turns the ops off (for side-by-side
 benchmarks).
 """
 
@@ -33,7 +33,7 @@ from keras import ops
 from tfshard.comm.base import built_from
 
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_kernels.so")
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cc")
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 
 #: Most rows a matmul may have to go through the op (a decode step's batch).
 MAX_ROWS = 8
@@ -63,13 +63,34 @@ def _ops():
                           "and int8 decode use TensorFlow's matmul. Run ./scripts/setup.sh.")
             return None
         library = tf.load_op_library(LIBRARY)  # first: it collects the ops dlopen registers
-        if ctypes.CDLL(LIBRARY).tfshard_kernels_avx512():
-            _state["ops"] = library
+        isa = kernels_isa()
+        if isa.startswith("error: "):
+            warnings.warn(f"tfshard: {isa[7:]}; bfloat16 and int8 decode use TensorFlow's "
+                          "matmul.")
+            return None
+        _state["ops"] = library
     return _state["ops"]
 
 
+def kernels_isa():
+    """The instruction set tfshard's kernels run on here ("avx512", "avx2", "generic",
+    "generic16"; `TFSHARD_KERNELS_ISA` forces one), or "error: ..." saying why the one
+    asked for cannot run, or "unbuilt" when the library is missing or stale."""
+    if not os.path.exists(LIBRARY) or not built_from(LIBRARY, SOURCE):
+        return "unbuilt"
+    isa = ctypes.CDLL(LIBRARY).tfshard_kernels_isa
+    isa.restype = ctypes.c_char_p
+    return isa().decode()
+
+
+def library():
+    """The loaded op library (its decode ops and matmuls), or None when it is not built,
+    is stale, or cannot run here (a warning says which)."""
+    return _ops()
+
+
 def available():
-    """Whether the ops are used on this machine now (built, AVX-512, not turned off)."""
+    """Whether the ops are used on this machine now (built, not turned off)."""
     return os.environ.get(ENV, "1") != "0" and _ops() is not None
 
 
