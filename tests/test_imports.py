@@ -38,6 +38,8 @@ LEVELS = {
     "tfshard.predict": 4, "tfshard.inputs": 4, "tfshard.outputs": 4, "tfshard.schedule": 4,
     "tfshard.kv_cache": 4, "tfshard.world": 4, "tfshard.devices": 4,
     "tfshard.pipeline.cut": 4, "tfshard.pipeline.gpipe": 4, "tfshard.pipeline.decode": 4,
+    "tfshard.decode": 4, "tfshard.decode.generate": 4, "tfshard.decode.step": 4,
+    "tfshard.decode.decoder": 4, "tfshard.decode.params": 4,
     # io / plan: reading and writing slices; what to cut; the agreement both use
     "tfshard.io": 3, "tfshard.io.deferred": 3, "tfshard.io.stores": 3, "tfshard.io.sharded": 3,
     "tfshard.io.formats": 3, "tfshard.io.save": 3, "tfshard.io.views": 3,

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfshard import consistency
+from tfshard import decode
 from tfshard import inputs as inputs_lib
 from tfshard.comm.strategies import out_of_line
 from tfshard.layers.base import even_ranges
@@ -35,7 +36,7 @@ def _generate_function(sharded):
         return fn
     strategy = sharded.strategy
     if strategy is None:
-        fn = tf.function(model.generate_step, jit_compile=False)
+        fn = _fused(sharded) or tf.function(model.generate_step, jit_compile=False)
     else:
         # Each replica's step is a function of its own, out of line: its decode loop then
         # runs in a frame named alike on every replica, where the collectives inside
@@ -54,6 +55,27 @@ def _generate_function(sharded):
         fn = tf.function(step, jit_compile=False)
     fn._tfshard = True
     model.generate_function = fn
+    return fn
+
+
+def _fused(sharded):
+    """tfshard's decode step as the model's generate function (`tfshard.decode`), or None
+    when keras-hub's loop runs instead (TFSHARD_DECODE=keras, or the step does not apply:
+    `sharded.decode_path` says why).
+
+    Raises:
+        ValueError: TFSHARD_DECODE=fused and the step does not apply (the reason named).
+    """
+    wanted = decode.mode()
+    why = "TFSHARD_DECODE=keras" if wanted == "keras" else sharded.decode_step_refusal()
+    fn = None
+    if why is None:
+        fn, why = decode.fused_generate(sharded.inner, sharded.tp_comm)
+    set_untracked(sharded, decode_path="fused" if fn is not None else f"keras-hub ({why})")
+    if fn is None and wanted == "fused":
+        raise ValueError(f"{sharded.call_site('generate')}: TFSHARD_DECODE=fused, but the decode "
+                         f"step cannot run this model: {why}. Unset TFSHARD_DECODE (or set it "
+                         "to auto) to run keras-hub's loop instead.")
     return fn
 
 

@@ -73,7 +73,8 @@ class ShardedModel(keras.Model):
         self.last_schedule = None
         set_untracked(self, source_config=None,
                       source_config_error="the model was not sharded by tfshard.shard",
-                      source=None, tokenizer=None, preprocessor=None)
+                      source=None, tokenizer=None, preprocessor=None,
+                      decode_path=None)  # set by generate: "fused" or why keras-hub's loop ran
         self.built = True
         self._jit_compile = False
         self._predict_step = None
@@ -288,6 +289,13 @@ class ShardedModel(keras.Model):
             x = inputs_lib.lists_to_arrays(x, specs, where)
             self.agree_on_inputs(inputs_lib.check_arrays(x, specs, where), "predict_on_batch")
             return self.run_batch(inputs_lib.to_numpy(x), where)
+
+    def decode_step_refusal(self):
+        """Why tfshard's fused decode step (`tfshard.decode`) cannot run this model's
+        generation, or None when it can (then the model's family and sampler decide)."""
+        if self.strategy is not None:
+            return "a tf.distribute strategy runs the replicas"
+        return None
 
     def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False,
                  sampler=None):

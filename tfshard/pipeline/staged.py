@@ -273,6 +273,10 @@ class PipelinedModel(ShardedModel):
         finally:
             self.micro_batches = saved
 
+    def decode_step_refusal(self):
+        """The fused decode step runs whole models; stages keep keras-hub's loop."""
+        return "pipeline stages run keras-hub's loop stage by stage"
+
     def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False,
                  sampler=None, micro_batches=None):
         """`ShardedModel.generate` through the stages, each caching its own layers.
