@@ -4,8 +4,9 @@ The decode ops (`tfshard/layers/kernels/decode_ops.cc`) read Keras's variables i
 through their resource handles, and are told how to read each weight by a format string
 "fmt:layout:K:N[:b]": fmt `f32`, `bf16`, `i8` (int8 + a scale per output), `i4c` (int4
 packed two a byte + a scale per output) or `i4g` (int4 + per-group scales, zero points
-and group numbers); layout `kn` (a Dense kernel, `[K, N]`) or `nk` (an embedding table,
-`[N, K]`); `:b` when a bias follows. A sharded layer is read as this rank's slice.
+and group numbers); layout `kn` (a Dense kernel, `[K, N]`; int4 packed along N), `nk` (an
+embedding table, `[N, K]`) or `pk` (int4 `[K, N]` packed along K: an untied reverse
+table); `:b` when a bias follows. A sharded layer is read as this rank's slice.
 """
 
 import math
@@ -177,8 +178,12 @@ def table(embedding, reverse=False):
     if mode == "int4":
         if reverse and getattr(embedding, "inputs_quantizer", None) is not None:
             raise Unsupported(f"{name!r}: int4 logits with an input quantizer")
-        if not tied:
-            raise Unsupported(f"{name!r}: an untied int4 reverse table")
+        if not tied:  # [ceil(dim / 2), vocab], packed along the contracted axis
+            scale = d["reverse_embeddings_scale"]
+            if "reverse_embeddings_zero" in d:
+                return Param("i4g", "pk", H, rows, [table_var, scale, d["reverse_embeddings_zero"],
+                                                   d["g_idx"]], **common)
+            return Param("i4c", "pk", H, rows, [table_var, scale], **common)
         if "embeddings_zero" in d:
             return Param("i4g", "nk", H, rows, [table_var, d["embeddings_scale"],
                                                d["embeddings_zero"], d["g_idx"]], **common)

@@ -51,7 +51,9 @@ class Cache:
         """Frees the cache's memory (a no-op when already freed)."""
         handle, self.handle = getattr(self, "handle", None), None
         if handle is not None:
-            tf.raw_ops.DestroyResourceOp(resource=handle, ignore_lookup_error=True)
+            # Eagerly, whatever graph is being traced when the collector calls this.
+            with tf.init_scope():
+                tf.raw_ops.DestroyResourceOp(resource=handle, ignore_lookup_error=True)
 
     def __del__(self):
         try:
@@ -66,13 +68,15 @@ class DecodeStep:
     Args:
         model: the keras-hub CausalLM, sharded in place (or not).
         comm: the rank's tensor-parallel communicator (None or size 1: no collectives).
+        isa: the kernels' instruction set ("avx512", "avx2", "generic", "generic16");
+            None: TFSHARD_KERNELS_ISA's, else the best the CPU runs.
 
     Raises:
         Unsupported: the model or this machine's op library cannot run the step (the
             message says what); callers fall back to keras-hub's loop.
     """
 
-    def __init__(self, model, comm=None):
+    def __init__(self, model, comm=None, isa=None):
         self.library = matvec.library()
         if self.library is None:
             raise Unsupported("tfshard's op library is not built or cannot run here "
@@ -80,6 +84,7 @@ class DecodeStep:
         self.model = model
         self.decoder = decoder_lib.read(model)
         self.comm = comm if comm is not None and comm.size > 1 else None
+        self.isa = isa or ""
         blocks = self.decoder.blocks
         configs = {str(sorted((k, v) for k, v in b.rotary.get_config().items() if k != "name"))
                    for b in blocks}
@@ -125,7 +130,7 @@ class DecodeStep:
     def _linear(self, x, param, amax):
         return self.library.tfshard_decode_linear(
             x=x, amax=amax, weights=param.handles, formats=[param.format], names=[param.name],
-            rounding=self.decoder.rounding)
+            rounding=self.decoder.rounding, isa=self.isa)
 
     def logits(self, cache, rope, tokens, slots, positions, rows):
         """The step, as graph code (call it inside a `tf.function`).
@@ -145,7 +150,7 @@ class DecodeStep:
             None when `rows` is None.
         """
         d, lib = self.decoder, self.library
-        common = dict(rounding=d.rounding)
+        common = dict(rounding=d.rounding, isa=self.isa)
         delta = lib.tfshard_decode_embed(ids=tokens, weights=d.embed.handles,
                                          formats=[d.embed.format], names=[d.embed.name],
                                          start=d.vocab_start, **common)

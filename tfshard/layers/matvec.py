@@ -49,26 +49,35 @@ _OPS = {tf.bfloat16: "tfshard_bf16_matmul", tf.int8: "tfshard_int8_matmul"}
 _state = {}
 
 
-def _ops():
-    """The op library, or None when it cannot be used here (with one warning when it
-    should have been: missing or stale)."""
-    if "ops" not in _state:
-        _state["ops"] = None
+def _load():
+    """The op library loaded into TensorFlow (before any ctypes handle: TensorFlow collects
+    the ops a library registers while it loads it), or None when missing or stale (with
+    one warning)."""
+    if "library" not in _state:
+        _state["library"] = None
         if not os.path.exists(LIBRARY):
             warnings.warn(f"tfshard: {LIBRARY} is not built; bfloat16 and int8 decode use "
                           "TensorFlow's matmul. Run ./scripts/setup.sh to build it.")
-            return None
-        if not built_from(LIBRARY, SOURCE):
+        elif not built_from(LIBRARY, SOURCE):
             warnings.warn(f"tfshard: {LIBRARY} was not built from this {SOURCE}; bfloat16 "
                           "and int8 decode use TensorFlow's matmul. Run ./scripts/setup.sh.")
-            return None
-        library = tf.load_op_library(LIBRARY)  # first: it collects the ops dlopen registers
-        isa = kernels_isa()
-        if isa.startswith("error: "):
-            warnings.warn(f"tfshard: {isa[7:]}; bfloat16 and int8 decode use TensorFlow's "
-                          "matmul.")
-            return None
-        _state["ops"] = library
+        else:
+            _state["library"] = tf.load_op_library(LIBRARY)
+    return _state["library"]
+
+
+def _ops():
+    """The op library, or None when it cannot be used here (with one warning)."""
+    if "ops" not in _state:
+        _state["ops"] = None
+        library = _load()
+        if library is not None:
+            isa = kernels_isa()
+            if isa.startswith("error: "):
+                warnings.warn(f"tfshard: {isa[7:]}; bfloat16 and int8 decode use TensorFlow's "
+                              "matmul.")
+            else:
+                _state["ops"] = library
     return _state["ops"]
 
 
@@ -76,7 +85,7 @@ def kernels_isa():
     """The instruction set tfshard's kernels run on here ("avx512", "avx2", "generic",
     "generic16"; `TFSHARD_KERNELS_ISA` forces one), or "error: ..." saying why the one
     asked for cannot run, or "unbuilt" when the library is missing or stale."""
-    if not os.path.exists(LIBRARY) or not built_from(LIBRARY, SOURCE):
+    if _load() is None:
         return "unbuilt"
     isa = ctypes.CDLL(LIBRARY).tfshard_kernels_isa
     isa.restype = ctypes.c_char_p

@@ -26,8 +26,11 @@
 // embedding's, the attention probabilities, the residual sums), so they follow the
 // unsharded bfloat16 model within its own envelope.
 //
+// The `isa` attr picks an instruction set's kernels (avx512, avx2, generic, generic16);
+// empty: TFSHARD_KERNELS_ISA's, else the best the CPU runs.
+//
 // A weight is described by a format string "fmt:layout:K:N[:b]" (fmt f32, bf16, i8, i4c,
-// i4g; layout kn or nk; b: a bias follows) and takes 1 (f32, bf16), 2 (i8, i4c: + scale)
+// i4g; layout kn, nk, or pk: int4 [K, N] packed along K; b: a bias follows) and takes 1 (f32, bf16), 2 (i8, i4c: + scale)
 // or 4 (i4g: + scale, zero, group index) tensors of the op's weight list, then its bias.
 
 #include <algorithm>
@@ -230,6 +233,11 @@ Status parse_weights(const std::vector<Tensor>& list, const std::vector<std::str
                                      " is not one of f32, bf16, i8, i4c, i4g");
     }
     w.nk = parts[1] == "nk";
+    w.pk = parts[1] == "pk";
+    if (parts[1] != "kn" && !w.nk && !(w.pk && (w.fmt == Fmt::I4C || w.fmt == Fmt::I4G))) {
+      return errors::InvalidArgument(op, ": layout '", parts[1], "' of ", name,
+                                     " is not kn, nk or (int4) pk");
+    }
     w.K = std::strtoll(parts[2].c_str(), nullptr, 10);
     w.N = std::strtoll(parts[3].c_str(), nullptr, 10);
     const bool bias = parts.size() > 4 && parts[4] == "b";
@@ -479,8 +487,9 @@ class DecodeOp : public OpKernel {
                 errors::InvalidArgument(name(), ": rounding must be float32 or bfloat16, got ",
                                         rounding));
     round_ = rounding == "bfloat16" ? Round::BF16 : Round::F32;
-    std::string error;
-    kernels_ = tfshard::kernels(&error);
+    std::string isa, error;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("isa", &isa));
+    kernels_ = isa.empty() ? tfshard::kernels(&error) : tfshard::kernels_named(isa, &error);
     OP_REQUIRES(ctx, kernels_ != nullptr, errors::FailedPrecondition(name(), ": ", error));
   }
   bool IsExpensive() override { return false; }  // run inline; the work is sharded inside
@@ -997,6 +1006,7 @@ REGISTER_OP("TfshardDecodeAttention")
     .Attr("formats: list(string)")
     .Attr("names: list(string) = []")
     .Attr("rounding: string = 'float32'")
+    .Attr("isa: string = ''")
     .Attr("layer: int >= 0")
     .Attr("heads: int >= 1")
     .Attr("kv_heads: int >= 1")
@@ -1027,6 +1037,7 @@ REGISTER_OP("TfshardDecodeMlp")
     .Attr("formats: list(string)")
     .Attr("names: list(string) = []")
     .Attr("rounding: string = 'float32'")
+    .Attr("isa: string = ''")
     .Attr("norm_kind: string = 'rms'")
     .Attr("eps: float = 1e-6")
     .Attr("activation: string = 'silu'")
@@ -1047,6 +1058,7 @@ REGISTER_OP("TfshardDecodeLinear")
     .Attr("formats: list(string)")
     .Attr("names: list(string) = []")
     .Attr("rounding: string = 'float32'")
+    .Attr("isa: string = ''")
     .Attr("round_output: bool = false")
     .SetShapeFn([](InferenceContext* c) {
       c->set_output(0, c->Matrix(c->Dim(c->input(0), 0), c->UnknownDim()));
@@ -1061,6 +1073,7 @@ REGISTER_OP("TfshardDecodeEmbed")
     .Attr("formats: list(string)")
     .Attr("names: list(string) = []")
     .Attr("rounding: string = 'float32'")
+    .Attr("isa: string = ''")
     .Attr("start: int = 0")
     .SetShapeFn([](InferenceContext* c) {
       c->set_output(0, c->Matrix(c->NumElements(c->input(0)), c->UnknownDim()));
@@ -1081,6 +1094,7 @@ REGISTER_OP("TfshardDecodeHead")
     .Attr("formats: list(string)")
     .Attr("names: list(string) = []")
     .Attr("rounding: string = 'float32'")
+    .Attr("isa: string = ''")
     .Attr("norm_kind: string = 'rms'")
     .Attr("eps: float = 1e-6")
     .SetShapeFn([](InferenceContext* c) {

@@ -17,9 +17,7 @@ bool cpu_has_avx2() {
   return yes;
 }
 
-const Kernels* kernels(std::string* error) {
-  const char* forced = std::getenv("TFSHARD_KERNELS_ISA");
-  const std::string want = forced ? forced : "";
+const Kernels* kernels_named(const std::string& want, std::string* error) {
   if (want.empty() || want == "auto") {
     if (cpu_has_avx512()) return &kernels_avx512();
     if (cpu_has_avx2()) return &kernels_avx2();
@@ -27,43 +25,48 @@ const Kernels* kernels(std::string* error) {
   }
   if (want == "avx512") {
     if (cpu_has_avx512()) return &kernels_avx512();
-    *error = "TFSHARD_KERNELS_ISA=avx512, but this CPU has no AVX-512 (F, BW and VL); use "
-             "avx2, generic or generic16, or unset it";
+    *error = "avx512 kernels asked for, but this CPU has no AVX-512 (F, BW and VL); use avx2, "
+             "generic or generic16";
     return nullptr;
   }
   if (want == "avx2") {
     if (cpu_has_avx2()) return &kernels_avx2();
-    *error = "TFSHARD_KERNELS_ISA=avx2, but this CPU has no AVX2 with FMA; use generic or "
-             "generic16, or unset it";
+    *error = "avx2 kernels asked for, but this CPU has no AVX2 with FMA; use generic or generic16";
     return nullptr;
   }
   if (want == "generic") return &kernels_generic();
   if (want == "generic16") return &kernels_generic16();
-  *error = "TFSHARD_KERNELS_ISA=" + want + " is not one of avx512, avx2, generic, generic16, auto";
+  *error = "kernels '" + want + "' asked for: not one of avx512, avx2, generic, generic16, auto";
   return nullptr;
+}
+
+const Kernels* kernels(std::string* error) {
+  const char* forced = std::getenv("TFSHARD_KERNELS_ISA");
+  const Kernels* k = kernels_named(forced ? forced : "", error);
+  if (k == nullptr) *error = "TFSHARD_KERNELS_ISA: " + *error + " (or unset it)";
+  return k;
 }
 
 }  // namespace tfshard
 
 // For tests (through ctypes, on numpy buffers): one instruction set's linear kernel on one
-// weight, every column. fmt: 0 f32, 1 bf16, 2 i8, 3 i4c, 4 i4g (kernels.h's Fmt order).
+// weight, every column. fmt: 0 f32, 1 bf16, 2 i8, 3 i4c, 4 i4g (kernels.h's Fmt order);
+// layout: 0 kn, 1 nk, 2 pk (int4 [K, N] packed along K).
 // Float weights read x and write y; I8 reads xq and writes yi. Returns 0, or -1 when the
 // instruction set is unknown or this CPU cannot run it.
-extern "C" int tfshard_kernels_linear(const char* isa, int fmt, int nk, int64_t K, int64_t N,
+extern "C" int tfshard_kernels_linear(const char* isa, int fmt, int layout, int64_t K, int64_t N,
                                       const void* data, const float* scale, const float* zero,
                                       const int32_t* g_idx, int64_t groups, const float* bias,
                                       const float* x, const int8_t* xq, int64_t M, float* y,
                                       int32_t* yi) {
-  const std::string name = isa;
-  const tfshard::Kernels* k = nullptr;
-  if (name == "avx512" && tfshard::cpu_has_avx512()) k = &tfshard::kernels_avx512();
-  if (name == "avx2" && tfshard::cpu_has_avx2()) k = &tfshard::kernels_avx2();
-  if (name == "generic") k = &tfshard::kernels_generic();
-  if (name == "generic16") k = &tfshard::kernels_generic16();
+  std::string error;
+  const tfshard::Kernels* k = tfshard::kernels_named(isa, &error);
   if (k == nullptr || fmt < 0 || fmt > 4) return -1;
   tfshard::Weight w;
   w.fmt = static_cast<tfshard::Fmt>(fmt);
-  w.nk = nk != 0;
+  w.nk = layout == 1;
+  w.pk = layout == 2;
+  if (w.pk && fmt != 3 && fmt != 4) return -1;
   w.K = K;
   w.N = N;
   w.data = data;

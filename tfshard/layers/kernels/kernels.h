@@ -19,6 +19,8 @@ enum class Fmt { F32, BF16, I8, I4C, I4G };
 struct Weight {
   Fmt fmt = Fmt::F32;
   bool nk = false;          // stored [N, K] (rows are outputs), else [K, N]
+  bool pk = false;          // int4 [K, N] packed along K (an untied int4 reverse table):
+                            // byte (j, n) holds rows 2j (low nibble) and 2j + 1 of column n
   int64_t K = 0, N = 0;     // logical shape: y[M, N] = x[M, K] @ w
   const void* data = nullptr;
   // I8, I4C: scale[N] (y = acc / scale for I4C; acc / (scale * x_scale) for I8).
@@ -29,8 +31,9 @@ struct Weight {
   int64_t groups = 0;
   const float* bias = nullptr;  // [N] or null, added to the float output
 
-  // Bytes of one stored row (kn: a row of K; nk: a row of N).
+  // Bytes of one stored row (kn: a row of K; nk: a row of N; pk: a pair of rows of K).
   int64_t row_bytes() const {
+    if (pk) return N;
     const int64_t len = nk ? K : N;
     switch (fmt) {
       case Fmt::F32: return 4 * len;
@@ -39,7 +42,7 @@ struct Weight {
       default: return (len + 1) / 2;
     }
   }
-  int64_t bytes() const { return row_bytes() * (nk ? N : K); }
+  int64_t bytes() const { return row_bytes() * (pk ? (K + 1) / 2 : (nk ? N : K)); }
 };
 
 // One instruction set's kernels. Column ranges [n0, n1) must start at a multiple of 64
@@ -68,8 +71,10 @@ const Kernels& kernels_generic();
 const Kernels& kernels_generic16();
 bool cpu_has_avx512();
 bool cpu_has_avx2();
-// The set to use: TFSHARD_KERNELS_ISA if set (an error message in *error when the CPU
-// cannot run it, and nullptr), else the best the CPU runs.
+// The set named (avx512, avx2, generic, generic16; "" or auto: the best the CPU runs), or
+// nullptr with a message in *error when the CPU cannot run it or the name is unknown.
+const Kernels* kernels_named(const std::string& name, std::string* error);
+// The set to use: TFSHARD_KERNELS_ISA's if set, else the best the CPU runs.
 const Kernels* kernels(std::string* error);
 
 // bfloat16 <-> float, round to nearest even (as TensorFlow and Eigen round).

@@ -254,6 +254,95 @@ void kn_i4(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy, in
   }
 }
 
+// int4 packed along K ("pk", an untied int4 reverse table [K, N]): each stored row of N
+// bytes holds two rows of the weight, already in column order: the low nibbles row 2j,
+// the high ones row 2j + 1.
+inline void pk_i4_accumulate(const uint8_t* base, int64_t N, const float* x, int64_t K, int mb,
+                             int64_t ks, int64_t ke, int64_t nb, int64_t width, float* acc) {
+  const int64_t vend = width / W * W;
+  auto one_row = [&](int64_t k) {  // row k alone: one nibble of packed row k / 2
+    const int8_t* row = reinterpret_cast<const int8_t*>(base + (k / 2) * N) + nb;
+    const bool high = k & 1;
+    for (int64_t p = 0; p < vend; p += W) {
+      VF lo, hi;
+      vload_u4(row + p, lo, hi);
+      const VF u = high ? hi : lo;
+      for (int m = 0; m < mb; ++m) {
+        float* a = acc + m * NB + p;
+        vstore(a, vfma(vset1(x[m * K + k]), u, vload(a)));
+      }
+    }
+    for (int64_t p = vend; p < width; ++p) {
+      const float u = static_cast<float>(((static_cast<uint8_t>(row[p]) >> (high ? 4 : 0)) & 0xF) ^ 8);
+      for (int m = 0; m < mb; ++m) acc[m * NB + p] += x[m * K + k] * u;
+    }
+  };
+  int64_t k = ks;
+  if (k < ke && (k & 1)) one_row(k++);
+  for (; k + 2 <= ke; k += 2) {
+    const int8_t* row = reinterpret_cast<const int8_t*>(base + (k / 2) * N) + nb;
+    for (int64_t p = 0; p < vend; p += W) {
+      VF lo, hi;
+      vload_u4(row + p, lo, hi);
+      for (int m = 0; m < mb; ++m) {
+        float* a = acc + m * NB + p;
+        vstore(a, vfma(vset1(x[m * K + k + 1]), hi, vfma(vset1(x[m * K + k]), lo, vload(a))));
+      }
+    }
+    for (int64_t p = vend; p < width; ++p) {
+      const int b = static_cast<uint8_t>(row[p]) ^ 0x88;
+      const float lo = static_cast<float>(b & 0xF), hi = static_cast<float>(b >> 4);
+      for (int m = 0; m < mb; ++m) acc[m * NB + p] += x[m * K + k] * lo + x[m * K + k + 1] * hi;
+    }
+  }
+  if (k < ke) one_row(k);
+}
+
+template <bool kGrouped>
+void pk_i4(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0,
+           int64_t n1) {
+  const uint8_t* base = static_cast<const uint8_t*>(w.data);
+  const int64_t K = w.K, N = w.N;
+  const Runs runs = int4_runs(w, x, M, kGrouped);
+  const int64_t nruns = static_cast<int64_t>(runs.start.size());
+  alignas(64) float acc[MB * NB];
+  alignas(64) float gacc[MB * NB];
+  for (int64_t m0 = 0; m0 < M; m0 += MB) {
+    const int mb = static_cast<int>(std::min<int64_t>(MB, M - m0));
+    const float* xb = x + m0 * K;
+    for (int64_t nb = n0; nb < n1; nb += NB) {
+      const int64_t width = std::min(NB, n1 - nb);
+      for (int m = 0; m < mb; ++m) std::fill(acc + m * NB, acc + m * NB + width, 0.0f);
+      if constexpr (kGrouped) {
+        for (int64_t i = 0; i < nruns; ++i) {
+          for (int m = 0; m < mb; ++m) std::fill(gacc + m * NB, gacc + m * NB + width, 0.0f);
+          pk_i4_accumulate(base, N, xb, K, mb, runs.start[i], runs.stop[i], nb, width, gacc);
+          const float* s = w.scale + static_cast<int64_t>(runs.group[i]) * N + nb;
+          const float* z = w.zero + static_cast<int64_t>(runs.group[i]) * N + nb;
+          for (int m = 0; m < mb; ++m) {
+            const float xs = runs.xs[(m0 + m) * nruns + i];
+            float* a = acc + m * NB;
+            const float* ga = gacc + m * NB;
+            for (int64_t p = 0; p < width; ++p) a[p] += s[p] * (ga[p] - (z[p] + 8.0f) * xs);
+          }
+        }
+      } else {
+        pk_i4_accumulate(base, N, xb, K, mb, 0, K, nb, width, acc);
+      }
+      for (int m = 0; m < mb; ++m) {
+        float* out = y + (m0 + m) * ldy + nb;
+        const float* a = acc + m * NB;
+        for (int64_t p = 0; p < width; ++p) {
+          float v = a[p];
+          if constexpr (!kGrouped) v = (v - 8.0f * runs.xs[m0 + m]) / w.scale[nb + p];
+          if (w.bias) v = v + w.bias[nb + p];
+          out[p] = v;
+        }
+      }
+    }
+  }
+}
+
 // nk: y[m, n] = x[m, :] . w[n, :], one stored row per output column.
 template <Fmt F>
 void nk_f(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0,
@@ -364,6 +453,11 @@ void linear_f(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy,
       case Fmt::I4G: return nk_i4<true>(w, x, M, y, ldy, n0, n1);
       default: return;
     }
+  }
+  if (w.pk) {
+    if (w.fmt == Fmt::I4C) return pk_i4<false>(w, x, M, y, ldy, n0, n1);
+    if (w.fmt == Fmt::I4G) return pk_i4<true>(w, x, M, y, ldy, n0, n1);
+    return;
   }
   switch (w.fmt) {
     case Fmt::F32: return kn_f<Fmt::F32>(w, x, M, y, ldy, n0, n1);
