@@ -65,7 +65,8 @@ class Event:
     """One step of a request's output.
 
     Attributes:
-        kind: "token" (new text), "done" (the last event: `finish_reason` and usage set) or
+        kind: "token" (one generated token, and the text it settles, maybe ""), "done"
+            (the last event: `finish_reason` and usage set) or
             "error" (the last event: `error` says what happened; the request is over).
         text: the text added since the previous event (may be "" while a multi-byte
             character or a possible stop string is held back).
