@@ -157,5 +157,5 @@ def _load(source, plan, tensor_parallel, model, world, safe_mode, custom_objects
         src.close()
     tfio.agree_on_failure(world.comm, error, f"tfshard.load({source!r})")
     sharded.settle()
-    sharded.attach_source(src.label, src.preprocessor())
+    sharded.attach_source(src.label, src.preprocessor(), src.chat_template())
     return sharded

@@ -73,23 +73,26 @@ class ShardedModel(keras.Model):
         self.last_schedule = None
         set_untracked(self, source_config=None,
                       source_config_error="the model was not sharded by tfshard.shard",
-                      source=None, tokenizer=None, preprocessor=None,
+                      source=None, tokenizer=None, preprocessor=None, chat_template=None,
                       decode_path=None)  # set by generate: "fused" or why keras-hub's loop ran
         self.built = True
         self._jit_compile = False
         self._predict_step = None
         set_untracked(self, _replica_forwards={})
 
-    def attach_source(self, label, preprocessor=None):
-        """Records where the weights came from and the preprocessor (and tokenizer) the
-        source carried; `tfshard.load` calls it.
+    def attach_source(self, label, preprocessor=None, chat_template=None):
+        """Records where the weights came from and the preprocessor (and tokenizer) and
+        chat template the source carried; `tfshard.load` calls it (and `save` writes them
+        into a checkpoint).
 
         Args:
             label: the file or folder read (shown by the CLI and in errors).
             preprocessor: a keras-hub preprocessor, or None.
+            chat_template: the model's chat template (Jinja), or None.
         """
         set_untracked(self, source=label, preprocessor=preprocessor,
-                      tokenizer=getattr(preprocessor, "tokenizer", None))
+                      tokenizer=getattr(preprocessor, "tokenizer", None),
+                      chat_template=chat_template)
 
     def settle(self):
         """Called by `tfshard.load` once the weights are filled. Nothing to do here; a

@@ -62,6 +62,10 @@ class _Source:
         carries, if tfshard can build one (else None)."""
         return None
 
+    def chat_template(self):
+        """The model's chat template (Jinja) the file carries, or None."""
+        return None
+
 
 def _deserialize(config, safe_mode, custom_objects, label, dtype=None):
     # A copy: keras-hub tasks' from_config replaces the backbone's config in the dict
@@ -350,6 +354,11 @@ class _GGUFSource(_ViewsSource):
 
         return gguf_llama.preprocessor(self.gguf)
 
+    def chat_template(self):
+        from tfshard.io import gguf_llama
+
+        return gguf_llama.field(self.gguf, "tokenizer.chat_template")
+
 
 class _ShardedCheckpoint(_Source):
     def __init__(self, path, safe_mode, custom_objects):
@@ -376,6 +385,20 @@ class _ShardedCheckpoint(_Source):
                 raise CheckpointError(
                     f"{p}: {os.path.getsize(p)} bytes, the index says {size} (truncated or "
                     "overwritten).")
+
+    def _saved_preprocessor(self):
+        if not hasattr(self, "_preprocessor"):
+            from tfshard.io import preprocessors
+
+            self._preprocessor = preprocessors.load(
+                os.path.join(self.path, preprocessors.FOLDER))
+        return self._preprocessor
+
+    def preprocessor(self):
+        return self._saved_preprocessor()[0]
+
+    def chat_template(self):
+        return self._saved_preprocessor()[1]
 
     def build(self, dtype=None):
         import keras_hub  # noqa: F401

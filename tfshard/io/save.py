@@ -168,6 +168,8 @@ def save(sharded, path, gather=False, overwrite=True):
         else:
             own = _make_folders(comm, tmp, sharded.group == 0)
             tensors, written = _save_sharded(sharded, tmp, config)
+            if comm.rank == 0:
+                _save_preprocessor(sharded, tmp)
     except Exception as e:
         error = e
     try:
@@ -189,6 +191,17 @@ def save(sharded, path, gather=False, overwrite=True):
             error = e
     agree_on_failure(comm, error, f"save({path!r})")
     return path
+
+
+def _save_preprocessor(sharded, tmp):
+    """The preprocessor (tokenizer) and chat template the model came with, into the
+    checkpoint, as keras-hub presets keep them (`tfshard.io.preprocessors`)."""
+    from tfshard.io import preprocessors
+
+    preprocessor = getattr(sharded.inner, "preprocessor", None) or sharded.preprocessor
+    if preprocessor is not None and hasattr(preprocessor, "tokenizer"):
+        preprocessors.save(preprocessor, os.path.join(tmp, preprocessors.FOLDER),
+                           getattr(sharded, "chat_template", None))
 
 
 def _make_folders(comm, tmp, writes):
