@@ -4,10 +4,11 @@
                            [--logdir DIR [--profile [N]]]
     tfshard generate SOURCE --prompt TEXT [--max-new-tokens N] [--sampler NAME]
     tfshard inspect SOURCE [--tensor-parallel N] [--pipeline P] [--check [--input FILE]]
+    tfshard serve SOURCE [--port 8000] [--host 127.0.0.1] [--slots 8] [--max-len 2048]
     tfshard launch -n N SCRIPT|COMMAND [ARGS]
     tfshard bench SUITE [ARGS]      # = scripts/bench.py: forward, predict, load, comm, generate, ...
 
-Run `predict` and `generate` under ./horovodrun.sh -np N, under
+Run `predict`, `generate` and `serve` under ./horovodrun.sh -np N, under
 `tfshard launch -n N` (tf.distribute multi-worker), or in one process with
 `--replicas N` (a MirroredStrategy of N logical CPUs); `inspect` needs one
 process only (`inspect --check` runs anywhere those do).
@@ -125,6 +126,41 @@ def build_parser():
     p.add_argument("--seq-len", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=commands.cmd_inspect)
+
+    p = sub.add_parser("serve", help="an OpenAI- and TF-Serving-compatible HTTP server (rank "
+                       "0) with continuous batching; run under ./horovodrun.sh -np N")
+    p.add_argument("source", help="smollm2, a .gguf, a checkpoint or .keras CausalLM with its "
+                   "tokenizer (text endpoints), or any model tfshard.load reads (:predict)")
+    _precision_arguments(p, quantize=True)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default loopback: nothing else can reach it)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--name", default=None,
+                   help="the model's name in the API (default: the source's file name)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health "
+                   "(default: $TFSHARD_API_KEY, else none)")
+    p.add_argument("--slots", type=int, default=8,
+                   help="KV-cache slots: requests generating at once (continuous batching)")
+    p.add_argument("--max-len", type=int, default=2048,
+                   help="most positions per request, prompt included (the KV cache holds "
+                   "slots x max-len positions of each rank's K/V heads)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="the most max_tokens a request may ask for (default: --max-len)")
+    p.add_argument("--max-waiting", type=int, default=64,
+                   help="requests queued for a slot before new ones get 429")
+    p.add_argument("--prefill-tokens", type=int, default=256,
+                   help="most prompt tokens per step (longer prompts go in chunks)")
+    p.add_argument("--batching", choices=("auto", "on", "off"), default="auto",
+                   help="continuous batching where tfshard's decode step runs the model "
+                   "(auto), required (on), or one request at a time (off)")
+    p.add_argument("--tensor-parallel", type=int, default=None)
+    _stage_arguments(p)
+    p.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="in one process, without a launcher: a MirroredStrategy of N logical "
+                   "CPU devices")
+    p.add_argument("--seed", type=int, default=0, help="built-in models' weight seed")
+    p.set_defaults(fn=commands.cmd_serve)
 
     # Listed for --help; `main` hands `launch` and `bench` their raw arguments.
     sub.add_parser("bench", help="run a benchmark suite (forward, predict, load, comm, "

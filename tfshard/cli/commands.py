@@ -325,3 +325,28 @@ def _vocab_and_inputs(model):
     backbone = getattr(model, "backbone", model)
     return (getattr(backbone, "vocabulary_size", None),
             [t.name for t in keras.tree.flatten(model.inputs)])
+
+
+def cmd_serve(args):
+    """`tfshard serve SOURCE`: the model behind an OpenAI- and TF-Serving-compatible HTTP
+    server on rank 0 (every rank serves its shards); see tfshard/serve/."""
+    import tfshard
+    from tfshard import models
+    from tfshard import serve
+
+    strategy = _replicas_strategy(args, "tfshard serve")
+    world = tfshard.init()
+    say = print if world.rank == 0 else (lambda *a, **k: None)
+    if args.source in models.NAMES:
+        model, _, _ = models.build(args.source, seed=args.seed, dtype=args.dtype,
+                                   quantize=args.quantize)
+        sharded = tfshard.shard(model, tensor_parallel=args.tensor_parallel, strategy=strategy,
+                                **_stages(args))
+        sharded.attach_source(args.source, None)
+    else:
+        args.no_compare = True
+        sharded, _ = _load_both(args, world, say, strategy)
+    return serve.serve(sharded, host=args.host, port=args.port, api_key=args.api_key,
+                       name=args.name, slots=args.slots, max_len=args.max_len,
+                       max_tokens=args.max_tokens, max_waiting=args.max_waiting,
+                       prefill_tokens=args.prefill_tokens, batching=args.batching) or 0

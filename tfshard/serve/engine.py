@@ -58,7 +58,7 @@ class BaseEngine(api.Engine):
     def __init__(self, sharded, name, tokenizer=None, max_waiting=64, batch_window=0.005,
                  heartbeat=1.0, metrics=None):
         self.sharded = sharded
-        self.comm = sharded.tp_comm
+        self.comm = sharded.world.comm  # rank 0 of the world leads; the channel is the world's
         if sharded.groups != 1:
             raise ValueError(
                 f"tfshard serve: {sharded.groups} data-parallel groups; a server runs one "
@@ -259,7 +259,7 @@ class BatchingEngine(BaseEngine):
         why = sharded.decode_step_refusal()
         if why is not None:
             raise Unsupported(why)
-        self.step = DecodeStep(sharded.inner, self.comm)
+        self.step = DecodeStep(sharded.inner, sharded.tp_comm)
         self.slots, self.max_model_len = int(slots), int(max_len)
         self.max_tokens_cap = int(max_tokens_cap or max_len)
         self.stop_ids = set(getattr(tokenizer, "stop_ids", ()) or ())

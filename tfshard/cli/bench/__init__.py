@@ -50,6 +50,13 @@ decode steps, and prefill = the first time minus one step.
     .venv/bin/python scripts/bench.py generate --np 2 3
     .venv/bin/python scripts/bench.py generate --np 2 --backends mpi mirrored multiworker
 
+Suite `decode`: tfshard's decode step per precision (fp32, bf16, int8, int4) at TP=N,
+beside keras-hub's loop (`--keras`) and llama.cpp's llama-bench on the matching GGUF
+(`--llamacpp DIR`), interleaved; the bandwidth floor from each rank's bytes and measured
+read rate; `--fixed` the fixed cost per step (tiny widths); `--profile` per-op time.
+
+    .venv/bin/python scripts/bench.py decode --np 1 2 --keras --fixed --llamacpp ~/.cache/llamacpp
+
 Suite `precision`: SmolLM2 at TP=N (MPI) loaded in float32, bfloat16, int8
 (`quantize="int8"`) and int4 (loaded whole, `quantize("int4")` by Keras, sharded): weight bytes held per rank, the load's peak RSS rise, decode
 latency per token and prefill time (as `generate`), and the greedy agreement of 22
@@ -92,7 +99,7 @@ common.py. `scripts/bench.py SUITE ...` and `tfshard bench SUITE ...` run `main`
 
 import argparse
 
-from tfshard.cli.bench import comm, forward, generate, hosts, load, plot, precision
+from tfshard.cli.bench import comm, decode, forward, generate, hosts, load, plot, precision
 
 
 def build_parser(prog=None):
@@ -107,6 +114,7 @@ def build_parser(prog=None):
     load.add_parsers(sub)
     precision.add_parsers(sub)
     generate.add_parsers(sub)
+    decode.add_parsers(sub)
     forward.add_parsers(sub)
     comm.add_parsers(sub)
     hosts.add_parsers(sub)
