@@ -565,6 +565,12 @@ def test_disconnect_mid_stream_cancels_and_others_go_on():
         assert wait_for(lambda: engine.running() == 0)
         finished = samples(server.url)
         assert finished[("tfshard_requests_finished_total", (("finish_reason", "cancelled"),))] == 1
+        # A client that gives up waiting for a whole (not streamed) answer.
+        with pytest.raises(requests.Timeout):
+            requests.post(f"{server.url}/v1/completions", json={"prompt": "wait", "max_tokens": 40},
+                          timeout=0.3)
+        assert wait_for(lambda: engine.submitted[-1].id in engine.cancelled)
+        assert wait_for(lambda: engine.running() == 0)
 
 
 def test_drain_refuses_new_work_and_finishes_running(monkeypatch):

@@ -68,8 +68,7 @@ class Front:
             prompt_ids: the prompt's token ids.
             params: its `api.SamplingParams`.
             disconnected: an async callable telling whether the client went away (e.g.
-                Starlette's `request.is_disconnected`), polled while no event comes; or
-                None.
+                Starlette's `request.is_disconnected`), asked every half second; or None.
 
         Returns:
             An `EventStream`, submitted.
@@ -149,8 +148,9 @@ class EventStream:
         metrics: the `metrics.Metrics` that records the request when it ends.
         request_id, prompt_ids, params: the `api.Request`'s fields.
         loop: the app's event loop.
-        disconnected: an async callable polled while no event comes, or None.
-        poll: seconds between those polls.
+        disconnected: an async callable asked every `poll` seconds while the request
+            runs, or None.
+        poll: seconds between those questions.
         streams: an `OpenStreams` (or a set) the stream leaves when it ends.
     """
 
@@ -165,6 +165,7 @@ class EventStream:
         self.disconnected = disconnected
         self.poll = poll
         self.arrived = time.monotonic()
+        self.next_check = self.arrived + poll
         self.token_times = []
         self.finished = False
         self.finish_reason = None
@@ -180,7 +181,7 @@ class EventStream:
             pass  # the loop is closed (the server stopped): nobody listens any more
 
     async def next_event(self, wait=None):
-        """The next event; polls `disconnected` while none comes.
+        """The next event; asks `disconnected` every `poll` seconds meanwhile.
 
         Args:
             wait: seconds to wait at most (None: until an event comes).
@@ -198,18 +199,32 @@ class EventStream:
                 timeout = max(0.0, min(timeout, deadline - time.monotonic()))
             try:
                 when, event = await asyncio.wait_for(self.queue.get(), timeout)
-                break
             except asyncio.TimeoutError:
-                if self.disconnected is not None and await self.disconnected():
-                    self.close()
-                    raise ClientGone(self.request.id) from None
-                if deadline is not None and time.monotonic() >= deadline:
-                    return None
+                when = event = None
+            await self.check_client()
+            if event is not None:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
         if event.token_ids:
             self.token_times.append((when, len(event.token_ids)))
         if event.kind in ("done", "error"):
             self.finish(event)
         return event
+
+    async def check_client(self):
+        """Every `poll` seconds, asks `disconnected` whether the client went away.
+
+        Raises:
+            ClientGone: it did (the request is cancelled).
+        """
+        now = time.monotonic()
+        if self.disconnected is None or now < self.next_check:
+            return
+        self.next_check = now + self.poll
+        if await self.disconnected():
+            self.close()
+            raise ClientGone(self.request.id)
 
     async def events(self):
         """Yields the request's events up to and including its last ("done" or "error").
