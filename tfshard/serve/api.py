@@ -129,12 +129,17 @@ class Engine:
         max_tokens_cap: the most `max_tokens` a request may ask for.
         tokenizer: a `Tokenizer`, or None for a model without one (then only `:predict`).
         generates: whether the model generates text (a CausalLM); else only `:predict`.
+        metrics: the server's `tfshard.serve.metrics.Metrics`, set by the front
+            (`http.create_app`) before it serves; None until then. An engine records its
+            side (requests queued and running, batch size per step, KV-cache slots,
+            time in collectives, `:predict` batch rows) only when it is set.
     """
     model_name = "model"
     max_model_len = 0
     max_tokens_cap = 0
     tokenizer = None
     generates = False
+    metrics = None
 
     def submit(self, request):
         """Queues a generation request; returns at once (thread-safe).
