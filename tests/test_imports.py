@@ -27,12 +27,16 @@ LEVELS = {
     "tfshard.cli.bench": 9, "tfshard.cli.bench.__main__": 9, "tfshard.cli.bench.common": 9,
     "tfshard.cli.bench.forward": 9, "tfshard.cli.bench.generate": 9, "tfshard.cli.bench.load": 9,
     "tfshard.cli.bench.precision": 9, "tfshard.cli.bench.comm": 9, "tfshard.cli.bench.hosts": 9,
-    "tfshard.cli.bench.plot": 9,
+    "tfshard.cli.bench.plot": 9, "tfshard.cli.bench.decode": 9,
     # serve: the HTTP front (rank 0) and the engines' contract
     "tfshard.serve": 8, "tfshard.serve.api": 8, "tfshard.serve.metrics": 8,
     "tfshard.serve.errors": 8, "tfshard.serve.front": 8, "tfshard.serve.schemas": 8,
     "tfshard.serve.openai_api": 8, "tfshard.serve.tf_serving": 8, "tfshard.serve.page": 8,
     "tfshard.serve.http": 8,
+    # serve: the engines and what they drive (rank 0's scheduler, every rank's loop)
+    "tfshard.serve.server": 8, "tfshard.serve.engine": 8, "tfshard.serve.scheduler": 8,
+    "tfshard.serve.sampling": 8, "tfshard.serve.text": 8, "tfshard.serve.protocol": 8,
+    "tfshard.serve.tokenizer": 8, "tfshard.serve.serial": 8, "tfshard.serve.batches": 8,
     # runtime: load above shard above ShardedModel and its parts
     "tfshard.loading": 7,  # load = resolve + build + shard + fill: above shard and readers
     "tfshard.tensorboard": 7,
@@ -49,6 +53,7 @@ LEVELS = {
     "tfshard.io": 3, "tfshard.io.deferred": 3, "tfshard.io.stores": 3, "tfshard.io.sharded": 3,
     "tfshard.io.formats": 3, "tfshard.io.save": 3, "tfshard.io.views": 3,
     "tfshard.io.gguf_llama": 3, "tfshard.io.named": 3, "tfshard.io.dtypes": 3,
+    "tfshard.io.preprocessors": 3,
     "tfshard.plan": 2, "tfshard.plan.structure": 2, "tfshard.plan.entries": 2,
     "tfshard.plan.layout": 2, "tfshard.plan.resolve": 2, "tfshard.plan.resolved": 2,
     "tfshard.plan.stages": 2, "tfshard.rules": 2, "tfshard.consistency": 2,

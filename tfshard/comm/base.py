@@ -155,6 +155,11 @@ class Communicator(abc.ABC):
         out = np.asarray(self.allgather(tf.constant(array), axis=0))
         return out if self.rank == 0 else None
 
+    def collective_seconds(self):
+        """Seconds this process has spent waiting in collectives, where the backend
+        counts them (tfshard's MPI ops do), else None."""
+        return None
+
     def section(self, what):
         """A context around one step every rank takes in the same order (a predict
         round, a generate call, a check, a save).

@@ -55,6 +55,7 @@ def _library():
         lib.tfshard_mpi_broken.restype = ctypes.c_int
         lib.tfshard_mpi_set_spin.argtypes = [ctypes.c_longlong]
         lib.tfshard_mpi_on_term.argtypes = [ctypes.c_char_p]
+        lib.tfshard_mpi_wait_ns.restype = ctypes.c_longlong
         _state["c"] = lib
     return _state["ops"]
 
@@ -229,6 +230,12 @@ class MPICommunicator(Communicator):
                                       lambda v, part: gather(v, part, flat if part is None
                                                              else None))
         return gather_on_axis(x, axis, sizes, self._size, gather)
+
+    def collective_seconds(self):
+        """Seconds this process has spent waiting for tfshard's MPI collectives to
+        complete (every group's, every thread's)."""
+        _library()
+        return _state["c"].tfshard_mpi_wait_ns() / 1e9
 
     def broadcast(self, x, root=0, name=None):
         if not 0 <= root < self._size:

@@ -320,9 +320,22 @@ static std::atomic<int64_t> g_spin_ns{1000000};
 
 static Status mpi_ok(int code, const Call& c, const char* call);
 
+// Nanoseconds this process spent waiting for collectives to complete (all threads).
+static std::atomic<long long> g_wait_ns{0};
+
+static Status wait_for(int count, MPI_Request* req, const Call& c, MPI_Status* statuses);
+
 // Polls `count` requests until all complete, the deadline passes, or a peer is found
-// dead or stopped.
+// dead or stopped; the time it took counts in g_wait_ns.
 static Status wait(int count, MPI_Request* req, const Call& c, MPI_Status* statuses) {
+  auto start = std::chrono::steady_clock::now();
+  Status s = wait_for(count, req, c, statuses);
+  g_wait_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
+      std::chrono::steady_clock::now() - start).count();
+  return s;
+}
+
+static Status wait_for(int count, MPI_Request* req, const Call& c, MPI_Status* statuses) {
   int done = 0;
   auto start = std::chrono::steady_clock::now();
   const int64_t spin_ns = g_spin_ns.load();
@@ -892,5 +905,8 @@ void tfshard_mpi_set_spin(long long spin_ns) { tfshard::g_spin_ns.store(spin_ns)
 
 // 1 once a collective failed (the process must not wait in MPI_Finalize).
 int tfshard_mpi_broken() { return tfshard::g_broken.load() ? 1 : 0; }
+
+// Nanoseconds spent waiting for collectives to complete so far (the server's metric).
+long long tfshard_mpi_wait_ns() { return tfshard::g_wait_ns.load(); }
 
 }

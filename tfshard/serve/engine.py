@@ -10,9 +10,8 @@ out of the step's all-gather on every rank; rank 0 alone samples, streams and st
   `tfshard.decode.DecodeStep` over every running sequence's row plus a chunk of new
   prompts. A row's numbers do not depend on the rows beside it, so every request gets
   the tokens it would get alone.
-- `SerialEngine`: for models the decode step does not run (other families, pipeline
-  stages, a tf.distribute strategy): one request at a time through
-  `ShardedModel.generate`, its text sent when done.
+- `SerialEngine` (serial.py): for models the decode step does not run (other families,
+  pipeline stages, a tf.distribute strategy): one request at a time.
 
 Both answer TF-Serving's `predict`: requests that arrive within `batch_window` seconds
 of each other are joined into one `predict_on_batch` and split again.
@@ -20,26 +19,23 @@ of each other are joined into one `predict_on_batch` and split again.
 
 import collections
 import concurrent.futures
-import io
 import threading
 import time
 
 import numpy as np
 
-from tfshard.serve import api, protocol
+from tfshard.serve import api, batches, protocol
 from tfshard.serve.sampling import Sampler
 from tfshard.serve.scheduler import Scheduler
 from tfshard.serve.text import TextStream
 
 
 class _SeqState:
-    """What rank 0 keeps with a running sequence: its sampler, text, timings."""
+    """What rank 0 keeps with a running sequence: its sampler and its text."""
 
     def __init__(self, request, decode, seed):
         self.sampler = Sampler(request.params, seed)
         self.text = TextStream(decode, request.params.stop)
-        self.first_token_at = None
-        self.last_token_at = None
 
 
 class BaseEngine(api.Engine):
@@ -78,6 +74,7 @@ class BaseEngine(api.Engine):
         self._predicts = collections.deque()
         self._state, self._reason = "loading", "the engine has not started"
         self._seed = np.random.default_rng()
+        self._counted = self._collective_seconds()
 
     # The front's side (rank 0, any thread).
 
@@ -196,11 +193,13 @@ class BaseEngine(api.Engine):
             return
         groups = collections.OrderedDict()
         for inputs, future in batch:  # only inputs of one kind share a batch
-            key = _signature(inputs)
+            key = batches.signature(inputs)
             groups.setdefault(key, []).append((inputs, future))
         for items in groups.values():
-            joined = _join([x for x, _ in items])
-            payload = _dump(joined)
+            joined = batches.join([x for x, _ in items])
+            if self.metrics is not None:
+                self.metrics.predict_batch_rows.observe(batches.rows(joined))
+            payload = batches.dump(joined)
             self.channel.send(protocol.PREDICT, payload=payload)
             try:
                 out = self._run_predict(payload)
@@ -210,13 +209,13 @@ class BaseEngine(api.Engine):
                 continue
             start = 0
             for inputs, future in items:
-                n = _rows(inputs)
-                future.set_result(_slice(out, start, start + n))
+                n = batches.rows(inputs)
+                future.set_result(batches.take(out, start, start + n))
                 start += n
 
     def _run_predict(self, payload):
         """Every rank: one predict batch (the ranks agree on it before any collective)."""
-        x = _load(payload)
+        x = batches.load(payload)
         try:
             return self.sharded.predict_on_batch(x)
         except ValueError as e:
@@ -224,6 +223,19 @@ class BaseEngine(api.Engine):
 
     def _fail_all(self, reason):
         """Rank 0: every request still open gets an "error" event."""
+
+    def _collective_seconds(self):
+        """Time this process has spent in collectives: the backend's count where it keeps
+        one (MPI), else the command channel's broadcasts alone."""
+        seconds = self.comm.collective_seconds()
+        return self.channel.seconds if seconds is None else seconds
+
+    def _count_collectives(self):
+        """Rank 0: the collective time since the last call, into the metric."""
+        if self.metrics is not None:
+            now = self._collective_seconds()
+            self.metrics.collective_seconds.inc(max(0.0, now - self._counted))
+            self._counted = now
 
     def _stop_followers(self):
         self.channel.send(protocol.STOP)
@@ -313,6 +325,7 @@ class BatchingEngine(BaseEngine):
                                   protocol.step_ints(plan.tokens, plan.slots, plan.positions,
                                                      plan.rows))
                 logits = self._run_step(plan.tokens, plan.slots, plan.positions, plan.rows)
+                self._count_collectives()
                 self._sample(plan, logits)
         finally:
             if self._state != "down":
@@ -321,13 +334,11 @@ class BatchingEngine(BaseEngine):
     def _run_step(self, tokens, slots, positions, rows):
         import tensorflow as tf
 
-        started = time.perf_counter()
         out = self._step(tf.constant(tokens), tf.constant(slots), tf.constant(positions),
                          tf.constant(rows))
-        out = None if out is None else out.numpy()
         if self.metrics is not None:
-            self.metrics.observe_step(len(rows), len(tokens), time.perf_counter() - started)
-        return out
+            self.metrics.batch_size.observe(len(tokens))
+        return None if out is None else out.numpy()
 
     def _follow_command(self, kind, a, b, ints, payload):
         if kind != protocol.STEP:
@@ -355,7 +366,6 @@ class BatchingEngine(BaseEngine):
 
     def _sample(self, plan, logits):
         """Rank 0: each logit row's next token; events; finished requests out."""
-        now = time.perf_counter()
         for i, seq in enumerate(plan.owners):
             if self.scheduler.running.get(seq.slot) is not seq:
                 continue  # cancelled during the step
@@ -363,13 +373,6 @@ class BatchingEngine(BaseEngine):
             state = request.engine_state
             token = state.sampler(logits[i])
             self.scheduler.stepped(seq, token)
-            if state.first_token_at is None:
-                state.first_token_at = now
-                if self.metrics is not None:
-                    self.metrics.observe_first_token(now - _perf(request))
-            elif self.metrics is not None:
-                self.metrics.observe_token_gap(now - state.last_token_at)
-            state.last_token_at = now
             generated = seq.tokens[seq.prompt_len:]
             reason = None
             if token in self.stop_ids:
@@ -398,9 +401,12 @@ class BatchingEngine(BaseEngine):
                                    completion_tokens=generated))
 
     def _record_slots(self):
-        if self.metrics is not None:
-            self.metrics.observe_queue(len(self.scheduler.waiting) + len(self._incoming),
-                                       self.scheduler.in_use(), self.slots)
+        m = self.metrics
+        if m is not None:
+            m.requests_queued.set(len(self.scheduler.waiting) + len(self._incoming))
+            m.requests_running.set(self.scheduler.in_use())
+            m.kv_cache_slots_in_use.set(self.scheduler.in_use())
+            m.kv_cache_slots.set(self.slots)
 
     def _fail_all(self, reason):
         if not self.lead:
@@ -415,191 +421,3 @@ class BatchingEngine(BaseEngine):
             for _, future in self._predicts:
                 future.set_exception(api.Unavailable(f"the server failed: {reason}"))
             self._predicts.clear()
-
-
-class SerialEngine(BaseEngine):
-    """One request at a time through `ShardedModel.generate` (any CausalLM; see the
-    module docstring). Rank 0 sends each request's prompt and sampling parameters; every
-    rank generates; rank 0 sends the text when done.
-
-    Args:
-        max_len: most positions per request.
-        max_tokens_cap: the most `max_tokens` a request may ask for.
-        **kwargs: see `BaseEngine`.
-    """
-
-    def __init__(self, sharded, name, tokenizer=None, max_len=1024, max_tokens_cap=None,
-                 **kwargs):
-        super().__init__(sharded, name, tokenizer, **kwargs)
-        model = sharded.inner
-        self.generates = hasattr(model, "generate_step") and tokenizer is not None
-        self.max_model_len = int(max_len)
-        self.max_tokens_cap = int(max_tokens_cap or max_len)
-        self.stop_ids = tuple(getattr(tokenizer, "stop_ids", ()) or ())
-        self._current = None
-
-    def submit(self, request):
-        if not self.generates:
-            raise api.BadRequest(f"{self.model_name} does not generate text; use "
-                                 f"/v1/models/{self.model_name}:predict", field="model")
-        if not request.prompt_ids:
-            raise api.BadRequest("the prompt is empty; give at least one token", field="prompt")
-        if len(request.prompt_ids) + request.params.max_tokens > self.max_model_len:
-            raise api.BadRequest(
-                f"the prompt's {len(request.prompt_ids)} tokens plus max_tokens="
-                f"{request.params.max_tokens} exceed this server's context of "
-                f"{self.max_model_len} positions (--max-len)", field="max_tokens")
-        with self._lock:
-            self._check_open()
-            if len(self._incoming) >= self.max_waiting:
-                raise api.QueueFull(f"{self.max_waiting} requests are waiting", retry_after=2)
-            self._incoming.append(request)
-            self._lock.notify()
-
-    def _lead(self):
-        try:
-            while True:
-                with self._lock:
-                    cancels, self._cancels = set(self._cancels), set()
-                    for request in [r for r in self._incoming if r.id in cancels]:
-                        self._incoming.remove(request)
-                        request.on_event(api.Event("done", finish_reason="cancelled",
-                                                   prompt_tokens=len(request.prompt_ids)))
-                    request = self._incoming.popleft() if self._incoming else None
-                if request is None and self._state != "running" and not self._predicts:
-                    return
-                self._serve_predicts()
-                if request is None:
-                    self._wait()
-                    continue
-                self._current = request
-                p = request.params
-                spec = {"ids": list(map(int, request.prompt_ids)), "max_tokens": p.max_tokens,
-                        "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p,
-                        "seed": p.seed if p.seed is not None else int(self._seed.integers(2**31))}
-                payload = _json_bytes(spec)
-                self.channel.send(protocol.GENERATE, payload=payload)
-                ids = self._generate(payload)
-                self._current = None
-                self._finish(request, ids)
-        finally:
-            if self._state != "down":
-                self._stop_followers()
-
-    def _follow_command(self, kind, a, b, ints, payload):
-        if kind != protocol.GENERATE:
-            super()._follow_command(kind, a, b, ints, payload)
-        self._generate(payload)
-
-    def _generate(self, payload):
-        """Every rank: one request through `ShardedModel.generate`."""
-        import json
-
-        import keras_hub
-
-        spec = json.loads(payload.decode())
-        ids = spec["ids"]
-        length = len(ids) + spec["max_tokens"]
-        token_ids = np.zeros((1, length), np.int32)
-        token_ids[0, :len(ids)] = ids
-        mask = np.zeros((1, length), bool)
-        mask[0, :len(ids)] = True
-        if spec["temperature"] <= 0:
-            sampler = "greedy"
-        elif spec["top_k"]:
-            sampler = keras_hub.samplers.TopKSampler(k=spec["top_k"], seed=spec["seed"],
-                                                     temperature=spec["temperature"])
-        elif spec["top_p"] < 1:
-            sampler = keras_hub.samplers.TopPSampler(p=spec["top_p"], seed=spec["seed"],
-                                                     temperature=spec["temperature"])
-        else:
-            sampler = keras_hub.samplers.RandomSampler(seed=spec["seed"],
-                                                       temperature=spec["temperature"])
-        out = self.sharded.generate({"token_ids": token_ids, "padding_mask": mask},
-                                    stop_token_ids=self.stop_ids or None, sampler=sampler)
-        got = np.asarray(out["token_ids"])[0][len(ids):]
-        keep = np.asarray(out["padding_mask"])[0][len(ids):]
-        return [int(t) for t, k in zip(got, keep) if k]
-
-    def _finish(self, request, ids):
-        reason = "length"
-        text_ids = ids
-        if ids and ids[-1] in self.stop_ids:
-            reason, text_ids = "stop", ids[:-1]
-        stream = TextStream(self.tokenizer.decode, request.params.stop)
-        delta, stopped = stream.push(text_ids)
-        text = delta if stopped else delta + stream.finish(text_ids)
-        if stopped:
-            reason = "stop"
-        if text:
-            request.on_event(api.Event("token", text=text, token_ids=tuple(ids)))
-        request.on_event(api.Event("done", finish_reason=reason,
-                                   prompt_tokens=len(request.prompt_ids),
-                                   completion_tokens=len(ids)))
-
-    def _fail_all(self, reason):
-        if not self.lead:
-            return
-        with self._lock:
-            pending = list(self._incoming) + ([self._current] if self._current else [])
-            self._incoming.clear()
-            for _, future in self._predicts:
-                future.set_exception(api.Unavailable(f"the server failed: {reason}"))
-            self._predicts.clear()
-        for request in pending:
-            request.on_event(api.Event("error", error=f"the server failed: {reason}"))
-
-
-def _perf(request):
-    """A request's arrival on the perf_counter clock."""
-    return time.perf_counter() - (time.time() - request.created)
-
-
-def _json_bytes(obj):
-    import json
-
-    return json.dumps(obj).encode()
-
-
-def _signature(inputs):
-    if isinstance(inputs, dict):
-        return tuple(sorted((k, np.asarray(v).dtype.str, np.asarray(v).shape[1:])
-                            for k, v in inputs.items()))
-    a = np.asarray(inputs)
-    return ("", a.dtype.str, a.shape[1:])
-
-
-def _rows(inputs):
-    if isinstance(inputs, dict):
-        return int(np.asarray(next(iter(inputs.values()))).shape[0])
-    return int(np.asarray(inputs).shape[0])
-
-
-def _join(batch):
-    if isinstance(batch[0], dict):
-        return {k: np.concatenate([np.asarray(x[k]) for x in batch]) for k in batch[0]}
-    return np.concatenate([np.asarray(x) for x in batch])
-
-
-def _slice(out, start, stop):
-    if isinstance(out, dict):
-        return {k: np.asarray(v)[start:stop] for k, v in out.items()}
-    if isinstance(out, (list, tuple)):
-        return [np.asarray(v)[start:stop] for v in out]
-    return np.asarray(out)[start:stop]
-
-
-def _dump(x):
-    buf = io.BytesIO()
-    if isinstance(x, dict):
-        np.savez(buf, **x)
-    else:
-        np.savez(buf, __array__=x)
-    return buf.getvalue()
-
-
-def _load(payload):
-    with np.load(io.BytesIO(payload), allow_pickle=False) as z:
-        if list(z.keys()) == ["__array__"]:
-            return z["__array__"]
-        return {k: z[k] for k in z.keys()}

@@ -9,6 +9,8 @@ can still act; an idle rank 0 sends IDLE at least every `heartbeat` seconds, so 
 following rank never waits as long as the deadline for work that is not coming.
 """
 
+import time
+
 import numpy as np
 import tensorflow as tf
 
@@ -26,11 +28,16 @@ class Channel:
     def __init__(self, comm):
         self.comm = comm
         self.seq = 0
+        #: Seconds spent in this channel's broadcasts (rank 0's figure is the metric's).
+        self.seconds = 0.0
 
     def _bcast(self, array):
         if self.comm.size == 1:
             return array
-        return np.asarray(self.comm.broadcast(tf.constant(array), root=0))
+        start = time.perf_counter()
+        out = np.asarray(self.comm.broadcast(tf.constant(array), root=0))
+        self.seconds += time.perf_counter() - start
+        return out
 
     def send(self, kind, a=0, b=0, ints=None, payload=b""):
         """Rank 0: sends a command (`ints` an int32 array whose length the kind implies

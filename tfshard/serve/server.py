@@ -12,7 +12,8 @@ import signal
 import sys
 
 from tfshard.serve import api
-from tfshard.serve.engine import BatchingEngine, SerialEngine
+from tfshard.serve.engine import BatchingEngine
+from tfshard.serve.serial import SerialEngine
 from tfshard.serve.tokenizer import PreprocessorTokenizer
 
 #: Environment variable holding the API key when --api-key is not given.
@@ -122,7 +123,7 @@ def serve(sharded, host="127.0.0.1", port=8000, api_key=None, ready=None, log=pr
                 flush=True)
             engine.drain()
             if server is not None:
-                server.draining = True
+                server.drain("the server is shutting down")
         # Other ranks keep following rank 0, which stops them once drained.
 
     for sig in (signal.SIGTERM, signal.SIGINT):
