@@ -74,8 +74,17 @@ def _check_int8(ranks, name, np_, bitwise=True):
             assert rec["bitwise"], f"{where}: max|diff| {rec['max_diff']:.3g} (expected bit for bit)"
         else:
             assert rec["max_diff"] <= rec["tol"] and rec["argmax_equal"], (where, rec["max_diff"])
-        # One row of 4 tokens: tfshard's int8 op (exact integer sums), still bit for bit.
-        assert rec["decode_shaped_bitwise"], f"{where}: one row differs from unsharded int8"
+        # One row of 4 tokens: tfshard's int8 op (exact integer sums), still bit for bit --
+        # wherever TensorFlow's softmax rounds a row alike in the rank's share of the heads
+        # and in all of them; where it does not (AVX2-only CPUs), the rank's attention can be
+        # one ulp off before any sum of tfshard's, and float32's envelope with argmax
+        # identical is what holds (the int8 sums are checked exact per layer in
+        # tests/test_decode.py and tests/test_matvec.py).
+        if rec["softmax_shape_invariant"]:
+            assert rec["decode_shaped_bitwise"], f"{where}: one row differs from unsharded int8"
+        else:
+            fp32 = rec["decode_shaped_fp32"]
+            assert fp32["ok"], f"{where}: one row outside float32's envelope: {fp32}"
         if rec["matvec_available"]:
             assert rec["matvec_placed"] > 0, f"{where}: the int8 decode op was not used"
         assert rec["cut"] >= 4 and rec["modes"] == ["int8"], where
