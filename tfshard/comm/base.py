@@ -155,6 +155,15 @@ class Communicator(abc.ABC):
         out = np.asarray(self.allgather(tf.constant(array), axis=0))
         return out if self.rank == 0 else None
 
+    def abort(self, code=1):
+        """Ends this rank at once with `code` after flushing its output; backends whose
+        launcher could leave the other ranks running (MPI) end the whole job."""
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(code))
+
     def collective_seconds(self):
         """Seconds this process has spent waiting in collectives, where the backend
         counts them (tfshard's MPI ops do), else None."""

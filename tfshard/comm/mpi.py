@@ -231,6 +231,13 @@ class MPICommunicator(Communicator):
                                                              else None))
         return gather_on_axis(x, axis, sizes, self._size, gather)
 
+    def abort(self, code=1):
+        """Ends the whole MPI job now (MPI_Abort: the launcher stops every rank, a stopped
+        one included), after flushing this rank's output."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        _mpi().COMM_WORLD.Abort(int(code))
+
     def collective_seconds(self):
         """Seconds this process has spent waiting for tfshard's MPI collectives to
         complete (every group's, every thread's)."""

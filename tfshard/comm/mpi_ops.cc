@@ -246,10 +246,16 @@ static std::string describe_failure(const Call& c, const std::string& why,
   o << "tfshard MPI " << c.what << " (group " << c.group << " #" << c.seq << ") " << why
     << " on rank " << rank << " of " << size << " (pid " << getpid() << ").";
   std::vector<Peer> peers = survey(*c.members, c.group, c.seq);
-  std::vector<std::string> missing, waiting;
+  std::vector<std::string> missing, waiting, halted;
   for (const Peer& p : peers) {
     if (p.rank == rank) continue;
-    if (p.arrived) {
+    if (p.arrived && (p.state == 'T' || p.state == 't')) {
+      std::ostringstream m;
+      m << "rank " << p.rank;
+      if (p.world_rank != p.rank) m << " (world rank " << p.world_rank << ")";
+      m << " [" << p.seen << "]";
+      halted.push_back(m.str());
+    } else if (p.arrived) {
       waiting.push_back(std::to_string(p.rank));
     } else {
       std::ostringstream m;
@@ -262,6 +268,11 @@ static std::string describe_failure(const Call& c, const std::string& why,
   if (!missing.empty()) {
     o << " Missing: ";
     for (size_t i = 0; i < missing.size(); ++i) o << (i ? "; " : "") << missing[i];
+    o << ".";
+  }
+  if (!halted.empty()) {
+    o << " Stopped inside it: ";
+    for (size_t i = 0; i < halted.size(); ++i) o << (i ? "; " : "") << halted[i];
     o << ".";
   }
   if (!waiting.empty()) {
@@ -370,11 +381,12 @@ static Status wait_for(int count, MPI_Request* req, const Call& c, MPI_Status* s
     if (now >= next_survey) {
       next_survey = now + std::chrono::seconds(1);
       // A missing peer that is dead or stopped will not come: fail now, not at the deadline.
+      // A stopped rank cannot move MPI's data, even one that arrived before it stopped.
       bool gone = false, stopped = false;
       for (const Peer& p : survey(*c.members, c.group, c.seq)) {
+        if (p.state == 'T' || p.state == 't') stopped = true;
         if (p.arrived) continue;
         if (p.state == 'X' || p.state == 'Z') gone = true;
-        if (p.state == 'T' || p.state == 't') stopped = true;
       }
       stopped_checks = stopped ? stopped_checks + 1 : 0;
       if (gone) {

@@ -300,36 +300,36 @@ class BatchingEngine(BaseEngine):
                 field="max_tokens" if len(prompt) < self.max_model_len else "prompt")
         with self._lock:
             self._check_open()
-            if len(self._incoming) + len(self.scheduler.waiting) >= self.max_waiting:
+            # Requests not yet in a slot, against the free slots plus the queue's room.
+            unplaced = len(self._incoming) + len(self.scheduler.waiting)
+            free = self.slots - self.scheduler.in_use()
+            if unplaced >= free + self.max_waiting:
                 raise api.QueueFull(
-                    f"{self.max_waiting} requests are already waiting for one of "
-                    f"{self.slots} slots; retry later", retry_after=1)
+                    f"all {self.slots} slots are busy and {self.max_waiting} requests are "
+                    "already waiting (--slots, --max-waiting).", retry_after=1)
             self._incoming.append(request)
             self._lock.notify()
 
     # Rank 0's loop.
 
     def _lead(self):
-        try:
-            while True:
-                self._admit()
-                if self._state != "running" and not self.scheduler.busy() and not self._predicts:
-                    return
-                self._serve_predicts()
-                plan = self.scheduler.plan()
-                self._record_slots()
-                if plan.empty:
-                    self._wait()
-                    continue
-                self.channel.send(protocol.STEP, len(plan.tokens), len(plan.rows),
-                                  protocol.step_ints(plan.tokens, plan.slots, plan.positions,
-                                                     plan.rows))
-                logits = self._run_step(plan.tokens, plan.slots, plan.positions, plan.rows)
-                self._count_collectives()
-                self._sample(plan, logits)
-        finally:
-            if self._state != "down":
-                self._stop_followers()
+        while True:
+            self._admit()
+            if self._state != "running" and not self.scheduler.busy() and not self._predicts:
+                break
+            self._serve_predicts()
+            plan = self.scheduler.plan()
+            self._record_slots()
+            if plan.empty:
+                self._wait()
+                continue
+            self.channel.send(protocol.STEP, len(plan.tokens), len(plan.rows),
+                              protocol.step_ints(plan.tokens, plan.slots, plan.positions,
+                                                 plan.rows))
+            logits = self._run_step(plan.tokens, plan.slots, plan.positions, plan.rows)
+            self._count_collectives()
+            self._sample(plan, logits)
+        self._stop_followers()  # drained: every rank returns (after a failure, none can)
 
     def _run_step(self, tokens, slots, positions, rows):
         import tensorflow as tf

@@ -52,34 +52,31 @@ class SerialEngine(BaseEngine):
             self._lock.notify()
 
     def _lead(self):
-        try:
-            while True:
-                with self._lock:
-                    cancels, self._cancels = set(self._cancels), set()
-                    for request in [r for r in self._incoming if r.id in cancels]:
-                        self._incoming.remove(request)
-                        request.on_event(api.Event("done", finish_reason="cancelled",
-                                                   prompt_tokens=len(request.prompt_ids)))
-                    request = self._incoming.popleft() if self._incoming else None
-                if request is None and self._state != "running" and not self._predicts:
-                    return
-                self._serve_predicts()
-                if request is None:
-                    self._wait()
-                    continue
-                self._current = request
-                p = request.params
-                spec = {"ids": list(map(int, request.prompt_ids)), "max_tokens": p.max_tokens,
-                        "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p,
-                        "seed": p.seed if p.seed is not None else int(self._seed.integers(2**31))}
-                payload = batches.json_bytes(spec)
-                self.channel.send(protocol.GENERATE, payload=payload)
-                ids = self._generate(payload)
-                self._current = None
-                self._finish(request, ids)
-        finally:
-            if self._state != "down":
-                self._stop_followers()
+        while True:
+            with self._lock:
+                cancels, self._cancels = set(self._cancels), set()
+                for request in [r for r in self._incoming if r.id in cancels]:
+                    self._incoming.remove(request)
+                    request.on_event(api.Event("done", finish_reason="cancelled",
+                                               prompt_tokens=len(request.prompt_ids)))
+                request = self._incoming.popleft() if self._incoming else None
+            if request is None and self._state != "running" and not self._predicts:
+                break
+            self._serve_predicts()
+            if request is None:
+                self._wait()
+                continue
+            self._current = request
+            p = request.params
+            spec = {"ids": list(map(int, request.prompt_ids)), "max_tokens": p.max_tokens,
+                    "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p,
+                    "seed": p.seed if p.seed is not None else int(self._seed.integers(2**31))}
+            payload = batches.json_bytes(spec)
+            self.channel.send(protocol.GENERATE, payload=payload)
+            ids = self._generate(payload)
+            self._current = None
+            self._finish(request, ids)
+        self._stop_followers()  # drained: every rank returns (after a failure, none can)
 
     def _follow_command(self, kind, a, b, ints, payload):
         if kind != protocol.GENERATE:

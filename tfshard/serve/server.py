@@ -10,6 +10,7 @@ ones finish, then every rank returns.
 import os
 import signal
 import sys
+import time
 
 from tfshard.serve import api
 from tfshard.serve.engine import BatchingEngine
@@ -18,6 +19,9 @@ from tfshard.serve.tokenizer import PreprocessorTokenizer
 
 #: Environment variable holding the API key when --api-key is not given.
 API_KEY_ENV = "TFSHARD_API_KEY"
+
+#: Seconds rank 0 keeps answering 503 after a rank is lost, before the job ends.
+FAILED_LINGER_SECONDS = 2.0
 
 
 def build_engine(sharded, name=None, slots=8, max_len=2048, max_tokens=None, max_waiting=64,
@@ -106,6 +110,11 @@ def serve(sharded, host="127.0.0.1", port=8000, api_key=None, ready=None, log=pr
 
     engine, why = build_engine(sharded, **kwargs)
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+    # Which process is which rank, said once: a launcher's report of a lost process names
+    # its pid and host.
+    import socket
+
+    ranks = sharded.world.comm.allgather_object([socket.gethostname(), os.getpid()])
     server = None
     previous = {}
     if engine.lead:
@@ -113,7 +122,8 @@ def serve(sharded, host="127.0.0.1", port=8000, api_key=None, ready=None, log=pr
         server.start()
         kind = "continuous batching" if why is None else f"one request at a time ({why})"
         log(f"[tfshard] serving {engine.model_name!r} on http://{host}:{server.port} "
-            f"({sharded.world.size} rank(s), {kind})", flush=True)
+            f"({sharded.world.size} rank(s), {kind}); ranks: "
+            + ", ".join(f"{r} pid {pid} on {h}" for r, (h, pid) in enumerate(ranks)), flush=True)
         if ready is not None:
             ready(server.port)
 
@@ -130,9 +140,25 @@ def serve(sharded, host="127.0.0.1", port=8000, api_key=None, ready=None, log=pr
         previous[sig] = signal.signal(sig, on_signal)
     try:
         engine.run()
+    except Exception as e:  # a lost rank: the error names it
+        import traceback
+
+        if server is not None:
+            # Every open request has its error event; /health answers 503 with the reason
+            # for a moment, so a health check sees the failure before the port closes.
+            time.sleep(FAILED_LINGER_SECONDS)
+            server.stop(timeout=5)
+        traceback.print_exc()
+        print(f"[tfshard] rank {sharded.world.rank}: the server failed: {type(e).__name__}: "
+              f"{e}", file=sys.stderr, flush=True)
+        # The job ends as a whole, a stopped rank included (an exit would leave it waiting);
+        # first the launcher's output copiers get a moment to pass the messages on.
+        time.sleep(0.5)
+        sharded.world.comm.abort(1)
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if server is not None:
-            server.stop()
-        sys.stdout.flush()
+    if server is not None:
+        server.stop()
+    sys.stdout.flush()
