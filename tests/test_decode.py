@@ -113,11 +113,13 @@ def _decided(model, tokens, mask, dtype):
     return out
 
 
-def test_rows_at_their_own_positions_equal_each_row_alone():
-    # Three sequences in one cache: their prompts in one step, then decode steps where
-    # each row is at its own position (and one sequence waits a step): every row's
-    # logits equal the same sequence run alone in a cache of its own, bit for bit.
-    model = model_of("float32")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rows_at_their_own_positions_equal_each_row_alone(variant):
+    # Three sequences in one cache: their prompts in one step (13 rows: the panel kernels,
+    # where each alone is 3 to 6 rows: the streaming ones), then decode steps where each row
+    # is at its own position (and one sequence waits a step): every row's logits equal the
+    # same sequence run alone in a cache of its own, bit for bit.
+    model = model_of(variant)
     step = DecodeStep(model)
     rng = np.random.default_rng(5)
     seqs = [rng.integers(1, 1000, n).astype("int32") for n in (3, 6, 4)]

@@ -1,6 +1,7 @@
 """The decode kernels (tfshard/layers/kernels/) of every instruction set this CPU runs, against float64 numpy.
 
-Each set's linear kernel is called directly (a C entry point, through ctypes) on weights
+Each set's linear kernel (the streaming one for up to 8 input rows, the panel one above) is
+called directly (a C entry point, through ctypes) on weights
 in every format Keras stores: float32, bfloat16, int8 (exact int32 sums), int4 per
 channel and per group, as a Dense kernel `[K, N]` ("kn"), as an embedding table `[N, K]`
 ("nk") and, for int4, as an untied reverse table `[K, N]` packed along K ("pk").
@@ -132,7 +133,7 @@ def _run(isa, fmt, layout, M, K, N, seed, bias=True):
 @pytest.mark.parametrize("isa", HERE)
 @settings(max_examples=40, deadline=None)
 @given(fmt=st.sampled_from([F32, BF16, I8, I4C, I4G]), layout=st.sampled_from([KN, NK, PK]),
-       M=st.integers(1, 10), K=st.integers(1, 80), N=st.integers(1, 300),
+       M=st.integers(1, 24), K=st.integers(1, 300), N=st.integers(1, 300),
        seed=st.integers(0, 2**31 - 1))
 def test_linear_matches_float64(isa, fmt, layout, M, K, N, seed):
     _run(isa, fmt, layout, M, K, N, seed)
@@ -140,11 +141,12 @@ def test_linear_matches_float64(isa, fmt, layout, M, K, N, seed):
 
 @pytest.mark.parametrize("isa", HERE)
 def test_decode_shapes(isa):
-    # SmolLM2's shapes at TP=2 (q/k/v, the MLP both ways, the tied head), M = 1 and 8.
+    # SmolLM2's shapes at TP=2 (q/k/v, the MLP both ways, the tied head): M = 1 and 8 (the
+    # streaming kernels), 37 (a prompt: the panel kernels).
     for fmt in (F32, BF16, I8, I4C, I4G):
         for K, N, layout in ((576, 320, KN), (576, 768, KN), (768, 576, KN), (576, 1000, NK),
                              (576, 1000, PK)):
-            for M in (1, 8):
+            for M in (1, 8, 37):
                 _run(isa, fmt, layout, M, K, N, seed=K + N + M + fmt)
 
 

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -69,12 +70,15 @@ inline void kn_accumulate(const uint8_t* base, int64_t rb, const float* x, int64
         vstore(a, vadd(s, t));
       }
     }
-    for (int64_t j = vend; j < width; ++j) {
+    for (int64_t j = vend; j < width; ++j) {  // the vector lanes' arithmetic, one lane
       const float w0 = load_w1<F>(r0, nb + j), w1 = load_w1<F>(r1, nb + j);
       const float w2 = load_w1<F>(r2, nb + j), w3 = load_w1<F>(r3, nb + j);
       for (int m = 0; m < mb; ++m) {
         const float* xm = x + m * K + k;
-        acc[m * NB + j] += xm[0] * w0 + xm[1] * w1 + xm[2] * w2 + xm[3] * w3;
+        float* a = acc + m * NB + j;
+        const float s = std::fma(xm[2], w2, std::fma(xm[0], w0, *a));
+        const float t = std::fma(xm[3], w3, xm[1] * w1);
+        *a = s + t;
       }
     }
   }
@@ -89,7 +93,7 @@ inline void kn_accumulate(const uint8_t* base, int64_t rb, const float* x, int64
     }
     for (int64_t j = vend; j < width; ++j) {
       const float w0 = load_w1<F>(r0, nb + j);
-      for (int m = 0; m < mb; ++m) acc[m * NB + j] += x[m * K + k] * w0;
+      for (int m = 0; m < mb; ++m) acc[m * NB + j] = std::fma(x[m * K + k], w0, acc[m * NB + j]);
     }
   }
 }
@@ -182,7 +186,10 @@ inline void kn_i4_accumulate(const uint8_t* base, int64_t rb, const float* x, in
     }
     for (int64_t p = vend; p < width; ++p) {
       const float u0 = load_u1(base + k * rb, nb + p), u1 = load_u1(base + (k + 1) * rb, nb + p);
-      for (int m = 0; m < mb; ++m) acc[m * NB + p] += x[m * K + k] * u0 + x[m * K + k + 1] * u1;
+      for (int m = 0; m < mb; ++m) {
+        float* a = acc + m * NB + p;
+        *a = std::fma(x[m * K + k + 1], u1, std::fma(x[m * K + k], u0, *a));
+      }
     }
   }
   for (; k < ke; ++k) {
@@ -199,7 +206,7 @@ inline void kn_i4_accumulate(const uint8_t* base, int64_t rb, const float* x, in
     }
     for (int64_t p = vend; p < width; ++p) {
       const float u0 = load_u1(base + k * rb, nb + p);
-      for (int m = 0; m < mb; ++m) acc[m * NB + p] += x[m * K + k] * u0;
+      for (int m = 0; m < mb; ++m) acc[m * NB + p] = std::fma(x[m * K + k], u0, acc[m * NB + p]);
     }
   }
 }
@@ -443,6 +450,255 @@ void nk_i4(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy, in
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Many rows (a prompt): kn weights as GEMM panels. A panel is KB contracted rows x PW
+// columns of the weight as the float kernel would hold them (bfloat16 widened, int4
+// unpacked and dequantized as Keras dequantizes: per group (q - zero) * scale, per
+// channel q with the scale after the sum), packed once and read by every input row; a
+// micro-tile keeps TR x (TV * W) outputs in registers. int8 packs int16 pairs of rows and
+// sums exactly in int32. Below GEMM_ROWS rows the streaming kernels above read less.
+
+constexpr int64_t GEMM_ROWS = 8;  // more input rows than this: the panel kernels
+constexpr int64_t KB = 256;       // contracted rows per panel
+constexpr int TR = 4;             // input rows per micro-tile
+constexpr int TV = 2;             // vectors per micro-tile
+constexpr int64_t PW = 4 * TV * W;  // panel width: four micro-tiles of columns
+
+template <Fmt F>
+void pack_panel(const Weight& w, int64_t k0, int64_t kb, int64_t nb, int64_t width, float* P) {
+  const uint8_t* base = static_cast<const uint8_t*>(w.data);
+  const int64_t rb = w.row_bytes();
+  for (int64_t k = 0; k < kb; ++k) {
+    const uint8_t* row = base + (k0 + k) * rb;
+    float* out = P + k * PW;
+    int64_t j = 0;
+    for (; j + W <= width; j += W) vstore(out + j, load_w<F>(row, nb + j));
+    for (; j < width; ++j) out[j] = load_w1<F>(row, nb + j);
+    for (; j < PW; ++j) out[j] = 0.0f;
+  }
+}
+
+// int4: the panel holds u = q + 8 (0..15) of each value, in the streaming kernels' column
+// order (chunks of W even columns then W odd ones: vload_u4's, no shuffle), as floats.
+void pack_panel_u4(const Weight& w, int64_t k0, int64_t kb, int64_t nb, int64_t width,
+                   float* P) {
+  const uint8_t* base = static_cast<const uint8_t*>(w.data);
+  const int64_t rb = w.row_bytes(), vend = width / (2 * W) * (2 * W);
+  for (int64_t k = 0; k < kb; ++k) {
+    const uint8_t* row = base + (k0 + k) * rb;
+    const int8_t* bytes = reinterpret_cast<const int8_t*>(row) + nb / 2;
+    float* out = P + k * PW;
+    int64_t p = 0;
+    for (; p < vend; p += 2 * W) {
+      VF e, o;
+      vload_u4(bytes + p / 2, e, o);
+      vstore(out + p, e);
+      vstore(out + p + W, o);
+    }
+    for (; p < width; ++p) out[p] = load_u1(row, nb + p);
+    for (; p < PW; ++p) out[p] = 0.0f;
+  }
+}
+
+// A micro-tile: y[r, :cols] carried through rows [0, kb) of the panel, each row's sum in
+// the streaming kernels' order (so a row's bits do not depend on how many rows run with
+// it): kFour, float32 and bfloat16's groups of four (two chains, joined), else one FMA
+// a row (int4's).
+template <int R, bool kFour>
+inline void micro_f(const float* x, int64_t ldx, const float* P, int64_t kb, float* y,
+                    int64_t ldy, int64_t cols) {
+  alignas(64) float tmp[TV * W];
+  VF acc[R][TV];
+  for (int r = 0; r < R; ++r) {
+    std::fill(tmp, tmp + TV * W, 0.0f);
+    std::copy(y + r * ldy, y + r * ldy + cols, tmp);
+    for (int v = 0; v < TV; ++v) acc[r][v] = vload(tmp + v * W);
+  }
+  int64_t k = 0;
+  if constexpr (kFour) {
+    for (; k + 4 <= kb; k += 4) {
+      VF b0[TV], b1[TV], b2[TV], b3[TV];
+      for (int v = 0; v < TV; ++v) {
+        b0[v] = vload(P + k * PW + v * W);
+        b1[v] = vload(P + (k + 1) * PW + v * W);
+        b2[v] = vload(P + (k + 2) * PW + v * W);
+        b3[v] = vload(P + (k + 3) * PW + v * W);
+      }
+      for (int r = 0; r < R; ++r) {
+        const float* xr = x + r * ldx + k;
+        const VF a0 = vset1(xr[0]), a1 = vset1(xr[1]), a2 = vset1(xr[2]), a3 = vset1(xr[3]);
+        for (int v = 0; v < TV; ++v) {
+          VF s0 = vfma(a0, b0[v], acc[r][v]);
+          VF t0 = vmul(a1, b1[v]);
+          s0 = vfma(a2, b2[v], s0);
+          t0 = vfma(a3, b3[v], t0);
+          acc[r][v] = vadd(s0, t0);
+        }
+      }
+    }
+  }
+  for (; k < kb; ++k) {
+    VF b[TV];
+    for (int v = 0; v < TV; ++v) b[v] = vload(P + k * PW + v * W);
+    for (int r = 0; r < R; ++r) {
+      const VF a = vset1(x[r * ldx + k]);
+      for (int v = 0; v < TV; ++v) acc[r][v] = vfma(a, b[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < TV; ++v) vstore(tmp + v * W, acc[r][v]);
+    std::copy(tmp, tmp + cols, y + r * ldy);
+  }
+}
+
+template <Fmt F>
+void kn_gemm_f(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0,
+               int64_t n1) {
+  const int64_t K = w.K;
+  std::vector<float> panel(KB * PW);
+  for (int64_t m = 0; m < M; ++m) std::fill(y + m * ldy + n0, y + m * ldy + n1, 0.0f);
+  for (int64_t nb = n0; nb < n1; nb += PW) {
+    const int64_t width = std::min(PW, n1 - nb);
+    for (int64_t k0 = 0; k0 < K; k0 += KB) {
+      const int64_t kb = std::min(KB, K - k0);
+      pack_panel<F>(w, k0, kb, nb, width, panel.data());
+      for (int64_t j0 = 0; j0 < width; j0 += TV * W) {
+        const int64_t cols = std::min<int64_t>(TV * W, width - j0);
+        const float* P = panel.data() + j0;
+        int64_t m = 0;
+        for (; m + TR <= M; m += TR)
+          micro_f<TR, true>(x + m * K + k0, K, P, kb, y + m * ldy + nb + j0, ldy, cols);
+        for (; m < M; ++m)
+          micro_f<1, true>(x + m * K + k0, K, P, kb, y + m * ldy + nb + j0, ldy, cols);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      float* out = y + m * ldy + nb;
+      for (int64_t j = 0; j < width; ++j) {
+        if (w.bias) out[j] += w.bias[nb + j];
+      }
+    }
+  }
+}
+
+// int4: per group (a run of contracted rows; the whole of K per channel) the panels give
+// sums of x * u; folded as the streaming kernel folds them: scale * (sum - (zero + 8) *
+// sum(x)) per group, (sum - 8 * sum(x)) / scale per channel.
+template <bool kGrouped>
+void kn_gemm_i4(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0,
+                int64_t n1) {
+  const int64_t K = w.K, N = w.N;
+  const Runs runs = int4_runs(w, x, M, kGrouped);
+  const int64_t nruns = static_cast<int64_t>(runs.start.size());
+  std::vector<float> panel(KB * PW), acc(M * PW), gacc(M * PW);
+  for (int64_t nb = n0; nb < n1; nb += PW) {
+    const int64_t width = std::min(PW, n1 - nb), vend = width / (2 * W) * (2 * W);
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t i = 0; i < nruns; ++i) {
+      float* sums = kGrouped ? gacc.data() : acc.data();
+      if (kGrouped) std::fill(gacc.begin(), gacc.end(), 0.0f);
+      for (int64_t k0 = runs.start[i]; k0 < runs.stop[i]; k0 += KB) {
+        const int64_t kb = std::min(KB, runs.stop[i] - k0);
+        pack_panel_u4(w, k0, kb, nb, width, panel.data());
+        for (int64_t j0 = 0; j0 < width; j0 += TV * W) {
+          const int64_t cols = std::min<int64_t>(TV * W, width - j0);
+          const float* P = panel.data() + j0;
+          int64_t m = 0;
+          for (; m + TR <= M; m += TR)
+            micro_f<TR, false>(x + m * K + k0, K, P, kb, sums + m * PW + j0, PW, cols);
+          for (; m < M; ++m)
+            micro_f<1, false>(x + m * K + k0, K, P, kb, sums + m * PW + j0, PW, cols);
+        }
+      }
+      if constexpr (kGrouped) {
+        const float* sc = w.scale + static_cast<int64_t>(runs.group[i]) * N + nb;
+        const float* z = w.zero + static_cast<int64_t>(runs.group[i]) * N + nb;
+        for (int64_t m = 0; m < M; ++m) {
+          const float xs = runs.xs[m * nruns + i];
+          for (int64_t p = 0; p < width; ++p) {
+            const int64_t c = i4_column(p, vend);
+            acc[m * PW + p] += sc[c] * (gacc[m * PW + p] - (z[c] + 8.0f) * xs);
+          }
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      float* out = y + m * ldy + nb;
+      for (int64_t p = 0; p < width; ++p) {
+        const int64_t c = i4_column(p, vend);
+        float v = acc[m * PW + p];
+        if constexpr (!kGrouped) v = (v - 8.0f * runs.xs[m]) / w.scale[nb + c];
+        if (w.bias) v = v + w.bias[nb + c];
+        out[c] = v;
+      }
+    }
+  }
+}
+
+// int8: the panel holds rows k, k+1 of each column as an int16 pair (vp_loadp), so a
+// micro-tile multiplies a row pair by two inputs in one madd.
+void pack_panel_i8(const Weight& w, int64_t k0, int64_t kb, int64_t nb, int64_t width,
+                   int16_t* P) {
+  const int8_t* base = static_cast<const int8_t*>(w.data);
+  const int64_t N = w.N, pairs = (kb + 1) / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t k = k0 + 2 * p;
+    const int8_t* r0 = base + k * N + nb;
+    const int8_t* r1 = 2 * p + 1 < kb ? r0 + N : nullptr;
+    int16_t* out = P + p * 2 * PW;
+    for (int64_t j = 0; j < PW; ++j) {
+      out[2 * j] = j < width ? r0[j] : 0;
+      out[2 * j + 1] = j < width && r1 ? r1[j] : 0;
+    }
+  }
+}
+
+template <int R>
+inline void micro_i8(const int8_t* x, int64_t ldx, int64_t kb, const int16_t* P, int32_t* y,
+                     int64_t ldy, int64_t cols) {
+  VI acc[R][TV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < TV; ++v) acc[r][v] = vi_zero();
+  const int64_t pairs = (kb + 1) / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    VP b[TV];
+    for (int v = 0; v < TV; ++v) b[v] = vp_loadp(P + p * 2 * PW + v * 2 * W);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xr = x + r * ldx + 2 * p;
+      const int32_t x01 = pair16(xr[0], 2 * p + 1 < kb ? xr[1] : 0);
+      for (int v = 0; v < TV; ++v) acc[r][v] = vp_madd(acc[r][v], b[v], x01);
+    }
+  }
+  alignas(64) int32_t tmp[TV * W];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < TV; ++v) vi_store(tmp + v * W, acc[r][v]);
+    int32_t* out = y + r * ldy;
+    for (int64_t j = 0; j < cols; ++j) out[j] += tmp[j];
+  }
+}
+
+void kn_gemm_i8(const Weight& w, const int8_t* x, int64_t M, int32_t* y, int64_t ldy,
+                int64_t n0, int64_t n1) {
+  const int64_t K = w.K;
+  std::vector<int16_t> panel(((KB + 1) / 2) * 2 * PW);
+  for (int64_t m = 0; m < M; ++m) std::fill(y + m * ldy + n0, y + m * ldy + n1, 0);
+  for (int64_t nb = n0; nb < n1; nb += PW) {
+    const int64_t width = std::min(PW, n1 - nb);
+    for (int64_t k0 = 0; k0 < K; k0 += KB) {
+      const int64_t kb = std::min(KB, K - k0);
+      pack_panel_i8(w, k0, kb, nb, width, panel.data());
+      for (int64_t j0 = 0; j0 < width; j0 += TV * W) {
+        const int64_t cols = std::min<int64_t>(TV * W, width - j0);
+        const int16_t* P = panel.data() + 2 * j0;
+        int64_t m = 0;
+        for (; m + TR <= M; m += TR)
+          micro_i8<TR>(x + m * K + k0, K, kb, P, y + m * ldy + nb + j0, ldy, cols);
+        for (; m < M; ++m) micro_i8<1>(x + m * K + k0, K, kb, P, y + m * ldy + nb + j0, ldy, cols);
+      }
+    }
+  }
+}
+
 void linear_f(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0,
               int64_t n1) {
   if (w.nk) {
@@ -458,6 +714,15 @@ void linear_f(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy,
     if (w.fmt == Fmt::I4C) return pk_i4<false>(w, x, M, y, ldy, n0, n1);
     if (w.fmt == Fmt::I4G) return pk_i4<true>(w, x, M, y, ldy, n0, n1);
     return;
+  }
+  if (M > GEMM_ROWS) {
+    switch (w.fmt) {
+      case Fmt::F32: return kn_gemm_f<Fmt::F32>(w, x, M, y, ldy, n0, n1);
+      case Fmt::BF16: return kn_gemm_f<Fmt::BF16>(w, x, M, y, ldy, n0, n1);
+      case Fmt::I4C: return kn_gemm_i4<false>(w, x, M, y, ldy, n0, n1);
+      case Fmt::I4G: return kn_gemm_i4<true>(w, x, M, y, ldy, n0, n1);
+      default: return;
+    }
   }
   switch (w.fmt) {
     case Fmt::F32: return kn_f<Fmt::F32>(w, x, M, y, ldy, n0, n1);
@@ -536,6 +801,7 @@ void nk_i8(const Weight& w, const int8_t* x, int64_t M, int32_t* y, int64_t ldy,
 void linear_i8(const Weight& w, const int8_t* x, int64_t M, int32_t* y, int64_t ldy,
                int64_t n0, int64_t n1) {
   if (w.nk) nk_i8(w, x, M, y, ldy, n0, n1);
+  else if (M > GEMM_ROWS) kn_gemm_i8(w, x, M, y, ldy, n0, n1);
   else kn_i8(w, x, M, y, ldy, n0, n1);
 }
 

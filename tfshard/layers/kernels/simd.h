@@ -16,6 +16,7 @@
 //                   odd = high nibbles (values 2j + 1), as float
 //   vi_zero, vi_add, vi_tof
 //   vp_load(w0, w1): W pairs (w0[n], w1[n]) of int8 values from two rows, as int16
+//   vp_loadp(p):    W pairs already laid out as int16 (w0[n], w1[n]) at p (a packed panel)
 //   vp_madd(acc, p, x01): acc[n] += x0 * w0[n] + x1 * w1[n], x01 the pair (x0, x1) as two
 //                   int16 in an int32 (pair16); exact (int16 products summed in int32)
 //   vi_dot4(acc, a, b): acc[i] += sum_j a[4i + j] * b[4i + j] for int8 a, b, W*4 bytes each
@@ -75,6 +76,7 @@ inline VP vp_load(const int8_t* w0, const int8_t* w1) {
   __m256i pairs = _mm256_set_m128i(_mm_unpackhi_epi8(a, b), _mm_unpacklo_epi8(a, b));
   return {_mm512_cvtepi8_epi16(pairs)};  // (w0[n], w1[n]) as int16 pairs
 }
+inline VP vp_loadp(const int16_t* p) { return {_mm512_loadu_si512(p)}; }
 inline VI vp_madd(VI acc, VP w, int32_t x01) {
 #if defined(__AVX512VNNI__)
   return {_mm512_dpwssd_epi32(acc.v, w.v, _mm512_set1_epi32(x01))};
@@ -149,6 +151,7 @@ inline VP vp_load(const int8_t* w0, const int8_t* w1) {
   __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w1));
   return {_mm256_cvtepi8_epi16(_mm_unpacklo_epi8(a, b))};  // (w0[n], w1[n]) pairs
 }
+inline VP vp_loadp(const int16_t* p) { return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))}; }
 inline VI vp_madd(VI acc, VP w, int32_t x01) {
   return {_mm256_add_epi32(acc.v, _mm256_madd_epi16(w.v, _mm256_set1_epi32(x01)))};
 }
@@ -215,6 +218,7 @@ inline VP vp_load(const int8_t* w0, const int8_t* w1) {
   for (int i = 0; i < W; ++i) { r.v[2 * i] = w0[i]; r.v[2 * i + 1] = w1[i]; }
   return r;
 }
+inline VP vp_loadp(const int16_t* p) { VP r; std::memcpy(r.v, p, sizeof r.v); return r; }
 inline VI vp_madd(VI acc, VP w, int32_t x01) {
   const int32_t x0 = static_cast<int16_t>(x01 & 0xFFFF), x1 = static_cast<int16_t>(x01 >> 16);
   for (int i = 0; i < W; ++i) acc.v[i] += x0 * w.v[2 * i] + x1 * w.v[2 * i + 1];
