@@ -4,8 +4,8 @@
 // int4 unpacked in registers, a vector at a time.
 //
 // kn weights ([K, N], a Dense kernel) are streamed a row at a time: for a block of up to
-// NB columns, the partial sums of up to MB input rows stay in a small buffer (L1) while
-// rows of the weight go by, four at a time. nk weights ([N, K], an embedding table giving
+// NB columns, the partial sums of up to MB input rows stay in a buffer (L1/L2) while rows
+// of the weight go by, four at a time. nk weights ([N, K], an embedding table giving
 // logits) are dot products, one output column per stored row.
 #pragma once
 
@@ -20,8 +20,18 @@
 namespace tfshard {
 namespace TFS_ISA_NS {
 
-constexpr int64_t NB = 256;  // columns per block (a multiple of every W)
+constexpr int64_t NB = 2048;  // columns per block (a multiple of every W): long runs of
+                              // each weight row (fewer pages touched per row, TLB-friendly)
 constexpr int MB = 8;        // input rows per pass over a block
+
+// A thread's scratch buffers for the partial sums (MB x NB floats each: too large for the
+// stack of every thread that may run a kernel).
+inline float* scratch(int which) {
+  static thread_local std::vector<float> buffers[2];
+  std::vector<float>& b = buffers[which];
+  if (b.size() < static_cast<size_t>(MB * NB)) b.resize(MB * NB);
+  return b.data();
+}
 
 template <Fmt F>
 inline VF load_w(const uint8_t* row, int64_t j) {
@@ -103,7 +113,7 @@ void kn_f(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy, int
           int64_t n1) {
   const uint8_t* base = static_cast<const uint8_t*>(w.data);
   const int64_t rb = w.row_bytes(), K = w.K;
-  alignas(64) float acc[MB * NB];
+  float* acc = scratch(0);
   for (int64_t m0 = 0; m0 < M; m0 += MB) {
     const int mb = static_cast<int>(std::min<int64_t>(MB, M - m0));
     for (int64_t nb = n0; nb < n1; nb += NB) {
@@ -169,6 +179,34 @@ inline void kn_i4_accumulate(const uint8_t* base, int64_t rb, const float* x, in
                              int64_t ks, int64_t ke, int64_t nb, int64_t width, int64_t vend,
                              float* acc) {
   int64_t k = ks;
+  for (; k + 4 <= ke; k += 4) {  // four rows a pass: the partial sums move half as often
+    const int8_t* r0 = reinterpret_cast<const int8_t*>(base + k * rb) + nb / 2;
+    const int8_t* r1 = r0 + rb;
+    const int8_t* r2 = r1 + rb;
+    const int8_t* r3 = r2 + rb;
+    for (int64_t p = 0; p < vend; p += 2 * W) {
+      VF e0, o0, e1, o1, e2, o2, e3, o3;
+      vload_u4(r0 + p / 2, e0, o0);
+      vload_u4(r1 + p / 2, e1, o1);
+      vload_u4(r2 + p / 2, e2, o2);
+      vload_u4(r3 + p / 2, e3, o3);
+      for (int m = 0; m < mb; ++m) {
+        const float* xm = x + m * K + k;
+        const VF x0 = vset1(xm[0]), x1 = vset1(xm[1]), x2 = vset1(xm[2]), x3 = vset1(xm[3]);
+        float* ae = acc + m * NB + p;
+        float* ao = ae + W;
+        vstore(ae, vfma(x3, e3, vfma(x2, e2, vfma(x1, e1, vfma(x0, e0, vload(ae))))));
+        vstore(ao, vfma(x3, o3, vfma(x2, o2, vfma(x1, o1, vfma(x0, o0, vload(ao))))));
+      }
+    }
+    for (int64_t p = vend; p < width; ++p) {
+      for (int m = 0; m < mb; ++m) {
+        float* a = acc + m * NB + p;
+        for (int j = 0; j < 4; ++j)
+          *a = std::fma(x[m * K + k + j], load_u1(base + (k + j) * rb, nb + p), *a);
+      }
+    }
+  }
   for (; k + 2 <= ke; k += 2) {
     const int8_t* r0 = reinterpret_cast<const int8_t*>(base + k * rb) + nb / 2;
     const int8_t* r1 = r0 + rb;
@@ -218,8 +256,8 @@ void kn_i4(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy, in
   const int64_t rb = w.row_bytes(), K = w.K, N = w.N;
   const Runs runs = int4_runs(w, x, M, kGrouped);
   const int64_t nruns = static_cast<int64_t>(runs.start.size());
-  alignas(64) float acc[MB * NB];
-  alignas(64) float gacc[MB * NB];
+  float* acc = scratch(0);
+  float* gacc = scratch(1);
   for (int64_t m0 = 0; m0 < M; m0 += MB) {
     const int mb = static_cast<int>(std::min<int64_t>(MB, M - m0));
     const float* xb = x + m0 * K;
@@ -312,8 +350,8 @@ void pk_i4(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy, in
   const int64_t K = w.K, N = w.N;
   const Runs runs = int4_runs(w, x, M, kGrouped);
   const int64_t nruns = static_cast<int64_t>(runs.start.size());
-  alignas(64) float acc[MB * NB];
-  alignas(64) float gacc[MB * NB];
+  float* acc = scratch(0);
+  float* gacc = scratch(1);
   for (int64_t m0 = 0; m0 < M; m0 += MB) {
     const int mb = static_cast<int>(std::min<int64_t>(MB, M - m0));
     const float* xb = x + m0 * K;
@@ -350,47 +388,38 @@ void pk_i4(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy, in
   }
 }
 
-// nk: y[m, n] = x[m, :] . w[n, :], one stored row per output column.
+// nk: y[m, n] = x[m, :] . w[n, :], one stored row per output column; four stored rows at a
+// time share each load of x (and give four independent chains of FMAs).
+constexpr int NR = 4;
+
 template <Fmt F>
 void nk_f(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0,
           int64_t n1) {
   const uint8_t* base = static_cast<const uint8_t*>(w.data);
-  const int64_t rb = w.row_bytes(), K = w.K;
-  constexpr int R = 4;  // input rows per pass over a stored row
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = base + n * rb;
-    for (int64_t m0 = 0; m0 < M; m0 += R) {
-      const int mb = static_cast<int>(std::min<int64_t>(R, M - m0));
-      VF acc[R] = {vzero(), vzero(), vzero(), vzero()};
-      VF acc2[R] = {vzero(), vzero(), vzero(), vzero()};  // a second chain of FMAs
-      float tail[R] = {0.0f, 0.0f, 0.0f, 0.0f};
-      int64_t k = 0;
-      for (; k + 2 * W <= K; k += 2 * W) {
-        const VF wv = load_w<F>(row, k), wv2 = load_w<F>(row, k + W);
-        for (int m = 0; m < mb; ++m) {
-          const float* xm = x + (m0 + m) * K + k;
-          acc[m] = vfma(vload(xm), wv, acc[m]);
-          acc2[m] = vfma(vload(xm + W), wv2, acc2[m]);
-        }
+  const int64_t rb = w.row_bytes(), K = w.K, kend = K / W * W;
+  for (int64_t n = n0; n < n1; n += NR) {
+    const int nr = static_cast<int>(std::min<int64_t>(NR, n1 - n));
+    const uint8_t* rows[NR];
+    for (int r = 0; r < NR; ++r) rows[r] = base + (n + std::min(r, nr - 1)) * rb;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * K;
+      VF acc[NR] = {vzero(), vzero(), vzero(), vzero()};
+      for (int64_t k = 0; k < kend; k += W) {
+        const VF xv = vload(xm + k);
+        for (int r = 0; r < NR; ++r) acc[r] = vfma(xv, load_w<F>(rows[r], k), acc[r]);
       }
-      for (; k + W <= K; k += W) {
-        const VF wv = load_w<F>(row, k);
-        for (int m = 0; m < mb; ++m) acc[m] = vfma(vload(x + (m0 + m) * K + k), wv, acc[m]);
-      }
-      for (; k < K; ++k) {
-        const float wv = load_w1<F>(row, k);
-        for (int m = 0; m < mb; ++m) tail[m] += x[(m0 + m) * K + k] * wv;
-      }
-      for (int m = 0; m < mb; ++m) {
-        const float v = vhsum(vadd(acc[m], acc2[m])) + tail[m];
-        y[(m0 + m) * ldy + n] = w.bias ? v + w.bias[n] : v;
+      for (int r = 0; r < nr; ++r) {
+        float v = vhsum(acc[r]);
+        for (int64_t k = kend; k < K; ++k) v += xm[k] * load_w1<F>(rows[r], k);
+        y[m * ldy + n + r] = w.bias ? v + w.bias[n + r] : v;
       }
     }
   }
 }
 
 // int4, nk (packed along K, an int4 embedding table): x split once into its even and odd
-// entries, which meet the low and high nibbles of each stored row.
+// entries, which meet the low and high nibbles of each stored row; four stored rows at a
+// time share each load of x.
 template <bool kGrouped>
 void nk_i4(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0,
            int64_t n1) {
@@ -401,50 +430,49 @@ void nk_i4(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy, in
     for (int64_t k = 0; k < K; ++k) split[(2 * m + (k & 1)) * half + k / 2] = x[m * K + k];
   const Runs runs = int4_runs(w, x, M, kGrouped);
   const int64_t nruns = static_cast<int64_t>(runs.start.size());
-  constexpr int R = 4;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = base + n * rb;
-    for (int64_t m0 = 0; m0 < M; m0 += R) {
-      const int mb = static_cast<int>(std::min<int64_t>(R, M - m0));
-      float out[R] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int64_t n = n0; n < n1; n += NR) {
+    const int nr = static_cast<int>(std::min<int64_t>(NR, n1 - n));
+    const uint8_t* rows[NR];
+    for (int r = 0; r < NR; ++r) rows[r] = base + (n + std::min(r, nr - 1)) * rb;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * K;
+      const float* xe = split.data() + 2 * m * half;
+      float out[NR] = {0.0f, 0.0f, 0.0f, 0.0f};
       for (int64_t i = 0; i < nruns; ++i) {
         const int64_t ke = runs.stop[i];
-        VF acc[R] = {vzero(), vzero(), vzero(), vzero()};
-        float tail[R] = {0.0f, 0.0f, 0.0f, 0.0f};
+        VF acc[NR] = {vzero(), vzero(), vzero(), vzero()};
+        float tail[NR] = {0.0f, 0.0f, 0.0f, 0.0f};
         int64_t k = runs.start[i];
         if (k & 1) {
-          const float u = load_u1(row, k);
-          for (int m = 0; m < mb; ++m) tail[m] += x[(m0 + m) * K + k] * u;
+          for (int r = 0; r < nr; ++r) tail[r] += xm[k] * load_u1(rows[r], k);
           ++k;
         }
         for (; k + 2 * W <= ke; k += 2 * W) {
-          VF e, o;
-          vload_u4(reinterpret_cast<const int8_t*>(row) + k / 2, e, o);
-          for (int m = 0; m < mb; ++m) {
-            const float* xe = split.data() + 2 * (m0 + m) * half + k / 2;
-            acc[m] = vfma(vload(xe + half), o, vfma(vload(xe), e, acc[m]));
+          const VF ev = vload(xe + k / 2), ov = vload(xe + half + k / 2);
+          for (int r = 0; r < NR; ++r) {
+            VF e, o;
+            vload_u4(reinterpret_cast<const int8_t*>(rows[r]) + k / 2, e, o);
+            acc[r] = vfma(ov, o, vfma(ev, e, acc[r]));
           }
         }
-        for (; k < ke; ++k) {
-          const float u = load_u1(row, k);
-          for (int m = 0; m < mb; ++m) tail[m] += x[(m0 + m) * K + k] * u;
-        }
-        for (int m = 0; m < mb; ++m) {
-          const float xs = runs.xs[(m0 + m) * nruns + i];
-          const float dot = vhsum(acc[m]) + tail[m];
+        for (; k < ke; ++k)
+          for (int r = 0; r < nr; ++r) tail[r] += xm[k] * load_u1(rows[r], k);
+        const float xs = runs.xs[m * nruns + i];
+        for (int r = 0; r < nr; ++r) {
+          const float dot = vhsum(acc[r]) + tail[r];
           if constexpr (kGrouped) {
-            const int64_t at = n * w.groups + runs.group[i];
-            out[m] += w.scale[at] * (dot - (w.zero[at] + 8.0f) * xs);
+            const int64_t at = (n + r) * w.groups + runs.group[i];
+            out[r] += w.scale[at] * (dot - (w.zero[at] + 8.0f) * xs);
           } else {
-            out[m] += dot - 8.0f * xs;
+            out[r] += dot - 8.0f * xs;
           }
         }
       }
-      for (int m = 0; m < mb; ++m) {
-        float v = out[m];
-        if constexpr (!kGrouped) v = v / w.scale[n];
-        if (w.bias) v = v + w.bias[n];
-        y[(m0 + m) * ldy + n] = v;
+      for (int r = 0; r < nr; ++r) {
+        float v = out[r];
+        if constexpr (!kGrouped) v = v / w.scale[n + r];
+        if (w.bias) v = v + w.bias[n + r];
+        y[m * ldy + n + r] = v;
       }
     }
   }
@@ -739,7 +767,8 @@ void kn_i8(const Weight& w, const int8_t* x, int64_t M, int32_t* y, int64_t ldy,
            int64_t n1) {
   const int8_t* base = static_cast<const int8_t*>(w.data);
   const int64_t N = w.N, K = w.K;
-  alignas(64) int32_t acc[MB * NB];
+  static thread_local std::vector<int32_t> buffer(MB * NB);
+  int32_t* acc = buffer.data();
   for (int64_t m0 = 0; m0 < M; m0 += MB) {
     const int mb = static_cast<int>(std::min<int64_t>(MB, M - m0));
     const int8_t* xb = x + m0 * K;

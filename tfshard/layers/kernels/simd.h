@@ -58,11 +58,10 @@ inline VF vload_i8f(const int8_t* p) {
 // W bytes at p -> the W low nibbles (even) and W high nibbles (odd) as unsigned values
 // u = nibble ^ 8 in [0, 15] (u - 8 is Keras's signed int4 value), as float.
 inline void vload_u4(const int8_t* p, VF& even, VF& odd) {
-  __m128i b = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), _mm_set1_epi8(static_cast<char>(0x88)));
-  __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
-  __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
-  even.v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
-  odd.v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
+  __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  b = _mm512_xor_si512(b, _mm512_set1_epi32(0x88));
+  even.v = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(0x0F)));
+  odd.v = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
 }
 inline VI vi_zero() { return {_mm512_setzero_si512()}; }
 inline VI vi_add(VI a, VI b) { return {_mm512_add_epi32(a.v, b.v)}; }
@@ -134,11 +133,12 @@ inline VF vload_i8f(const int8_t* p) {
   return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
 }
 inline void vload_u4(const int8_t* p, VF& even, VF& odd) {
-  __m128i b = _mm_xor_si128(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), _mm_set1_epi8(static_cast<char>(0x88)));
-  __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
-  __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
-  even.v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-  odd.v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+  // Each byte zero-extended into its own lane (one load), then split: the low nibble
+  // masked, the high one shifted down; xor 0x88 makes both u = nibble ^ 8.
+  __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  b = _mm256_xor_si256(b, _mm256_set1_epi32(0x88));
+  even.v = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(0x0F)));
+  odd.v = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
 }
 inline VI vi_zero() { return {_mm256_setzero_si256()}; }
 inline VI vi_add(VI a, VI b) { return {_mm256_add_epi32(a.v, b.v)}; }
