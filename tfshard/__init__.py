@@ -27,7 +27,7 @@ _PUBLIC = {
 
 __all__ = ["init", "shard", "cpu_devices", "load", "CheckpointError", "Plan", "PlanEntry",
            "ResolvedPlan", "Column", "Row", "Vocab", "Replicate", "TensorBoard", "ShardedModel",
-           "World", "__version__"]
+           "World", "serve", "__version__"]
 
 
 def __getattr__(name):
