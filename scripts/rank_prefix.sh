@@ -11,10 +11,13 @@
 # that copy whole lines (an unterminated last line gets its newline, so another rank's
 # output never joins it). The prefixers run in a session of their own and ignore INT, TERM
 # and HUP: when mpiexec ends the job (it kills each rank's process group), they still copy
-# what the rank wrote, and end when its last writer closes the pipe.
+# what the rank wrote, and end when its last writer closes the pipe. They close every other
+# descriptor they inherit: holding the rank's PMI socket would hide the rank's death from
+# mpiexec, which ends the job when that socket closes without MPI_Finalize.
 rank=${PMI_RANK:-${OMPI_COMM_WORLD_RANK:-${PMIX_RANK:-?}}}
 prefixer='
-import sys
+import os, sys
+os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # leave the MPI and PMI sockets to the rank
 prefix, out = sys.argv[1].encode(), sys.stdout.buffer
 for line in iter(sys.stdin.buffer.readline, b""):
     out.write(prefix + line + (b"" if line.endswith(b"\n") else b"\n"))
