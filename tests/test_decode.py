@@ -151,6 +151,20 @@ def test_rows_at_their_own_positions_equal_each_row_alone(variant):
     np.testing.assert_array_equal(second[1], alone[0][1])
 
 
+def test_sliding_window_attends_to_the_last_window_positions_as_keras_hub():
+    # tests/models.py's Mistral has a window of 4 positions, far shorter than the prompt plus
+    # its generated tokens: every step past the fourth must drop the oldest position.
+    model, _ = models.mistral()
+    assert model.backbone.sliding_window == 4
+    model.compile(sampler="greedy")
+    x = prompts(199)  # prompts of 4, 7 and 5 tokens, generated to 14
+    ref = model.generate(dict(x), stop_token_ids=None)
+    step = DecodeStep(model)
+    assert step.decoder.window == 4
+    out = FusedGenerate(model, step)(dict(x), stop_token_ids=None)
+    np.testing.assert_array_equal(np.asarray(out["token_ids"]), ref["token_ids"])
+
+
 def test_int8_projection_is_keras_int8_bit_for_bit():
     # The same input through TfshardDecodeLinear and through Keras's int8 Dense: the
     # quantized input, the int32 sums and the rescale are Keras's, so the bits are too.

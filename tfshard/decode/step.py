@@ -166,7 +166,7 @@ class DecodeStep:
                 slots=slots, positions=positions, formats=[p.format for p in weights],
                 names=[p.name for p in weights], layer=i, heads=b.heads, kv_heads=b.kv_heads,
                 head_dim=b.head_dim, norm_kind=d.norm_kind, eps=d.eps,
-                score_scale=b.score_scale, **common)
+                score_scale=b.score_scale, window=d.window or 0, **common)
             if not fused_o:
                 part = self._linear(part, b.o, self._maxima(amax) if b.o.row_cut else amax[:, None])
             if rows is None and i == len(d.blocks) - 1:

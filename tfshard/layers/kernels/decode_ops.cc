@@ -559,16 +559,61 @@ void project(OpKernelContext* ctx, const Kernels& k, const std::vector<const Wei
 
 // ---------------------------------------------------------------------------------------
 
-class AttentionOp : public DecodeOp {
+// What the block ops share: x and delta [rows, H], the delta bias, the norm's parameters,
+// the weights; h = x + delta (rounded as the model rounds) and its norm.
+class BlockOp : public DecodeOp {
  public:
-  explicit AttentionOp(OpKernelConstruction* ctx) : DecodeOp(ctx) {
+  explicit BlockOp(OpKernelConstruction* ctx) : DecodeOp(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("norm_kind", &norm_kind_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("eps", &eps_));
+  }
+
+ protected:
+  struct In {
+    const Tensor* x = nullptr;
+    const Tensor* delta = nullptr;
+    int64_t M = 0, H = 0;
+    std::vector<std::vector<float>> dbias, norm;
+    Weights ws;
+  };
+
+  Status read(OpKernelContext* ctx, In* in) {
+    in->x = &ctx->input(0);
+    in->delta = &ctx->input(1);
+    const Tensor& x = *in->x;
+    in->H = x.dims() == 2 ? x.dim_size(1) : 0;
+    in->M = x.dims() == 2 ? x.dim_size(0) : 0;
+    TF_RETURN_IF_ERROR(check_rows(x, "x", in->H));
+    if (in->delta->shape() != x.shape()) {
+      return errors::InvalidArgument(name(), ": delta ", in->delta->shape().DebugString(),
+                                     " must match x ", x.shape().DebugString());
+    }
+    TF_RETURN_IF_ERROR(get_small(ctx, "delta_bias", &in->dbias, name()));
+    TF_RETURN_IF_ERROR(get_small(ctx, "norm", &in->norm, name()));
+    return weights(ctx, &in->ws);
+  }
+
+  // h = x + delta (+ bias) for `rows` rows of x and delta, and n = norm(h).
+  void residual_norm(const In& in, const float* x, const float* delta, int64_t rows, float* h,
+                     float* n) const {
+    residual(x, delta, in.dbias.empty() ? nullptr : in.dbias[0].data(), rows, in.H, round_, h);
+    norm_rows(*kernels_, norm_kind_, eps_, h, rows, in.H, in.norm[0],
+              in.norm.size() > 1 ? in.norm[1] : std::vector<float>(), round_, n);
+  }
+
+  std::string norm_kind_;
+  float eps_ = 1e-6f;
+};
+
+class AttentionOp : public BlockOp {
+ public:
+  explicit AttentionOp(OpKernelConstruction* ctx) : BlockOp(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("layer", &layer_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("heads", &heads_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("kv_heads", &kv_heads_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("head_dim", &head_dim_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("norm_kind", &norm_kind_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("eps", &eps_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("score_scale", &score_scale_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("window", &window_));
     OP_REQUIRES(ctx, heads_ > 0 && kv_heads_ > 0 && heads_ % kv_heads_ == 0,
                 errors::InvalidArgument(name(), ": ", heads_, " query heads cannot share ",
                                         kv_heads_, " K/V heads evenly"));
@@ -576,18 +621,11 @@ class AttentionOp : public DecodeOp {
 
   void Compute(OpKernelContext* ctx) override {
     const Kernels& k = *kernels_;
-    const Tensor& x = ctx->input(0);
-    const Tensor& delta = ctx->input(1);
-    const int64_t H = x.dims() == 2 ? x.dim_size(1) : 0, M = x.dims() == 2 ? x.dim_size(0) : 0;
-    OP_REQUIRES_OK(ctx, check_rows(x, "x", H));
-    OP_REQUIRES(ctx, delta.shape() == x.shape(),
-                errors::InvalidArgument(name(), ": delta ", delta.shape().DebugString(),
-                                        " must match x ", x.shape().DebugString()));
-    std::vector<std::vector<float>> dbias, norm;
-    OP_REQUIRES_OK(ctx, get_small(ctx, "delta_bias", &dbias, name()));
-    OP_REQUIRES_OK(ctx, get_small(ctx, "norm", &norm, name()));
-    Weights ws;
-    OP_REQUIRES_OK(ctx, weights(ctx, &ws));
+    In in;
+    OP_REQUIRES_OK(ctx, read(ctx, &in));
+    const Tensor& x = *in.x;
+    const int64_t H = in.H, M = in.M;
+    Weights& ws = in.ws;
     const int64_t D = head_dim_, nq = heads_ * D, nkv = kv_heads_ * D;
     OP_REQUIRES(ctx, ws.w.size() == 3 || ws.w.size() == 4,
                 errors::InvalidArgument(name(), ": weights are q, k, v[, o]; got ", ws.w.size()));
@@ -656,11 +694,8 @@ class AttentionOp : public DecodeOp {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({M}), &amax_t));
     if (M == 0) return;
     float* h = h_t->flat<float>().data();
-    residual(x.flat<float>().data(), delta.flat<float>().data(),
-             dbias.empty() ? nullptr : dbias[0].data(), M, H, round_, h);
     std::vector<float> n(M * H);
-    norm_rows(k, norm_kind_, eps_, h, M, H, norm[0], norm.size() > 1 ? norm[1] : std::vector<float>(),
-              round_, n.data());
+    residual_norm(in, x.flat<float>().data(), in.delta->flat<float>().data(), M, h, n.data());
     std::vector<float> q(M * nq), kk(M * nkv), v(M * nkv);
     project(ctx, k, {&ws.w[0], &ws.w[1], &ws.w[2]}, n.data(), M, nullptr,
             {q.data(), kk.data(), v.data()}, round_);
@@ -697,7 +732,8 @@ class AttentionOp : public DecodeOp {
             }
           }
     }
-    // Attention of each (row, head) over positions 0..pos.
+    // Attention of each (row, head) over positions 0..pos, or, with a sliding window of W
+    // positions (Mistral's), over the last W of them: pos-W+1..pos.
     std::vector<float> att(M * nq);
     const int64_t groups = heads_ / kv_heads_;
     const float scale = rnd(round_, score_scale_);
@@ -706,11 +742,12 @@ class AttentionOp : public DecodeOp {
       std::vector<float> acc(D);
       for (int64_t u = a; u < b; ++u) {
         const int64_t m = u / heads_, hh = u % heads_, g = hh / groups;
-        const int64_t len = pos[m] + 1;
+        const int64_t first = window_ > 0 ? std::max<int64_t>(0, pos[m] - window_ + 1) : 0;
+        const int64_t len = pos[m] + 1 - first;
         const float* qv = q.data() + m * nq + hh * D;
         scores.resize(len);
-        const int64_t kat = cache->at(layer_, slots[m], 0, g, 0);
-        const int64_t vat = cache->at(layer_, slots[m], 1, g, 0);
+        const int64_t kat = cache->at(layer_, slots[m], 0, g, first);
+        const int64_t vat = cache->at(layer_, slots[m], 1, g, first);
         float mx = -INFINITY;
         for (int64_t t = 0; t < len; ++t) {
           const float d = cache->bf16 ? k.dot_bf16(qv, cache->b16() + kat + t * D, D)
@@ -750,16 +787,13 @@ class AttentionOp : public DecodeOp {
   }
 
  private:
-  int64_t layer_, heads_, kv_heads_, head_dim_;
-  std::string norm_kind_;
-  float eps_ = 1e-6f, score_scale_ = 1.0f;
+  int64_t layer_, heads_, kv_heads_, head_dim_, window_ = 0;
+  float score_scale_ = 1.0f;
 };
 
-class MlpOp : public DecodeOp {
+class MlpOp : public BlockOp {
  public:
-  explicit MlpOp(OpKernelConstruction* ctx) : DecodeOp(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("norm_kind", &norm_kind_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("eps", &eps_));
+  explicit MlpOp(OpKernelConstruction* ctx) : BlockOp(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("activation", &activation_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("gated", &gated_));
     OP_REQUIRES(ctx, activation_ == "silu" || activation_ == "gelu" || activation_ == "gelu_tanh" ||
@@ -770,18 +804,11 @@ class MlpOp : public DecodeOp {
 
   void Compute(OpKernelContext* ctx) override {
     const Kernels& k = *kernels_;
-    const Tensor& x = ctx->input(0);
-    const Tensor& delta = ctx->input(1);
-    const int64_t H = x.dims() == 2 ? x.dim_size(1) : 0, M = x.dims() == 2 ? x.dim_size(0) : 0;
-    OP_REQUIRES_OK(ctx, check_rows(x, "x", H));
-    OP_REQUIRES(ctx, delta.shape() == x.shape(),
-                errors::InvalidArgument(name(), ": delta ", delta.shape().DebugString(),
-                                        " must match x ", x.shape().DebugString()));
-    std::vector<std::vector<float>> dbias, norm;
-    OP_REQUIRES_OK(ctx, get_small(ctx, "delta_bias", &dbias, name()));
-    OP_REQUIRES_OK(ctx, get_small(ctx, "norm", &norm, name()));
-    Weights ws;
-    OP_REQUIRES_OK(ctx, weights(ctx, &ws));
+    In in;
+    OP_REQUIRES_OK(ctx, read(ctx, &in));
+    const Tensor& x = *in.x;
+    const int64_t H = in.H, M = in.M;
+    Weights& ws = in.ws;
     const size_t ins = gated_ ? 2 : 1;
     OP_REQUIRES(ctx, ws.w.size() == ins || ws.w.size() == ins + 1,
                 errors::InvalidArgument(name(), ": weights are ", gated_ ? "gate, up" : "up",
@@ -802,11 +829,8 @@ class MlpOp : public DecodeOp {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({M}), &amax_t));
     if (M == 0) return;
     float* h = h_t->flat<float>().data();
-    residual(x.flat<float>().data(), delta.flat<float>().data(),
-             dbias.empty() ? nullptr : dbias[0].data(), M, H, round_, h);
     std::vector<float> n(M * H);
-    norm_rows(k, norm_kind_, eps_, h, M, H, norm[0], norm.size() > 1 ? norm[1] : std::vector<float>(),
-              round_, n.data());
+    residual_norm(in, x.flat<float>().data(), in.delta->flat<float>().data(), M, h, n.data());
     std::vector<float> a(M * F), u(gated_ ? M * F : 0);
     if (gated_) project(ctx, k, {&ws.w[0], &ws.w[1]}, n.data(), M, nullptr, {a.data(), u.data()}, round_);
     else project(ctx, k, {&ws.w[0]}, n.data(), M, nullptr, {a.data()}, round_);
@@ -830,8 +854,7 @@ class MlpOp : public DecodeOp {
   }
 
  private:
-  std::string norm_kind_, activation_;
-  float eps_ = 1e-6f;
+  std::string activation_;
   bool gated_ = true;
 };
 
@@ -922,25 +945,15 @@ class EmbedOp : public DecodeOp {
 };
 
 // Final norm and the logits of the rank's vocabulary slice, for the rows `rows` picks.
-class HeadOp : public DecodeOp {
+class HeadOp : public BlockOp {
  public:
-  explicit HeadOp(OpKernelConstruction* ctx) : DecodeOp(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("norm_kind", &norm_kind_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("eps", &eps_));
-  }
+  explicit HeadOp(OpKernelConstruction* ctx) : BlockOp(ctx) {}
   void Compute(OpKernelContext* ctx) override {
-    const Kernels& k = *kernels_;
-    const Tensor& x = ctx->input(0);
-    const Tensor& delta = ctx->input(1);
-    const int64_t H = x.dims() == 2 ? x.dim_size(1) : 0, M = x.dims() == 2 ? x.dim_size(0) : 0;
-    OP_REQUIRES_OK(ctx, check_rows(x, "x", H));
-    OP_REQUIRES(ctx, delta.shape() == x.shape(),
-                errors::InvalidArgument(name(), ": delta must match x"));
-    std::vector<std::vector<float>> dbias, norm;
-    OP_REQUIRES_OK(ctx, get_small(ctx, "delta_bias", &dbias, name()));
-    OP_REQUIRES_OK(ctx, get_small(ctx, "norm", &norm, name()));
-    Weights ws;
-    OP_REQUIRES_OK(ctx, weights(ctx, &ws));
+    In in;
+    OP_REQUIRES_OK(ctx, read(ctx, &in));
+    const Tensor& x = *in.x;
+    const int64_t H = in.H, M = in.M;
+    Weights& ws = in.ws;
     OP_REQUIRES(ctx, ws.w.size() == 1 && ws.w[0].K == H,
                 errors::InvalidArgument(name(), ": takes one weight contracting ", H));
     int rows_at = 0, rows_end = 0;
@@ -954,20 +967,14 @@ class HeadOp : public DecodeOp {
     std::vector<float> xs(R * H), ds(R * H), h(R * H), n(R * H);
     for (int64_t r = 0; r < R; ++r) {
       std::memcpy(xs.data() + r * H, x.flat<float>().data() + rows[r] * H, H * 4);
-      std::memcpy(ds.data() + r * H, delta.flat<float>().data() + rows[r] * H, H * 4);
+      std::memcpy(ds.data() + r * H, in.delta->flat<float>().data() + rows[r] * H, H * 4);
     }
-    residual(xs.data(), ds.data(), dbias.empty() ? nullptr : dbias[0].data(), R, H, round_, h.data());
-    norm_rows(k, norm_kind_, eps_, h.data(), R, H, norm[0], norm.size() > 1 ? norm[1] : std::vector<float>(),
-              round_, n.data());
+    residual_norm(in, xs.data(), ds.data(), R, h.data(), n.data());
     Tensor* y = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({R, ws.w[0].N}), &y));
     if (R == 0) return;
-    project(ctx, k, {&ws.w[0]}, n.data(), R, nullptr, {y->flat<float>().data()}, round_);
+    project(ctx, *kernels_, {&ws.w[0]}, n.data(), R, nullptr, {y->flat<float>().data()}, round_);
   }
-
- private:
-  std::string norm_kind_;
-  float eps_ = 1e-6f;
 };
 
 using tensorflow::shape_inference::InferenceContext;
@@ -1014,6 +1021,7 @@ REGISTER_OP("TfshardDecodeAttention")
     .Attr("norm_kind: string = 'rms'")
     .Attr("eps: float = 1e-6")
     .Attr("score_scale: float = 1.0")
+    .Attr("window: int >= 0 = 0")
     .SetIsStateful()
     .SetShapeFn([](InferenceContext* c) {
       c->set_output(0, c->input(0));
