@@ -128,6 +128,11 @@ class DevicePipelinedModel(ShardedModel):
         strategy's device names, or the variables' own)."""
         return bytes_by_device(self.inner.weights, self.devices)
 
+    def decode_step_refusal(self):
+        """The fused decode step keeps one model on one device; stages on several devices
+        keep keras-hub's loop (each layer's cache update on its stage's device)."""
+        return f"the pipeline stages sit on {len(self.devices)} devices of this process"
+
     def call(self, inputs, training=False):
         """The model on `inputs` in micro-batches (when the rows are known at trace time),
         each stage on its device; the micro-batches' stages overlap."""
