@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -441,13 +442,17 @@ def _roundtrip(builder):
 
 
 def guarded(fn, expect_error=False):
+    """Runs one case: its record, with "ok", the error if it raised, and the seconds it took
+    (what a slow suite is made of)."""
+    start = time.perf_counter()
     try:
         res = fn()
         res["ok"] = True
-        return res
     except Exception as e:  # noqa: BLE001 - recorded for the pytest side
-        return {"ok": False, "error_type": type(e).__name__, "message": str(e),
-                "traceback": "" if expect_error else traceback.format_exc()}
+        res = {"ok": False, "error_type": type(e).__name__, "message": str(e),
+               "traceback": "" if expect_error else traceback.format_exc()}
+    res["seconds"] = round(time.perf_counter() - start, 2)
+    return res
 
 
 def expect_error(fn):
