@@ -28,6 +28,7 @@ LEVELS = {
     "tfshard.cli.bench.forward": 9, "tfshard.cli.bench.generate": 9, "tfshard.cli.bench.load": 9,
     "tfshard.cli.bench.precision": 9, "tfshard.cli.bench.comm": 9, "tfshard.cli.bench.hosts": 9,
     "tfshard.cli.bench.plot": 9, "tfshard.cli.bench.decode": 9,
+    "tfshard.cli.bench.serve": 9,
     # serve: the HTTP front (rank 0) and the engines' contract
     "tfshard.serve": 8, "tfshard.serve.api": 8, "tfshard.serve.metrics": 8,
     "tfshard.serve.errors": 8, "tfshard.serve.front": 8, "tfshard.serve.schemas": 8,

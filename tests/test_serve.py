@@ -17,15 +17,13 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ROOT
+from tfshard.cli.bench.serve import ServerJob
 
 pytest.importorskip("openai")
 requests = pytest.importorskip("requests")
@@ -35,59 +33,11 @@ PROMPTS = ["The capital of France is", "One, two, three,", "def fibonacci(n):",
            "The chemical symbol for gold is", "Once upon a time", "Water boils at"]
 
 
-class Job:
-    """A `tfshard serve` job under ./horovodrun.sh, its output collected line by line."""
-
-    def __init__(self, *args, np_=2):
-        cmd = [str(ROOT / "horovodrun.sh"), "-np", str(np_), sys.executable, "-m", "tfshard",
-               "serve", "smollm2", "--port", "0", *map(str, args)]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.lines, self.port = [], None
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            m = re.search(r"serving .* on http://127\.0\.0\.1:(\d+)", line)
-            if m:
-                self.port = int(m.group(1))
-
-    @property
-    def output(self):
-        if self.proc.poll() is not None:
-            self._reader.join(30)  # everything the job wrote, once it has ended
-        return "".join(self.lines)
-
-    def wait_ready(self, timeout=600):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the server exited ({self.proc.returncode}):\n{self.output[-4000:]}")
-            if self.port:
-                try:
-                    if requests.get(self.url("/health"), timeout=5).status_code == 200:
-                        return self
-                except requests.ConnectionError:
-                    pass
-            time.sleep(0.5)
-        raise AssertionError(f"the server was not ready in {timeout} s:\n{self.output[-4000:]}")
-
-    def url(self, path):
-        return f"http://127.0.0.1:{self.port}{path}"
+class Job(ServerJob):
+    """The server job of tfshard/cli/bench/serve.py, for the tests."""
 
     def mpiexec(self):
         return self.proc.pid  # ./horovodrun.sh execs mpiexec: the same process
-
-    def stop(self, timeout=120):
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait(timeout)
 
 
 def complete(job, prompt, max_tokens=12, **kw):

@@ -160,6 +160,16 @@ def _backend(sharded):
     return sharded.world.backend
 
 
+def _decode_path(sharded):
+    """Which decode step ran: tfshard's (and its kernels) or keras-hub's loop, and why."""
+    path = getattr(sharded, "decode_path", None) or "keras-hub"
+    if path != "fused":
+        return path
+    from tfshard.layers import matvec
+
+    return f"tfshard's fused step ({matvec.kernels_isa()} kernels)"
+
+
 def _load_both(args, world, say, strategy=None):
     """The sharded model (each rank reads its slices) and, unless --no-compare,
     the same source loaded whole in this process as the reference."""
@@ -214,8 +224,8 @@ def cmd_generate(args):
     say(f"[tfshard] sharded generate: {secs:.1f} s for up to {args.max_new_tokens} new tokens x "
         f"{len(prompts)} prompt(s), tracing the loop included (TP={sharded.tensor_parallel}, "
         f"PP={getattr(sharded, 'pipeline', 1)}, "
-        f"{sharded.groups} group(s), {_backend(sharded)}; steady-state latency: "
-        "scripts/bench.py generate)")
+        f"{sharded.groups} group(s), {_backend(sharded)}; decode: {_decode_path(sharded)}; "
+        "steady-state latency: scripts/bench.py decode)")
     if reference is None:
         return 0
     # Every rank runs the reference at once, so none waits in a collective meanwhile.

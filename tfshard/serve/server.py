@@ -12,7 +12,6 @@ import signal
 import sys
 import time
 
-from tfshard.serve import api
 from tfshard.serve.engine import BatchingEngine
 from tfshard.serve.serial import SerialEngine
 from tfshard.serve.tokenizer import PreprocessorTokenizer

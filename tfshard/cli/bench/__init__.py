@@ -57,6 +57,12 @@ read rate; `--fixed` the fixed cost per step (tiny widths); `--profile` per-op t
 
     .venv/bin/python scripts/bench.py decode --np 1 2 --keras --fixed --llamacpp ~/.cache/llamacpp
 
+Suite `serve`: `tfshard serve smollm2` at TP=N under a load generator on loopback: generated
+tokens/s, time per output token and time to first token at 1 and at several concurrent streams
+(continuous batching), and one request through the server against `generate`.
+
+    .venv/bin/python scripts/bench.py serve --np 1 2 --streams 1 8
+
 Suite `precision`: SmolLM2 at TP=N (MPI) loaded in float32, bfloat16, int8
 (`quantize="int8"`) and int4 (loaded whole, `quantize("int4")` by Keras, sharded): weight bytes held per rank, the load's peak RSS rise, decode
 latency per token and prefill time (as `generate`), and the greedy agreement of 22
@@ -99,7 +105,8 @@ common.py. `scripts/bench.py SUITE ...` and `tfshard bench SUITE ...` run `main`
 
 import argparse
 
-from tfshard.cli.bench import comm, decode, forward, generate, hosts, load, plot, precision
+from tfshard.cli.bench import (comm, decode, forward, generate, hosts, load, plot, precision,
+                                serve)
 
 
 def build_parser(prog=None):
@@ -115,6 +122,7 @@ def build_parser(prog=None):
     precision.add_parsers(sub)
     generate.add_parsers(sub)
     decode.add_parsers(sub)
+    serve.add_parsers(sub)
     forward.add_parsers(sub)
     comm.add_parsers(sub)
     hosts.add_parsers(sub)
