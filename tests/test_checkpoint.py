@@ -23,6 +23,14 @@ class CheckpointRuns:
         checkpoints, saves its own), then the Horovod np2 / np1 launches (read
         both); the MultiWorker run reads np3's.
         """
+        if "references" not in self._cache:  # the real models' outputs, once, unsharded
+            out = self._tmp.mktemp("references")
+            self._cache["references"] = launch_ranks(
+                1, [WORKER, "--suite", "references", "--out", out, "--shared", self.shared],
+                out, launcher="none")
+        ranks = require_clean_launch("checkpoint references", 1, *self._cache["references"])
+        records_ok(ranks, "reference_minilm")
+        records_ok(ranks, "reference_smollm2")
         if np_ != 3 and 3 not in self._cache:
             self(3)
         if np_ in (1, 2) and "mirrored" not in self._cache:

@@ -3,8 +3,9 @@
     horovodrun -np N python tests/workers/checkpoints.py --suite real --out DIR --shared DIR
 
 `--shared` is a folder every rank sees (checkpoints written by one launch are
-read by the next). References are computed on every rank with plain Keras /
-keras-hub / an independent GGUF mapping, never with tfshard's loaders.
+read by the next). The real models' references are computed with plain Keras /
+keras-hub / an independent GGUF mapping, never with tfshard's loaders: once, by
+`--suite references` in one process, into the shared folder (else on every rank).
 """
 
 import argparse
@@ -126,17 +127,42 @@ def shard(model, **kwargs):
     return tfshard.shard(model, strategy=STRATEGY, **kwargs)
 
 
+REFERENCES = {"minilm": minilm_reference, "smollm2": smollm2_reference}
+
+
+def run_references(world, results, shared):
+    """The real models' unsharded outputs, computed once (in one process) into
+    `shared/reference-NAME.npz` for every later launch's `run_real` to read."""
+    def case(name):
+        out = REFERENCES[name]()
+        path = os.path.join(shared, f"reference-{name}.npz")
+        np.savez(path + ".tmp.npz", **_as_dict(out))
+        os.replace(path + ".tmp.npz", path)
+        return {"written": path}
+    for name in REFERENCES:
+        results[f"reference_{name}"] = guarded(lambda name=name: case(name))
+
+
+def _reference(shared, name):
+    """`name`'s reference output: `run_references`' file where one was written (the
+    tests write it once per session), else computed on this rank."""
+    path = os.path.join(shared, f"reference-{name}.npz")
+    if os.path.exists(path):
+        return _saved(shared, f"reference-{name}", path)
+    return REFERENCES[name]()
+
+
 def run_real(world, results, shared):
     """tfshard.load of the real models equals plain keras-hub / an independent mapping."""
-    def case(name, reference, inputs):
-        ref = reference()
+    def case(name, inputs):
+        ref = _reference(shared, name)
         sharded = _LOADED[name] = load(name)
         res = compare(ref, sharded.predict(inputs(), verbose=0))
         res.update(_held(sharded))
         res["local_bytes"] = int(sum(np.asarray(v).nbytes for v in sharded.inner.weights))
         return res
-    results["minilm"] = guarded(lambda: case("minilm", minilm_reference, minilm_inputs))
-    results["smollm2"] = guarded(lambda: case("smollm2", smollm2_reference, smollm2_inputs))
+    results["minilm"] = guarded(lambda: case("minilm", minilm_inputs))
+    results["smollm2"] = guarded(lambda: case("smollm2", smollm2_inputs))
 
 
 def run_save(world, results, shared, prefix=""):
@@ -193,8 +219,8 @@ def _as_dict(out):
     return dict(out) if isinstance(out, dict) else {"output": np.asarray(out)}
 
 
-def _saved(shared, name):
-    data = np.load(os.path.join(shared, f"{name}-out.npz"))
+def _saved(shared, name, path=None):
+    data = np.load(path or os.path.join(shared, f"{name}-out.npz"))
     out = {k: data[k] for k in data.files}
     return out["output"] if list(out) == ["output"] else out
 
@@ -445,7 +471,7 @@ _LOADED = {}
 
 # One launch per world size (launches are the expensive part): the np3 launch
 # writes the checkpoints the np2 and np1 launches read.
-SUITES = {"np3": [run_real, run_save], "np2": [run_real, run_reload, run_formats, run_errors],
+SUITES = {"references": [run_references], "np3": [run_real, run_save], "np2": [run_real, run_reload, run_formats, run_errors],
           "np1": [run_reload],
           # Under tf.distribute (--mirrored N, or tfshard launch): every source kind,
           # the Horovod np3 checkpoints resharded; MirroredStrategy saves too (read
