@@ -1255,8 +1255,9 @@ SUITES = {
     "gpt2": [lambda world, results: run_equivalence(world, results, only={"gpt2"})],
     "dp": [run_dp],
     # MultiWorker (tfshard launch -n 4): groups of processes, as under horovodrun.
-    "dp_distribute": [lambda world, results: run_dp(world, results, names=("mlp", "gpt2", "llama"),
-                                                    light=True), run_dp_generate_and_save],
+    "dp_distribute": [lambda world, results: run_dp(
+        world, results, names=[n for n in ("mlp", "gpt2", "llama") if not ONLY or n in ONLY],
+        light=True), run_dp_generate_and_save],
     "checks": [run_bitwise, run_memory, run_errors, run_collectives],
     "distribute": [run_collectives, run_equivalence, run_bitwise, run_strategy_errors,
                    lambda world, results: run_tensorboard(world, results, OUT)],
