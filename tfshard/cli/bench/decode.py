@@ -5,8 +5,9 @@ run and interleaved (the host's speed drifts): llama.cpp's `llama-bench` on the 
 GGUF (F32 / BF16 / Q8_0 / Q4_1, made with its own `llama-quantize`), before and after the
 tfshard rows, averaged; tfshard's decode step at TP=N for each `--np` (MPI); and, with
 `--keras`, keras-hub's own loop at the largest N (TFSHARD_DECODE=keras). Per row: ms per
-token (greedy, inside `generate()`: two prompts padded alike, the difference of their
-lengths is K decode steps), prefill tokens/s (a prompt of `--length` tokens), the bytes
+token (greedy, inside `generate()`: K decode steps are the difference of two calls that
+prefill alike -- the decode step's: one prompt, K more positions to fill; keras-hub's loop,
+which prefills the whole padded length: two prompts padded alike, K tokens apart), prefill tokens/s (a prompt of `--length` tokens), the bytes
 of weights each rank reads per token, and the floor those bytes set at the read bandwidth
 each rank measured in the same run (every rank streaming at once).
 
@@ -74,9 +75,17 @@ def decode_child(args):
                 "padding_mask": mask}
 
     run = lambda x: target.generate(x, stop_token_ids=None, sampler="greedy")  # noqa: E731
-    total = length + new + 1
-    one, many = prompt(total - 1, total), prompt(total - 1 - new, total)
     first = prompt(length, length + 1)  # a prompt of `length` tokens, one token made
+    run(first)
+    if target.decode_path.startswith("fused"):
+        # The decode step prefills only the prompt's tokens: the same prompt, K more
+        # positions to fill, is K decode steps more.
+        one, many = first, prompt(length, length + new + 1)
+    else:
+        # keras-hub's loop prefills the whole padded length: the same padded length, a
+        # prompt K tokens shorter, is K decode steps more.
+        total = length + new + 1
+        one, many = prompt(total - 1, total), prompt(total - 1 - new, total)
     for x in (one, many, first):
         run(x)  # trace and warm up
     t_one, t_many, t_first = [], [], []
