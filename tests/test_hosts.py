@@ -2,14 +2,14 @@
 its own address, joined by a bridge; jobs start on host 0 and reach the others over ssh
 (a stand-in that enters the namespace), as on a cluster.
 
-Checked against the unsharded model: the model zoo at 2 hosts x 1 rank and 2 hosts x
-2 ranks under MPI (tfshard's collectives), Horovod over Gloo and MultiWorker (`tfshard
-launch --hosts` on each host; these two on three of the models, Llama alone at 2 x 2),
-with the default layout (tensor-parallel groups inside a host, data parallelism across
-hosts); GPT-2 with one
-tensor-parallel group over every rank (its collectives cross hosts; the summary and a
-warning say so); a sharded checkpoint written by two hosts into their own folders (no
-shared disk) and loaded in one process; and a host that dies mid-predict.
+Checked against the unsharded model: the model zoo at 2 hosts x 1 rank (the six-model
+matrix at 2 hosts x 2 ranks) under MPI (tfshard's collectives), Horovod over Gloo and
+MultiWorker (`tfshard launch --hosts` on each host; these two on three of the models,
+Llama alone at 2 x 2), with the default layout (tensor-parallel groups inside a host,
+data parallelism across hosts); GPT-2 with one tensor-parallel group over every rank (its
+collectives cross hosts; the summary and a warning say so); a sharded checkpoint written
+by two hosts into their own folders (no shared disk) and loaded in one process; and a
+host that dies mid-predict.
 """
 
 import os
@@ -30,13 +30,25 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no namespaces: {REA
 ZOO = tuple(models.EQUIVALENCE)
 
 
+def _models(per_host, launcher):
+    """The models a launch checks against the unsharded ones: the whole zoo under MPI at
+    2 hosts x 1, the six-model matrix at 2 x 2; MLP, GPT-2 and Llama under Gloo and
+    MultiWorker at 2 x 1, Llama at 2 x 2 (the layout across hosts is the launcher's; the
+    layers' collectives are the ones checked at one rank per host)."""
+    if launcher == "horovod":
+        return ZOO if per_host == 1 else tuple(models.MATRIX)
+    return ("mlp", "gpt2", "llama") if per_host == 1 else ("llama",)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Launches of the "hosts" suite, once per (ranks per host, launcher)."""
     cache = {}
 
-    def run(per_host, launcher="horovod", subset=None):
-        key = (per_host, launcher, subset)
+    def run(per_host, launcher="horovod"):
+        subset = _models(per_host, launcher)
+        subset = None if subset == ZOO else subset
+        key = (per_host, launcher)
         if key not in cache:
             base = tmp_path_factory.mktemp(f"hosts-{per_host}-{launcher}")
             out, disk = base / "out", base / "disk"
@@ -100,11 +112,7 @@ def _hosts_of(ranks):
 @pytest.mark.parametrize("per_host,launcher", [(1, "horovod"), (2, "horovod"), (1, "gloo"),
                                                (2, "gloo"), (1, "tfshard"), (2, "tfshard")])
 def test_zoo_across_hosts_matches_unsharded(runs, per_host, launcher):
-    # Gloo and MultiWorker: three models at one rank per host, Llama alone at two (the
-    # layout across hosts is the launcher's; the layers' collectives are checked at one).
-    subset = None if launcher == "horovod" else \
-        ("mlp", "gpt2", "llama") if per_host == 1 else ("llama",)
-    ranks, _ = runs(per_host, launcher, subset)
+    ranks, _ = runs(per_host, launcher)
     hosts = _hosts_of(ranks)
     # Host-major ranks: each host's ranks are consecutive...
     assert hosts == sorted(hosts, key=hosts.index)
@@ -116,7 +124,7 @@ def test_zoo_across_hosts_matches_unsharded(runs, per_host, launcher):
         assert placed == [0, 2, 1, 3], placed
     else:
         assert placed == list(range(2 * per_host)), placed
-    for name in subset or ZOO:
+    for name in _models(per_host, launcher):
         for rank, rec in enumerate(records_ok(ranks, name)):
             where = f"{name} on rank {rank} ({launcher}, 2 hosts x {per_host})"
             _check_equal(rec, where)
@@ -133,7 +141,7 @@ def test_zoo_across_hosts_matches_unsharded(runs, per_host, launcher):
 
 @pytest.mark.parametrize("per_host,launcher", [(1, "horovod"), (2, "horovod"), (1, "tfshard")])
 def test_tensor_parallel_across_hosts_is_exact_and_reported(runs, per_host, launcher):
-    ranks, _ = runs(per_host, launcher, None if launcher == "horovod" else ("mlp", "gpt2", "llama"))
+    ranks, _ = runs(per_host, launcher)
     for rank, rec in enumerate(records_ok(ranks, "tp_across_hosts")):
         where = f"gpt2, tensor_parallel={2 * per_host} over 2 hosts, rank {rank}"
         _check_equal(rec, where)
