@@ -132,10 +132,10 @@ REFERENCES = {"minilm": minilm_reference, "smollm2": smollm2_reference}
 
 def run_references(world, results, shared):
     """The real models' unsharded outputs, computed once (in one process) into
-    `shared/reference-NAME.npz` for every later launch's `run_real` to read."""
+    `shared/reference-NAME-out.npz` for every later launch's `run_real` to read."""
     def case(name):
         out = REFERENCES[name]()
-        path = os.path.join(shared, f"reference-{name}.npz")
+        path = os.path.join(shared, f"reference-{name}-out.npz")  # as `_saved` reads it
         np.savez(path + ".tmp.npz", **_as_dict(out))
         os.replace(path + ".tmp.npz", path)
         return {"written": path}
@@ -146,9 +146,8 @@ def run_references(world, results, shared):
 def _reference(shared, name):
     """`name`'s reference output: `run_references`' file where one was written (the
     tests write it once per session), else computed on this rank."""
-    path = os.path.join(shared, f"reference-{name}.npz")
-    if os.path.exists(path):
-        return _saved(shared, f"reference-{name}", path)
+    if os.path.exists(os.path.join(shared, f"reference-{name}-out.npz")):
+        return _saved(shared, f"reference-{name}")
     return REFERENCES[name]()
 
 
@@ -220,8 +219,8 @@ def _as_dict(out):
     return dict(out) if isinstance(out, dict) else {"output": np.asarray(out)}
 
 
-def _saved(shared, name, path=None):
-    data = np.load(path or os.path.join(shared, f"{name}-out.npz"))
+def _saved(shared, name):
+    data = np.load(os.path.join(shared, f"{name}-out.npz"))
     out = {k: data[k] for k in data.files}
     return out["output"] if list(out) == ["output"] else out
 
@@ -472,7 +471,8 @@ _LOADED = {}
 
 # One launch per world size (launches are the expensive part): the np3 launch
 # writes the checkpoints the np2 and np1 launches read.
-SUITES = {"references": [run_references], "np3": [run_real, run_save], "np2": [run_real, run_reload, run_formats, run_errors],
+SUITES = {"references": [run_references], "np3": [run_real, run_save],
+          "np2": [run_real, run_reload, run_formats, run_errors],
           "np1": [run_reload],
           # Under tf.distribute (--mirrored N, or tfshard launch): every source kind,
           # the Horovod np3 checkpoints resharded; MirroredStrategy saves too (read

@@ -6,9 +6,9 @@ GGUF (F32 / BF16 / Q8_0 / Q4_1, made with its own `llama-quantize`), before and 
 tfshard rows, averaged; tfshard's decode step at TP=N for each `--np` (MPI); and, with
 `--keras`, keras-hub's own loop at the largest N (TFSHARD_DECODE=keras). Per row: ms per
 token (greedy, inside `generate()`: K decode steps are the difference of two calls that
-prefill alike -- the decode step's: one prompt, K more positions to fill; keras-hub's loop,
-which prefills the whole padded length: two prompts padded alike, K tokens apart), prefill tokens/s (a prompt of `--length` tokens), the bytes
-of weights each rank reads per token, and the floor those bytes set at the read bandwidth
+prefill alike -- the decode step's: one prompt, K more positions to fill; keras-hub's
+loop, which prefills the whole padded length: two prompts padded alike, K tokens apart),
+prefill tokens/s (a prompt of `--length` tokens), the bytes of weights each rank reads per token, and the floor those bytes set at the read bandwidth
 each rank measured in the same run (every rank streaming at once).
 
 `--fixed` adds a SmolLM2-shaped Llama with tiny widths (30 blocks, weights of ~0 bytes):
@@ -86,14 +86,17 @@ def decode_child(args):
         # prompt K tokens shorter, is K decode steps more.
         total = length + new + 1
         one, many = prompt(total - 1, total), prompt(total - 1 - new, total)
-    for x in (one, many, first):
-        run(x)  # trace and warm up
-    t_one, t_many, t_first = [], [], []
+    # Each distinct call once to trace and warm up, then timed (`first` may be `one`).
+    timed = {id(x): (x, []) for x in (one, many, first)}
+    for x, _ in timed.values():
+        if x is not first:
+            run(x)
     for _ in range(args.repeats):
-        for x, times in ((one, t_one), (many, t_many), (first, t_first)):
+        for x, times in timed.values():
             t0 = time.perf_counter()
             run(x)
             times.append(time.perf_counter() - t0)
+    t_one, t_many, t_first = (timed[id(x)][1] for x in (one, many, first))
     step = (statistics.median(t_many) - statistics.median(t_one)) / new
     prefill = statistics.median(t_first) - step
     result = {"decode_ms": step * 1e3, "prefill_tokens_s": length / max(prefill, 1e-9),
