@@ -104,14 +104,18 @@ def _case(fmt, layout, M, K, N, rng, group=16):
     return np.ascontiguousarray(data), logical, np.abs(logical), scale, zero, gidx, groups
 
 
-def _run(isa, fmt, layout, M, K, N, seed, bias=True):
+def _run(isa, fmt, layout, M, K, N, seed, bias=True, low=-127):
     if layout == PK and fmt not in (I4C, I4G):
         layout = KN
     rng = np.random.default_rng(seed)
     data, logical, terms, scale, zero, gidx, groups = _case(fmt, layout, M, K, N, rng)
     b = rng.normal(size=N).astype(np.float32) if bias and fmt != I8 else None
     if fmt == I8:
-        x = rng.integers(-127, 128, size=(M, K)).astype(np.int8)
+        x = rng.integers(low, 128, size=(M, K)).astype(np.int8)
+        if low == -128:  # every int8 value, -128 in the input and in the weight for sure
+            x.flat[rng.integers(x.size)] = -128
+            data.flat[rng.integers(data.size)] = -128
+            logical = (data.T if layout == NK else data).astype(np.float64)
         y = np.full((M, N), -1, np.int32)
         code = _entry()(isa.encode(), fmt, layout, K, N, _ptr(data), _ptr(scale), None, None, 0, None,
                         None, _ptr(x), M, None, _ptr(y))
@@ -148,6 +152,17 @@ def test_decode_shapes(isa):
                              (576, 1000, PK)):
             for M in (1, 8, 37):
                 _run(isa, fmt, layout, M, K, N, seed=K + N + M + fmt)
+
+
+@pytest.mark.parametrize("isa", HERE)
+@pytest.mark.parametrize("M", [1, 3, 8, 9])
+def test_int8_every_value(isa, M):
+    # The fast int8 kernels take inputs in [-127, 127] (Keras's quantizer's range); an
+    # input of -128 (a general int8 matmul's) takes the exact int16 path, the weight's
+    # -128 the fast one. Both exact.
+    for K, N, layout in ((576, 320, KN), (37, 70, KN), (576, 1000, NK)):
+        _run(isa, I8, layout, M, K, N, seed=K + N + M, low=-128)
+        _run(isa, I8, layout, M, K, N, seed=K + N + M + 1)
 
 
 def test_every_set_this_cpu_has_runs():

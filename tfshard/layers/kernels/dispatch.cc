@@ -7,8 +7,10 @@
 namespace tfshard {
 
 bool cpu_has_avx512() {
+  // isa_avx512.cc is compiled with VNNI (its int8 dot products): a CPU without it
+  // (Skylake-SP) runs the AVX2 set.
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
   return yes;
 }
 
@@ -25,7 +27,7 @@ const Kernels* kernels_named(const std::string& want, std::string* error) {
   }
   if (want == "avx512") {
     if (cpu_has_avx512()) return &kernels_avx512();
-    *error = "avx512 kernels asked for, but this CPU has no AVX-512 (F, BW and VL); use avx2, "
+    *error = "avx512 kernels asked for, but this CPU has no AVX-512 (F, BW, VL and VNNI); use avx2, "
              "generic or generic16";
     return nullptr;
   }

@@ -1,6 +1,6 @@
-// The decode kernels for AVX-512 (F, BW, VL; VNNI's dpwssd where the compiler flags have
-// it). Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mfma (see
-// scripts/build_mpi_ops.sh); only called when the CPU has AVX-512F and BW.
+// The decode kernels for AVX-512 (F, BW, VL and VNNI's dpwssd / dpbusd). Compiled with
+// -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mfma (see scripts/build_mpi_ops.sh); only
+// called when the CPU has all four (dispatch.cc).
 #define TFS_ISA_NS avx512
 #define TFS_ISA_AVX512 1
 #define TFS_ISA_NAME "avx512"

@@ -23,6 +23,8 @@ namespace TFS_ISA_NS {
 constexpr int64_t NB = 2048;  // columns per block (a multiple of every W): long runs of
                               // each weight row (fewer pages touched per row, TLB-friendly)
 constexpr int MB = 8;        // input rows per pass over a block
+constexpr int64_t PF_ROWS = 8;  // kn: rows ahead to prefetch (the hardware's prefetch
+                                // falls behind on four short rows read at once)
 
 // A thread's scratch buffers for the partial sums (MB x NB floats each: too large for the
 // stack of every thread that may run a kernel).
@@ -67,7 +69,11 @@ inline void kn_accumulate(const uint8_t* base, int64_t rb, const float* x, int64
     const uint8_t* r1 = r0 + rb;
     const uint8_t* r2 = r1 + rb;
     const uint8_t* r3 = r2 + rb;
+    const bool prefetch = k + PF_ROWS + 4 <= ke;
     for (int64_t j = 0; j < vend; j += W) {
+      if (prefetch)
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) __builtin_prefetch(r0 + (PF_ROWS + i) * rb + (nb + j) * (F == Fmt::F32 ? 4 : 2));
       const VF w0 = load_w<F>(r0, nb + j), w1 = load_w<F>(r1, nb + j);
       const VF w2 = load_w<F>(r2, nb + j), w3 = load_w<F>(r3, nb + j);
       for (int m = 0; m < mb; ++m) {
@@ -184,7 +190,11 @@ inline void kn_i4_accumulate(const uint8_t* base, int64_t rb, const float* x, in
     const int8_t* r1 = r0 + rb;
     const int8_t* r2 = r1 + rb;
     const int8_t* r3 = r2 + rb;
+    const bool prefetch = k + PF_ROWS + 4 <= ke;
     for (int64_t p = 0; p < vend; p += 2 * W) {
+      if (prefetch)
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) __builtin_prefetch(r0 + (PF_ROWS + i) * rb + p / 2);
       VF e0, o0, e1, o1, e2, o2, e3, o3;
       vload_u4(r0 + p / 2, e0, o0);
       vload_u4(r1 + p / 2, e1, o1);
@@ -761,9 +771,10 @@ void linear_f(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy,
   }
 }
 
-// int8 x int8 -> int32, exact. kn: pairs of weight rows interleaved into int16 pairs and
-// multiplied by the pair of inputs (one madd gives x0 * w0[n] + x1 * w1[n]).
-void kn_i8(const Weight& w, const int8_t* x, int64_t M, int32_t* y, int64_t ldy, int64_t n0,
+// int8 x int8 -> int32, exact for every int8 input (-128 too). kn: pairs of weight rows
+// interleaved into int16 pairs and multiplied by the pair of inputs (one madd gives
+// x0 * w0[n] + x1 * w1[n]).
+void kn_i8_pairs(const Weight& w, const int8_t* x, int64_t M, int32_t* y, int64_t ldy, int64_t n0,
            int64_t n1) {
   const int8_t* base = static_cast<const int8_t*>(w.data);
   const int64_t N = w.N, K = w.K;
@@ -805,6 +816,89 @@ void kn_i8(const Weight& w, const int8_t* x, int64_t M, int32_t* y, int64_t ldy,
       }
       for (int m = 0; m < mb; ++m)
         std::copy(acc + m * NB, acc + m * NB + width, y + (m0 + m) * ldy + nb);
+    }
+  }
+}
+
+// int8 x int8 -> int32, exact for inputs in [-127, 127]. kn: four weight rows at a time
+// interleaved into quads (vq_load4: one column's four rows in each 32-bit lane) and
+// multiplied by the four inputs in one unsigned-by-signed multiply-add (vq_dot), the rows
+// PF_ROWS ahead prefetched. Full chunks of 4W columns keep their partial sums in quad
+// order (quad_column), put back in column order when written out; R input rows (a
+// compile-time count) share each quad.
+template <int R>
+void kn_i8_rows(const Weight& w, const int8_t* xb, int32_t* acc, int64_t nb, int64_t width) {
+  const int8_t* base = static_cast<const int8_t*>(w.data);
+  const int64_t N = w.N, K = w.K;
+  constexpr int64_t QW = 4 * W;
+  static const std::vector<int8_t> zeros(NB + QW, 0);  // rows past K
+  const int64_t cend = width / QW * QW;
+  for (int m = 0; m < R; ++m) std::fill(acc + m * NB, acc + m * NB + width, 0);
+  for (int64_t k = 0; k < K; k += 4) {
+    const int8_t* r[4];
+    for (int j = 0; j < 4; ++j) r[j] = k + j < K ? base + (k + j) * N + nb : zeros.data();
+    VQ xv[R];
+    for (int m = 0; m < R; ++m) {
+      int8_t q[4] = {0, 0, 0, 0};
+      for (int j = 0; j < 4 && k + j < K; ++j) q[j] = xb[m * K + k + j];
+      xv[m] = vq_set1(quad8(q));
+    }
+    const bool prefetch = k + PF_ROWS + 4 <= K;
+    for (int64_t c = 0; c < cend; c += QW) {
+      if (prefetch)
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) __builtin_prefetch(r[j] + PF_ROWS * N + c);
+      VQ q[4];
+      vq_load4(r[0] + c, r[1] + c, r[2] + c, r[3] + c, q);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const VQ a = vq_abs(q[j]);
+#pragma GCC unroll 8
+        for (int m = 0; m < R; ++m) {
+          int32_t* am = acc + m * NB + c + j * W;
+          vi_store(am, vq_dot(vi_load(am), a, q[j], xv[m]));
+        }
+      }
+    }
+    for (int64_t j = cend; j < width; ++j)
+      for (int m = 0; m < R; ++m)
+        for (int i = 0; i < 4 && k + i < K; ++i) acc[m * NB + j] += xb[m * K + k + i] * r[i][j];
+  }
+}
+
+void kn_i8(const Weight& w, const int8_t* x, int64_t M, int32_t* y, int64_t ldy, int64_t n0,
+           int64_t n1) {
+  const int64_t K = w.K;
+  constexpr int64_t QW = 4 * W;
+  // vq_dot takes inputs in [-127, 127] (Keras's quantizer gives no other); -128, which a
+  // general int8 matmul may be given, goes to the int16 kernel.
+  if (std::find(x, x + M * K, static_cast<int8_t>(-128)) != x + M * K)
+    return kn_i8_pairs(w, x, M, y, ldy, n0, n1);
+  static thread_local std::vector<int32_t> buffer(MB * NB);
+  int32_t* acc = buffer.data();
+  for (int64_t m0 = 0; m0 < M; m0 += MB) {
+    const int mb = static_cast<int>(std::min<int64_t>(MB, M - m0));
+    const int8_t* xb = x + m0 * K;
+    for (int64_t nb = n0; nb < n1; nb += NB) {
+      const int64_t width = std::min(NB, n1 - nb), cend = width / QW * QW;
+      switch (mb) {  // MB = 8
+        case 1: kn_i8_rows<1>(w, xb, acc, nb, width); break;
+        case 2: kn_i8_rows<2>(w, xb, acc, nb, width); break;
+        case 3: kn_i8_rows<3>(w, xb, acc, nb, width); break;
+        case 4: kn_i8_rows<4>(w, xb, acc, nb, width); break;
+        case 5: kn_i8_rows<5>(w, xb, acc, nb, width); break;
+        case 6: kn_i8_rows<6>(w, xb, acc, nb, width); break;
+        case 7: kn_i8_rows<7>(w, xb, acc, nb, width); break;
+        default: kn_i8_rows<8>(w, xb, acc, nb, width); break;
+      }
+      for (int m = 0; m < mb; ++m) {
+        const int32_t* a = acc + m * NB;
+        int32_t* out = y + (m0 + m) * ldy + nb;
+        for (int64_t c = 0; c < cend; c += QW)
+          for (int j = 0; j < 4; ++j)
+            for (int i = 0; i < W; ++i) out[c + quad_column(j, i)] = a[c + j * W + i];
+        std::copy(a + cend, a + width, out + cend);
+      }
     }
   }
 }

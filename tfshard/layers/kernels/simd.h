@@ -20,6 +20,13 @@
 //   vp_madd(acc, p, x01): acc[n] += x0 * w0[n] + x1 * w1[n], x01 the pair (x0, x1) as two
 //                   int16 in an int32 (pair16); exact (int16 products summed in int32)
 //   vi_dot4(acc, a, b): acc[i] += sum_j a[4i + j] * b[4i + j] for int8 a, b, W*4 bytes each
+//   VQ: W columns x 4 contracted rows of int8 weights, each 32-bit lane one column's 4 rows
+//   vq_load4(r0, r1, r2, r3, q): 4W columns of 4 weight rows as the quads q[0..3], by the
+//                   in-lane unpacks: lane i of q[j] holds column quad_column(j, i)
+//   vq_abs(w):      |w| bytewise (as unsigned: |-128| = 128)
+//   vq_set1(x4):    four int8 inputs (one int32, x[0] low, each in [-127, 127]) in every lane
+//   vq_dot(acc, aw, w, xv): acc[i] += sum_j x[j] * w[j][i], exact; aw = vq_abs(w),
+//                   xv = vq_set1(x4)
 #pragma once
 
 #include <immintrin.h>
@@ -97,6 +104,30 @@ inline VI vi_dot4(VI acc, const int8_t* a, const int8_t* b) {
   return {_mm512_add_epi32(acc.v, _mm512_add_epi32(even, odd))};
 }
 inline int32_t vi_hsum(VI a) { return _mm512_reduce_add_epi32(a.v); }
+struct VQ { __m512i v; };
+inline void vq_load4(const int8_t* r0, const int8_t* r1, const int8_t* r2, const int8_t* r3,
+                     VQ q[4]) {
+  const __m512i a = _mm512_loadu_si512(r0), b = _mm512_loadu_si512(r1);
+  const __m512i c = _mm512_loadu_si512(r2), d = _mm512_loadu_si512(r3);
+  const __m512i ab0 = _mm512_unpacklo_epi8(a, b), ab1 = _mm512_unpackhi_epi8(a, b);
+  const __m512i cd0 = _mm512_unpacklo_epi8(c, d), cd1 = _mm512_unpackhi_epi8(c, d);
+  q[0].v = _mm512_unpacklo_epi16(ab0, cd0);
+  q[1].v = _mm512_unpackhi_epi16(ab0, cd0);
+  q[2].v = _mm512_unpacklo_epi16(ab1, cd1);
+  q[3].v = _mm512_unpackhi_epi16(ab1, cd1);
+}
+inline VQ vq_abs(VQ w) { return {_mm512_abs_epi8(w.v)}; }
+inline VQ vq_set1(int32_t x4) { return {_mm512_set1_epi32(x4)}; }
+inline VI vq_dot(VI acc, VQ aw, VQ w, VQ xv) {
+  const __m512i x = xv.v;
+  const __m512i sx = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w.v), _mm512_setzero_si512(), x);
+#if defined(__AVX512VNNI__)
+  return {_mm512_dpbusd_epi32(acc.v, aw.v, sx)};
+#else
+  const __m512i p = _mm512_maddubs_epi16(aw.v, sx);
+  return {_mm512_add_epi32(acc.v, _mm512_madd_epi16(p, _mm512_set1_epi16(1)))};
+#endif
+}
 
 #elif defined(TFS_ISA_AVX2)
 
@@ -173,6 +204,29 @@ inline int32_t vi_hsum(VI a) {
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
   return _mm_cvtsi128_si32(s);
 }
+struct VQ { __m256i v; };
+inline void vq_load4(const int8_t* r0, const int8_t* r1, const int8_t* r2, const int8_t* r3,
+                     VQ q[4]) {
+  const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0));
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1));
+  const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r2));
+  const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r3));
+  const __m256i ab0 = _mm256_unpacklo_epi8(a, b), ab1 = _mm256_unpackhi_epi8(a, b);
+  const __m256i cd0 = _mm256_unpacklo_epi8(c, d), cd1 = _mm256_unpackhi_epi8(c, d);
+  q[0].v = _mm256_unpacklo_epi16(ab0, cd0);
+  q[1].v = _mm256_unpackhi_epi16(ab0, cd0);
+  q[2].v = _mm256_unpacklo_epi16(ab1, cd1);
+  q[3].v = _mm256_unpackhi_epi16(ab1, cd1);
+}
+inline VQ vq_abs(VQ w) { return {_mm256_sign_epi8(w.v, w.v)}; }
+inline VQ vq_set1(int32_t x4) { return {_mm256_set1_epi32(x4)}; }
+inline VI vq_dot(VI acc, VQ aw, VQ w, VQ xv) {
+  // x * sign(w) times |w|: maddubs's unsigned x signed pairs (at most 2 * 128 * 127, no
+  // saturation), then the pairs summed into int32.
+  const __m256i sx = _mm256_sign_epi8(xv.v, w.v);
+  const __m256i p = _mm256_maddubs_epi16(aw.v, sx);
+  return {_mm256_add_epi32(acc.v, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))};
+}
 
 #elif defined(TFS_ISA_GENERIC)
 
@@ -230,10 +284,41 @@ inline VI vi_dot4(VI acc, const int8_t* a, const int8_t* b) {
   return acc;
 }
 inline int32_t vi_hsum(VI a) { int32_t s = 0; for (int i = 0; i < W; ++i) s += a.v[i]; return s; }
+struct VQ { int8_t v[4 * W]; };  // lane i: bytes 4i .. 4i + 3
+inline int quad_column(int j, int i);
+inline void vq_load4(const int8_t* r0, const int8_t* r1, const int8_t* r2, const int8_t* r3,
+                     VQ q[4]) {
+  const int8_t* rows[4] = {r0, r1, r2, r3};
+  for (int j = 0; j < 4; ++j)
+    for (int i = 0; i < W; ++i)
+      for (int r = 0; r < 4; ++r) q[j].v[4 * i + r] = rows[r][quad_column(j, i)];
+}
+inline VQ vq_abs(VQ w) { return w; }  // vq_dot multiplies the signed values directly
+inline VQ vq_set1(int32_t x4) {
+  VQ r;
+  for (int i = 0; i < W; ++i) std::memcpy(r.v + 4 * i, &x4, 4);
+  return r;
+}
+inline VI vq_dot(VI acc, VQ, VQ w, VQ xv) {
+  for (int i = 0; i < W; ++i)
+    for (int r = 0; r < 4; ++r) acc.v[i] += xv.v[4 * i + r] * w.v[4 * i + r];
+  return acc;
+}
 
 #else
 #error "define one of TFS_ISA_AVX512, TFS_ISA_AVX2, TFS_ISA_GENERIC"
 #endif
+
+// Column (of the 4W a vq_load4 reads) in lane i of quad j: the unpacks work within 128-bit
+// lanes of 16 columns, giving quad j columns 4j .. 4j + 3 of each.
+inline int quad_column(int j, int i) { return 16 * (i / 4) + 4 * j + i % 4; }
+
+// Four int8 values as one int32 (x[0] in the low byte), for vq_dot.
+inline int32_t quad8(const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return v;
+}
 
 // The pair (x0, x1) of int8 values as two int16 in one int32 (low half x0), for vp_madd.
 inline int32_t pair16(int8_t x0, int8_t x1) {
