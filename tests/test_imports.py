@@ -46,7 +46,7 @@ LEVELS = {
     "tfshard.copying": 5, "tfshard.pipeline": 5, "tfshard.pipeline.staged": 5,
     "tfshard.pipeline.on_devices": 5,
     "tfshard.predict": 4, "tfshard.inputs": 4, "tfshard.outputs": 4, "tfshard.schedule": 4,
-    "tfshard.kv_cache": 4, "tfshard.world": 4, "tfshard.devices": 4,
+    "tfshard.kv_cache": 4, "tfshard.world": 4, "tfshard.placement": 4, "tfshard.devices": 4,
     "tfshard.pipeline.cut": 4, "tfshard.pipeline.gpipe": 4, "tfshard.pipeline.decode": 4,
     "tfshard.decode": 4, "tfshard.decode.generate": 4, "tfshard.decode.step": 4,
     "tfshard.decode.decoder": 4, "tfshard.decode.params": 4,

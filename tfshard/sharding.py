@@ -162,10 +162,11 @@ def default_tensor_parallel(world, size=None):
 
 
 def _record_layout(sharded, world, tp, pipeline=1):
-    """Notes on `sharded.plan` which host each rank runs on (for its summary); warns
-    once, on rank 0, when tensor-parallel groups span hosts."""
+    """Notes on `sharded.plan` which host each rank runs on and this rank's cores (for
+    its summary); warns once, on rank 0, when tensor-parallel groups span hosts."""
     if world is None or world.size == 1:
         return sharded
+    sharded.plan.placement = world.placement
     layout = Layout(tuple(world.comm.hosts()), tp, pipeline)
     sharded.plan.layout = layout
     if layout.wide_groups() and world.rank == 0:

@@ -4,6 +4,7 @@ import dataclasses
 import os
 
 from tfshard import comm as comm_lib
+from tfshard import placement as placement_lib
 
 _WORLD = None
 
@@ -15,10 +16,13 @@ class World:
     Attributes:
         comm: the `Communicator` of all ranks.
         backend: "mpi", "horovod", "local", "multiworker" or "mirrored".
+        placement: this process's cores and threads (`tfshard.placement.Placement`), or
+            None for a world made by hand.
     """
 
     comm: object
     backend: str
+    placement: object = None
 
     @property
     def strategy(self):
@@ -67,8 +71,8 @@ def init(backend=None):
                 f"cannot switch to {wanted!r} in the same process."
             )
         return _WORLD
-    _budget_threads()
-    _WORLD = World(comm=comm_lib.create(wanted), backend=wanted)
+    placement = _place()
+    _WORLD = World(comm=comm_lib.create(wanted), backend=wanted, placement=placement)
     return _WORLD
 
 
@@ -86,20 +90,26 @@ def local_size(environ=None):
     return 1
 
 
-def _budget_threads():
-    """Gives each of the ranks on this host its share of the cores.
+def _place():
+    """Pins this rank to its own cores (`tfshard.placement`) and sizes TensorFlow's
+    thread pools to them, so the ranks on a host do not take turns at one core.
 
-    Only possible before TensorFlow creates its context; later it is left as is.
-    An explicit TFSHARD_THREADS wins.
+    The pools can only be sized before TensorFlow creates its context; later they are
+    left as they are. An explicit TFSHARD_THREADS wins. One rank on a host keeps
+    TensorFlow's defaults.
+
+    Returns:
+        The `Placement`.
     """
     local = local_size()
-    threads = int(os.environ.get("TFSHARD_THREADS", 0)) or max(1, (os.cpu_count() or 1) // local)
+    placement = placement_lib.pin(placement_lib.plan(placement_lib.local_rank(), local))
     if local <= 1 and "TFSHARD_THREADS" not in os.environ:
-        return
+        return placement
     import tensorflow as tf
 
     try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
+        tf.config.threading.set_intra_op_parallelism_threads(placement.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(placement.threads)
     except RuntimeError:
         pass  # TensorFlow already initialised: keep its settings.
+    return placement

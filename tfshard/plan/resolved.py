@@ -48,6 +48,7 @@ class ResolvedPlan:
         self.held_bytes = None  # the bytes this rank holds, measured, under stages
         self.devices = None  # stages on one process's devices: stage s on devices[s]
         self.layout = None  # a `Layout`: the ranks' hosts, set by shard()
+        self.placement = None  # this rank's cores and threads, set by shard()
 
     def with_stages(self, stages, stage, held_bytes, devices=None):
         """This plan with the pipeline's `StagePlan`, the stage this rank runs and the
@@ -58,6 +59,7 @@ class ResolvedPlan:
         out.stages, out.stage, out.held_bytes = stages, stage, held_bytes
         out.devices = None if devices is None else list(devices)
         out.layout = self.layout
+        out.placement = self.placement
         return out
 
     def _where_stages_run(self):
@@ -261,6 +263,8 @@ class ResolvedPlan:
                       "above lists every stage's layers, cut for tensor parallelism"]
         if self.layout is not None and self.layout.lines():
             lines += [""] + self.layout.lines()
+        if self.placement is not None:
+            lines += ["", self.placement.line()]
         return "\n".join(lines)
 
     def to_dict(self):
