@@ -282,3 +282,32 @@ def test_set_value_refuses_a_value_of_another_shape():
     with pytest.raises(ValueError, match=r"kernel: a value of shape \(3, 4\) for a variable "
                                          r"of shape \(4, 3\)"):
         slices.set_value(var, np.zeros((3, 4), "float32"))
+
+
+HEAP_FROZEN = """
+import gc, keras
+from tfshard.layers.tracking import heap_frozen
+assert gc.get_freeze_count() == 0
+layer = keras.layers.Dense(4)
+layer.build((None, 3))
+with heap_frozen():
+    inside = gc.get_freeze_count()
+    layer.quantize("int8")  # Keras's gc.collect per dropped variable, on a frozen heap
+assert inside > 0 and gc.get_freeze_count() == 0, inside
+assert layer.quantization_mode == "int8"
+gc.freeze()  # a process that manages its own heap keeps it as it is
+before = gc.get_freeze_count()
+with heap_frozen():
+    pass
+assert gc.get_freeze_count() == before
+print("ok")
+"""
+
+
+def test_heap_frozen_for_keras_collections_only():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", HEAP_FROZEN], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

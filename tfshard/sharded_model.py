@@ -15,7 +15,7 @@ from tfshard import generation
 from tfshard import inputs as inputs_lib
 from tfshard import predict as predict_lib
 from tfshard.comm.strategies import out_of_line
-from tfshard.layers.tracking import set_untracked
+from tfshard.layers.tracking import heap_frozen, set_untracked
 
 
 Replica = collections.namedtuple("Replica", "model plan comm device meter")
@@ -366,7 +366,8 @@ class ShardedModel(keras.Model):
             # Before a row layer's gather of channel maxima: every rank quantizes alike.
             consistency.agree(self.world.comm, {"mode": consistency.digest(str(mode))},
                               f"{self.name}.quantize")
-            self.inner.quantize(mode, config=config)
+            with heap_frozen():  # Keras collects garbage for each variable it drops
+                self.inner.quantize(mode, config=config)
             self._predict_step = None
             convert.reset_compiled_functions(self.inner)
             mine = self.plan.measure(self.inner)

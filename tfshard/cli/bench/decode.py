@@ -47,7 +47,10 @@ def _tiny(dtype=None, quantize=None):
                                hidden_dim=72, intermediate_dim=64,
                                **({"dtype": dtype} if dtype else {}))
     if quantize:
-        model.quantize(quantize)
+        from tfshard.layers.tracking import heap_frozen
+
+        with heap_frozen():
+            model.quantize(quantize)
     return model
 
 
