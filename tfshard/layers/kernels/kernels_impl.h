@@ -774,8 +774,8 @@ void linear_f(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy,
 // int8 x int8 -> int32, exact for every int8 input (-128 too). kn: pairs of weight rows
 // interleaved into int16 pairs and multiplied by the pair of inputs (one madd gives
 // x0 * w0[n] + x1 * w1[n]).
-void kn_i8_pairs(const Weight& w, const int8_t* x, int64_t M, int32_t* y, int64_t ldy, int64_t n0,
-           int64_t n1) {
+void kn_i8_pairs(const Weight& w, const int8_t* x, int64_t M, int32_t* y, int64_t ldy,
+                 int64_t n0, int64_t n1) {
   const int8_t* base = static_cast<const int8_t*>(w.data);
   const int64_t N = w.N, K = w.K;
   static thread_local std::vector<int32_t> buffer(MB * NB);
