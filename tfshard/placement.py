@@ -113,15 +113,29 @@ def blocks(available, local_size, nodes=None):
     return out
 
 
-def local_rank(environ=None):
-    """This rank's index on its host, from the launcher's environment, or None.
+# Each launcher's names for (the ranks on this host, this rank's index among them):
+# tfshard's own (set by hand), MPICH's Hydra, Open MPI, horovodrun.
+LAUNCHER_KEYS = (("TFSHARD_LOCAL_SIZE", "TFSHARD_LOCAL_RANK"),
+                 ("MPI_LOCALNRANKS", "MPI_LOCALRANKID"),
+                 ("OMPI_COMM_WORLD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+                 ("HOROVOD_LOCAL_SIZE", "HOROVOD_LOCAL_RANK"))
 
-    MPICH's Hydra sets MPI_LOCALRANKID, Open MPI OMPI_COMM_WORLD_LOCAL_RANK, horovodrun
-    HOROVOD_LOCAL_RANK; TFSHARD_LOCAL_RANK names it by hand.
-    """
+
+def local_size(environ=None):
+    """How many ranks of this job run on this host, from the launcher's environment
+    (`LAUNCHER_KEYS`, the first set); 1 otherwise."""
     env = os.environ if environ is None else environ
-    for key in ("TFSHARD_LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK",
-                "HOROVOD_LOCAL_RANK"):
+    for key, _ in LAUNCHER_KEYS:
+        if env.get(key):
+            return max(1, int(env[key]))
+    return 1
+
+
+def local_rank(environ=None):
+    """This rank's index on its host, from the launcher's environment (`LAUNCHER_KEYS`,
+    the first set), or None."""
+    env = os.environ if environ is None else environ
+    for _, key in LAUNCHER_KEYS:
         if env.get(key, "").isdigit():
             return int(env[key])
     return None

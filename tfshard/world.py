@@ -76,18 +76,7 @@ def init(backend=None):
     return _WORLD
 
 
-def local_size(environ=None):
-    """How many ranks of this job run on this host, from the launcher's environment.
-
-    MPICH's mpiexec sets MPI_LOCALNRANKS, Open MPI OMPI_COMM_WORLD_LOCAL_SIZE,
-    horovodrun HOROVOD_LOCAL_SIZE; TFSHARD_LOCAL_SIZE names it by hand. 1 otherwise.
-    """
-    env = os.environ if environ is None else environ
-    for key in ("TFSHARD_LOCAL_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE",
-                "HOROVOD_LOCAL_SIZE"):
-        if env.get(key):
-            return max(1, int(env[key]))
-    return 1
+local_size = placement_lib.local_size  # (how many ranks run on this host)
 
 
 def _place():
