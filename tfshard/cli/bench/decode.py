@@ -8,8 +8,9 @@ tfshard rows, averaged; tfshard's decode step at TP=N for each `--np` (MPI); and
 token (greedy, inside `generate()`: K decode steps are the difference of two calls that
 prefill alike -- the decode step's: one prompt, K more positions to fill; keras-hub's
 loop, which prefills the whole padded length: two prompts padded alike, K tokens apart),
-prefill tokens/s (a prompt of `--length` tokens), the bytes of weights each rank reads per token, and the floor those bytes set at the read bandwidth
-each rank measured in the same run (every rank streaming at once).
+prefill tokens/s (a prompt of `--length` tokens), the bytes of weights each rank reads
+per token, and the floor those bytes set at the read bandwidth each rank measured in the
+same run (every rank streaming at once).
 
 `--fixed` adds a SmolLM2-shaped Llama with tiny widths (30 blocks, weights of ~0 bytes):
 its time per step is the step's fixed cost. `--profile` prints where one decode step's

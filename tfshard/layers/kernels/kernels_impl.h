@@ -70,10 +70,11 @@ inline void kn_accumulate(const uint8_t* base, int64_t rb, const float* x, int64
     const uint8_t* r2 = r1 + rb;
     const uint8_t* r3 = r2 + rb;
     const bool prefetch = k + PF_ROWS + 4 <= ke;
+    constexpr int64_t bytes = F == Fmt::F32 ? 4 : 2;  // of one weight
     for (int64_t j = 0; j < vend; j += W) {
       if (prefetch)
 #pragma GCC unroll 4
-        for (int i = 0; i < 4; ++i) __builtin_prefetch(r0 + (PF_ROWS + i) * rb + (nb + j) * (F == Fmt::F32 ? 4 : 2));
+        for (int i = 0; i < 4; ++i) __builtin_prefetch(r0 + (PF_ROWS + i) * rb + (nb + j) * bytes);
       const VF w0 = load_w<F>(r0, nb + j), w1 = load_w<F>(r1, nb + j);
       const VF w2 = load_w<F>(r2, nb + j), w3 = load_w<F>(r3, nb + j);
       for (int m = 0; m < mb; ++m) {
