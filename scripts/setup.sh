@@ -44,7 +44,7 @@ export PIP_PROGRESS_BAR=off TF_CPP_MIN_LOG_LEVEL=3
 "${PIP[@]}" --no-deps "keras-hub==0.32.0" "keras-nlp==0.32.0"
 "${PIP[@]}" "keras>=3.15,<3.16" absl-py numpy packaging regex rich "kagglehub!=1.0.1" \
     "kagglesdk==0.1.28" sentencepiece tokenizers safetensors h5py "tensorboard>=2.20" \
-    psutil cloudpickle pyyaml "pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6" gguf "xxhash>=3"
+    psutil cloudpickle pyyaml "pytest>=8" "pytest-timeout>=2.3" "pytest-xdist>=3.6" "hypothesis>=6" gguf "xxhash>=3"
 # 2a. The `serve` extra (the HTTP front) and the clients its tests use.
 "${PIP[@]}" "fastapi>=0.115,<1" "uvicorn>=0.30,<1" "pydantic>=2.6,<3" "prometheus-client>=0.20" \
     "jinja2>=3.1" "openai>=1.40,<4" "requests>=2.31"

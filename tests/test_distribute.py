@@ -201,6 +201,7 @@ def _orphans(marker):
     return out
 
 
+@pytest.mark.alone
 def test_launcher_ends_the_job_when_a_worker_is_killed():
     code, out, secs = launch(2, [FAULTS, "killed"], timeout=120, launcher="tfshard")
     assert code is not None, f"hung for {secs:.0f} s:\n{out[-3000:]}"
@@ -212,6 +213,7 @@ def test_launcher_ends_the_job_when_a_worker_is_killed():
     assert not _orphans("[t]ests/workers/faults.py")
 
 
+@pytest.mark.alone
 def test_stalled_worker_times_out_instead_of_hanging():
     # Rank 1 never joins; rank 0's collective fails at the collective timeout,
     # and the launcher then stops rank 1.

@@ -35,6 +35,7 @@ def _no_orphans():
     return not out
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("launcher", ["horovod", "gloo"])
 def test_dead_rank_fails_the_job_quickly(launcher):
     code, out, secs = launch(2, [WORKER, "die"], timeout=180, launcher=launcher)
@@ -45,6 +46,7 @@ def test_dead_rank_fails_the_job_quickly(launcher):
     assert _no_orphans()
 
 
+@pytest.mark.alone
 def test_mpi_killed_rank_ends_the_job_within_seconds():
     code, out, secs = launch(2, [WORKER, "killed"], timeout=60, env=FAST)
     assert code is not None and code != 0, out[-3000:]
@@ -53,6 +55,7 @@ def test_mpi_killed_rank_ends_the_job_within_seconds():
     assert _no_orphans()
 
 
+@pytest.mark.alone
 def test_mpi_stopped_rank_is_named_within_seconds():
     """SIGSTOP: the rank is alive, so only tfshard's wait can notice it."""
     code, out, secs = launch(2, [WORKER, "stop"], timeout=60, env={
@@ -66,6 +69,7 @@ def test_mpi_stopped_rank_is_named_within_seconds():
     assert _no_orphans()
 
 
+@pytest.mark.alone
 def test_mpi_stalled_rank_fails_at_the_deadline_with_a_named_error():
     code, out, secs = launch(2, [WORKER, "stall"], timeout=60, env=FAST)
     assert code is not None and code != 0, out[-3000:]
@@ -79,6 +83,7 @@ def test_mpi_stalled_rank_fails_at_the_deadline_with_a_named_error():
     assert _no_orphans()
 
 
+@pytest.mark.alone
 def test_mpi_mismatched_collectives_fail_on_every_rank():
     code, out, secs = launch(2, [WORKER, "mismatch"], timeout=60, env=FAST)
     assert code is not None and code != 0, out[-3000:]
@@ -90,6 +95,7 @@ def test_mpi_mismatched_collectives_fail_on_every_rank():
     assert _no_orphans()
 
 
+@pytest.mark.alone
 def test_gloo_stalled_rank_is_ended_by_the_wall_clock():
     code, out, secs = launch(2, [WORKER, "stall"], timeout=30, launcher="gloo",
                              env={"TFSHARD_STALL_SHUTDOWN": "15", "TFSHARD_GLOO_TIMEOUT": "30"})
@@ -99,6 +105,7 @@ def test_gloo_stalled_rank_is_ended_by_the_wall_clock():
     assert _no_orphans()
 
 
+@pytest.mark.alone
 def test_gloo_mismatched_collectives_never_return_a_result():
     code, out, secs = launch(2, [WORKER, "mismatch"], timeout=30, launcher="gloo",
                              env={"TFSHARD_STALL_SHUTDOWN": "15", "TFSHARD_GLOO_TIMEOUT": "30"})
@@ -116,6 +123,7 @@ def test_mpi_ops_equal_numpy_on_three_ranks():
         assert f"MPI-OPS OK rank {rank}" in out, out[-3000:]
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("launcher", ["horovod", "gloo"])
 def test_ranks_disagreeing_on_tensor_parallel_fail_before_any_group_forms(launcher):
     """Was a hang under Gloo (process sets were created before the agreement) and a 30 s
@@ -164,6 +172,7 @@ def test_local_jobs_listen_on_loopback_only(launcher):
     assert not outside, f"listening beyond loopback: {outside} (all: {sorted(listeners)})"
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("launcher", ["horovod", "gloo", "tfshard"])
 def test_rank_that_never_calls_predict_is_named_at_the_deadline(launcher):
     """Under Gloo this was a hang (Horovod's stall check never fired): rank 0 waited in
@@ -182,6 +191,7 @@ def test_rank_that_never_calls_predict_is_named_at_the_deadline(launcher):
     assert _no_orphans()
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("launcher", ["gloo", "tfshard"])
 def test_stopped_rank_is_named_within_seconds_on_every_backend(launcher):
     """SIGSTOP under Gloo ended only at the 120 s Gloo timeout, naming no rank."""
@@ -194,6 +204,7 @@ def test_stopped_rank_is_named_within_seconds_on_every_backend(launcher):
     assert _no_orphans()
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("mode", ["stage_killed", "stage_stop"])
 def test_dead_or_stopped_pipeline_stage_is_named_within_seconds(mode):
     """Stage 1 of two goes away between two predicts: stage 0, waiting to hand it

@@ -203,6 +203,7 @@ print("MATCH", diff)
     assert done.returncode == 0 and "MATCH" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
 
 
+@pytest.mark.alone  # host 1's ranks end at the default collective deadline
 @pytest.mark.parametrize("fault", ["ranks_killed", "link_down"])
 def test_lost_host_ends_the_job_with_a_named_error(tmp_path, fault):
     """A host is lost mid-predict (TP=2 over 2 hosts, so every block waits on it): its

@@ -223,6 +223,7 @@ def _health_until_exit(job, seconds=90):
     return statuses
 
 
+@pytest.mark.alone  # the stopped rank is named at the default collective deadline
 def test_a_stopped_rank_ends_streams_with_an_error_and_the_job_naming_it():
     job = Job("--slots", 2, "--max-len", 256)
     try:
@@ -242,6 +243,7 @@ def test_a_stopped_rank_ends_streams_with_an_error_and_the_job_naming_it():
     assert re.search(r"rank 1 \[pid \d+, stopped", job.output), job.output[-3000:]
 
 
+@pytest.mark.alone
 def test_a_killed_rank_ends_the_job_at_once_and_the_launcher_names_its_pid():
     job = Job("--slots", 2, "--max-len", 256)
     try:
