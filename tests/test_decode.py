@@ -212,3 +212,53 @@ def test_bad_rows_fail_with_the_slot_or_position_named():
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"row 0 is at position 8.*holds positions \[0, 8\)"):
         run([0, 1], [8, 1])
+
+
+def test_bad_weight_lists_fail_with_the_layer_and_tensor_named():
+    # The formats are parsed once, when the op is built, and the tensors bound on every
+    # call: each mistake is still the call's InvalidArgumentError, naming the layer.
+    import keras
+
+    from tfshard.decode.params import projection
+    from tfshard.layers import matvec
+
+    keras.utils.set_random_seed(2)
+    layer = keras.layers.Dense(64, use_bias=True, name="proj")
+    layer.build((None, 256))
+    layer.quantize("int4")  # groups of 128: 2 groups, scale and zero point [2, 64]
+    p = projection(layer)
+    assert p.format == "i4g:kn:256:64:b", p.format
+    x = tf.random.normal([2, 256])
+    lib = matvec.library()
+
+    def run(handles=p.handles, fmt=p.format):
+        return lib.tfshard_decode_linear(x=x, amax=tf.zeros([0, 0]), weights=handles,
+                                         formats=[fmt], names=[p.name])
+
+    want = np.asarray(layer(x))
+    np.testing.assert_allclose(np.asarray(run()), want, rtol=1e-5, atol=1e-5)
+    kernel, scale, zero, gidx, bias = p.handles
+    cases = [
+        (dict(fmt="i4g:kn:256"), r"format 'i4g:kn:256' of proj is not fmt:layout:K:N"),
+        (dict(fmt="f64:kn:256:64"), r"format 'f64' of proj is not one of f32, bf16, i8"),
+        (dict(handles=[kernel, scale, zero, gidx]), r"proj \(i4g:kn:256:64:b\) needs 5 tensors"),
+        (dict(handles=[kernel, tf.Variable(tf.ones([63])).handle, zero, gidx, bias]),
+         r"proj scale has 63 values; grouped int4 needs groups x 64"),
+        (dict(handles=[kernel, tf.Variable(tf.ones([3, 64])).handle, zero, gidx, bias]),
+         r"proj zero point has 128 values; the scale has 192"),
+        (dict(handles=[kernel, scale, zero, tf.Variable(tf.fill([256], 5)).handle, bias]),
+         r"proj group index 5 at row 0 is outside \[0, 2\)"),
+        (dict(handles=[kernel, scale, zero, tf.Variable(tf.fill([256], 2.0)).handle, bias]),
+         r"proj group index 2 at row 0 is outside \[0, 2\)"),
+        (dict(handles=[kernel, scale, zero, gidx, tf.Variable(tf.zeros([63])).handle]),
+         r"proj bias has 63 values; the output has 64"),
+        (dict(handles=[kernel, tf.Variable(tf.ones([2, 64], tf.int64)).handle, zero, gidx, bias]),
+         r"proj scale: dtype int64 is not a float or small integer type"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            run(**kwargs)
+    # The group index read in place (int32) gives the same values as Keras's float32 one.
+    as_int = tf.Variable(tf.cast(layer.g_idx, tf.int32))
+    np.testing.assert_array_equal(np.asarray(run([kernel, scale, zero, as_int.handle, bias])),
+                                  np.asarray(run()))

@@ -144,49 +144,55 @@ std::vector<std::string> split(const std::string& s, char sep) {
   return out;
 }
 
-// A small tensor's values as float (scales, zero points, biases, norm parameters).
-Status to_floats(const Tensor& t, std::vector<float>* out, const std::string& what) {
+// A small tensor's values as float (scales, zero points, biases, norm parameters); false
+// for another dtype (the caller names the tensor: no message is built on the way).
+bool to_floats(const Tensor& t, std::vector<float>* out) {
   const int64_t n = t.NumElements();
   out->resize(n);
   switch (t.dtype()) {
     case tensorflow::DT_FLOAT:
       std::memcpy(out->data(), t.flat<float>().data(), n * 4);
-      return tensorflow::OkStatus();
+      return true;
     case tensorflow::DT_BFLOAT16: {
       auto v = t.flat<Eigen::bfloat16>();
       for (int64_t i = 0; i < n; ++i) (*out)[i] = static_cast<float>(v(i));
-      return tensorflow::OkStatus();
+      return true;
     }
     case tensorflow::DT_HALF: {
       auto v = t.flat<Eigen::half>();
       for (int64_t i = 0; i < n; ++i) (*out)[i] = static_cast<float>(v(i));
-      return tensorflow::OkStatus();
+      return true;
     }
     case tensorflow::DT_UINT8: {
       auto v = t.flat<uint8_t>();
       for (int64_t i = 0; i < n; ++i) (*out)[i] = v(i);
-      return tensorflow::OkStatus();
+      return true;
     }
     case tensorflow::DT_INT8: {
       auto v = t.flat<int8_t>();
       for (int64_t i = 0; i < n; ++i) (*out)[i] = v(i);
-      return tensorflow::OkStatus();
+      return true;
     }
     case tensorflow::DT_INT32: {
       auto v = t.flat<int32_t>();
       for (int64_t i = 0; i < n; ++i) (*out)[i] = static_cast<float>(v(i));
-      return tensorflow::OkStatus();
+      return true;
     }
     default:
-      return errors::InvalidArgument(what, ": dtype ", tensorflow::DataTypeString(t.dtype()),
-                                     " is not a float or small integer type");
+      return false;
   }
+}
+
+// The error for a small tensor of a dtype `to_floats` does not read.
+Status not_floats(const Tensor& t, const std::string& what) {
+  return errors::InvalidArgument(what, ": dtype ", tensorflow::DataTypeString(t.dtype()),
+                                 " is not a float or small integer type");
 }
 
 struct Weights {
   std::vector<Tensor> values;  // the variables' buffers, held while the op runs
   std::vector<Weight> w;
-  std::vector<std::string> names;
+  std::vector<const std::string*> names;  // the parsed formats' (the op's) layer names
   std::vector<std::unique_ptr<std::vector<float>>> floats;  // converted small tensors
   std::vector<std::unique_ptr<std::vector<int32_t>>> ints;
 
@@ -194,40 +200,59 @@ struct Weights {
     floats.push_back(std::make_unique<std::vector<float>>(std::move(v)));
     return floats.back()->data();
   }
+  // A small tensor's values as float: float32 read in place (the tensor is one of
+  // `values`, held while the op runs), another dtype converted once into a kept copy.
+  const float* view(const Tensor& t) {
+    if (t.dtype() == tensorflow::DT_FLOAT) return t.flat<float>().data();
+    std::vector<float> v;
+    return to_floats(t, &v) ? keep(std::move(v)) : nullptr;
+  }
 };
 
-Status parse_weights(const std::vector<Tensor>& list, const std::vector<std::string>& formats,
-                     const std::vector<std::string>& names, const std::string& op,
-                     Weights* out) {
-  int i = 0;
+// One weight's format string, parsed once when the op is built: the Weight's format
+// fields (its data and small tensors are bound on every call), how many tensors it takes
+// and the dtype its data must have.
+struct Spec {
+  Weight w;            // fmt, nk, pk, K, N
+  int tensors = 1;     // data (+ scale, + zero point and group index)
+  bool bias = false;   // a bias follows
+  DataType want = tensorflow::DT_FLOAT;
+  std::string name, format;
+};
+
+Status parse_specs(const std::vector<std::string>& formats,
+                   const std::vector<std::string>& names, const std::string& op,
+                   std::vector<Spec>* out) {
+  out->clear();
   for (size_t f = 0; f < formats.size(); ++f) {
-    const std::string name = f < names.size() ? names[f] : ("weight " + std::to_string(f));
+    Spec spec;
+    spec.name = f < names.size() ? names[f] : ("weight " + std::to_string(f));
+    spec.format = formats[f];
+    const std::string& name = spec.name;
     const auto parts = split(formats[f], ':');
     if (parts.size() < 4) {
       return errors::InvalidArgument(op, ": format '", formats[f], "' of ", name,
                                      " is not fmt:layout:K:N[:b]");
     }
-    Weight w;
+    Weight& w = spec.w;
     const std::string& fmt = parts[0];
-    int tensors = 1;
-    DataType want = tensorflow::DT_FLOAT;
     if (fmt == "f32") {
       w.fmt = Fmt::F32;
     } else if (fmt == "bf16") {
       w.fmt = Fmt::BF16;
-      want = tensorflow::DT_BFLOAT16;
+      spec.want = tensorflow::DT_BFLOAT16;
     } else if (fmt == "i8") {
       w.fmt = Fmt::I8;
-      tensors = 2;
-      want = tensorflow::DT_INT8;
+      spec.tensors = 2;
+      spec.want = tensorflow::DT_INT8;
     } else if (fmt == "i4c") {
       w.fmt = Fmt::I4C;
-      tensors = 2;
-      want = tensorflow::DT_INT8;
+      spec.tensors = 2;
+      spec.want = tensorflow::DT_INT8;
     } else if (fmt == "i4g") {
       w.fmt = Fmt::I4G;
-      tensors = 4;
-      want = tensorflow::DT_INT8;
+      spec.tensors = 4;
+      spec.want = tensorflow::DT_INT8;
     } else {
       return errors::InvalidArgument(op, ": format '", fmt, "' of ", name,
                                      " is not one of f32, bf16, i8, i4c, i4g");
@@ -240,29 +265,47 @@ Status parse_weights(const std::vector<Tensor>& list, const std::vector<std::str
     }
     w.K = std::strtoll(parts[2].c_str(), nullptr, 10);
     w.N = std::strtoll(parts[3].c_str(), nullptr, 10);
-    const bool bias = parts.size() > 4 && parts[4] == "b";
+    spec.bias = parts.size() > 4 && parts[4] == "b";
+    out->push_back(std::move(spec));
+  }
+  return tensorflow::OkStatus();
+}
+
+// Binds this call's tensors (the variables' current values, in the formats' order) to
+// the parsed formats. Messages are built only when something is wrong: this runs for
+// every weight of every block at every decode step.
+Status parse_weights(const std::vector<Tensor>& list, const std::vector<Spec>& specs,
+                     const std::string& op, Weights* out) {
+  int i = 0;
+  out->w.reserve(specs.size());
+  for (const Spec& spec : specs) {
+    const std::string& name = spec.name;
+    Weight w = spec.w;
+    const int tensors = spec.tensors;
+    const bool bias = spec.bias;
     if (i + tensors + (bias ? 1 : 0) > static_cast<int>(list.size())) {
-      return errors::InvalidArgument(op, ": ", name, " (", formats[f], ") needs ",
+      return errors::InvalidArgument(op, ": ", name, " (", spec.format, ") needs ",
                                      tensors + (bias ? 1 : 0), " tensors; the list has ",
                                      list.size() - i, " left");
     }
     const Tensor& data = list[i];
-    if (data.dtype() != want) {
-      return errors::InvalidArgument(op, ": ", name, " (", formats[f], ") must be ",
-                                     tensorflow::DataTypeString(want), ", got ",
+    if (data.dtype() != spec.want) {
+      return errors::InvalidArgument(op, ": ", name, " (", spec.format, ") must be ",
+                                     tensorflow::DataTypeString(spec.want), ", got ",
                                      tensorflow::DataTypeString(data.dtype()));
     }
     w.data = data.tensor_data().data();
     if (static_cast<int64_t>(data.tensor_data().size()) != w.bytes()) {
-      return errors::InvalidArgument(op, ": ", name, " (", formats[f], ") holds ",
+      return errors::InvalidArgument(op, ": ", name, " (", spec.format, ") holds ",
                                      data.tensor_data().size(), " bytes (shape ",
                                      data.shape().DebugString(), "); its format needs ",
                                      w.bytes());
     }
     if (tensors >= 2) {
-      std::vector<float> scale;
-      TF_RETURN_IF_ERROR(to_floats(list[i + 1], &scale, op + ": " + name + " scale"));
-      const int64_t count = static_cast<int64_t>(scale.size());
+      const Tensor& scale = list[i + 1];
+      w.scale = out->view(scale);
+      if (w.scale == nullptr) return not_floats(scale, op + ": " + name + " scale");
+      const int64_t count = scale.NumElements();
       if (tensors == 4) {
         w.groups = w.N > 0 ? count / w.N : 0;
         if (w.groups < 1 || w.groups * w.N != count) {
@@ -271,47 +314,54 @@ Status parse_weights(const std::vector<Tensor>& list, const std::vector<std::str
         }
       } else if (count != w.N) {
         return errors::InvalidArgument(op, ": ", name, " scale has ", count, " values; ",
-                                       formats[f], " needs one per output (", w.N, ")");
+                                       spec.format, " needs one per output (", w.N, ")");
       }
-      w.scale = out->keep(std::move(scale));
     }
     if (tensors == 4) {
-      std::vector<float> zero, gidx;
-      TF_RETURN_IF_ERROR(to_floats(list[i + 2], &zero, op + ": " + name + " zero point"));
-      TF_RETURN_IF_ERROR(to_floats(list[i + 3], &gidx, op + ": " + name + " group index"));
-      if (static_cast<int64_t>(zero.size()) != w.groups * w.N) {
-        return errors::InvalidArgument(op, ": ", name, " zero point has ", zero.size(),
+      const Tensor& zero = list[i + 2];
+      const Tensor& gidx = list[i + 3];
+      w.zero = out->view(zero);
+      if (w.zero == nullptr) return not_floats(zero, op + ": " + name + " zero point");
+      if (zero.NumElements() != w.groups * w.N) {
+        return errors::InvalidArgument(op, ": ", name, " zero point has ", zero.NumElements(),
                                        " values; the scale has ", w.groups * w.N);
       }
-      if (static_cast<int64_t>(gidx.size()) != w.K) {
-        return errors::InvalidArgument(op, ": ", name, " group index has ", gidx.size(),
+      if (gidx.NumElements() != w.K) {
+        return errors::InvalidArgument(op, ": ", name, " group index has ", gidx.NumElements(),
                                        " entries; the kernel contracts ", w.K);
       }
-      auto g = std::make_unique<std::vector<int32_t>>(gidx.size());
-      for (size_t j = 0; j < gidx.size(); ++j) {
-        (*g)[j] = static_cast<int32_t>(gidx[j]);
-        if ((*g)[j] < 0 || (*g)[j] >= w.groups) {
-          return errors::InvalidArgument(op, ": ", name, " group index ", (*g)[j], " at row ",
+      const int32_t* g = nullptr;
+      if (gidx.dtype() == tensorflow::DT_INT32) {
+        g = gidx.flat<int32_t>().data();  // read in place
+      } else {
+        std::vector<float> f;
+        if (!to_floats(gidx, &f)) return not_floats(gidx, op + ": " + name + " group index");
+        auto copy = std::make_unique<std::vector<int32_t>>(f.size());
+        for (size_t j = 0; j < f.size(); ++j) (*copy)[j] = static_cast<int32_t>(f[j]);
+        g = copy->data();
+        out->ints.push_back(std::move(copy));
+      }
+      for (int64_t j = 0; j < w.K; ++j) {
+        if (g[j] < 0 || g[j] >= w.groups) {
+          return errors::InvalidArgument(op, ": ", name, " group index ", g[j], " at row ",
                                          j, " is outside [0, ", w.groups, ")");
         }
       }
-      w.zero = out->keep(std::move(zero));
-      w.g_idx = g->data();
-      out->ints.push_back(std::move(g));
+      w.g_idx = g;
     }
     i += tensors;
     if (bias) {
-      std::vector<float> b;
-      TF_RETURN_IF_ERROR(to_floats(list[i], &b, op + ": " + name + " bias"));
-      if (static_cast<int64_t>(b.size()) != w.N) {
-        return errors::InvalidArgument(op, ": ", name, " bias has ", b.size(), " values; ",
-                                       "the output has ", w.N);
+      const Tensor& b = list[i];
+      w.bias = out->view(b);
+      if (w.bias == nullptr) return not_floats(b, op + ": " + name + " bias");
+      if (b.NumElements() != w.N) {
+        return errors::InvalidArgument(op, ": ", name, " bias has ", b.NumElements(),
+                                       " values; the output has ", w.N);
       }
-      w.bias = out->keep(std::move(b));
       ++i;
     }
     out->w.push_back(w);
-    out->names.push_back(name);
+    out->names.push_back(&spec.name);
   }
   if (i != static_cast<int>(list.size())) {
     return errors::InvalidArgument(op, ": ", list.size(), " weight tensors for formats using ",
@@ -322,13 +372,15 @@ Status parse_weights(const std::vector<Tensor>& list, const std::vector<std::str
 
 // The current value of the variable behind resource input `index` (a reference to its
 // buffer, not a copy: the op reads Keras's variables in place).
-Status read_variable(OpKernelContext* ctx, int index, const std::string& what, Tensor* out) {
+// `what` names the variable in an error; it is called only then.
+template <typename What>
+Status read_variable(OpKernelContext* ctx, int index, const What& what, Tensor* out) {
   tensorflow::Var* var = nullptr;
   TF_RETURN_IF_ERROR(tensorflow::LookupResource(ctx, tensorflow::HandleFromInput(ctx, index), &var));
   tensorflow::core::ScopedUnref unref(var);
   tensorflow::tf_shared_lock lock(*var->mu());
   if (!var->is_initialized) {
-    return errors::FailedPrecondition(what, ": the variable is not initialized");
+    return errors::FailedPrecondition(what(), ": the variable is not initialized");
   }
   *out = *var->tensor();
   return tensorflow::OkStatus();
@@ -341,8 +393,9 @@ Status read_variables(OpKernelContext* ctx, const char* name, const std::string&
   TF_RETURN_IF_ERROR(ctx->op_kernel().InputRange(name, &start, &stop));
   out->resize(stop - start);
   for (int i = start; i < stop; ++i)
-    TF_RETURN_IF_ERROR(read_variable(ctx, i, op + ": " + name + "[" + std::to_string(i - start) + "]",
-                                     &(*out)[i - start]));
+    TF_RETURN_IF_ERROR(read_variable(
+        ctx, i, [&] { return op + ": " + name + "[" + std::to_string(i - start) + "]"; },
+        &(*out)[i - start]));
   return tensorflow::OkStatus();
 }
 
@@ -470,7 +523,7 @@ Status get_small(OpKernelContext* ctx, const char* name, std::vector<std::vector
   out->clear();
   for (const Tensor& t : values) {
     out->emplace_back();
-    TF_RETURN_IF_ERROR(to_floats(t, &out->back(), op + ": " + name));
+    if (!to_floats(t, &out->back())) return not_floats(t, op + ": " + name);
   }
   return tensorflow::OkStatus();
 }
@@ -481,6 +534,8 @@ class DecodeOp : public OpKernel {
   explicit DecodeOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("formats", &formats_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("names", &names_));
+    // A bad format is reported when the op runs, as a call's InvalidArgument.
+    specs_status_ = parse_specs(formats_, names_, name(), &specs_);
     std::string rounding;
     OP_REQUIRES_OK(ctx, ctx->GetAttr("rounding", &rounding));
     OP_REQUIRES(ctx, rounding == "float32" || rounding == "bfloat16",
@@ -496,8 +551,9 @@ class DecodeOp : public OpKernel {
 
  protected:
   Status weights(OpKernelContext* ctx, Weights* w) {
+    TF_RETURN_IF_ERROR(specs_status_);
     TF_RETURN_IF_ERROR(read_variables(ctx, "weights", name(), &w->values));
-    return parse_weights(w->values, formats_, names_, name(), w);
+    return parse_weights(w->values, specs_, name(), w);
   }
   Status check_rows(const Tensor& t, const char* what, int64_t H) {
     if (t.dims() != 2 || t.dim_size(1) != H) {
@@ -507,6 +563,8 @@ class DecodeOp : public OpKernel {
     return tensorflow::OkStatus();
   }
   std::vector<std::string> formats_, names_;
+  std::vector<Spec> specs_;
+  Status specs_status_;
   Round round_ = Round::F32;
   const Kernels* kernels_ = nullptr;
 };
@@ -816,12 +874,12 @@ class MlpOp : public BlockOp {
     const int64_t F = ws.w[0].N;
     for (size_t j = 0; j < ins; ++j)
       OP_REQUIRES(ctx, ws.w[j].K == H && ws.w[j].N == F,
-                  errors::InvalidArgument(name(), ": ", ws.names[j], " is ", ws.w[j].K, "x",
+                  errors::InvalidArgument(name(), ": ", *ws.names[j], " is ", ws.w[j].K, "x",
                                           ws.w[j].N, "; expected ", H, "x", F));
     const bool fused_out = ws.w.size() == ins + 1;
     if (fused_out)
       OP_REQUIRES(ctx, ws.w[ins].K == F,
-                  errors::InvalidArgument(name(), ": ", ws.names[ins], " contracts ",
+                  errors::InvalidArgument(name(), ": ", *ws.names[ins], " contracts ",
                                           ws.w[ins].K, "; the hidden layer has ", F));
     Tensor *h_t = nullptr, *out_t = nullptr, *amax_t = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &h_t));
