@@ -200,12 +200,18 @@ struct Weights {
     floats.push_back(std::make_unique<std::vector<float>>(std::move(v)));
     return floats.back()->data();
   }
-  // A small tensor's values as float: float32 read in place (the tensor is one of
-  // `values`, held while the op runs), another dtype converted once into a kept copy.
-  const float* view(const Tensor& t) {
-    if (t.dtype() == tensorflow::DT_FLOAT) return t.flat<float>().data();
+  // A small tensor's values as float into *out: float32 read in place (the tensor is
+  // one of `values`, held while the op runs), another dtype converted into a kept copy;
+  // false for a dtype `to_floats` does not read (an empty tensor's pointer may be null).
+  bool view(const Tensor& t, const float** out) {
+    if (t.dtype() == tensorflow::DT_FLOAT) {
+      *out = t.flat<float>().data();
+      return true;
+    }
     std::vector<float> v;
-    return to_floats(t, &v) ? keep(std::move(v)) : nullptr;
+    if (!to_floats(t, &v)) return false;
+    *out = keep(std::move(v));
+    return true;
   }
 };
 
@@ -274,7 +280,7 @@ Status parse_specs(const std::vector<std::string>& formats,
 // Binds this call's tensors (the variables' current values, in the formats' order) to
 // the parsed formats. Messages are built only when something is wrong: this runs for
 // every weight of every block at every decode step.
-Status parse_weights(const std::vector<Tensor>& list, const std::vector<Spec>& specs,
+Status bind_weights(const std::vector<Tensor>& list, const std::vector<Spec>& specs,
                      const std::string& op, Weights* out) {
   int i = 0;
   out->w.reserve(specs.size());
@@ -303,8 +309,7 @@ Status parse_weights(const std::vector<Tensor>& list, const std::vector<Spec>& s
     }
     if (tensors >= 2) {
       const Tensor& scale = list[i + 1];
-      w.scale = out->view(scale);
-      if (w.scale == nullptr) return not_floats(scale, op + ": " + name + " scale");
+      if (!out->view(scale, &w.scale)) return not_floats(scale, op + ": " + name + " scale");
       const int64_t count = scale.NumElements();
       if (tensors == 4) {
         w.groups = w.N > 0 ? count / w.N : 0;
@@ -320,8 +325,7 @@ Status parse_weights(const std::vector<Tensor>& list, const std::vector<Spec>& s
     if (tensors == 4) {
       const Tensor& zero = list[i + 2];
       const Tensor& gidx = list[i + 3];
-      w.zero = out->view(zero);
-      if (w.zero == nullptr) return not_floats(zero, op + ": " + name + " zero point");
+      if (!out->view(zero, &w.zero)) return not_floats(zero, op + ": " + name + " zero point");
       if (zero.NumElements() != w.groups * w.N) {
         return errors::InvalidArgument(op, ": ", name, " zero point has ", zero.NumElements(),
                                        " values; the scale has ", w.groups * w.N);
@@ -352,8 +356,7 @@ Status parse_weights(const std::vector<Tensor>& list, const std::vector<Spec>& s
     i += tensors;
     if (bias) {
       const Tensor& b = list[i];
-      w.bias = out->view(b);
-      if (w.bias == nullptr) return not_floats(b, op + ": " + name + " bias");
+      if (!out->view(b, &w.bias)) return not_floats(b, op + ": " + name + " bias");
       if (b.NumElements() != w.N) {
         return errors::InvalidArgument(op, ": ", name, " bias has ", b.NumElements(),
                                        " values; the output has ", w.N);
@@ -553,7 +556,7 @@ class DecodeOp : public OpKernel {
   Status weights(OpKernelContext* ctx, Weights* w) {
     TF_RETURN_IF_ERROR(specs_status_);
     TF_RETURN_IF_ERROR(read_variables(ctx, "weights", name(), &w->values));
-    return parse_weights(w->values, specs_, name(), w);
+    return bind_weights(w->values, specs_, name(), w);
   }
   Status check_rows(const Tensor& t, const char* what, int64_t H) {
     if (t.dims() != 2 || t.dim_size(1) != H) {
