@@ -121,3 +121,11 @@ def test_mpi_ranks_get_their_own_cores():
     assert a and b and not a & b, recs
     assert all(r["mask"] == r["cores"] for r in recs), recs
     assert all("Placement: local rank" in r["line"] for r in recs)
+
+
+def test_a_launcher_variable_that_is_not_a_number_is_named():
+    with pytest.raises(ValueError, match=r"MPI_LOCALNRANKS='two': expected the number of ranks"):
+        placement.local_size({"MPI_LOCALNRANKS": "two"})
+    with pytest.raises(ValueError, match=r"TFSHARD_THREADS='4x': expected threads per rank"):
+        placement.plan(0, 2, available=[0, 1], nodes={}, environ={"TFSHARD_THREADS": "4x"})
+    assert placement.local_size({"MPI_LOCALNRANKS": "0"}) == 1  # as before: at least 1

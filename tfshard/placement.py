@@ -121,13 +121,23 @@ LAUNCHER_KEYS = (("TFSHARD_LOCAL_SIZE", "TFSHARD_LOCAL_RANK"),
                  ("HOROVOD_LOCAL_SIZE", "HOROVOD_LOCAL_RANK"))
 
 
+def _env_int(env, key, what):
+    """`env[key]` as an int; a ValueError naming the variable and what works otherwise."""
+    raw = env[key]
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{key}={raw!r}: expected {what}, a whole number such as 2 "
+                         "(or unset it)") from None
+
+
 def local_size(environ=None):
     """How many ranks of this job run on this host, from the launcher's environment
     (`LAUNCHER_KEYS`, the first set); 1 otherwise."""
     env = os.environ if environ is None else environ
     for key, _ in LAUNCHER_KEYS:
         if env.get(key):
-            return max(1, int(env[key]))
+            return max(1, _env_int(env, key, "the number of ranks on this host"))
     return 1
 
 
@@ -155,7 +165,8 @@ def plan(rank, local_size, available=None, nodes=None, environ=None):
     env = os.environ if environ is None else environ
     available = sorted(os.sched_getaffinity(0) if available is None else available)
     nodes = numa_nodes() if nodes is None else nodes
-    threads_env = int(env.get("TFSHARD_THREADS", 0) or 0)
+    threads_env = _env_int(env, "TFSHARD_THREADS", "threads per rank") \
+        if env.get("TFSHARD_THREADS") else 0
     shared = max(1, len(available) // max(1, local_size))
     unpinned = dict(local_rank=rank if rank is not None else 0, local_size=local_size,
                     cores=(), nodes=(), threads=threads_env or shared)
