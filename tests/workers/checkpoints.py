@@ -19,6 +19,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import heap  # noqa: E402
+
+heap.pause()
 
 import keras  # noqa: E402
 

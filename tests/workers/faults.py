@@ -21,9 +21,15 @@ import signal
 import sys
 import time
 
-import tensorflow as tf
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import heap  # noqa: E402
 
-import tfshard
+heap.pause()
+import tensorflow as tf  # noqa: E402
+
+import tfshard  # noqa: E402
+
+heap.resume()
 
 mode = sys.argv[1]
 world = tfshard.init()

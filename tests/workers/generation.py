@@ -17,10 +17,13 @@ import sys
 import traceback
 
 import numpy as np
-import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import heap  # noqa: E402
+
+heap.pause()  # until tests/models.py has imported TensorFlow, Keras and keras-hub
+import tensorflow as tf  # noqa: E402
 
 import keras  # noqa: E402
 

@@ -8,6 +8,7 @@ error instead, so one broken case does not hide the others.
 """
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -17,6 +18,9 @@ import traceback
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import heap  # noqa: E402
+
+heap.pause()  # until tests/models.py has imported TensorFlow, Keras and keras-hub
 
 import keras  # noqa: E402
 
@@ -443,7 +447,12 @@ def _roundtrip(builder):
 
 def guarded(fn, expect_error=False):
     """Runs one case: its record, with "ok", the error if it raised, and the seconds it took
-    (what a slow suite is made of)."""
+    (what a slow suite is made of).
+
+    What earlier cases left is collected, and the rest frozen (tests/heap.py), so that the
+    collector's passes during this case walk only what this case makes."""
+    gc.collect()
+    gc.freeze()
     start = time.perf_counter()
     try:
         res = fn()
@@ -628,6 +637,14 @@ def _bf16_twin(builder):
     return m32, m16, x
 
 
+def quantize(model, mode, **kwargs):
+    """`model.quantize(mode, **kwargs)` on a frozen heap: Keras collects garbage once per
+    variable a layer drops, and each collection would walk every model and graph this
+    worker has made so far (tests/heap.py)."""
+    gc.freeze()
+    model.quantize(mode, **kwargs)
+
+
 def _first_output(out):
     ls = leaves(out)
     return ls[sorted(ls)[0]]
@@ -752,7 +769,7 @@ def run_precision(world, results):
             name, _, how = label.partition(" ")
             model, x = models.EQUIVALENCE[name]()
             if how == "int8":
-                model.quantize("int8")
+                quantize(model, "int8")
             ref = _first_output(model.predict(x, batch_size=2, verbose=0))
             s = SHARD(model, comm_dtype="float16" if how == "float16" else "bfloat16")
             before = s.collective_counters()[world.rank]["bytes"]
@@ -825,7 +842,7 @@ def run_int8(world, results):
         def case(builder=models.EQUIVALENCE[name]):
             model, x = builder()
             r32 = _first_output(model.predict(x, batch_size=2, verbose=0))
-            model.quantize("int8")
+            quantize(model, "int8")
             ref = _first_output(model.predict(x, batch_size=2, verbose=0))
             small = _one_short_row(x)  # decode-shaped: tfshard's int8 op, where available
             want = _first_output(model(tf.nest.map_structure(tf.constant, small)))
@@ -863,7 +880,7 @@ def run_int8(world, results):
 
     def checkpoint():
         model, x = models.llama()
-        model.quantize("int8")
+        quantize(model, "int8")
         ref = _first_output(model.predict(x, batch_size=2, verbose=0))
         folder = os.path.join(OUT, "int8-ckpt")
         fp32_file = os.path.join(OUT, "llama-fp32.keras")
@@ -929,7 +946,7 @@ def run_int4(world, results):
             r32 = _first_output(model.predict(x, batch_size=2, verbose=0))
             size = world.size if STRATEGY is None else STRATEGY.num_replicas_in_sync
             fp32_plan = tfshard.Plan.auto(model, size)
-            model.quantize("int4", config=_int4_config(block))
+            quantize(model, "int4", config=_int4_config(block))
             ref = _first_output(model.predict(x, batch_size=2, verbose=0))
             sharded = SHARD(model)
             out = _first_output(sharded.predict(x, batch_size=2, verbose=0))
@@ -949,7 +966,7 @@ def run_int4(world, results):
         int4 model loaded from its file; that file loads sharded slice by slice; a gathered
         save is a plain Keras int4 file."""
         model, x = models.llama()
-        model.quantize("int4")
+        quantize(model, "int4")
         folder, gathered, keras_file = _saved_three_ways(world, "int4", model, model)
         # The oracle is the file as plain Keras loads it: Keras gives a reloaded int4
         # ReversibleEmbedding an input quantizer that the in-memory one does not have.
