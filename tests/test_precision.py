@@ -3,9 +3,9 @@
 
 The oracle is the same model unsharded in bfloat16 (tfshard.cli.precision's envelope:
 2 eps_bf16 * (1 + max|ref|), argmax identical wherever the reference's top-two margin
-exceeds twice that); both models' distance from float32 is recorded for the notes. Checkpoints: a bf16 sharded save reloads at another
-layout bit for bit, reloads in float32, gathers to a plain Keras bf16 file; a float32
-file loads straight into bf16 slices.
+exceeds twice that). Checkpoints: a bf16 sharded save reloads at another layout bit for
+bit, reloads in float32, gathers to a plain Keras bf16 file; a float32 file loads straight
+into bf16 slices.
 
 int8 (`model.quantize("int8")`, then shard): the oracle is the same quantized model
 unsharded, and the sharded output is identical to it bit for bit -- column cuts keep

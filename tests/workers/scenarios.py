@@ -712,7 +712,6 @@ def run_precision(world, results):
             continue
         def case(builder=models.EQUIVALENCE[name]):
             m32, m16, x = _bf16_twin(builder)
-            r32 = _first_output(m32.predict(x, batch_size=2, verbose=0))
             r16 = _first_output(m16.predict(x, batch_size=2, verbose=0))
             # Decode-shaped: one row of at most 4 tokens, so the sharded layers' matmuls
             # take tfshard's bfloat16 op (tfshard.layers.matvec) where it is available.
@@ -729,8 +728,6 @@ def run_precision(world, results):
                     "decode_shaped": precision.compare(want, got, "bfloat16"),
                     "matvec_placed": matvec.placed["count"] - placed,
                     "matvec_available": matvec.available(),
-                    "sharded_vs_fp32": precision.compare(r32, out, "bfloat16")["max_diff"],
-                    "unsharded_vs_fp32": precision.compare(r32, r16, "bfloat16")["max_diff"],
                     "out_dtype": str(out.dtype), "ref_dtype": str(r16.dtype),
                     "weight_dtypes": sorted({str(v.dtype) for v in sharded.inner.weights}),
                     "plan_dtypes": sorted({e.dtype for e in sharded.plan.entries}),
@@ -841,7 +838,6 @@ def run_int8(world, results):
             continue
         def case(builder=models.EQUIVALENCE[name]):
             model, x = builder()
-            r32 = _first_output(model.predict(x, batch_size=2, verbose=0))
             quantize(model, "int8")
             ref = _first_output(model.predict(x, batch_size=2, verbose=0))
             small = _one_short_row(x)  # decode-shaped: tfshard's int8 op, where available
@@ -856,10 +852,6 @@ def run_int8(world, results):
             res["softmax_shape_invariant"] = softmax_is_shape_invariant()
             res["matvec_placed"] = matvec.placed["count"] - placed
             res["matvec_available"] = matvec.available()
-            res["int8_vs_fp32"] = float(np.max(np.abs(ref.astype("f8") - r32)))
-            res["max_ref32"] = float(np.max(np.abs(r32)))
-            res["argmax_vs_fp32"] = float(np.mean(np.argmax(ref, -1) == np.argmax(r32, -1))) \
-                if ref.ndim >= 2 else 1.0
             res["modes"] = sorted({str(getattr(e, "dtype", "")) for e in sharded.plan.entries})
             res["slices"] = slices_held(sharded)
             res["local_bytes"] = sharded.plan.local_bytes()
@@ -943,7 +935,6 @@ def run_int4(world, results):
             continue
         def case(builder=models.EQUIVALENCE[name], block=block):
             model, x = builder()
-            r32 = _first_output(model.predict(x, batch_size=2, verbose=0))
             size = world.size if STRATEGY is None else STRATEGY.num_replicas_in_sync
             fp32_plan = tfshard.Plan.auto(model, size)
             quantize(model, "int4", config=_int4_config(block))
@@ -955,9 +946,7 @@ def run_int4(world, results):
                    "slices": slices_held(sharded), "cut": len(sharded.plan.sharded),
                    "local_bytes": sharded.plan.local_bytes(),
                    "held_bytes": param_bytes(sharded.inner),
-                   "fp32_local_bytes": fp32_plan.local_bytes(sharded.plan.rank),
-                   "int4_vs_fp32": precision.compare(r32, ref, "float32")}
-            res["argmax_vs_fp32"] = res["int4_vs_fp32"]["argmax_agree"]
+                   "fp32_local_bytes": fp32_plan.local_bytes(sharded.plan.rank)}
             return res
         results[f"int4_{name}_{block}"] = guarded(case)
 
