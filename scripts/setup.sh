@@ -38,6 +38,20 @@ PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
 export PIP_PROGRESS_BAR=off TF_CPP_MIN_LOG_LEVEL=3
 
 "${PIP[@]}" --upgrade "pip>=24" setuptools wheel
+# 0. Debian's Chromium for the serve page's headless test (about a minute), as root where
+# apt-get works, in the background: its download and unpacking overlap pip's and the
+# Horovod build's (step 6 waits for it). Without it that one test skips.
+# TFSHARD_NO_BROWSER=1 leaves it out.
+browser=""
+if [ ! -x /usr/bin/chromium ] && [ -z "${TFSHARD_NO_BROWSER:-}" ] && [ "$(id -u)" = 0 ] \
+   && command -v apt-get >/dev/null 2>&1; then
+  echo "[setup] installing Debian's chromium (the page test) in the background"
+  ( { timeout 120 apt-get update -qq \
+      && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends \
+         chromium; } >/dev/null 2>&1 \
+      || echo "[setup] warning: chromium not installed (the page's browser test will skip)" ) &
+  browser=$!
+fi
 # 1. TensorFlow (CPU) first, alone: nothing later may pull the CUDA `tensorflow` wheel.
 "${PIP[@]}" "tensorflow-cpu==2.21.0"
 # 2. keras-hub the lean way (its tensorflow-text dependency would pull CUDA TF).
@@ -59,15 +73,9 @@ PY="$PY" bash "$ROOT/scripts/build_mpi_ops.sh"
 # 5. tfshard itself, editable, without touching the pinned stack.
 "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
 
-# 6. Debian's Chromium for the serve page's headless test (about a minute), as root where
-# apt-get works; without it that one test skips. TFSHARD_NO_BROWSER=1 leaves it out.
-if [ ! -x /usr/bin/chromium ] && [ -z "${TFSHARD_NO_BROWSER:-}" ] && [ "$(id -u)" = 0 ] \
-   && command -v apt-get >/dev/null 2>&1; then
-  echo "[setup] installing Debian's chromium (the page test)"
-  { timeout 120 apt-get update -qq \
-    && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends \
-       chromium; } >/dev/null 2>&1 \
-    || echo "[setup] warning: chromium not installed (the page's browser test will skip)"
+# 6. Its install, started in 0, is done.
+if [ -n "$browser" ]; then
+  wait "$browser"
 fi
 
 # Capture first: `grep -q` in a pipeline exits at the first match and, under
