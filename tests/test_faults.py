@@ -95,9 +95,10 @@ def test_mpi_mismatched_collectives_fail_on_every_rank():
     assert _no_orphans()
 
 
-@pytest.mark.alone
+# These two bound nothing tighter than the launch's own 20 s wall clock, so they run
+# beside the other worker's tests (scripts/test.sh), not in the `alone` pass.
 def test_gloo_stalled_rank_is_ended_by_the_wall_clock():
-    code, out, secs = launch(2, [WORKER, "stall"], timeout=30, launcher="gloo",
+    code, out, secs = launch(2, [WORKER, "stall"], timeout=20, launcher="gloo",
                              env={"TFSHARD_STALL_SHUTDOWN": "15", "TFSHARD_GLOO_TIMEOUT": "30"})
     assert code is None or code != 0, out[-3000:]
     assert "rank 0 finished" not in out
@@ -105,9 +106,8 @@ def test_gloo_stalled_rank_is_ended_by_the_wall_clock():
     assert _no_orphans()
 
 
-@pytest.mark.alone
 def test_gloo_mismatched_collectives_never_return_a_result():
-    code, out, secs = launch(2, [WORKER, "mismatch"], timeout=30, launcher="gloo",
+    code, out, secs = launch(2, [WORKER, "mismatch"], timeout=20, launcher="gloo",
                              env={"TFSHARD_STALL_SHUTDOWN": "15", "TFSHARD_GLOO_TIMEOUT": "30"})
     assert code is None or code != 0, out[-3000:]
     assert "finished" not in out, "differently named collectives were matched"

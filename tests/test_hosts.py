@@ -203,7 +203,7 @@ print("MATCH", diff)
     assert done.returncode == 0 and "MATCH" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
 
 
-@pytest.mark.alone  # host 1's ranks end at the default collective deadline
+@pytest.mark.alone  # host 1's ranks end at their collective deadline
 @pytest.mark.parametrize("fault", ["ranks_killed", "link_down"])
 def test_lost_host_ends_the_job_with_a_named_error(tmp_path, fault):
     """A host is lost mid-predict (TP=2 over 2 hosts, so every block waits on it): its
@@ -222,8 +222,10 @@ def test_lost_host_ends_the_job_with_a_named_error(tmp_path, fault):
             Path(sys.executable).parent / "tfshard", "predict", "bert-tiny", "--rows", 6000,
             "--seq-len", 16, "--batch-size", 1, "--tensor-parallel", 2, "--no-compare",
             "--verbose", 0, "--output", output])
+        # Host 1's ranks, cut off, end at their collective deadline: 15 s, not 30.
+        env = {**hosts.env(), "TFSHARD_COLLECTIVE_TIMEOUT_SECONDS": "15"}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=hosts.env(), cwd=ROOT, start_new_session=True)
+                                text=True, env=env, cwd=ROOT, start_new_session=True)
         lines, started = [], threading.Event()
 
         def read():
