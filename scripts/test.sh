@@ -8,8 +8,10 @@
 # launches stay in one process, the longest files first (tests/conftest.py): one pass
 # alone left a core idle a third of the time (ranks waiting on each other, start-up).
 # Then, on an otherwise idle machine, the `alone` tests: those that bound a job's
-# wall-clock time (a dead rank noticed within N seconds), which the other worker's load
-# would make flaky.
+# wall-clock time (a dead rank noticed within N seconds), which the first pass's load
+# would make flaky. They mostly wait for a deadline, so two run at a time, test by test
+# (a test's own launches in one worker; an `xdist_group` keeps tests that share a
+# resource, such as the simulated hosts' network, in one worker).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/scripts/setup.sh"
@@ -28,7 +30,7 @@ TFSHARD_COLLECTIVE_TIMEOUT_SECONDS=${TFSHARD_COLLECTIVE_TIMEOUT_SECONDS:-120} \
 # Exit code 5: this pass selected no test (e.g. `-k` named only `alone` tests).
 [ "$rc" -eq 5 ] && rc=0
 rc2=0
-"${PYTEST[@]}" -m alone "$@" || rc2=$?
+"${PYTEST[@]}" -n "$WORKERS" --dist loadgroup -m alone "$@" || rc2=$?
 [ "$rc2" -eq 5 ] && rc2=0
 [ "$rc" -ne 0 ] && exit "$rc"
 exit "$rc2"

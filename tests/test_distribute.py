@@ -191,6 +191,10 @@ def test_data_parallel_groups_under_tf_distribute(suite_runs, backend):
         _assert_matches(rec["reloaded_in_groups"], f"dp checkpoint loaded in groups, rank {rank}")
 
 
+#: This pytest process's mark on the faults worker's command line (see test_faults.py).
+TAG = f"--pytest-pid={os.getpid()}"
+
+
 def _orphans(marker):
     out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
     for pid in out:  # never leave them running, even when the test fails
@@ -203,27 +207,27 @@ def _orphans(marker):
 
 @pytest.mark.alone
 def test_launcher_ends_the_job_when_a_worker_is_killed():
-    code, out, secs = launch(2, [FAULTS, "killed"], timeout=120, launcher="tfshard")
+    code, out, secs = launch(2, [FAULTS, "killed", TAG], timeout=120, launcher="tfshard")
     assert code is not None, f"hung for {secs:.0f} s:\n{out[-3000:]}"
     assert code != 0, out[-3000:]
     assert "rank 1 killing itself" in out
     assert "[tfshard launch] rank 1 killed by SIGKILL; stopping the others" in out, out[-3000:]
     assert "rank 0 finished" not in out
     assert secs < 60, f"took {secs:.0f} s to end the job"
-    assert not _orphans("[t]ests/workers/faults.py")
+    assert not _orphans(f"[t]ests/workers/faults.py .*{TAG}")
 
 
 @pytest.mark.alone
 def test_stalled_worker_times_out_instead_of_hanging():
     # Rank 1 never joins; rank 0's collective fails at the collective timeout,
     # and the launcher then stops rank 1.
-    code, out, secs = launch(2, [FAULTS, "stall"], timeout=120, launcher="tfshard",
+    code, out, secs = launch(2, [FAULTS, "stall", TAG], timeout=120, launcher="tfshard",
                              env={"TFSHARD_COLLECTIVE_TIMEOUT_SECONDS": "10"})
     assert code is not None and code != 0, out[-3000:]
     assert "rank 0 exited with code" in out and "stopped rank(s) [1]" in out, out[-3000:]
     assert "rank 0 finished" not in out
     assert secs < 60
-    assert not _orphans("[t]ests/workers/faults.py")
+    assert not _orphans(f"[t]ests/workers/faults.py .*{TAG}")
 
 
 def test_launcher_prefixes_output_and_passes_tf_config(tmp_path):

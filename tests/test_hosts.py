@@ -204,6 +204,7 @@ print("MATCH", diff)
 
 
 @pytest.mark.alone  # host 1's ranks end at their collective deadline
+@pytest.mark.xdist_group("hosts")  # one simulated network at a time
 @pytest.mark.parametrize("fault", ["ranks_killed", "link_down"])
 def test_lost_host_ends_the_job_with_a_named_error(tmp_path, fault):
     """A host is lost mid-predict (TP=2 over 2 hosts, so every block waits on it): its

@@ -224,6 +224,7 @@ def _health_until_exit(job, seconds=90):
 
 
 @pytest.mark.alone  # the stopped rank is named at the default collective deadline
+@pytest.mark.xdist_group("serve_faults")  # one such server at a time
 def test_a_stopped_rank_ends_streams_with_an_error_and_the_job_naming_it():
     job = Job("--slots", 2, "--max-len", 256)
     try:
@@ -244,6 +245,7 @@ def test_a_stopped_rank_ends_streams_with_an_error_and_the_job_naming_it():
 
 
 @pytest.mark.alone
+@pytest.mark.xdist_group("serve_faults")
 def test_a_killed_rank_ends_the_job_at_once_and_the_launcher_names_its_pid():
     job = Job("--slots", 2, "--max-len", 256)
     try:
