@@ -70,6 +70,31 @@ def launch(np_, argv, timeout=LAUNCH_TIMEOUT, env=None, launcher="horovod", host
     return code, out, time.monotonic() - start
 
 
+#: The worker that fails on purpose (tests/workers/faults.py), and this pytest process's
+#: mark on its command line: `no_faults_orphans` then sees only this process's launches,
+#: so the other pytest-xdist worker's may run meanwhile.
+FAULTS = ROOT / "tests" / "workers" / "faults.py"
+FAULTS_TAG = f"--pytest-pid={os.getpid()}"
+
+
+def faults_worker(mode):
+    """The faults worker's command line in `mode`, tagged as this process's."""
+    return [FAULTS, mode, FAULTS_TAG]
+
+
+def no_faults_orphans():
+    """Whether none of this process's faults workers still runs; kills any that do, so that
+    nothing is left running even when the test fails."""
+    out = subprocess.run(["pgrep", "-f", f"[t]ests/workers/faults.py .*{FAULTS_TAG}"],
+                         capture_output=True, text=True).stdout.split()
+    for pid in out:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    return not out
+
+
 def launch_ranks(np_, argv, out_dir, env=None, launcher="horovod", hosts=None, host_slots=None):
     """Launches a worker that writes `out_dir/rank{r}.json` on every rank.
 

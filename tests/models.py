@@ -5,7 +5,8 @@ tiny (the tests run several ranks on two cores) but keep the structure of the
 real thing: GPT-2 keeps its odd vocabulary of 50257, Llama keeps GQA.
 """
 
-import heap
+import gc
+
 import keras
 import keras_hub  # noqa: F401 - imported before the freeze below
 import numpy as np
@@ -13,11 +14,10 @@ import numpy as np
 from tfshard.models import from_config
 
 # The objects of the imports above live as long as the process: keep them out of the
-# collector's scans (and resume it, where a worker paused it for its imports). Keras
-# calls gc.collect() for every variable a layer drops (each layer of model.quantize),
-# which otherwise walks TensorFlow's and Keras's whole import heap every time
-# (~0.15-0.2 s a call here; tens of seconds per worker).
-heap.resume()
+# collector's scans. Keras calls gc.collect() for every variable a layer drops (each
+# layer of model.quantize), which otherwise walks TensorFlow's and Keras's whole import
+# heap every time (~0.15-0.2 s a call here; tens of seconds per worker).
+gc.freeze()
 
 SEQ = 8
 ROWS = 5  # rows in a test input: divides neither the batch size nor 2 or 3

@@ -11,7 +11,6 @@ is the same, so they are left out here to keep the suite's time in bounds.
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,10 +18,10 @@ import time
 import pytest
 
 import models
-from conftest import LAUNCH_TIMEOUT, ROOT, case_on_all_ranks, launch
+from conftest import (LAUNCH_TIMEOUT, ROOT, case_on_all_ranks, faults_worker, launch,
+                      no_faults_orphans)
 from test_equivalence import _check_equivalence
 
-FAULTS = ROOT / "tests" / "workers" / "faults.py"
 RUNS = [pytest.param("mirrored", 2, id="mirrored2"), pytest.param("mirrored", 3, id="mirrored3"),
         pytest.param("multiworker", 2, id="multiworker2")]
 
@@ -191,43 +190,29 @@ def test_data_parallel_groups_under_tf_distribute(suite_runs, backend):
         _assert_matches(rec["reloaded_in_groups"], f"dp checkpoint loaded in groups, rank {rank}")
 
 
-#: This pytest process's mark on the faults worker's command line (see test_faults.py).
-TAG = f"--pytest-pid={os.getpid()}"
-
-
-def _orphans(marker):
-    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
-    for pid in out:  # never leave them running, even when the test fails
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
-    return out
-
-
 @pytest.mark.alone
 def test_launcher_ends_the_job_when_a_worker_is_killed():
-    code, out, secs = launch(2, [FAULTS, "killed", TAG], timeout=120, launcher="tfshard")
+    code, out, secs = launch(2, faults_worker("killed"), timeout=120, launcher="tfshard")
     assert code is not None, f"hung for {secs:.0f} s:\n{out[-3000:]}"
     assert code != 0, out[-3000:]
     assert "rank 1 killing itself" in out
     assert "[tfshard launch] rank 1 killed by SIGKILL; stopping the others" in out, out[-3000:]
     assert "rank 0 finished" not in out
     assert secs < 60, f"took {secs:.0f} s to end the job"
-    assert not _orphans(f"[t]ests/workers/faults.py .*{TAG}")
+    assert no_faults_orphans()
 
 
 @pytest.mark.alone
 def test_stalled_worker_times_out_instead_of_hanging():
     # Rank 1 never joins; rank 0's collective fails at the collective timeout,
     # and the launcher then stops rank 1.
-    code, out, secs = launch(2, [FAULTS, "stall", TAG], timeout=120, launcher="tfshard",
+    code, out, secs = launch(2, faults_worker("stall"), timeout=120, launcher="tfshard",
                              env={"TFSHARD_COLLECTIVE_TIMEOUT_SECONDS": "10"})
     assert code is not None and code != 0, out[-3000:]
     assert "rank 0 exited with code" in out and "stopped rank(s) [1]" in out, out[-3000:]
     assert "rank 0 finished" not in out
     assert secs < 60
-    assert not _orphans(f"[t]ests/workers/faults.py .*{TAG}")
+    assert no_faults_orphans()
 
 
 def test_launcher_prefixes_output_and_passes_tf_config(tmp_path):

@@ -14,61 +14,37 @@ shutdown did not fire on Gloo in our runs, so the launcher's wall clock
 that no rank reports a result.
 """
 
-import os
-import signal
-
 import pytest
 
-from conftest import ROOT, launch
+from conftest import ROOT, faults_worker, launch, no_faults_orphans
 
-WORKER = ROOT / "tests" / "workers" / "faults.py"
 FAST = {"TFSHARD_COLLECTIVE_TIMEOUT_SECONDS": "8"}
-
-
-#: This pytest process's mark on the worker's command line: the orphan check below then
-#: sees only this process's launches, and the other pytest-xdist worker's may run meanwhile.
-TAG = f"--pytest-pid={os.getpid()}"
-
-
-def _worker(mode):
-    """The faults worker's command line in `mode`, tagged as this process's."""
-    return [WORKER, mode, TAG]
-
-
-def _no_orphans():
-    out = os.popen(f"pgrep -f '[t]ests/workers/faults.py .*{TAG}' || true").read().split()
-    for pid in out:  # leave nothing running even if the assertion below fails
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
-    return not out
 
 
 @pytest.mark.alone
 @pytest.mark.parametrize("launcher", ["horovod", "gloo"])
 def test_dead_rank_fails_the_job_quickly(launcher):
-    code, out, secs = launch(2, _worker("die"), timeout=180, launcher=launcher)
+    code, out, secs = launch(2, faults_worker("die"), timeout=180, launcher=launcher)
     assert code is not None, f"hung for {secs:.0f} s:\n{out[-3000:]}"
     assert code != 0, out[-3000:]
     assert "rank 1 dying" in out and "rank 0 finished" not in out
     assert secs < 120, f"took {secs:.0f} s to notice a dead rank"
-    assert _no_orphans()
+    assert no_faults_orphans()
 
 
 @pytest.mark.alone
 def test_mpi_killed_rank_ends_the_job_within_seconds():
-    code, out, secs = launch(2, _worker("killed"), timeout=60, env=FAST)
+    code, out, secs = launch(2, faults_worker("killed"), timeout=60, env=FAST)
     assert code is not None and code != 0, out[-3000:]
     assert "rank 1 killing itself" in out and "rank 0 finished" not in out
     assert secs < 30, f"took {secs:.0f} s to notice a killed rank"
-    assert _no_orphans()
+    assert no_faults_orphans()
 
 
 @pytest.mark.alone
 def test_mpi_stopped_rank_is_named_within_seconds():
     """SIGSTOP: the rank is alive, so only tfshard's wait can notice it."""
-    code, out, secs = launch(2, _worker("stop"), timeout=60, env={
+    code, out, secs = launch(2, faults_worker("stop"), timeout=60, env={
         "TFSHARD_COLLECTIVE_TIMEOUT_SECONDS": "40"})
     assert code is not None and code != 0, out[-3000:]
     assert "rank 0 finished" not in out
@@ -76,12 +52,12 @@ def test_mpi_stopped_rank_is_named_within_seconds():
     assert "Missing: rank 1 [pid" in out and "stopped;" in out, out[-3000:]
     assert "UnavailableError" in out, out[-3000:]
     assert secs < 30, f"took {secs:.0f} s; the deadline was 40 s, a stop must be seen sooner"
-    assert _no_orphans()
+    assert no_faults_orphans()
 
 
 @pytest.mark.alone
 def test_mpi_stalled_rank_fails_at_the_deadline_with_a_named_error():
-    code, out, secs = launch(2, _worker("stall"), timeout=60, env=FAST)
+    code, out, secs = launch(2, faults_worker("stall"), timeout=60, env=FAST)
     assert code is not None and code != 0, out[-3000:]
     assert "rank 0 finished" not in out
     assert "DeadlineExceededError" in out and "did not complete within 8 s on rank 0 of 2" in out, \
@@ -90,39 +66,39 @@ def test_mpi_stalled_rank_fails_at_the_deadline_with_a_named_error():
     assert "Missing: rank 1 [pid" in out and "last seen after all-reduce [4] float" in out, \
         out[-3000:]
     assert secs < 45
-    assert _no_orphans()
+    assert no_faults_orphans()
 
 
 @pytest.mark.alone
 def test_mpi_mismatched_collectives_fail_on_every_rank():
-    code, out, secs = launch(2, _worker("mismatch"), timeout=60, env=FAST)
+    code, out, secs = launch(2, faults_worker("mismatch"), timeout=60, env=FAST)
     assert code is not None and code != 0, out[-3000:]
     assert "finished" not in out, "differently named collectives were matched"
     for rank in (0, 1):
         assert (f"all-reduce 'only_on_rank_{rank}' [4] float (group 0 #1) does not match what the "
                 f"other ranks called") in out, out[-3000:]
     assert secs < 45
-    assert _no_orphans()
+    assert no_faults_orphans()
 
 
 # These two bound nothing tighter than the launch's own 20 s wall clock, so they run
 # beside the other worker's tests (scripts/test.sh), not in the `alone` pass.
 def test_gloo_stalled_rank_is_ended_by_the_wall_clock():
-    code, out, secs = launch(2, _worker("stall"), timeout=20, launcher="gloo",
+    code, out, secs = launch(2, faults_worker("stall"), timeout=20, launcher="gloo",
                              env={"TFSHARD_STALL_SHUTDOWN": "15", "TFSHARD_GLOO_TIMEOUT": "30"})
     assert code is None or code != 0, out[-3000:]
     assert "rank 0 finished" not in out
     assert secs < 60
-    assert _no_orphans()
+    assert no_faults_orphans()
 
 
 def test_gloo_mismatched_collectives_never_return_a_result():
-    code, out, secs = launch(2, _worker("mismatch"), timeout=20, launcher="gloo",
+    code, out, secs = launch(2, faults_worker("mismatch"), timeout=20, launcher="gloo",
                              env={"TFSHARD_STALL_SHUTDOWN": "15", "TFSHARD_GLOO_TIMEOUT": "30"})
     assert code is None or code != 0, out[-3000:]
     assert "finished" not in out, "differently named collectives were matched"
     assert secs < 60
-    assert _no_orphans()
+    assert no_faults_orphans()
 
 
 def test_mpi_ops_equal_numpy_on_three_ranks():
@@ -138,13 +114,13 @@ def test_mpi_ops_equal_numpy_on_three_ranks():
 def test_ranks_disagreeing_on_tensor_parallel_fail_before_any_group_forms(launcher):
     """Was a hang under Gloo (process sets were created before the agreement) and a 30 s
     timeout under MPI (Comm.Split on one rank only)."""
-    code, out, secs = launch(2, _worker("tp_disagree"), timeout=120, launcher=launcher)
+    code, out, secs = launch(2, faults_worker("tp_disagree"), timeout=120, launcher=launcher)
     assert code is not None and code != 0, out[-3000:]
     assert "finished" not in out
     assert "refused: Ranks disagree in tfshard.shard()" in out, out[-3000:]
     assert "tensor_parallel differs on rank(s) [1] from rank 0" in out, out[-3000:]
     assert secs < 60, f"took {secs:.0f} s"
-    assert _no_orphans()
+    assert no_faults_orphans()
 
 
 @pytest.mark.parametrize("launcher", ["horovod", "gloo", "tfshard"])
@@ -159,7 +135,7 @@ def test_local_jobs_listen_on_loopback_only(launcher):
 
     result = {}
     job = threading.Thread(target=lambda: result.update(
-        zip(("code", "out", "secs"), launch(2, _worker("listen"), timeout=120,
+        zip(("code", "out", "secs"), launch(2, faults_worker("listen"), timeout=120,
                                             launcher=launcher))))
     job.start()
     listeners = set()
@@ -187,7 +163,7 @@ def test_local_jobs_listen_on_loopback_only(launcher):
 def test_rank_that_never_calls_predict_is_named_at_the_deadline(launcher):
     """Under Gloo this was a hang (Horovod's stall check never fired): rank 0 waited in
     predict for ever. Now every backend ends it at the deadline naming rank 1."""
-    code, out, secs = launch(2, _worker("predict_stall"), timeout=120, launcher=launcher,
+    code, out, secs = launch(2, faults_worker("predict_stall"), timeout=120, launcher=launcher,
                              env=FAST)
     assert code is not None and code != 0, f"hung {secs:.0f} s:\n{out[-3000:]}"
     assert "rank 0 finished" not in out
@@ -198,20 +174,20 @@ def test_rank_that_never_calls_predict_is_named_at_the_deadline(launcher):
         assert "predict (step" in out and "rank 1 never joined it" in out, out[-3000:]
         assert "within 8 s" in out and "[pid" in out, out[-3000:]
     assert secs < 60, f"took {secs:.0f} s"
-    assert _no_orphans()
+    assert no_faults_orphans()
 
 
 @pytest.mark.alone
 @pytest.mark.parametrize("launcher", ["gloo", "tfshard"])
 def test_stopped_rank_is_named_within_seconds_on_every_backend(launcher):
     """SIGSTOP under Gloo ended only at the 120 s Gloo timeout, naming no rank."""
-    code, out, secs = launch(2, _worker("predict_stop"), timeout=120, launcher=launcher,
+    code, out, secs = launch(2, faults_worker("predict_stop"), timeout=120, launcher=launcher,
                              env={"TFSHARD_COLLECTIVE_TIMEOUT_SECONDS": "60"})
     assert code is not None and code != 0, f"hung {secs:.0f} s:\n{out[-3000:]}"
     assert "rank 0 finished" not in out
     assert "UnavailableError" in out and "rank 1 is stopped" in out, out[-3000:]
     assert secs < 40, f"took {secs:.0f} s; the deadline was 60 s, a stop must be seen sooner"
-    assert _no_orphans()
+    assert no_faults_orphans()
 
 
 @pytest.mark.alone
@@ -219,7 +195,7 @@ def test_stopped_rank_is_named_within_seconds_on_every_backend(launcher):
 def test_dead_or_stopped_pipeline_stage_is_named_within_seconds(mode):
     """Stage 1 of two goes away between two predicts: stage 0, waiting to hand it
     activations or to receive its outputs, fails with a named error, never hangs."""
-    code, out, secs = launch(2, _worker(mode), timeout=90, env=FAST)
+    code, out, secs = launch(2, faults_worker(mode), timeout=90, env=FAST)
     assert code is not None and code != 0, out[-3000:]
     assert "rank 0 predicted once" in out and "rank 0 finished" not in out, out[-3000:]
     assert "rank 1 (stage 1) going away" in out, out[-3000:]
@@ -228,4 +204,4 @@ def test_dead_or_stopped_pipeline_stage_is_named_within_seconds(mode):
         assert "from rank 1" in out and "'stage output'" in out, out[-3000:]
         assert "Missing: rank 1 [pid" in out and "stopped" in out, out[-3000:]
     assert secs < 60, f"took {secs:.0f} s"
-    assert _no_orphans()
+    assert no_faults_orphans()

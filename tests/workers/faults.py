@@ -21,15 +21,12 @@ import signal
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import heap  # noqa: E402
+from tfshard.cli import import_tensorflow
 
-heap.pause()
+import_tensorflow()  # the collector paused meanwhile, then the heap frozen
 import tensorflow as tf  # noqa: E402
 
 import tfshard  # noqa: E402
-
-heap.resume()
 
 mode = sys.argv[1]
 world = tfshard.init()

@@ -21,9 +21,9 @@ import traceback
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import heap  # noqa: E402
+from tfshard.cli import import_tensorflow  # noqa: E402
 
-heap.pause()  # until tests/models.py has imported TensorFlow, Keras and keras-hub
+import_tensorflow("keras_hub")  # the collector paused meanwhile, then the heap frozen
 
 import keras  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402

@@ -20,9 +20,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import heap  # noqa: E402
+from tfshard.cli import import_tensorflow  # noqa: E402
 
-heap.pause()  # until tests/models.py has imported TensorFlow, Keras and keras-hub
+import_tensorflow("keras_hub")  # the collector paused meanwhile, then the heap frozen
 import tensorflow as tf  # noqa: E402
 
 import keras  # noqa: E402

@@ -18,9 +18,9 @@ import traceback
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import heap  # noqa: E402
+from tfshard.cli import import_tensorflow  # noqa: E402
 
-heap.pause()  # until tests/models.py has imported TensorFlow, Keras and keras-hub
+import_tensorflow("keras_hub")  # the collector paused meanwhile, then the heap frozen
 
 import keras  # noqa: E402
 
@@ -449,8 +449,9 @@ def guarded(fn, expect_error=False):
     """Runs one case: its record, with "ok", the error if it raised, and the seconds it took
     (what a slow suite is made of).
 
-    What earlier cases left is collected, and the rest frozen (tests/heap.py), so that the
-    collector's passes during this case walk only what this case makes."""
+    What earlier cases left is collected, and the rest frozen (as after the imports,
+    tfshard.cli.import_tensorflow), so that the collector's passes during this case walk
+    only what this case makes."""
     gc.collect()
     gc.freeze()
     start = time.perf_counter()
@@ -640,7 +641,7 @@ def _bf16_twin(builder):
 def quantize(model, mode, **kwargs):
     """`model.quantize(mode, **kwargs)` on a frozen heap: Keras collects garbage once per
     variable a layer drops, and each collection would walk every model and graph this
-    worker has made so far (tests/heap.py)."""
+    worker has made so far (tfshard.cli.import_tensorflow)."""
     gc.freeze()
     model.quantize(mode, **kwargs)
 
