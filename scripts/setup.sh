@@ -23,11 +23,20 @@ KEY=$(cat "$ROOT/scripts/setup.sh" "$ROOT/scripts/build_horovod.sh" "$ROOT/scrip
 OPS="$ROOT/tfshard/comm/_mpi_ops.so"
 LOOP="$ROOT/tfshard/_loopback.so"
 KERN="$ROOT/tfshard/layers/_kernels.so"
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ] && [ -x "$VENV/bin/python" ] && [ -f "$OPS" ] \
-   && [ "$(cat "$OPS.sha256" 2>/dev/null)" = "$(sha256sum "$ROOT/tfshard/comm/mpi_ops.cc" | cut -d' ' -f1)" ] \
-   && [ "$(cat "$LOOP.sha256" 2>/dev/null)" = "$(sha256sum "$ROOT/tfshard/loopback.c" | cut -d' ' -f1)" ] \
-   && [ -f "$KERN.sha256" ]; then
-  exit 0
+up_to_date() {
+  [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ] && [ -x "$VENV/bin/python" ] && [ -f "$OPS" ] \
+    && [ "$(cat "$OPS.sha256" 2>/dev/null)" = "$(sha256sum "$ROOT/tfshard/comm/mpi_ops.cc" | cut -d' ' -f1)" ] \
+    && [ "$(cat "$LOOP.sha256" 2>/dev/null)" = "$(sha256sum "$ROOT/tfshard/loopback.c" | cut -d' ' -f1)" ] \
+    && [ -f "$KERN.sha256" ]
+}
+up_to_date && exit 0
+# One set-up at a time: ./horovodrun.sh runs this script, and two jobs started at once
+# after an edit (the test suite's two workers) would otherwise both build and install.
+# The second waits here, then finds the first one's work done.
+if command -v flock >/dev/null 2>&1; then
+  exec 9>"$ROOT/.setup.lock"
+  flock 9
+  up_to_date && exit 0
 fi
 
 t0=$(date +%s)
