@@ -125,8 +125,8 @@ def test_greedy_tokens_equal_unsharded_under_tf_distribute(runs, run, name):
 
 def test_real_smollm2_under_multiworker(runs):
     """Real SmolLM2 under tf.distribute, once: MultiWorker's two processes (the same
-    sharded layers run under MirroredStrategy from config above, and real SmolLM2 loads
-    under MirroredStrategy in tests/test_checkpoint.py)."""
+    sharded layers run under MirroredStrategy from config above; real MiniLM loads under
+    MirroredStrategy in tests/test_checkpoint.py)."""
     recs = records_ok(runs("multiworker2"), "smollm2")
     for rank, rec in enumerate(recs):
         assert rec["out"] == rec["ref"], f"multiworker2 process {rank}: tokens differ"
