@@ -497,23 +497,41 @@ void nk_i4(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy, in
 // micro-tile keeps TR x (TV * W) outputs in registers. int8 packs int16 pairs of rows and
 // sums exactly in int32. Below GEMM_ROWS rows the streaming kernels above read less.
 
+// Full unrolling of a micro-tile's loops over its rows and vectors (compile-time counts):
+// at -O2 GCC keeps them as loops, and the accumulators went to the stack.
+#define TFS_UNROLL _Pragma("GCC unroll 16")
+
+// A thread's GEMM buffers (panels, partial sums), kept between calls: each call fills
+// what it reads, so none is cleared (a vector's zero-fill of a 128 KiB panel on every
+// call cost as much as packing it).
+template <typename T, int kWhich>
+inline T* gemm_buffer(size_t n) {
+  static thread_local std::vector<T> b;
+  if (b.size() < n) b.resize(n);
+  return b.data();
+}
+
 constexpr int64_t GEMM_ROWS = 8;  // more input rows than this: the panel kernels
 constexpr int64_t KB = 256;       // contracted rows per panel
 constexpr int TR = 4;             // input rows per micro-tile
 constexpr int TV = 2;             // vectors per micro-tile
 constexpr int64_t PW = 4 * TV * W;  // panel width: four micro-tiles of columns
 
+// A panel's columns padded to whole micro-tiles (which read `tile` columns at a time);
+// the rest of its width is never read.
+inline int64_t tile_pad(int64_t width, int64_t tile) { return (width + tile - 1) / tile * tile; }
+
 template <Fmt F>
 void pack_panel(const Weight& w, int64_t k0, int64_t kb, int64_t nb, int64_t width, float* P) {
   const uint8_t* base = static_cast<const uint8_t*>(w.data);
-  const int64_t rb = w.row_bytes();
+  const int64_t rb = w.row_bytes(), pad = tile_pad(width, TV * W);
   for (int64_t k = 0; k < kb; ++k) {
     const uint8_t* row = base + (k0 + k) * rb;
     float* out = P + k * PW;
     int64_t j = 0;
     for (; j + W <= width; j += W) vstore(out + j, load_w<F>(row, nb + j));
     for (; j < width; ++j) out[j] = load_w1<F>(row, nb + j);
-    for (; j < PW; ++j) out[j] = 0.0f;
+    for (; j < pad; ++j) out[j] = 0.0f;
   }
 }
 
@@ -523,6 +541,7 @@ void pack_panel_u4(const Weight& w, int64_t k0, int64_t kb, int64_t nb, int64_t 
                    float* P) {
   const uint8_t* base = static_cast<const uint8_t*>(w.data);
   const int64_t rb = w.row_bytes(), vend = width / (2 * W) * (2 * W);
+  const int64_t pad = tile_pad(width, TV * W);
   for (int64_t k = 0; k < kb; ++k) {
     const uint8_t* row = base + (k0 + k) * rb;
     const int8_t* bytes = reinterpret_cast<const int8_t*>(row) + nb / 2;
@@ -535,7 +554,7 @@ void pack_panel_u4(const Weight& w, int64_t k0, int64_t kb, int64_t nb, int64_t 
       vstore(out + p + W, o);
     }
     for (; p < width; ++p) out[p] = load_u1(row, nb + p);
-    for (; p < PW; ++p) out[p] = 0.0f;
+    for (; p < pad; ++p) out[p] = 0.0f;
   }
 }
 
@@ -548,24 +567,29 @@ inline void micro_f(const float* x, int64_t ldx, const float* P, int64_t kb, flo
                     int64_t ldy, int64_t cols) {
   alignas(64) float tmp[TV * W];
   VF acc[R][TV];
+  TFS_UNROLL
   for (int r = 0; r < R; ++r) {
     std::fill(tmp, tmp + TV * W, 0.0f);
     std::copy(y + r * ldy, y + r * ldy + cols, tmp);
+    TFS_UNROLL
     for (int v = 0; v < TV; ++v) acc[r][v] = vload(tmp + v * W);
   }
   int64_t k = 0;
   if constexpr (kFour) {
     for (; k + 4 <= kb; k += 4) {
       VF b0[TV], b1[TV], b2[TV], b3[TV];
+      TFS_UNROLL
       for (int v = 0; v < TV; ++v) {
         b0[v] = vload(P + k * PW + v * W);
         b1[v] = vload(P + (k + 1) * PW + v * W);
         b2[v] = vload(P + (k + 2) * PW + v * W);
         b3[v] = vload(P + (k + 3) * PW + v * W);
       }
+      TFS_UNROLL
       for (int r = 0; r < R; ++r) {
         const float* xr = x + r * ldx + k;
         const VF a0 = vset1(xr[0]), a1 = vset1(xr[1]), a2 = vset1(xr[2]), a3 = vset1(xr[3]);
+        TFS_UNROLL
         for (int v = 0; v < TV; ++v) {
           VF s0 = vfma(a0, b0[v], acc[r][v]);
           VF t0 = vmul(a1, b1[v]);
@@ -578,13 +602,18 @@ inline void micro_f(const float* x, int64_t ldx, const float* P, int64_t kb, flo
   }
   for (; k < kb; ++k) {
     VF b[TV];
+    TFS_UNROLL
     for (int v = 0; v < TV; ++v) b[v] = vload(P + k * PW + v * W);
+    TFS_UNROLL
     for (int r = 0; r < R; ++r) {
       const VF a = vset1(x[r * ldx + k]);
+      TFS_UNROLL
       for (int v = 0; v < TV; ++v) acc[r][v] = vfma(a, b[v], acc[r][v]);
     }
   }
+  TFS_UNROLL
   for (int r = 0; r < R; ++r) {
+    TFS_UNROLL
     for (int v = 0; v < TV; ++v) vstore(tmp + v * W, acc[r][v]);
     std::copy(tmp, tmp + cols, y + r * ldy);
   }
@@ -594,16 +623,16 @@ template <Fmt F>
 void kn_gemm_f(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0,
                int64_t n1) {
   const int64_t K = w.K;
-  std::vector<float> panel(KB * PW);
+  float* panel = gemm_buffer<float, 0>(KB * PW);
   for (int64_t m = 0; m < M; ++m) std::fill(y + m * ldy + n0, y + m * ldy + n1, 0.0f);
   for (int64_t nb = n0; nb < n1; nb += PW) {
     const int64_t width = std::min(PW, n1 - nb);
     for (int64_t k0 = 0; k0 < K; k0 += KB) {
       const int64_t kb = std::min(KB, K - k0);
-      pack_panel<F>(w, k0, kb, nb, width, panel.data());
+      pack_panel<F>(w, k0, kb, nb, width, panel);
       for (int64_t j0 = 0; j0 < width; j0 += TV * W) {
         const int64_t cols = std::min<int64_t>(TV * W, width - j0);
-        const float* P = panel.data() + j0;
+        const float* P = panel + j0;
         int64_t m = 0;
         for (; m + TR <= M; m += TR)
           micro_f<TR, true>(x + m * K + k0, K, P, kb, y + m * ldy + nb + j0, ldy, cols);
@@ -629,19 +658,21 @@ void kn_gemm_i4(const Weight& w, const float* x, int64_t M, float* y, int64_t ld
   const int64_t K = w.K, N = w.N;
   const Runs runs = int4_runs(w, x, M, kGrouped);
   const int64_t nruns = static_cast<int64_t>(runs.start.size());
-  std::vector<float> panel(KB * PW), acc(M * PW), gacc(M * PW);
+  float* panel = gemm_buffer<float, 0>(KB * PW);
+  float* acc = gemm_buffer<float, 1>(M * PW);
+  float* gacc = gemm_buffer<float, 2>(M * PW);
   for (int64_t nb = n0; nb < n1; nb += PW) {
     const int64_t width = std::min(PW, n1 - nb), vend = width / (2 * W) * (2 * W);
-    std::fill(acc.begin(), acc.end(), 0.0f);
+    std::fill(acc, acc + M * PW, 0.0f);
     for (int64_t i = 0; i < nruns; ++i) {
-      float* sums = kGrouped ? gacc.data() : acc.data();
-      if (kGrouped) std::fill(gacc.begin(), gacc.end(), 0.0f);
+      float* sums = kGrouped ? gacc : acc;
+      if (kGrouped) std::fill(gacc, gacc + M * PW, 0.0f);
       for (int64_t k0 = runs.start[i]; k0 < runs.stop[i]; k0 += KB) {
         const int64_t kb = std::min(KB, runs.stop[i] - k0);
-        pack_panel_u4(w, k0, kb, nb, width, panel.data());
+        pack_panel_u4(w, k0, kb, nb, width, panel);
         for (int64_t j0 = 0; j0 < width; j0 += TV * W) {
           const int64_t cols = std::min<int64_t>(TV * W, width - j0);
-          const float* P = panel.data() + j0;
+          const float* P = panel + j0;
           int64_t m = 0;
           for (; m + TR <= M; m += TR)
             micro_f<TR, false>(x + m * K + k0, K, P, kb, sums + m * PW + j0, PW, cols);
@@ -674,18 +705,28 @@ void kn_gemm_i4(const Weight& w, const float* x, int64_t M, float* y, int64_t ld
   }
 }
 
-// int8: the panel holds rows k, k+1 of each column as an int16 pair (vp_loadp), so a
-// micro-tile multiplies a row pair by two inputs in one madd.
+// int8: the panel holds rows k, k+1 of each column as an int16 pair (vp_load's layout,
+// read back by vp_loadp), so a micro-tile multiplies a row pair by two inputs in one madd.
+// The inputs are widened to int16 once per call, so the micro-tile broadcasts each pair
+// from memory; it is TVI vectors wide (as many accumulators as the
+// registers hold: 4 x 4 of AVX-512's 32, 4 x 2 of AVX2's 16).
+constexpr int TVI = W >= 16 ? 4 : 2;
+constexpr int64_t PWI = 2 * TVI * W;  // int8 panel width: two micro-tiles of columns
+
 void pack_panel_i8(const Weight& w, int64_t k0, int64_t kb, int64_t nb, int64_t width,
                    int16_t* P) {
   const int8_t* base = static_cast<const int8_t*>(w.data);
-  const int64_t N = w.N, pairs = (kb + 1) / 2;
+  const int64_t N = w.N, pairs = (kb + 1) / 2, vend = width / W * W;
+  const int64_t pad = tile_pad(width, TVI * W);
+  alignas(64) static thread_local int8_t zeros[PWI] = {};
   for (int64_t p = 0; p < pairs; ++p) {
     const int64_t k = k0 + 2 * p;
     const int8_t* r0 = base + k * N + nb;
     const int8_t* r1 = 2 * p + 1 < kb ? r0 + N : nullptr;
-    int16_t* out = P + p * 2 * PW;
-    for (int64_t j = 0; j < PW; ++j) {
+    int16_t* out = P + p * 2 * PWI;
+    int64_t j = 0;
+    for (; j < vend; j += W) vp_store(out + 2 * j, vp_load(r0 + j, r1 ? r1 + j : zeros));
+    for (; j < pad; ++j) {
       out[2 * j] = j < width ? r0[j] : 0;
       out[2 * j + 1] = j < width && r1 ? r1[j] : 0;
     }
@@ -693,46 +734,67 @@ void pack_panel_i8(const Weight& w, int64_t k0, int64_t kb, int64_t nb, int64_t 
 }
 
 template <int R>
-inline void micro_i8(const int8_t* x, int64_t ldx, int64_t kb, const int16_t* P, int32_t* y,
-                     int64_t ldy, int64_t cols) {
-  VI acc[R][TV];
+inline void micro_i8(const int16_t* x16, int64_t ldx, int64_t pairs, const int16_t* P,
+                     int32_t* y, int64_t ldy, int64_t cols) {
+  VI acc[R][TVI];
+  TFS_UNROLL
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < TV; ++v) acc[r][v] = vi_zero();
-  const int64_t pairs = (kb + 1) / 2;
+    TFS_UNROLL
+    for (int v = 0; v < TVI; ++v) acc[r][v] = vi_zero();
   for (int64_t p = 0; p < pairs; ++p) {
-    VP b[TV];
-    for (int v = 0; v < TV; ++v) b[v] = vp_loadp(P + p * 2 * PW + v * 2 * W);
+    VP b[TVI];
+    TFS_UNROLL
+    for (int v = 0; v < TVI; ++v) b[v] = vp_loadp(P + p * 2 * PWI + v * 2 * W);
+    TFS_UNROLL
     for (int r = 0; r < R; ++r) {
-      const int8_t* xr = x + r * ldx + 2 * p;
-      const int32_t x01 = pair16(xr[0], 2 * p + 1 < kb ? xr[1] : 0);
-      for (int v = 0; v < TV; ++v) acc[r][v] = vp_madd(acc[r][v], b[v], x01);
+      int32_t x01;
+      std::memcpy(&x01, x16 + r * ldx + 2 * p, 4);
+      TFS_UNROLL
+      for (int v = 0; v < TVI; ++v) acc[r][v] = vp_madd(acc[r][v], b[v], x01);
     }
   }
-  alignas(64) int32_t tmp[TV * W];
+  alignas(64) int32_t tmp[TVI * W];
+  TFS_UNROLL
   for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < TV; ++v) vi_store(tmp + v * W, acc[r][v]);
     int32_t* out = y + r * ldy;
+    if (cols == TVI * W) {
+      TFS_UNROLL
+      for (int v = 0; v < TVI; ++v) vi_store(out + v * W, vi_add(vi_load(out + v * W), acc[r][v]));
+      continue;
+    }
+    TFS_UNROLL
+    for (int v = 0; v < TVI; ++v) vi_store(tmp + v * W, acc[r][v]);
     for (int64_t j = 0; j < cols; ++j) out[j] += tmp[j];
   }
 }
 
 void kn_gemm_i8(const Weight& w, const int8_t* x, int64_t M, int32_t* y, int64_t ldy,
                 int64_t n0, int64_t n1) {
-  const int64_t K = w.K;
-  std::vector<int16_t> panel(((KB + 1) / 2) * 2 * PW);
+  const int64_t K = w.K, kpairs = (K + 1) / 2;
+  int16_t* panel = gemm_buffer<int16_t, 0>(((KB + 1) / 2) * 2 * PWI);
+  // The inputs widened to int16, a row padded to whole pairs: the int32 at pair p is
+  // pair16(x[2p], x[2p + 1]) (little-endian), as vp_madd takes it.
+  int16_t* x16 = gemm_buffer<int16_t, 1>(M * 2 * kpairs);
+  for (int64_t m = 0; m < M; ++m) {
+    int16_t* row = x16 + m * 2 * kpairs;
+    for (int64_t k = 0; k < K; ++k) row[k] = x[m * K + k];
+    if (K % 2) row[K] = 0;
+  }
   for (int64_t m = 0; m < M; ++m) std::fill(y + m * ldy + n0, y + m * ldy + n1, 0);
-  for (int64_t nb = n0; nb < n1; nb += PW) {
-    const int64_t width = std::min(PW, n1 - nb);
+  for (int64_t nb = n0; nb < n1; nb += PWI) {
+    const int64_t width = std::min(PWI, n1 - nb);
     for (int64_t k0 = 0; k0 < K; k0 += KB) {
-      const int64_t kb = std::min(KB, K - k0);
-      pack_panel_i8(w, k0, kb, nb, width, panel.data());
-      for (int64_t j0 = 0; j0 < width; j0 += TV * W) {
-        const int64_t cols = std::min<int64_t>(TV * W, width - j0);
-        const int16_t* P = panel.data() + 2 * j0;
+      const int64_t kb = std::min(KB, K - k0), pairs = (kb + 1) / 2;
+      pack_panel_i8(w, k0, kb, nb, width, panel);
+      for (int64_t j0 = 0; j0 < width; j0 += TVI * W) {
+        const int64_t cols = std::min<int64_t>(TVI * W, width - j0);
+        const int16_t* P = panel + 2 * j0;
+        const int16_t* xb = x16 + k0;
         int64_t m = 0;
         for (; m + TR <= M; m += TR)
-          micro_i8<TR>(x + m * K + k0, K, kb, P, y + m * ldy + nb + j0, ldy, cols);
-        for (; m < M; ++m) micro_i8<1>(x + m * K + k0, K, kb, P, y + m * ldy + nb + j0, ldy, cols);
+          micro_i8<TR>(xb + m * 2 * kpairs, 2 * kpairs, pairs, P, y + m * ldy + nb + j0, ldy, cols);
+        for (; m < M; ++m)
+          micro_i8<1>(xb + m * 2 * kpairs, 2 * kpairs, pairs, P, y + m * ldy + nb + j0, ldy, cols);
       }
     }
   }

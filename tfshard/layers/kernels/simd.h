@@ -17,6 +17,7 @@
 //   vi_zero, vi_add, vi_tof
 //   vp_load(w0, w1): W pairs (w0[n], w1[n]) of int8 values from two rows, as int16
 //   vp_loadp(p):    W pairs already laid out as int16 (w0[n], w1[n]) at p (a packed panel)
+//   vp_store(p, w): the W pairs to p, as vp_loadp reads them
 //   vp_madd(acc, p, x01): acc[n] += x0 * w0[n] + x1 * w1[n], x01 the pair (x0, x1) as two
 //                   int16 in an int32 (pair16); exact (int16 products summed in int32)
 //   vi_dot4(acc, a, b): acc[i] += sum_j a[4i + j] * b[4i + j] for int8 a, b, W*4 bytes each
@@ -83,6 +84,7 @@ inline VP vp_load(const int8_t* w0, const int8_t* w1) {
   return {_mm512_cvtepi8_epi16(pairs)};  // (w0[n], w1[n]) as int16 pairs
 }
 inline VP vp_loadp(const int16_t* p) { return {_mm512_loadu_si512(p)}; }
+inline void vp_store(int16_t* p, VP w) { _mm512_storeu_si512(p, w.v); }
 inline VI vp_madd(VI acc, VP w, int32_t x01) {
 #if defined(__AVX512VNNI__)
   return {_mm512_dpwssd_epi32(acc.v, w.v, _mm512_set1_epi32(x01))};
@@ -183,6 +185,7 @@ inline VP vp_load(const int8_t* w0, const int8_t* w1) {
   return {_mm256_cvtepi8_epi16(_mm_unpacklo_epi8(a, b))};  // (w0[n], w1[n]) pairs
 }
 inline VP vp_loadp(const int16_t* p) { return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))}; }
+inline void vp_store(int16_t* p, VP w) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), w.v); }
 inline VI vp_madd(VI acc, VP w, int32_t x01) {
   return {_mm256_add_epi32(acc.v, _mm256_madd_epi16(w.v, _mm256_set1_epi32(x01)))};
 }
@@ -273,6 +276,7 @@ inline VP vp_load(const int8_t* w0, const int8_t* w1) {
   return r;
 }
 inline VP vp_loadp(const int16_t* p) { VP r; std::memcpy(r.v, p, sizeof r.v); return r; }
+inline void vp_store(int16_t* p, VP w) { std::memcpy(p, w.v, sizeof w.v); }
 inline VI vp_madd(VI acc, VP w, int32_t x01) {
   const int32_t x0 = static_cast<int16_t>(x01 & 0xFFFF), x1 = static_cast<int16_t>(x01 >> 16);
   for (int i = 0; i < W; ++i) acc.v[i] += x0 * w.v[2 * i] + x1 * w.v[2 * i + 1];
