@@ -177,13 +177,16 @@ def test_int8_projection_is_keras_int8_bit_for_bit():
     layer = keras.layers.Dense(300, use_bias=False)
     layer.build((None, 70))
     layer.quantize("int8")
-    x = tf.random.normal([5, 70])
     p = projection(layer)
-    for isa in HERE:
-        got = matvec.library().tfshard_decode_linear(
-            x=x, amax=tf.zeros([0, 0]), weights=p.handles, formats=[p.format], names=[p.name],
-            isa=isa)
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(layer(x)), err_msg=isa)
+    # 5 rows: the streaming kernels; 37 (a prompt): the panel kernels.
+    for rows in (5, 37):
+        x = tf.random.normal([rows, 70])
+        for isa in HERE:
+            got = matvec.library().tfshard_decode_linear(
+                x=x, amax=tf.zeros([0, 0]), weights=p.handles, formats=[p.format],
+                names=[p.name], isa=isa)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(layer(x)),
+                                          err_msg=f"{isa}, {rows} rows")
 
 
 def test_what_the_step_does_not_compute_keeps_keras_hub_and_says_why():

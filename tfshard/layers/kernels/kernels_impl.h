@@ -35,6 +35,16 @@ inline float* scratch(int which) {
   return b.data();
 }
 
+// A thread's buffers for the panel kernels and the int4 folds, kept between calls: each
+// call fills what it reads, so none is cleared (a vector's zero-fill of a 128 KiB panel
+// on every call cost as much as packing it).
+template <typename T, int kWhich>
+inline T* gemm_buffer(size_t n) {
+  static thread_local std::vector<T> b;
+  if (b.size() < n) b.resize(n);
+  return b.data();
+}
+
 template <Fmt F>
 inline VF load_w(const uint8_t* row, int64_t j) {
   if constexpr (F == Fmt::F32) {
@@ -182,6 +192,40 @@ inline int64_t i4_column(int64_t p, int64_t vend) {
   return c * 2 * W + (i < W ? 2 * i : 2 * (i - W) + 1);
 }
 
+// One int4 group's sums folded into the row sums, for `rows` rows:
+//   acc[m, p] += s[c] * (g[m, p] - (z[c] + 8) * xs[m]),  c = i4_column(p, vend),
+// as two fused multiply-adds a value (the sums are in the kernels' column order, so the
+// group's scale and zero point are put in that order once, then read by every row).
+inline void fold_group(float* acc, int64_t lda, const float* g, int64_t ldg, int rows,
+                       const float* xs, int64_t xs_step, const float* s, const float* z,
+                       int64_t width, int64_t vend) {
+  const int64_t padded = (width + W - 1) / W * W;
+  float* sp = gemm_buffer<float, 3>(padded);
+  float* zn = gemm_buffer<float, 4>(padded);
+  for (int64_t p = 0; p < padded; ++p) {
+    const int64_t c = p < width ? i4_column(p, vend) : 0;
+    sp[p] = p < width ? s[c] : 0.0f;
+    zn[p] = p < width ? -(z[c] + 8.0f) : 0.0f;
+  }
+  alignas(64) float ta[W], tg[W];
+  for (int m = 0; m < rows; ++m) {
+    float* a = acc + m * lda;
+    const float* gm = g + m * ldg;
+    const VF x = vset1(xs[m * xs_step]);
+    int64_t p = 0;
+    for (; p + W <= width; p += W)
+      vstore(a + p, vfma(vload(sp + p), vfma(vload(zn + p), x, vload(gm + p)), vload(a + p)));
+    if (p < width) {  // the last part vector: the same arithmetic on a copy
+      std::fill(ta, ta + W, 0.0f);
+      std::fill(tg, tg + W, 0.0f);
+      std::copy(a + p, a + width, ta);
+      std::copy(gm + p, gm + width, tg);
+      vstore(ta, vfma(vload(sp + p), vfma(vload(zn + p), x, vload(tg)), vload(ta)));
+      std::copy(ta, ta + (width - p), a + p);
+    }
+  }
+}
+
 inline void kn_i4_accumulate(const uint8_t* base, int64_t rb, const float* x, int64_t K, int mb,
                              int64_t ks, int64_t ke, int64_t nb, int64_t width, int64_t vend,
                              float* acc) {
@@ -282,15 +326,8 @@ void kn_i4(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy, in
                            gacc);
           const float* s = w.scale + static_cast<int64_t>(runs.group[i]) * N + nb;
           const float* z = w.zero + static_cast<int64_t>(runs.group[i]) * N + nb;
-          for (int m = 0; m < mb; ++m) {
-            const float xs = runs.xs[(m0 + m) * nruns + i];
-            float* a = acc + m * NB;
-            const float* ga = gacc + m * NB;
-            for (int64_t p = 0; p < width; ++p) {
-              const int64_t c = i4_column(p, vend);
-              a[p] += s[c] * (ga[p] - (z[c] + 8.0f) * xs);
-            }
-          }
+          fold_group(acc, NB, gacc, NB, mb, runs.xs.data() + m0 * nruns + i, nruns, s, z,
+                     width, vend);
         }
       } else {
         kn_i4_accumulate(base, rb, xb, K, mb, 0, K, nb, width, vend, acc);
@@ -501,21 +538,14 @@ void nk_i4(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy, in
 // at -O2 GCC keeps them as loops, and the accumulators went to the stack.
 #define TFS_UNROLL _Pragma("GCC unroll 16")
 
-// A thread's GEMM buffers (panels, partial sums), kept between calls: each call fills
-// what it reads, so none is cleared (a vector's zero-fill of a 128 KiB panel on every
-// call cost as much as packing it).
-template <typename T, int kWhich>
-inline T* gemm_buffer(size_t n) {
-  static thread_local std::vector<T> b;
-  if (b.size() < n) b.resize(n);
-  return b.data();
-}
-
 constexpr int64_t GEMM_ROWS = 8;  // more input rows than this: the panel kernels
 constexpr int64_t KB = 256;       // contracted rows per panel
 constexpr int TR = 4;             // input rows per micro-tile
 constexpr int TV = 2;             // vectors per micro-tile
 constexpr int64_t PW = 4 * TV * W;  // panel width: four micro-tiles of columns
+// int4's micro-tiles (one FMA a row, no groups of four): as wide as the registers allow
+// (4 x 4 accumulators of AVX-512's 32), two to a panel.
+constexpr int TV4 = W >= 16 ? 4 : TV;
 
 // A panel's columns padded to whole micro-tiles (which read `tile` columns at a time);
 // the rest of its width is never read.
@@ -541,7 +571,7 @@ void pack_panel_u4(const Weight& w, int64_t k0, int64_t kb, int64_t nb, int64_t 
                    float* P) {
   const uint8_t* base = static_cast<const uint8_t*>(w.data);
   const int64_t rb = w.row_bytes(), vend = width / (2 * W) * (2 * W);
-  const int64_t pad = tile_pad(width, TV * W);
+  const int64_t pad = tile_pad(width, TV4 * W);
   for (int64_t k = 0; k < kb; ++k) {
     const uint8_t* row = base + (k0 + k) * rb;
     const int8_t* bytes = reinterpret_cast<const int8_t*>(row) + nb / 2;
@@ -562,24 +592,24 @@ void pack_panel_u4(const Weight& w, int64_t k0, int64_t kb, int64_t nb, int64_t 
 // the streaming kernels' order (so a row's bits do not depend on how many rows run with
 // it): kFour, float32 and bfloat16's groups of four (two chains, joined), else one FMA
 // a row (int4's).
-template <int R, bool kFour>
+template <int R, bool kFour, int TVN = TV>
 inline void micro_f(const float* x, int64_t ldx, const float* P, int64_t kb, float* y,
                     int64_t ldy, int64_t cols) {
-  alignas(64) float tmp[TV * W];
-  VF acc[R][TV];
+  alignas(64) float tmp[TVN * W];
+  VF acc[R][TVN];
   TFS_UNROLL
   for (int r = 0; r < R; ++r) {
-    std::fill(tmp, tmp + TV * W, 0.0f);
+    std::fill(tmp, tmp + TVN * W, 0.0f);
     std::copy(y + r * ldy, y + r * ldy + cols, tmp);
     TFS_UNROLL
-    for (int v = 0; v < TV; ++v) acc[r][v] = vload(tmp + v * W);
+    for (int v = 0; v < TVN; ++v) acc[r][v] = vload(tmp + v * W);
   }
   int64_t k = 0;
   if constexpr (kFour) {
     for (; k + 4 <= kb; k += 4) {
-      VF b0[TV], b1[TV], b2[TV], b3[TV];
+      VF b0[TVN], b1[TVN], b2[TVN], b3[TVN];
       TFS_UNROLL
-      for (int v = 0; v < TV; ++v) {
+      for (int v = 0; v < TVN; ++v) {
         b0[v] = vload(P + k * PW + v * W);
         b1[v] = vload(P + (k + 1) * PW + v * W);
         b2[v] = vload(P + (k + 2) * PW + v * W);
@@ -590,7 +620,7 @@ inline void micro_f(const float* x, int64_t ldx, const float* P, int64_t kb, flo
         const float* xr = x + r * ldx + k;
         const VF a0 = vset1(xr[0]), a1 = vset1(xr[1]), a2 = vset1(xr[2]), a3 = vset1(xr[3]);
         TFS_UNROLL
-        for (int v = 0; v < TV; ++v) {
+        for (int v = 0; v < TVN; ++v) {
           VF s0 = vfma(a0, b0[v], acc[r][v]);
           VF t0 = vmul(a1, b1[v]);
           s0 = vfma(a2, b2[v], s0);
@@ -601,20 +631,20 @@ inline void micro_f(const float* x, int64_t ldx, const float* P, int64_t kb, flo
     }
   }
   for (; k < kb; ++k) {
-    VF b[TV];
+    VF b[TVN];
     TFS_UNROLL
-    for (int v = 0; v < TV; ++v) b[v] = vload(P + k * PW + v * W);
+    for (int v = 0; v < TVN; ++v) b[v] = vload(P + k * PW + v * W);
     TFS_UNROLL
     for (int r = 0; r < R; ++r) {
       const VF a = vset1(x[r * ldx + k]);
       TFS_UNROLL
-      for (int v = 0; v < TV; ++v) acc[r][v] = vfma(a, b[v], acc[r][v]);
+      for (int v = 0; v < TVN; ++v) acc[r][v] = vfma(a, b[v], acc[r][v]);
     }
   }
   TFS_UNROLL
   for (int r = 0; r < R; ++r) {
     TFS_UNROLL
-    for (int v = 0; v < TV; ++v) vstore(tmp + v * W, acc[r][v]);
+    for (int v = 0; v < TVN; ++v) vstore(tmp + v * W, acc[r][v]);
     std::copy(tmp, tmp + cols, y + r * ldy);
   }
 }
@@ -670,26 +700,21 @@ void kn_gemm_i4(const Weight& w, const float* x, int64_t M, float* y, int64_t ld
       for (int64_t k0 = runs.start[i]; k0 < runs.stop[i]; k0 += KB) {
         const int64_t kb = std::min(KB, runs.stop[i] - k0);
         pack_panel_u4(w, k0, kb, nb, width, panel);
-        for (int64_t j0 = 0; j0 < width; j0 += TV * W) {
-          const int64_t cols = std::min<int64_t>(TV * W, width - j0);
+        for (int64_t j0 = 0; j0 < width; j0 += TV4 * W) {
+          const int64_t cols = std::min<int64_t>(TV4 * W, width - j0);
           const float* P = panel + j0;
           int64_t m = 0;
           for (; m + TR <= M; m += TR)
-            micro_f<TR, false>(x + m * K + k0, K, P, kb, sums + m * PW + j0, PW, cols);
+            micro_f<TR, false, TV4>(x + m * K + k0, K, P, kb, sums + m * PW + j0, PW, cols);
           for (; m < M; ++m)
-            micro_f<1, false>(x + m * K + k0, K, P, kb, sums + m * PW + j0, PW, cols);
+            micro_f<1, false, TV4>(x + m * K + k0, K, P, kb, sums + m * PW + j0, PW, cols);
         }
       }
       if constexpr (kGrouped) {
         const float* sc = w.scale + static_cast<int64_t>(runs.group[i]) * N + nb;
         const float* z = w.zero + static_cast<int64_t>(runs.group[i]) * N + nb;
-        for (int64_t m = 0; m < M; ++m) {
-          const float xs = runs.xs[m * nruns + i];
-          for (int64_t p = 0; p < width; ++p) {
-            const int64_t c = i4_column(p, vend);
-            acc[m * PW + p] += sc[c] * (gacc[m * PW + p] - (z[c] + 8.0f) * xs);
-          }
-        }
+        fold_group(acc, PW, gacc, PW, static_cast<int>(M), runs.xs.data() + i, nruns, sc, z,
+                   width, vend);
       }
     }
     for (int64_t m = 0; m < M; ++m) {
