@@ -26,20 +26,20 @@ constexpr int MB = 8;        // input rows per pass over a block
 constexpr int64_t PF_ROWS = 8;  // kn: rows ahead to prefetch (the hardware's prefetch
                                 // falls behind on four short rows read at once)
 
-// A thread's scratch buffers for the partial sums (MB x NB floats each: too large for the
-// stack of every thread that may run a kernel).
-inline float* scratch(int which) {
-  static thread_local std::vector<float> buffers[2];
-  std::vector<float>& b = buffers[which];
-  if (b.size() < static_cast<size_t>(MB * NB)) b.resize(MB * NB);
-  return b.data();
-}
-
-// A thread's buffers for the panel kernels and the int4 folds, kept between calls: each
-// call fills what it reads, so none is cleared (a vector's zero-fill of a 128 KiB panel
-// on every call cost as much as packing it).
-template <typename T, int kWhich>
-inline T* gemm_buffer(size_t n) {
+// A thread's buffers, one per use (kernels that share a use never nest), kept between
+// calls: each call fills what it reads, so none is cleared (a vector's zero-fill of a
+// 128 KiB panel on every call cost as much as packing it), and none sits on the stack of
+// every thread that may run a kernel.
+enum Buffer : int {
+  kSums,       // partial sums: the streaming kernels' MB x NB, a panel kernel's M x PW
+  kGroupSums,  // int4: one group's partial sums, the same shape
+  kPanel,      // a panel kernel's packed weights
+  kInputs,     // int8 panels: the inputs widened to int16
+  kFoldScale,  // fold_group: a group's scales in the sums' column order
+  kFoldZero,   // fold_group: -(zero point + 8), likewise
+};
+template <typename T, Buffer kUse>
+inline T* thread_buffer(size_t n) {
   static thread_local std::vector<T> b;
   if (b.size() < n) b.resize(n);
   return b.data();
@@ -130,7 +130,7 @@ void kn_f(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy, int
           int64_t n1) {
   const uint8_t* base = static_cast<const uint8_t*>(w.data);
   const int64_t rb = w.row_bytes(), K = w.K;
-  float* acc = scratch(0);
+  float* acc = thread_buffer<float, kSums>(MB * NB);
   for (int64_t m0 = 0; m0 < M; m0 += MB) {
     const int mb = static_cast<int>(std::min<int64_t>(MB, M - m0));
     for (int64_t nb = n0; nb < n1; nb += NB) {
@@ -200,8 +200,8 @@ inline void fold_group(float* acc, int64_t lda, const float* g, int64_t ldg, int
                        const float* xs, int64_t xs_step, const float* s, const float* z,
                        int64_t width, int64_t vend) {
   const int64_t padded = (width + W - 1) / W * W;
-  float* sp = gemm_buffer<float, 3>(padded);
-  float* zn = gemm_buffer<float, 4>(padded);
+  float* sp = thread_buffer<float, kFoldScale>(padded);
+  float* zn = thread_buffer<float, kFoldZero>(padded);
   for (int64_t p = 0; p < padded; ++p) {
     const int64_t c = p < width ? i4_column(p, vend) : 0;
     sp[p] = p < width ? s[c] : 0.0f;
@@ -311,8 +311,8 @@ void kn_i4(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy, in
   const int64_t rb = w.row_bytes(), K = w.K, N = w.N;
   const Runs runs = int4_runs(w, x, M, kGrouped);
   const int64_t nruns = static_cast<int64_t>(runs.start.size());
-  float* acc = scratch(0);
-  float* gacc = scratch(1);
+  float* acc = thread_buffer<float, kSums>(MB * NB);
+  float* gacc = thread_buffer<float, kGroupSums>(MB * NB);
   for (int64_t m0 = 0; m0 < M; m0 += MB) {
     const int mb = static_cast<int>(std::min<int64_t>(MB, M - m0));
     const float* xb = x + m0 * K;
@@ -398,8 +398,8 @@ void pk_i4(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy, in
   const int64_t K = w.K, N = w.N;
   const Runs runs = int4_runs(w, x, M, kGrouped);
   const int64_t nruns = static_cast<int64_t>(runs.start.size());
-  float* acc = scratch(0);
-  float* gacc = scratch(1);
+  float* acc = thread_buffer<float, kSums>(MB * NB);
+  float* gacc = thread_buffer<float, kGroupSums>(MB * NB);
   for (int64_t m0 = 0; m0 < M; m0 += MB) {
     const int mb = static_cast<int>(std::min<int64_t>(MB, M - m0));
     const float* xb = x + m0 * K;
@@ -653,7 +653,7 @@ template <Fmt F>
 void kn_gemm_f(const Weight& w, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0,
                int64_t n1) {
   const int64_t K = w.K;
-  float* panel = gemm_buffer<float, 0>(KB * PW);
+  float* panel = thread_buffer<float, kPanel>(KB * PW);
   for (int64_t m = 0; m < M; ++m) std::fill(y + m * ldy + n0, y + m * ldy + n1, 0.0f);
   for (int64_t nb = n0; nb < n1; nb += PW) {
     const int64_t width = std::min(PW, n1 - nb);
@@ -688,9 +688,9 @@ void kn_gemm_i4(const Weight& w, const float* x, int64_t M, float* y, int64_t ld
   const int64_t K = w.K, N = w.N;
   const Runs runs = int4_runs(w, x, M, kGrouped);
   const int64_t nruns = static_cast<int64_t>(runs.start.size());
-  float* panel = gemm_buffer<float, 0>(KB * PW);
-  float* acc = gemm_buffer<float, 1>(M * PW);
-  float* gacc = gemm_buffer<float, 2>(M * PW);
+  float* panel = thread_buffer<float, kPanel>(KB * PW);
+  float* acc = thread_buffer<float, kSums>(M * PW);
+  float* gacc = thread_buffer<float, kGroupSums>(M * PW);
   for (int64_t nb = n0; nb < n1; nb += PW) {
     const int64_t width = std::min(PW, n1 - nb), vend = width / (2 * W) * (2 * W);
     std::fill(acc, acc + M * PW, 0.0f);
@@ -743,7 +743,7 @@ void pack_panel_i8(const Weight& w, int64_t k0, int64_t kb, int64_t nb, int64_t 
   const int8_t* base = static_cast<const int8_t*>(w.data);
   const int64_t N = w.N, pairs = (kb + 1) / 2, vend = width / W * W;
   const int64_t pad = tile_pad(width, TVI * W);
-  alignas(64) static thread_local int8_t zeros[PWI] = {};
+  static const int8_t zeros[W] = {};  // the missing second row of an odd K
   for (int64_t p = 0; p < pairs; ++p) {
     const int64_t k = k0 + 2 * p;
     const int8_t* r0 = base + k * N + nb;
@@ -796,10 +796,10 @@ inline void micro_i8(const int16_t* x16, int64_t ldx, int64_t pairs, const int16
 void kn_gemm_i8(const Weight& w, const int8_t* x, int64_t M, int32_t* y, int64_t ldy,
                 int64_t n0, int64_t n1) {
   const int64_t K = w.K, kpairs = (K + 1) / 2;
-  int16_t* panel = gemm_buffer<int16_t, 0>(((KB + 1) / 2) * 2 * PWI);
+  int16_t* panel = thread_buffer<int16_t, kPanel>(((KB + 1) / 2) * 2 * PWI);
   // The inputs widened to int16, a row padded to whole pairs: the int32 at pair p is
   // pair16(x[2p], x[2p + 1]) (little-endian), as vp_madd takes it.
-  int16_t* x16 = gemm_buffer<int16_t, 1>(M * 2 * kpairs);
+  int16_t* x16 = thread_buffer<int16_t, kInputs>(M * 2 * kpairs);
   for (int64_t m = 0; m < M; ++m) {
     int16_t* row = x16 + m * 2 * kpairs;
     for (int64_t k = 0; k < K; ++k) row[k] = x[m * K + k];
