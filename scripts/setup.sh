@@ -32,10 +32,15 @@ up_to_date() {
 up_to_date && exit 0
 # One set-up at a time: ./horovodrun.sh runs this script, and two jobs started at once
 # after an edit (the test suite's two workers) would otherwise both build and install.
-# The second waits here, then finds the first one's work done.
+# The second waits here (at most 30 minutes: a cold set-up takes about 5), then finds the
+# first one's work done.
 if command -v flock >/dev/null 2>&1; then
   exec 9>"$ROOT/.setup.lock"
-  flock 9
+  if ! flock -w 1800 9; then
+    echo "[setup] another set-up of $ROOT still holds $ROOT/.setup.lock after 30 min;" \
+         "find it with: fuser -v $ROOT/.setup.lock (stop it, then run scripts/setup.sh again)" >&2
+    exit 1
+  fi
   up_to_date && exit 0
 fi
 
